@@ -1,0 +1,244 @@
+"""Model configuration: frozen dataclasses with real (SD 1.x) defaults.
+
+YAML files in configs/ hold the same fields as data only. Foreign configs
+(diffusers ``config.json``) are translated in :mod:`ldm.foreign_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Cross-attention U-Net (diffusers' UNet2DConditionModel, SD 1.x/2.x subset)."""
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    layers_per_block: int = 2
+    # Number of attention heads per resolution level (the mid block uses the last).
+    # SD1: 8 heads everywhere; SD2: 64-channel heads, i.e. (5, 10, 20, 20).
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: int = 1
+    # SD1 projects in/out of the transformer with 1x1 convs, SD2 with linears.
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "num_attention_heads"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"UNetConfig.{name} has {len(getattr(self, name))} entries, "
+                    f"block_out_channels has {n}"
+                )
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"UNetConfig: channels {c} not divisible by norm_num_groups={self.norm_num_groups}"
+                )
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL: 2**(levels-1) down-sampling, Gaussian latent."""
+
+    sample_size: int = 512
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """CLIP text transformer (transformers' CLIPTextModel fields).
+
+    ``pad_token`` follows the original models: SD1 pads with the end token,
+    SD2 (OpenCLIP) pads with id 0.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token: Literal["eos", "zero"] = "eos"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole latent diffusion model: components plus its training noise schedule."""
+
+    family: str = "sd1"
+    prediction_type: PredictionType = "epsilon"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}"
+            )
+        if self.text.hidden_size != self.unet.cross_attention_dim:
+            raise ValueError(
+                f"text hidden_size {self.text.hidden_size} != unet cross_attention_dim "
+                f"{self.unet.cross_attention_dim}"
+            )
+
+    @property
+    def default_size(self) -> int:
+        """Native image side in pixels (512 for SD1, 768 for SD2-v)."""
+        return self.unet.sample_size * self.vae.downsample_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _build(cls, data, "ModelConfig")
+
+
+_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a dataclass from plain data; unknown keys raise, lists become tuples."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if cls is ModelConfig and key in _NESTED:
+            value = _build(_NESTED[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def with_changes(config: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported so callers need not import dataclasses."""
+    return dataclasses.replace(config, **changes)
+
+
+# --- presets ---------------------------------------------------------------
+
+SD1 = ModelConfig()
+
+SD2 = ModelConfig(
+    family="sd2",
+    prediction_type="epsilon",
+    unet=UNetConfig(
+        num_attention_heads=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+    ),
+    text=TextEncoderConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        # OpenCLIP ViT-H has 24 blocks; SD2 conditions on the penultimate one,
+        # so the last block is never run and is not kept (as diffusers does).
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        hidden_act="gelu",
+        pad_token="zero",
+    ),
+)
+
+SD2_V = with_changes(
+    SD2,
+    prediction_type="v_prediction",
+    unet=with_changes(SD2.unet, sample_size=96),
+)
+
+PRESETS: dict[str, ModelConfig] = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V}
+
+
+def register_preset(name: str, config: ModelConfig) -> None:
+    PRESETS[name] = config
+
+
+def preset(name: str) -> ModelConfig:
+    """Return a named preset (``sd1``, ``sd2``, ``sd2-v``, ...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config preset {name!r}; valid presets: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_config(source: str | Path | ModelConfig | dict) -> ModelConfig:
+    """A ModelConfig from a preset name, a YAML file, a dict or a ModelConfig."""
+    if isinstance(source, ModelConfig):
+        return source
+    if isinstance(source, dict):
+        return ModelConfig.from_dict(source)
+    text = str(source)
+    if text in PRESETS:
+        return PRESETS[text]
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            return ModelConfig.from_dict(yaml.safe_load(fh))
+    raise ValueError(
+        f"config {text!r} is neither a preset ({sorted(PRESETS)}) nor a .yaml file"
+    )
+
+
+def save_config(config: ModelConfig, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config.to_dict(), fh, sort_keys=False)

@@ -1,0 +1,250 @@
+"""Translate foreign configs (diffusers / transformers ``config.json``) to ours and back.
+
+This is the one place that knows diffusers' config spellings. Keys we honour are
+mapped; keys that select features ldm does not implement are accepted only at
+their inert default value; anything else raises, so an unsupported model is
+refused with its reason instead of being loaded wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import TextEncoderConfig, UNetConfig, VAEConfig
+
+# diffusers UNet2DConditionModel keys that must keep these values for ldm to be exact.
+_UNET_INERT = {
+    "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+_VAE_INERT = {
+    "act_fn": "silu",
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+# transformers' CLIPTextConfig keys with no effect on the text encoder's numbers.
+_TEXT_IGNORED = {
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+    "initializer_range", "initializer_factor", "attention_dropout", "dropout", "projection_dim",
+    "model_type", "transformers_version", "output_hidden_states", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "output_attentions", "use_return_dict", "tie_word_embeddings", "vocab_file",
+}
+
+
+def _check_inert(data: dict[str, Any], inert: dict[str, Any], where: str) -> None:
+    for key, default in inert.items():
+        if key in data and data[key] != default and not (
+            isinstance(default, bool) and data[key] in (None, default)
+        ):
+            raise ValueError(
+                f"{where}: {key}={data[key]!r} is not supported by ldm (only {default!r})"
+            )
+
+
+def _reject_unknown(data: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(k for k in data if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown config keys {unknown}")
+
+
+def _per_block(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(int(v) for v in value)
+
+
+_UNET_MAPPED = {
+    "sample_size", "in_channels", "out_channels", "block_out_channels", "down_block_types",
+    "up_block_types", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+    "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
+    "flip_sin_to_cos", "freq_shift", "attention_head_dim", "num_attention_heads",
+}
+
+
+def unet_from_diffusers(data: dict[str, Any]) -> UNetConfig:
+    """UNetConfig from a diffusers ``unet/config.json`` dict."""
+    where = "unet config.json"
+    _reject_unknown(data, _UNET_MAPPED | set(_UNET_INERT), where)
+    _check_inert(data, _UNET_INERT, where)
+    n = len(data.get("block_out_channels", UNetConfig.block_out_channels))
+    # diffusers' historical naming: for SD1/SD2, "attention_head_dim" holds the
+    # number of heads; "num_attention_heads", when set, takes precedence.
+    heads = data.get("num_attention_heads") or data.get("attention_head_dim", 8)
+    layers = data.get("transformer_layers_per_block", 1)
+    if not isinstance(layers, int):
+        if len(set(layers)) != 1:
+            raise ValueError(f"{where}: per-block transformer_layers_per_block {layers} not supported")
+        layers = layers[0]
+    if isinstance(data.get("cross_attention_dim"), (list, tuple)):
+        raise ValueError(f"{where}: per-block cross_attention_dim is not supported")
+    kwargs: dict[str, Any] = {
+        "num_attention_heads": _per_block(heads, n),
+        "transformer_layers_per_block": int(layers),
+    }
+    for key in (
+        "sample_size", "in_channels", "out_channels", "layers_per_block", "cross_attention_dim",
+        "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
+        "flip_sin_to_cos", "freq_shift",
+    ):
+        if data.get(key) is not None:
+            kwargs[key] = data[key]
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key in data:
+            kwargs[key] = tuple(data[key])
+    return UNetConfig(**kwargs)
+
+
+def unet_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+    """The diffusers ``unet/config.json`` dict for a UNetConfig."""
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": config.sample_size,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "block_out_channels": list(config.block_out_channels),
+        "down_block_types": list(config.down_block_types),
+        "up_block_types": list(config.up_block_types),
+        "layers_per_block": config.layers_per_block,
+        "attention_head_dim": list(config.num_attention_heads),
+        "cross_attention_dim": config.cross_attention_dim,
+        "transformer_layers_per_block": config.transformer_layers_per_block,
+        "use_linear_projection": config.use_linear_projection,
+        "upcast_attention": config.upcast_attention,
+        "norm_num_groups": config.norm_num_groups,
+        "norm_eps": config.norm_eps,
+        "flip_sin_to_cos": config.flip_sin_to_cos,
+        "freq_shift": config.freq_shift,
+    }
+
+
+_VAE_MAPPED = {
+    "sample_size", "in_channels", "out_channels", "latent_channels", "block_out_channels",
+    "layers_per_block", "norm_num_groups", "scaling_factor", "down_block_types", "up_block_types",
+}
+
+
+def vae_from_diffusers(data: dict[str, Any]) -> VAEConfig:
+    """VAEConfig from a diffusers ``vae/config.json`` dict."""
+    where = "vae config.json"
+    _reject_unknown(data, _VAE_MAPPED | set(_VAE_INERT), where)
+    _check_inert(data, _VAE_INERT, where)
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != block for t in data.get(key, ())):
+            raise ValueError(f"{where}: {key} must all be {block}, got {data[key]}")
+    kwargs: dict[str, Any] = {}
+    for key in ("sample_size", "in_channels", "out_channels", "latent_channels",
+                "layers_per_block", "norm_num_groups", "scaling_factor"):
+        if data.get(key) is not None:
+            kwargs[key] = data[key]
+    if "block_out_channels" in data:
+        kwargs["block_out_channels"] = tuple(data["block_out_channels"])
+    if isinstance(kwargs.get("sample_size"), (list, tuple)):
+        kwargs["sample_size"] = int(kwargs["sample_size"][0])
+    return VAEConfig(**kwargs)
+
+
+def vae_to_diffusers(config: VAEConfig) -> dict[str, Any]:
+    n = len(config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "sample_size": config.sample_size,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "latent_channels": config.latent_channels,
+        "block_out_channels": list(config.block_out_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "layers_per_block": config.layers_per_block,
+        "norm_num_groups": config.norm_num_groups,
+        "scaling_factor": config.scaling_factor,
+    }
+
+
+_TEXT_MAPPED = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps",
+}
+
+
+def text_from_transformers(data: dict[str, Any], pad_token: str = "eos") -> TextEncoderConfig:
+    """TextEncoderConfig from a transformers ``text_encoder/config.json`` dict."""
+    _reject_unknown(data, _TEXT_MAPPED | _TEXT_IGNORED, "text_encoder config.json")
+    kwargs = {k: data[k] for k in _TEXT_MAPPED if data.get(k) is not None}
+    return TextEncoderConfig(pad_token=pad_token, **kwargs)
+
+
+def text_to_transformers(config: TextEncoderConfig) -> dict[str, Any]:
+    """The transformers CLIPTextConfig dict for a TextEncoderConfig."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_act": config.hidden_act,
+        "layer_norm_eps": config.layer_norm_eps,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407 if config.pad_token == "eos" else 0,
+        "projection_dim": config.hidden_size,
+    }
+
+
+def schedule_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig schedule fields from ``scheduler/scheduler_config.json``.
+
+    Only the training noise schedule and prediction type are model properties;
+    sampler choices (spacing, Karras, ...) belong to the call, not the model.
+    """
+    out: dict[str, Any] = {}
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        if data.get(key) is not None:
+            out[key] = data[key]
+    if data.get("trained_betas") is not None:
+        raise ValueError("scheduler_config.json: trained_betas are not supported")
+    if out.get("beta_schedule") not in (None, "scaled_linear", "linear"):
+        raise ValueError(
+            f"scheduler_config.json: beta_schedule {out['beta_schedule']!r} is not supported "
+            "(scaled_linear, linear)"
+        )
+    return out

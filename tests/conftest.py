@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny reference models saved once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from reference import SD1_TINY, SD2V_TINY, save_diffusers_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """A tiny SD1-style diffusers folder (eps prediction) with random weights."""
+    return save_diffusers_folder(SD1_TINY, tmp_path_factory.mktemp("sd1") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sd2v_folder(tmp_path_factory):
+    """A tiny SD2-v-style diffusers folder (v prediction, linear proj_in) with random weights."""
+    return save_diffusers_folder(SD2V_TINY, tmp_path_factory.mktemp("sd2v") / "model", seed=2)
