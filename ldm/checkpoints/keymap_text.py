@@ -1,0 +1,275 @@
+"""Text-encoder key maps: original single-file layout <-> internal (= diffusers) keys.
+
+Keys here are those under ``cond_stage_model.`` in an original checkpoint, with
+that prefix already removed. Internal keys are :class:`ldm.models.text.TextEncoder`'s
+(``text_model.embeddings.token_embedding.weight``, ...).
+
+* SD1 (OpenAI CLIP through transformers): the layout below ``text_model.`` is
+  already CLIPTextModel's; files differ only in the prefix (``transformer.text_model.``,
+  or ``transformer.`` in files written by transformers < 4.17).
+* SD2 (OpenCLIP text tower): renamed, the fused attention ``in_proj`` split into
+  q/k/v, and the last resblock dropped: SD2 conditions on the penultimate block,
+  so our config has ``num_hidden_layers = resblocks - 1`` (as diffusers' SD2
+  ``text_encoder`` does).
+
+Every source's ``position_ids`` is dropped: :class:`TextEncoder` computes positions
+per call (see the comment there). A key this module does not know is passed
+through unchanged, so the strict load reports it as unexpected, by name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from ..config import TextEncoderConfig
+
+KeyMap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+StateMap = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+FAMILIES = ("sd1", "sd2")
+
+_INTERNAL = "text_model."
+_SD1_PREFIXES = ("transformer.text_model.", "transformer.")
+_SD1_OUT = "transformer.text_model."
+
+# OpenCLIP name (below a resblock) -> CLIPEncoderLayer name; in_proj is split separately.
+_OPENCLIP_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_OPENCLIP_TOP = {
+    "model.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "model.positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "model.ln_final.weight": "text_model.final_layer_norm.weight",
+    "model.ln_final.bias": "text_model.final_layer_norm.bias",
+}
+# Used only for the contrastive loss / pooled embedding, never for conditioning;
+# ``attn_mask`` is the causal mask, rebuilt by the model.
+_OPENCLIP_DROPPED = ("model.text_projection", "model.logit_scale", "model.attn_mask")
+_RESBLOCK = re.compile(r"^model\.transformer\.resblocks\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
+_COUNT = re.compile(r"(?:^|\.)model\.transformer\.resblocks\.(\d+)\.")
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _check(config: TextEncoderConfig, family: str) -> None:
+    if not isinstance(config, TextEncoderConfig):
+        raise TypeError(f"config must be a TextEncoderConfig, got {type(config).__name__}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown text encoder family {family!r}; valid families: {FAMILIES}")
+
+
+def _is_position_ids(key: str) -> bool:
+    return key.endswith("position_ids")
+
+
+# --- diffusers ---------------------------------------------------------------
+
+
+def text_diffusers_to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A diffusers ``text_encoder`` key to ours.
+
+    transformers < 5 saved ``text_model.*`` (all published SD folders); transformers
+    >= 5 saves CLIPTextModel without that level (``embeddings.*``); both map here.
+    """
+    if _is_position_ids(key):
+        return []
+    if not key.startswith(_INTERNAL):
+        key = _INTERNAL + key
+    return [(key, tensor)]
+
+
+# --- SD1 ---------------------------------------------------------------------
+
+
+def _sd1_to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if _is_position_ids(key):
+        return []
+    for prefix in _SD1_PREFIXES:
+        if key.startswith(prefix):
+            return [(_INTERNAL + key[len(prefix):], tensor)]
+    return [(key, tensor)]
+
+
+def _sd1_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state.items():
+        if _is_position_ids(key):
+            continue
+        if key.startswith(_INTERNAL):
+            key = _SD1_OUT + key[len(_INTERNAL):]
+        out[key] = tensor
+    return out
+
+
+# --- SD2 (OpenCLIP) ----------------------------------------------------------
+
+
+def _sd2_block_to_internal(i: int, rest: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    layer = f"text_model.encoder.layers.{i}."
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        if tensor.shape[0] % 3:
+            raise ValueError(
+                f"model.transformer.resblocks.{i}.{rest}: first dimension {tensor.shape[0]} "
+                "is not divisible by 3 (fused q, k, v)"
+            )
+        kind = "weight" if rest.endswith("weight") else "bias"
+        return [
+            (f"{layer}self_attn.{name}.{kind}", part)
+            for name, part in zip(_QKV, tensor.chunk(3, dim=0))
+        ]
+    module, _, param = rest.rpartition(".")
+    if module in _OPENCLIP_BLOCK:
+        return [(f"{layer}{_OPENCLIP_BLOCK[module]}.{param}", tensor)]
+    return [(f"model.transformer.resblocks.{i}.{rest}", tensor)]
+
+
+def _sd2_to_internal_factory(config: TextEncoderConfig) -> KeyMap:
+    # The original tower has one block more than we run: index num_hidden_layers.
+    last = config.num_hidden_layers
+
+    def to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if key in _OPENCLIP_TOP:
+            return [(_OPENCLIP_TOP[key], tensor)]
+        if key in _OPENCLIP_DROPPED or _is_position_ids(key):
+            return []
+        match = _RESBLOCK.match(key)
+        if match is None:
+            return [(key, tensor)]
+        i, rest = int(match.group(1)), match.group(2)
+        if i == last:
+            return []
+        # Blocks past the last one are mapped anyway: the strict load then reports
+        # them as unexpected layers, which says the config has too few layers.
+        return _sd2_block_to_internal(i, rest, tensor)
+
+    return to_internal
+
+
+_OPENCLIP_BLOCK_INV = {v: k for k, v in _OPENCLIP_BLOCK.items()}
+_OPENCLIP_TOP_INV = {v: k for k, v in _OPENCLIP_TOP.items()}
+
+
+def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
+    def to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            if _is_position_ids(key):
+                continue
+            if key in _OPENCLIP_TOP_INV:
+                out[_OPENCLIP_TOP_INV[key]] = tensor
+                continue
+            match = _LAYER.match(key)
+            if match is None:
+                out[key] = tensor
+                continue
+            i, rest = int(match.group(1)), match.group(2)
+            module, _, param = rest.rpartition(".")
+            block = f"model.transformer.resblocks.{i}."
+            if module.startswith("self_attn.") and module[len("self_attn."):] in _QKV:
+                qkv.setdefault((i, param), {})[module[len("self_attn."):]] = tensor
+            elif module in _OPENCLIP_BLOCK_INV:
+                out[f"{block}{_OPENCLIP_BLOCK_INV[module]}.{param}"] = tensor
+            else:
+                out[key] = tensor
+        for (i, param), parts in sorted(qkv.items()):
+            missing = [n for n in _QKV if n not in parts]
+            if missing:
+                raise KeyError(f"text_model.encoder.layers.{i}: missing self_attn {missing} {param}")
+            out[f"model.transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(
+                [parts[n] for n in _QKV], dim=0
+            )
+        out.update(_zero_resblock(config, _like(state)))
+        return out
+
+    return to_original
+
+
+def _like(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    ref = state.get("text_model.final_layer_norm.weight")
+    if ref is None:
+        ref = next(iter(state.values()), torch.empty(0))
+    return ref
+
+
+def _zero_resblock(config: TextEncoderConfig, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The original tower's last block, which SD2 never runs: all zeros.
+
+    The original model stops at the penultimate block, so these values never
+    affect an image; writing the block keeps the file's block count what
+    OpenCLIP-layout tools expect (they derive the tower's depth from it).
+    """
+    d, m = config.hidden_size, config.intermediate_size
+    shapes = {
+        "ln_1.weight": (d,), "ln_1.bias": (d,),
+        "attn.in_proj_weight": (3 * d, d), "attn.in_proj_bias": (3 * d,),
+        "attn.out_proj.weight": (d, d), "attn.out_proj.bias": (d,),
+        "ln_2.weight": (d,), "ln_2.bias": (d,),
+        "mlp.c_fc.weight": (m, d), "mlp.c_fc.bias": (m,),
+        "mlp.c_proj.weight": (d, m), "mlp.c_proj.bias": (d,),
+    }
+    block = f"model.transformer.resblocks.{config.num_hidden_layers}."
+    return {
+        block + name: torch.zeros(shape, dtype=like.dtype, device=like.device)
+        for name, shape in shapes.items()
+    }
+
+
+# --- public factories ----------------------------------------------------------
+
+
+def text_original_to_internal(config: TextEncoderConfig, family: str) -> KeyMap:
+    """Per-key map from an original checkpoint's text-encoder keys to ours.
+
+    ``config`` must be the target config: for SD2 the original's block with
+    index ``config.num_hidden_layers`` (its last) is dropped.
+    """
+    _check(config, family)
+    if family == "sd1":
+        return _sd1_to_internal
+    return _sd2_to_internal_factory(config)
+
+
+def text_internal_to_original(config: TextEncoderConfig, family: str) -> StateMap:
+    """Whole-state map from our keys to the original layout.
+
+    It takes the whole state dict, not one key, because for SD2 it is not per
+    key: q/k/v are fused back into ``in_proj`` (three keys to one) and one
+    all-zeros final resblock is appended (see :func:`_zero_resblock`), so that
+    internal -> original -> internal is exact. ``text_projection`` and
+    ``logit_scale`` are not written: we never had them.
+    """
+    _check(config, family)
+    if family == "sd1":
+        return _sd1_to_original
+    return _sd2_to_original_factory(config)
+
+
+def map_state(state: Mapping[str, torch.Tensor], keymap: KeyMap) -> dict[str, torch.Tensor]:
+    """Apply a per-key map to a state dict; two sources for one key is an error."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        for new_key, new_tensor in keymap(key, tensor):
+            if new_key in out:
+                raise KeyError(f"two source keys map to {new_key!r} (second one: {key!r})")
+            out[new_key] = new_tensor
+    return out
+
+
+def count_openclip_blocks(keys: Iterable[str]) -> int:
+    """Resblocks in an OpenCLIP text tower (original layout), 0 if there is none.
+
+    Works with or without the ``cond_stage_model.`` prefix; the vision tower's
+    ``model.visual.transformer.resblocks`` are not counted. The count is the
+    highest index + 1, so a file with a block missing fails the strict load
+    with that block's keys listed rather than loading into a shallower model.
+    """
+    indices = {int(m.group(1)) for key in keys if (m := _COUNT.search(key))}
+    return max(indices) + 1 if indices else 0

@@ -1,0 +1,210 @@
+"""U-Net key map: original (CompVis ``openaimodel``) layout <-> internal (diffusers) names.
+
+Keys are without the ``model.diffusion_model.`` prefix. The table is generated
+from the config, as ComfyUI's ``unet_to_diffusers`` does. With ``L`` =
+``layers_per_block`` and level ``i`` (0 = full resolution):
+
+=====================================  =========================================
+original                               internal
+=====================================  =========================================
+time_embed.0 / .2                      time_embedding.linear_1 / linear_2
+input_blocks.0.0                       conv_in
+input_blocks.{1+(L+1)i+j}.0 / .1       down_blocks.i.resnets.j / attentions.j
+input_blocks.{(L+1)(i+1)}.0.op         down_blocks.i.downsamplers.0.conv
+middle_block.0 / .1 / .2               mid_block.resnets.0 / attentions.0 / resnets.1
+output_blocks.{(L+1)k+j}.0 / .1        up_blocks.k.resnets.j / attentions.j  (j <= L)
+output_blocks.{(L+1)k+L}.{1|2}.conv    up_blocks.k.upsamplers.0.conv  (.2 if the level has attention)
+out.0 / out.2                          conv_norm_out / conv_out
+=====================================  =========================================
+
+Up block ``k`` is the level ``n-1-k`` (lowest resolution first), in both layouts.
+Resnet parameters are renamed (``in_layers.0`` -> ``norm1`` ...); transformer
+parameters have the same names in both layouts, and no tensor is reshaped:
+``proj_in``/``proj_out`` are 1x1 convs in both for SD1, linears in both for SD2.
+Class-conditioned U-Nets (``label_emb.*``: SDXL, the x4 upscaler) are not supported:
+their keys are unmapped and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping as MappingABC
+from typing import Any
+
+from ..config import UNetConfig
+from .keymap import Kind, Mapping, ModuleTable, params, same_names
+
+# original ResBlock parameter names -> diffusers ResnetBlock2D names
+_RESNET_NAMES = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",  # only where in != out channels
+}
+RESNET = Kind(
+    "resnet",
+    {f"{src}.{p}": f"{dst}.{p}" for src, dst in _RESNET_NAMES.items() for p in ("weight", "bias")},
+)
+
+_CROSS_ATTN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+_PLAIN_BLOCKS = ("DownBlock2D", "UpBlock2D")
+
+
+def transformer_kind(depth: int) -> Kind:
+    """SpatialTransformer == diffusers Transformer2DModel: same parameter names."""
+    names = params("norm", "proj_in", "proj_out")
+    for d in range(depth):
+        block = f"transformer_blocks.{d}"
+        names += params(*(f"{block}.norm{i}" for i in (1, 2, 3)))
+        for attn in ("attn1", "attn2"):
+            names += params(*(f"{block}.{attn}.to_{x}" for x in "qkv"), bias=False)
+            names += params(f"{block}.{attn}.to_out.0")
+        names += params(f"{block}.ff.net.0.proj", f"{block}.ff.net.2")
+    return same_names(f"transformer(depth={depth})", names)
+
+
+def _has_attention(block_type: str, where: str) -> bool:
+    if block_type in _CROSS_ATTN_BLOCKS:
+        return True
+    if block_type in _PLAIN_BLOCKS:
+        return False
+    raise ValueError(
+        f"{where}: block type {block_type!r} has no original-layout key map "
+        f"(supported: {_CROSS_ATTN_BLOCKS + _PLAIN_BLOCKS})"
+    )
+
+
+def unet_table(config: UNetConfig) -> ModuleTable:
+    """Original module name -> (internal module name, Kind), generated from the config."""
+    where = "unet original->internal"
+    table = ModuleTable(where)
+    L = config.layers_per_block
+    n_levels = len(config.block_out_channels)
+    transformer = transformer_kind(config.transformer_layers_per_block)
+    down_attn = [_has_attention(t, where) for t in config.down_block_types]
+    up_attn = [_has_attention(t, where) for t in config.up_block_types]
+
+    table.add("time_embed.0", "time_embedding.linear_1")
+    table.add("time_embed.2", "time_embedding.linear_2")
+    table.add("input_blocks.0.0", "conv_in")
+    for i in range(n_levels):
+        for j in range(L):
+            n = 1 + (L + 1) * i + j
+            table.add(f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}", RESNET)
+            if down_attn[i]:
+                table.add(f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", transformer)
+        if i < n_levels - 1:
+            table.add(f"input_blocks.{(L + 1) * (i + 1)}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
+
+    table.add("middle_block.0", "mid_block.resnets.0", RESNET)
+    table.add("middle_block.1", "mid_block.attentions.0", transformer)
+    table.add("middle_block.2", "mid_block.resnets.1", RESNET)
+
+    for k in range(n_levels):
+        for j in range(L + 1):
+            n = (L + 1) * k + j
+            table.add(f"output_blocks.{n}.0", f"up_blocks.{k}.resnets.{j}", RESNET)
+            if up_attn[k]:
+                table.add(f"output_blocks.{n}.1", f"up_blocks.{k}.attentions.{j}", transformer)
+        if k < n_levels - 1:
+            # the upsampler follows the last resnet (and its transformer, if any)
+            slot = 2 if up_attn[k] else 1
+            table.add(f"output_blocks.{(L + 1) * k + L}.{slot}.conv", f"up_blocks.{k}.upsamplers.0.conv")
+
+    table.add("out.0", "conv_norm_out")
+    table.add("out.2", "conv_out")
+    return table
+
+
+def unet_original_to_internal(config: UNetConfig) -> Mapping:
+    """``(key, tensor) -> [(key, tensor)]`` from original to internal names.
+
+    Raises :class:`~ldm.checkpoints.keymap.UnmappedKeyError` for an unknown key."""
+    return unet_table(config).mapping()
+
+
+def unet_internal_to_original(config: UNetConfig) -> Mapping:
+    """The inverse of :func:`unet_original_to_internal`."""
+    return unet_table(config).inverse("unet internal->original").mapping()
+
+
+# --- config from shapes -----------------------------------------------------
+
+# Heads cannot be read from weight shapes (q/k/v are [C, C] whatever the split).
+# The original configs fix them per family: SD1 (v1-inference.yaml) has
+# ``num_heads: 8`` at every level; SD2 (v2-inference*.yaml) has
+# ``num_head_channels: 64``, so a level of C channels has C // 64 heads.
+HEAD_RULES = {"sd1": "8 heads per level", "sd2": "64-channel heads (heads = channels // 64)"}
+
+
+def heads_for(family: str, block_out_channels: tuple[int, ...]) -> tuple[int, ...]:
+    """Attention heads per level by the original configs' rule (see HEAD_RULES)."""
+    base = "sd2" if family in ("sd2", "sd2-v") else family
+    if base == "sd1":
+        return (8,) * len(block_out_channels)
+    if base == "sd2":
+        bad = [c for c in block_out_channels if c % 64]
+        if bad:
+            raise ValueError(f"sd2 uses 64-channel heads, but level channels {bad} are not multiples of 64")
+        return tuple(c // 64 for c in block_out_channels)
+    raise ValueError(f"unknown family {family!r} for the heads rule; valid: {sorted(HEAD_RULES)} (or 'sd2-v')")
+
+
+def _shape_of(shapes: MappingABC[str, Any], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ValueError(f"not a Stable Diffusion U-Net in the original layout: no key {key!r}")
+    value = shapes[key]
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def _indices(shapes: MappingABC[str, Any], prefix: str) -> set[int]:
+    """The integer components that follow ``prefix`` in the keys, e.g. block numbers."""
+    n = len(prefix)
+    return {int(k[n:].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
+
+
+def infer_unet_config(
+    shapes: MappingABC[str, Any], family: str, *, sample_size: int = 64
+) -> UNetConfig:
+    """UNetConfig from original-layout key shapes (keys without prefix; values
+    shapes or tensors).
+
+    Read from shapes: in/out channels, block_out_channels, layers_per_block,
+    which levels have attention, cross_attention_dim (``attn2.to_k`` in-features),
+    transformer depth, use_linear_projection (``proj_in`` is 2-D).
+    Not in the shapes, so by rule or default: heads by ``family`` (HEAD_RULES),
+    ``sample_size`` (64, i.e. 512 px; the caller overrides, e.g. 96 for 768-v),
+    norm_num_groups 32, upcast_attention False.
+    """
+    if any(k.startswith("label_emb.") for k in shapes):
+        raise ValueError("class-conditioned U-Net (label_emb.*: SDXL, upscaler) is not supported")
+    in_channels = _shape_of(shapes, "input_blocks.0.0.weight")[1]
+    out_channels = _shape_of(shapes, "out.2.weight")[0]
+    n_inputs = max(_indices(shapes, "input_blocks."), default=-1) + 1
+    n_levels = len({i for i in _indices(shapes, "input_blocks.") if f"input_blocks.{i}.0.op.weight" in shapes}) + 1
+    if n_inputs < 2 or n_inputs % n_levels:
+        raise ValueError(f"U-Net has {n_inputs} input blocks, which does not fit {n_levels} levels")
+    L = n_inputs // n_levels - 1
+    channels, down_attn, up_attn = [], [], []
+    for i in range(n_levels):
+        first = 1 + (L + 1) * i
+        channels.append(_shape_of(shapes, f"input_blocks.{first}.0.out_layers.3.weight")[0])
+        down_attn.append(f"input_blocks.{first}.1.proj_in.weight" in shapes)
+        up_attn.append(f"output_blocks.{(L + 1) * i}.1.proj_in.weight" in shapes)
+    mid = "middle_block.1."
+    depth = len(_indices(shapes, mid + "transformer_blocks."))
+    block_out_channels = tuple(channels)
+    return UNetConfig(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=block_out_channels,
+        down_block_types=tuple(_CROSS_ATTN_BLOCKS[0] if a else _PLAIN_BLOCKS[0] for a in down_attn),
+        up_block_types=tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
+        layers_per_block=L,
+        num_attention_heads=heads_for(family, block_out_channels),
+        cross_attention_dim=_shape_of(shapes, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
+        transformer_layers_per_block=depth,
+        use_linear_projection=len(_shape_of(shapes, mid + "proj_in.weight")) == 2,
+    )

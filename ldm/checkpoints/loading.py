@@ -1,0 +1,289 @@
+"""``load_model``: a single-file checkpoint or a diffusers folder -> ready modules.
+
+Order of work, so that every user error is reported before anything large is
+allocated: check the path and the file headers, detect (or take) the config,
+build the modules on the ``meta`` device, map the *shapes* of every weight and
+compare them with the modules (one error listing missing, unexpected and
+mis-shaped keys), and only then read each tensor once, convert it to the target
+dtype/device, and hand it to ``load_state_dict(strict=True, assign=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from ..config import PREDICTION_TYPES, ModelConfig, load_config, with_changes
+from ..models.tokenizer import Tokenizer
+from .detect import (
+    PREFIXES, detect_config, detect_family, split_components,
+)
+from .diffusers_folder import diffusers_mappings, find_weights, is_diffusers_folder, read_folder_config
+from .files import CheckpointError, TensorFile, open_tensor_file
+from .keymap import KeyReport, apply_mapping, check_keys
+
+logger = logging.getLogger("ldm")
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+_ORIGINAL_PREFIX = {"unet": PREFIXES["unet"], "vae": PREFIXES["vae"], "text_encoder": PREFIXES["text"]}
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """Modules, config and tokenizer of one loaded checkpoint."""
+
+    config: ModelConfig
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Tokenizer
+    source: str
+    layout: Literal["original", "diffusers"]
+
+
+@dataclass
+class _Part:
+    """Where one component's weights come from and how their keys map to ours."""
+
+    file: TensorFile
+    keys: list[str]  # source keys in ``file``
+    prefix: str  # stripped from each key before ``mapping``
+    mapping: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class _Plan:
+    config: ModelConfig
+    parts: dict[str, _Part]
+    layout: Literal["original", "diffusers"]
+    ignored: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # reported as unexpected
+
+
+def check_prediction_type(value: str | None) -> None:
+    if value is not None and value not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {value!r} is not valid; valid values: {list(PREDICTION_TYPES)}")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not valid; valid values: {sorted(set(_DTYPES))}")
+
+
+def keymap_family(config: ModelConfig) -> str:
+    """The text-encoder key layout of a config: ``sd1`` (CLIP) or ``sd2`` (OpenCLIP)."""
+    if config.family in ("sd1", "sd2"):
+        return config.family
+    return "sd2" if config.text.hidden_act == "gelu" else "sd1"
+
+
+def original_mappings(config: ModelConfig) -> dict[str, Callable]:
+    from .keymap_text import text_original_to_internal
+    from .keymap_unet import unet_original_to_internal
+    from .keymap_vae import vae_original_to_internal
+
+    return {
+        "unet": unet_original_to_internal(config.unet),
+        "vae": vae_original_to_internal(config.vae),
+        "text_encoder": text_original_to_internal(config.text, keymap_family(config)),
+    }
+
+
+# --- planning (headers only) ----------------------------------------------------
+
+
+def _resolve_config(detected: ModelConfig | None, rule: str, config: Any, prediction_type: str | None,
+                    path: Path) -> ModelConfig:
+    """Apply the caller's overrides to what was detected; log the outcome either way."""
+    if config is not None:
+        chosen = load_config(config)
+        found = f"detected {_describe(detected)}, rule: {rule}" if detected else rule
+        logger.info("config override for %s: %s (%s)", path, _describe(chosen), found)
+    else:
+        assert detected is not None
+        chosen = detected
+        logger.info("detected %s (%s, rule: %s) from %s", chosen.family, chosen.prediction_type, rule, path)
+    if prediction_type is not None and prediction_type != chosen.prediction_type:
+        logger.info("prediction_type override for %s: %s (was %s)", path, prediction_type, chosen.prediction_type)
+        chosen = with_changes(chosen, prediction_type=prediction_type)
+    return chosen
+
+
+def _describe(config: ModelConfig) -> str:
+    return f"{config.family} {config.prediction_type}"
+
+
+def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickle: bool) -> _Plan:
+    file = open_tensor_file(path, allow_pickle=allow_pickle)
+    shapes = file.shapes
+    where = str(path)
+    detect_family(shapes, where)  # refuses unknown / unsupported files even with a config given
+    detected: ModelConfig | None = None
+    try:
+        detection = detect_config(shapes, metadata=file.metadata, get_tensor=file.get, where=where)
+        detected, rule = detection.config, detection.rule
+    except CheckpointError:
+        raise
+    except ValueError as exc:  # the shape readers' own messages
+        if config is None:
+            raise CheckpointError(f"{where}: cannot infer the model config: {exc}") from None
+        rule = f"detection failed: {exc}"
+    chosen = _resolve_config(detected, rule, config, prediction_type, path)
+    mappings = original_mappings(chosen)
+    by_part, ignored, unknown = split_components(shapes)
+    names = {"unet": "unet", "vae": "vae", "text_encoder": "text"}
+    parts = {
+        c: _Part(file, by_part[names[c]], _ORIGINAL_PREFIX[c], mappings[c]) for c in COMPONENTS
+    }
+    return _Plan(chosen, parts, "original", ignored, unknown)
+
+
+def _plan_folder(path: Path, config: Any, prediction_type: str | None, allow_pickle: bool) -> _Plan:
+    detected, rule = read_folder_config(path)
+    files = {c: find_weights(path, c, allow_pickle=allow_pickle) for c in COMPONENTS}
+    chosen = _resolve_config(detected, rule, config, prediction_type, path)
+    mappings = diffusers_mappings()
+    parts = {c: _Part(files[c], files[c].keys(), "", mappings[c]) for c in COMPONENTS}
+    return _Plan(chosen, parts, "diffusers")
+
+
+def plan(path: str | Path, *, config: Any = None, prediction_type: str | None = None,
+         allow_pickle: bool = False) -> _Plan:
+    check_prediction_type(prediction_type)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointError(
+                f"{path}: is a folder but not a diffusers model (no model_index.json or unet/); "
+                "expected a diffusers folder or a .safetensors file"
+            )
+        return _plan_folder(path, config, prediction_type, allow_pickle)
+    return _plan_file(path, config, prediction_type, allow_pickle)
+
+
+# --- building and loading ---------------------------------------------------------
+
+
+def build_modules(config: ModelConfig) -> dict[str, nn.Module]:
+    """The three modules, on the meta device (no memory for weights)."""
+    from ..models.text import TextEncoder
+    from ..models.unet import UNet
+    from ..models.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        return {
+            "unet": UNet(config.unet),
+            "vae": AutoencoderKL(config.vae),
+            "text_encoder": TextEncoder(config.text),
+        }
+
+
+def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> None:
+    """Map every weight's shape and compare with the modules; one error for all parts."""
+    sections: list[str] = []
+    for name in COMPONENTS:
+        part = plan_.parts[name]
+        n = len(part.prefix)
+        shapes = {k[n:]: part.file.shapes[k] for k in part.keys}
+        try:
+            mapped = apply_mapping(shapes, part.mapping)
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: {name} weights: {exc}") from None
+        report = check_keys(mapped, modules[name].state_dict())
+        if not report.ok:
+            sections.append(report.format(f"{name} ({part.prefix or name + '/'})"))
+    if plan_.unknown:
+        sections.append(KeyReport(unexpected=tuple(plan_.unknown)).format("keys outside every component"))
+    if sections:
+        raise CheckpointError(
+            f"{source}: the weights do not match the {plan_.config.family} model config "
+            f"(wrong config, or an incomplete / modified checkpoint):\n" + "\n".join(sections)
+        )
+
+
+def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    out = tensor.to(device=device, dtype=target)
+    # A split (fused qkv) yields views of one storage; keep each weight in its own.
+    if out.numel() and out.untyped_storage().nbytes() != out.numel() * out.element_size():
+        out = out.clone()
+    return out
+
+
+def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torch.dtype | None) -> None:
+    n = len(part.prefix)
+    state: dict[str, torch.Tensor] = {}
+    for key in part.keys:
+        for new_key, tensor in part.mapping(key[n:], part.file.get(key)):
+            state[new_key] = _convert(tensor, device, dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval()
+
+
+def _log_ignored(plan_: _Plan, source: Path) -> None:
+    if not plan_.ignored:
+        return
+    groups = Counter(k.split(".")[0] if k.startswith("model_ema.") else "other" for k in plan_.ignored)
+    logger.info("ignored %d unused keys in %s on purpose (EMA copies, DDPM schedule buffers, "
+                "CLIP projection/position ids): %s", len(plan_.ignored), source, dict(groups))
+
+
+def load_parts(source: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = torch.float32, config: Any = None,
+               prediction_type: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """:func:`load_model` with ``dtype=None`` allowed (keep each tensor's stored dtype)."""
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    path = Path(source)
+    plan_ = plan(path, config=config, prediction_type=prediction_type, allow_pickle=allow_pickle)
+    try:
+        modules = build_modules(plan_.config)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot build the model from its config: {exc}") from None
+    _check_shapes(plan_, modules, path)
+    _log_ignored(plan_, path)
+    for name in COMPONENTS:
+        _load_part(modules[name], plan_.parts[name], device, dtype)
+    text = plan_.config.text
+    return LoadedModel(
+        config=plan_.config, unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
+        tokenizer=Tokenizer(text.pad_token, text.max_position_embeddings),
+        source=str(path), layout=plan_.layout,
+    )
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str = torch.float32, config: Any = None,
+               prediction_type: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Load a checkpoint: a ``.safetensors`` file in the original (CompVis / A1111)
+    layout, or a diffusers folder.
+
+    ``config`` (preset name, YAML path, dict or ModelConfig) and ``prediction_type``
+    override detection; both are logged on the ``ldm`` logger, as is what was
+    detected. Pickle files (``.ckpt``/``.pt``/``.pth``/``.bin``) are refused unless
+    ``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
+
+    Raises FileNotFoundError for a missing path, :class:`CheckpointError` (a
+    ValueError) for a corrupt, unknown, unsupported or mismatched checkpoint,
+    always naming the path and before any large allocation.
+    """
+    if dtype is None:
+        raise ValueError("dtype must be a torch dtype such as torch.float16, not None")
+    return load_parts(path, device=device, dtype=dtype, config=config,
+                      prediction_type=prediction_type, allow_pickle=allow_pickle)

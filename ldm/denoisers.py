@@ -1,0 +1,204 @@
+"""Denoisers in the k-diffusion convention: ``denoiser(x, sigma, cond) -> x0``.
+
+Samplers work on ``x = x0 + sigma * eps`` (the variance-exploding, "VE", scaling of
+Karras et al. 2022). A latent diffusion U-Net was trained on the variance-preserving
+("VP") ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` at an integer timestep ``t``; the
+two are related by ``sigma = sqrt((1 - a_t) / a_t)`` and ``x_t = x / sqrt(sigma^2 + 1)``.
+:class:`DiscreteSchedule` holds that training schedule, :class:`Denoiser` turns the
+U-Net's epsilon or v output into an ``x0`` prediction, and :class:`CFGDenoiser`
+adds classifier-free guidance.
+
+Numbers follow diffusers' schedulers (float32 betas and cumulative products, the
+same interpolation) so that samplers built on these match it to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .config import PREDICTION_TYPES, ModelConfig
+
+# The U-Net: model(sample, timestep, encoder_hidden_states) -> epsilon or v.
+Model = Callable[[Tensor, Tensor, Any], Tensor]
+
+BETA_SCHEDULES: tuple[str, ...] = ("scaled_linear", "linear")
+
+
+class DiscreteSchedule:
+    """The noise schedule a model was trained with: ``num_train_timesteps`` levels.
+
+    ``alphas_cumprod[t]`` is the VP signal level of timestep ``t``; ``sigmas[t]`` is the
+    matching VE noise level. Both are float32, computed exactly as diffusers does.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+    ) -> None:
+        if num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        n = num_train_timesteps
+        if beta_schedule == "scaled_linear":
+            # LDM's schedule: linear in sqrt(beta).
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+        else:
+            raise ValueError(
+                f"beta_schedule {beta_schedule!r} is not one of {BETA_SCHEDULES}"
+            )
+        self.num_train_timesteps = n
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        # diffusers takes the log of the float32 table in float32; keep that rounding.
+        self.log_sigmas = self.sigmas.double().log().float()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "DiscreteSchedule":
+        return cls(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            beta_schedule=config.beta_schedule,
+        )
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Continuous timestep for a noise level: linear interpolation in log sigma.
+
+        Same rule as k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers'
+        ``_sigma_to_t``; computed in float64, returned as float32. Levels outside the
+        table clamp to its ends.
+        """
+        sigma = torch.as_tensor(sigma)
+        log_sigmas = self.log_sigmas.double().to(sigma.device)
+        log_sigma = sigma.double().clamp(min=1e-10).log()
+        # Index of the last table level at or below sigma (the table is increasing).
+        low = (log_sigma.unsqueeze(-1) >= log_sigmas).sum(-1) - 1
+        low = low.clamp(0, self.num_train_timesteps - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return ((1 - w) * low + w * (low + 1)).float()
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """Noise level at a (possibly fractional) timestep.
+
+        Linear interpolation in sigma, as diffusers' schedulers do (``np.interp``), so
+        that schedules built from fractional timesteps get diffusers' sigmas. This is
+        not the exact inverse of :meth:`sigma_to_t` between table entries; samplers
+        therefore carry each step's timestep alongside its sigma.
+        """
+        t = torch.as_tensor(t, dtype=torch.float64)
+        table = self.sigmas.double().to(t.device)
+        t = t.clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        w = t - low
+        return ((1 - w) * table[low] + w * table[low + 1]).float()
+
+
+def _per_sample(value: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a scalar or per-batch-row value against ``x`` of shape (B, C, ...)."""
+    value = value.to(device=x.device, dtype=x.dtype)
+    if value.ndim == 0:
+        return value
+    return value.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser:
+    """Wraps an epsilon- or v-predicting model as ``denoiser(x, sigma, cond) -> x0``.
+
+    ``x`` is in VE scaling; the model sees ``x / sqrt(sigma^2 + 1)`` at timestep
+    ``schedule.sigma_to_t(sigma)`` (or the ``t`` given, which lets a sampling schedule
+    feed the exact timesteps diffusers does). ``sigma`` is a 0-d tensor or one value
+    per batch row.
+
+    ``dtype``, if given, is the dtype the model runs in: inputs are cast to it and the
+    output back to ``x.dtype``, so samplers can keep float32 latents around a
+    half-precision U-Net.
+
+    Parameterisations (Salimans & Ho 2022 for v; Karras et al. 2022, Table 1):
+    ``eps``: x0 = x - sigma * eps; ``v``: x0 = c_skip * x + c_out * v with
+    c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        schedule: DiscreteSchedule,
+        prediction_type: str = "epsilon",
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}"
+            )
+        self.model = model
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any, *, t: Tensor | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma)
+        if t is None:
+            t = self.schedule.sigma_to_t(sigma)
+        s = _per_sample(sigma, x)
+        # Same expressions as diffusers' scale_model_input / step, for equal rounding.
+        x_in = x / ((s**2 + 1) ** 0.5)
+        model_dtype = self.dtype or x.dtype
+        out = self.model(x_in.to(model_dtype), torch.as_tensor(t).to(x.device), cond).to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        return out * (-s / (s**2 + 1) ** 0.5) + (x / (s**2 + 1))
+
+
+class CFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022): ``denoiser(x, sigma) -> x0``.
+
+    With ``scale > 1`` the unconditional and conditional passes run as one batch,
+    ``[uncond, cond]`` as diffusers orders them, and the result is
+    ``uncond + scale * (cond - uncond)``. Guiding x0 equals guiding epsilon or v,
+    since x0 is affine in the model output with the same coefficients for both
+    halves. With ``scale <= 1`` only the conditional pass runs (diffusers skips
+    guidance then too).
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float) -> None:
+        if scale > 1 and uncond is None:
+            raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding")
+        self.denoiser = denoiser
+        self.cond = cond
+        self.uncond = uncond
+        self.scale = scale
+
+    @property
+    def prediction_type(self) -> str:
+        return self.denoiser.prediction_type
+
+    def __call__(self, x: Tensor, sigma: Tensor, *, t: Tensor | None = None) -> Tensor:
+        if self.scale <= 1:
+            return self.denoiser(x, sigma, self.cond, t=t)
+        sigma = torch.as_tensor(sigma)
+        if sigma.ndim:
+            sigma = torch.cat([sigma, sigma])
+        if t is not None and torch.as_tensor(t).ndim:
+            t = torch.cat([t, t])
+        x0 = self.denoiser(
+            torch.cat([x, x]), sigma, torch.cat([self.uncond, self.cond]), t=t
+        )
+        uncond, cond = x0.chunk(2)
+        return uncond + self.scale * (cond - uncond)

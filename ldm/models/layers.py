@@ -1,0 +1,282 @@
+"""Building blocks shared by the U-Net and the VAE.
+
+Attribute names follow diffusers (``conv1``, ``time_emb_proj``, ``to_q``,
+``transformer_blocks``, ``ff.net.0.proj`` ...) so a diffusers ``state_dict``
+loads without renaming. The math follows diffusers' default code path
+(``AttnProcessor2_0``), which is the original CompVis/Stability code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(
+    timesteps: Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    max_period: int = 10000,
+) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape [N] -> [N, dim], float32.
+
+    The operation order copies diffusers' ``get_timestep_embedding`` exactly:
+    for t ~ 1000 the sine arguments are large, so a different (mathematically
+    equal) order would change the result in the 4th decimal.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=timesteps.device)
+    exponent = exponent / (half - downscale_freq_shift)
+    args = timesteps[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP from the sinusoidal embedding to the vector added in every resnet."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between.
+
+    ``temb_channels=None`` gives the VAE's variant (no ``time_emb_proj``). A 1x1
+    ``conv_shortcut`` exists only when the channel count changes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv.
+
+    ``padding=0`` is the VAE encoder's variant: the original code pads only
+    right and bottom by one pixel before an unpadded conv (diffusers keeps this
+    as ``downsample_padding=0``).
+    """
+
+    def __init__(self, channels: int, padding: int = 1) -> None:
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling (or to ``size``), then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if x.shape[0] >= 64:
+            # upsample_nearest_nhwc fails on large batches (diffusers issue #984).
+            x = x.contiguous()
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on [B, N, C] tokens; cross-attention when given a context.
+
+    With ``upcast=True`` the scores and softmax are computed in float32 for
+    half-precision inputs (SD 2.x 768-v overflows in float16 otherwise); it
+    changes nothing for float32 inputs.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        bias: bool = False,
+        upcast: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim if context_dim is not None else query_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        # Linear + Dropout as in the original models (hence the key ``to_out.0``).
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = self._attend(q, k, v)
+        for layer in self.to_out:
+            out = layer(out)
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, n, inner = q.shape
+        dtype = q.dtype
+        q, k, v = (t.view(b, -1, self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v))
+        if self.upcast and dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(b, n, inner).to(dtype)
+
+
+class AttentionBlock2D(Attention):
+    """Single-head self-attention over the pixels of a feature map, with a
+    GroupNorm in front and a residual connection (the VAE mid-block attention;
+    diffusers' ``Attention(..., norm_num_groups, residual_connection=True)``)."""
+
+    def __init__(self, channels: int, groups: int, eps: float) -> None:
+        super().__init__(channels, heads=1, dim_head=channels, bias=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        out = super().forward(tokens, context)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020, arXiv:2002.05202): one projection to 2x width,
+    half of it gates the other half through an exact (erf) GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU -> Dropout -> Linear; ``net`` indices give the keys ``ff.net.0.proj`` and ``ff.net.2``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the text context, feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """The original ``SpatialTransformer`` (diffusers' ``Transformer2DModel``):
+    GroupNorm, project in, ``depth`` transformer blocks over the H*W tokens,
+    project out, residual.
+
+    SD 1.x projects with 1x1 convs, SD 2.x with linears (``linear_projection``);
+    the two are the same map, but the conv runs before the flatten and the
+    linear after, and the weights are shaped differently.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        context_dim: int,
+        depth: int = 1,
+        groups: int = 32,
+        linear_projection: bool = False,
+        upcast_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if linear_projection:
+            self.proj_in: nn.Module = nn.Linear(channels, channels)
+            self.proj_out: nn.Module = nn.Linear(channels, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, upcast_attention)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if not self.linear_projection:
+            tokens = self.proj_in(tokens)
+        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if self.linear_projection:
+            tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.linear_projection:
+            tokens = self.proj_out(tokens)
+        tokens = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        if not self.linear_projection:
+            tokens = self.proj_out(tokens)
+        return x + tokens

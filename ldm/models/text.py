@@ -1,0 +1,76 @@
+"""CLIP text encoder: transformers' CLIPTextModel behind a small, fixed interface.
+
+Both SD families use the same architecture here. SD1 is OpenAI CLIP ViT-L/14's
+text tower (quick_gelu, 12 layers). SD2 is OpenCLIP ViT-H/14's text tower
+conditioned on its *penultimate* block followed by the final LayerNorm; with the
+last block removed (as diffusers' SD2 ``text_encoder`` already is, and as
+:mod:`ldm.checkpoints.keymap_text` does for original files) that is exactly
+CLIPTextModel's ``last_hidden_state`` with gelu and ``num_hidden_layers - 1``
+layers. So one module serves both, and its output is what the U-Net is fed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..config import TextEncoderConfig
+from ..foreign_config import text_to_transformers
+
+
+class TextEncoder(nn.Module):
+    """Token ids ``(B, L)`` -> per-token embeddings ``(B, L, hidden_size)``.
+
+    ``state_dict()`` keys are diffusers' ``text_encoder`` keys
+    (``text_model.embeddings.token_embedding.weight``, ...,
+    ``text_model.final_layer_norm.bias``), so no renaming is needed for
+    diffusers folders saved by transformers < 5 (newer transformers drop the
+    ``text_model.`` level when saving; see ``keymap_text.text_diffusers_to_internal``).
+    """
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        if not isinstance(config, TextEncoderConfig):
+            raise TypeError(f"config must be a TextEncoderConfig, got {type(config).__name__}")
+        self.config = config
+        hf_config = CLIPTextConfig(**text_to_transformers(config), attn_implementation="sdpa")
+        self.text_model = CLIPTextModel(hf_config)
+        # transformers keeps position ids 0..76 in a buffer, persistent in old
+        # releases (so some diffusers folders and every SD1 original file carry
+        # ``...embeddings.position_ids``; in some merged SD1 files they are even
+        # corrupted floats) and non-persistent now. We remove the buffer and pass
+        # fresh ids on every call instead: positions are always 0..L-1, nothing is
+        # left on the meta device after a meta-build + ``assign=True`` load, and
+        # the key maps simply drop ``position_ids`` from every source, so both
+        # diffusers and original weights load with ``strict=True``.
+        del self.text_model.embeddings.position_ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.embeddings.token_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.embeddings.token_embedding.weight.device
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden state after the final LayerNorm, ``(B, L, hidden_size)``."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        length = input_ids.shape[1]
+        if length > self.context_length:
+            raise ValueError(
+                f"input_ids length {length} exceeds the encoder's window of {self.context_length} "
+                "tokens; use ldm.prompts.encode_prompts, which chunks long prompts"
+            )
+        input_ids = input_ids.to(self.device, torch.long)
+        position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        out = self.text_model(input_ids=input_ids, position_ids=position_ids)
+        return out.last_hidden_state

@@ -1,0 +1,283 @@
+"""The cross-attention U-Net of Stable Diffusion 1.x/2.x, built from a UNetConfig.
+
+Module names equal diffusers' ``UNet2DConditionModel`` for the same config, so
+its ``state_dict`` keys and shapes match one to one. The down/mid/up blocks are
+generic (optional attention after each resnet) and are reused by the VAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import UNetConfig
+from .layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2D,
+    Upsample2D,
+    timestep_embedding,
+)
+
+# Builds the attention module that follows a resnet, given its channel count.
+# It is called as ``attention(x, context)``.
+AttentionFactory = Callable[[int], nn.Module]
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _attentions(factory: AttentionFactory | None, channels: int, n: int) -> nn.ModuleList | None:
+    return nn.ModuleList(factory(channels) for _ in range(n)) if factory is not None else None
+
+
+class DownBlock2D(nn.Module):
+    """``num_layers`` resnets, each optionally followed by an attention module,
+    then an optional stride-2 downsampler.
+
+    Covers diffusers' ``DownBlock2D`` and ``CrossAttnDownBlock2D`` (U-Net) and
+    ``DownEncoderBlock2D`` (VAE: no timestep, ``downsample_padding=0``).
+    Returns the output and every intermediate output (the U-Net's skips).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        add_downsample: bool,
+        downsample_padding: int = 1,
+        attention: AttentionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
+            for i in range(num_layers)
+        )
+        self.attentions = _attentions(attention, out_channels, num_layers)
+        self.downsamplers = (
+            nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
+        )
+
+    def forward(
+        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock2D(nn.Module):
+    """Resnets (each optionally followed by attention), then an optional upsampler.
+
+    ``in_channels[i]`` is the input width of resnet ``i``, skip included. Given
+    ``skips``, resnet ``i`` first concatenates the last unused skip (diffusers'
+    ``UpBlock2D`` / ``CrossAttnUpBlock2D``); without, it is the VAE's
+    ``UpDecoderBlock2D``.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        add_upsample: bool,
+        attention: AttentionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(c, out_channels, temb_channels, groups, eps) for c in in_channels
+        )
+        self.attentions = _attentions(attention, out_channels, len(in_channels))
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(
+        self,
+        x: Tensor,
+        temb: Tensor | None = None,
+        context: Tensor | None = None,
+        skips: Sequence[Tensor] | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                x = torch.cat([x, skips[-1 - i]], dim=1)
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock2D(nn.Module):
+    """resnet, then ``num_layers`` x (attention, resnet) at constant width.
+
+    diffusers' ``UNetMidBlock2DCrossAttn`` (U-Net) and ``UNetMidBlock2D`` (VAE).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        attention: AttentionFactory,
+        num_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(num_layers + 1)
+        )
+        self.attentions = _attentions(attention, channels, num_layers)
+
+    def forward(self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+        x = self.resnets[0](x, temb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attention(x, context), temb)
+        return x
+
+
+class UNet(nn.Module):
+    """eps/v-predicting U-Net: ``unet(sample, timestep, context) -> Tensor``."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        for kind in config.down_block_types:
+            if kind not in DOWN_BLOCK_TYPES:
+                raise ValueError(f"unknown down block type {kind!r}; valid: {DOWN_BLOCK_TYPES}")
+        for kind in config.up_block_types:
+            if kind not in UP_BLOCK_TYPES:
+                raise ValueError(f"unknown up block type {kind!r}; valid: {UP_BLOCK_TYPES}")
+        self.config = config
+        channels = config.block_out_channels
+        levels = len(channels)
+        temb = channels[0] * 4
+        common = dict(temb_channels=temb, groups=config.norm_num_groups, eps=config.norm_eps)
+
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(config.down_block_types):
+            self.down_blocks.append(
+                DownBlock2D(
+                    channels[max(i - 1, 0)],
+                    channels[i],
+                    config.layers_per_block,
+                    add_downsample=i < levels - 1,
+                    attention=self._transformer(config.num_attention_heads[i], kind.startswith("CrossAttn")),
+                    **common,
+                )
+            )
+
+        self.mid_block = MidBlock2D(
+            channels[-1],
+            attention=self._transformer(config.num_attention_heads[-1], True),
+            **common,
+        )
+
+        # Up block i mirrors level L-1-i. It consumes that level's resnet outputs
+        # plus the skip entering the level (the previous level's downsampler
+        # output, or conv_in's output for the last block); so its last resnet
+        # takes a skip of the next-shallower width.
+        rev = channels[::-1]
+        heads = config.num_attention_heads[::-1]
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(config.up_block_types):
+            prev, out, shallower = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, levels - 1)]
+            n = config.layers_per_block + 1
+            in_channels = [(prev if j == 0 else out) + (shallower if j == n - 1 else out) for j in range(n)]
+            self.up_blocks.append(
+                UpBlock2D(
+                    in_channels,
+                    out,
+                    add_upsample=i < levels - 1,
+                    attention=self._transformer(heads[i], kind.startswith("CrossAttn")),
+                    **common,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def _transformer(self, heads: int, enabled: bool) -> AttentionFactory | None:
+        if not enabled:
+            return None
+        c = self.config
+        return partial(
+            Transformer2D,
+            heads=heads,
+            context_dim=c.cross_attention_dim,
+            depth=c.transformer_layers_per_block,
+            groups=c.norm_num_groups,
+            linear_projection=c.use_linear_projection,
+            upcast_attention=c.upcast_attention,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def time_embed(
+        self, timestep: Tensor | float | int, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """The timestep vector fed to every resnet, shape [batch, 4 * block_out_channels[0]]."""
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            t = t[None]
+        t = t.expand(batch)
+        emb = timestep_embedding(
+            t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
+        )
+        return self.time_embedding(emb.to(dtype))
+
+    def forward(
+        self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor
+    ) -> Tensor:
+        """Predict noise (or v) for ``sample`` [B, C, H, W] at ``timestep`` ([B] or scalar),
+        conditioned on ``encoder_hidden_states`` [B, L, D] (any L)."""
+        context = encoder_hidden_states
+        temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips.extend(block_skips)
+
+        x = self.mid_block(x, temb, context)
+
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size rather than 2x, so H and W need not be
+            # multiples of 2**(levels-1) (diffusers' forward_upsample_size).
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            x = block(x, temb, context, skips=block_skips, upsample_size=size)
+
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

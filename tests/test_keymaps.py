@@ -1,0 +1,234 @@
+"""Original-layout key maps (U-Net, VAE) against diffusers' single-file converter.
+
+diffusers' ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` read the
+original (CompVis) layout; they are the independent reference that our
+internal->original names are the original names, at full SD sizes (meta tensors)
+and, with values, at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import accelerate
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from reference import SD1_TINY, SD2V_TINY, build_reference
+
+from ldm.checkpoints.keymap import (
+    StateDictMismatchError,
+    UnmappedKeyError,
+    add_prefix,
+    apply_mapping,
+    check_keys,
+    conv1x1_to_linear,
+    linear_to_conv1x1,
+    split_by_prefix,
+    strip_prefix,
+)
+from ldm.checkpoints.keymap_unet import (
+    infer_unet_config,
+    unet_internal_to_original,
+    unet_original_to_internal,
+)
+from ldm.checkpoints.keymap_vae import (
+    infer_vae_config,
+    vae_internal_to_original,
+    vae_original_to_internal,
+)
+from ldm.config import SD1, SD2, SD2_V, with_changes
+from ldm.foreign_config import unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+PRESETS = {"sd1": SD1, "sd2": SD2}
+
+
+def _shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def full_size(request):
+    """Full-size SD1.5 / SD2 U-Net and VAE state dicts on the meta device."""
+    config = PRESETS[request.param]
+    with accelerate.init_empty_weights():
+        unet = UNet2DConditionModel(**unet_to_diffusers(config.unet))
+        vae = AutoencoderKL(**vae_to_diffusers(config.vae))
+    return config, unet.state_dict(), vae.state_dict()
+
+
+@pytest.fixture(scope="module", params=[SD1_TINY, SD2V_TINY], ids=lambda s: s.name)
+def tiny(request):
+    """Tiny diffusers reference models with random weights, and our configs for them."""
+    spec = request.param
+    unet, vae, _ = build_reference(spec, seed=3)
+    return spec, unet_from_diffusers(dict(spec.unet)), vae_from_diffusers(dict(spec.vae)), unet, vae
+
+
+# --- 1. full size: every key, every shape, both directions -------------------
+
+
+def test_full_size_unet_matches_reference_converter(full_size):
+    config, internal, _ = full_size
+    original = apply_mapping(internal, unet_internal_to_original(config.unet))
+    assert not original.unmapped and not original.dropped
+    assert all(k.startswith(("time_embed.", "input_blocks.", "middle_block.", "output_blocks.", "out.")) for k in original)
+
+    converted = convert_ldm_unet_checkpoint(add_prefix(original, UNET_PREFIX), unet_to_diffusers(config.unet))
+    # The reference consumed every original key we wrote (it maps one to one) and
+    # produced exactly the internal key set, at the same shapes.
+    assert len(converted) == len(original) == 686
+    assert _shapes(converted) == _shapes(internal)
+
+    # Our original->internal on that original-layout dict: exactly the internal set.
+    back = apply_mapping(original, unet_original_to_internal(config.unet))
+    assert not back.unmapped
+    assert _shapes(back) == _shapes(internal)
+    # and on shapes alone
+    assert apply_mapping(_shapes(original), unet_original_to_internal(config.unet)) == _shapes(internal)
+
+    proj_in = original["middle_block.1.proj_in.weight"]
+    assert proj_in.ndim == (2 if config.unet.use_linear_projection else 4)
+
+
+def test_full_size_vae_matches_reference_converter(full_size):
+    config, _, internal = full_size
+    original = apply_mapping(internal, vae_internal_to_original(config.vae))
+    assert not original.unmapped and not original.dropped
+    assert original["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    assert original["decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
+
+    converted = convert_ldm_vae_checkpoint(add_prefix(original, VAE_PREFIX), vae_to_diffusers(config.vae))
+    assert len(converted) == len(original) == 248
+    assert _shapes(converted) == _shapes(internal)
+
+    back = apply_mapping(original, vae_original_to_internal(config.vae))
+    assert not back.unmapped
+    assert _shapes(back) == _shapes(internal)
+
+
+# --- 2. tiny: values, round trip, no copies ----------------------------------
+
+
+@pytest.mark.parametrize("component", ["unet", "vae"])
+def test_tiny_round_trip_and_reference_values(tiny, component):
+    spec, unet_config, vae_config, unet, vae = tiny
+    if component == "unet":
+        model, config = unet, unet_config
+        to_orig, to_int = unet_internal_to_original(config), unet_original_to_internal(config)
+        prefix, convert, ref_config = UNET_PREFIX, convert_ldm_unet_checkpoint, dict(spec.unet)
+    else:
+        model, config = vae, vae_config
+        to_orig, to_int = vae_internal_to_original(config), vae_original_to_internal(config)
+        prefix, convert, ref_config = VAE_PREFIX, convert_ldm_vae_checkpoint, dict(spec.vae)
+    internal = model.state_dict()
+
+    original = apply_mapping(internal, to_orig)
+    back = apply_mapping(original, to_int)
+    assert list(back) == list(internal)
+    for key, tensor in internal.items():
+        assert back[key].shape == tensor.shape
+        assert torch.equal(back[key], tensor), key
+        assert back[key].data_ptr() == tensor.data_ptr(), f"{key} was copied"
+
+    converted = convert(add_prefix(original, prefix), ref_config)
+    assert set(converted) == set(internal)
+    for key, tensor in internal.items():
+        assert torch.equal(converted[key], tensor), key
+
+
+def test_tiny_infer_matches_except_rule_fields(tiny):
+    _, unet_config, vae_config, unet, vae = tiny
+    original = apply_mapping(unet.state_dict(), unet_internal_to_original(unet_config))
+    inferred = infer_unet_config(_shapes(original), "sd1", sample_size=unet_config.sample_size)
+    # heads and norm groups are not in the shapes; the tiny configs do not follow SD's rules
+    assert inferred.num_attention_heads == (8, 8)
+    assert with_changes(
+        inferred,
+        num_attention_heads=unet_config.num_attention_heads,
+        norm_num_groups=unet_config.norm_num_groups,
+    ) == unet_config
+    original = apply_mapping(vae.state_dict(), vae_internal_to_original(vae_config))
+    assert with_changes(
+        infer_vae_config(original), norm_num_groups=8, sample_size=vae_config.sample_size
+    ) == vae_config
+
+
+# --- 3. infer configs at full size -------------------------------------------
+
+
+def test_infer_full_size_configs(full_size):
+    config, internal_unet, internal_vae = full_size
+    unet_shapes = apply_mapping(_shapes(internal_unet), unet_internal_to_original(config.unet))
+    vae_shapes = apply_mapping(_shapes(internal_vae), vae_internal_to_original(config.vae))
+    assert infer_unet_config(unet_shapes, config.family) == config.unet
+    assert infer_vae_config(vae_shapes) == config.vae
+    if config.family == "sd2":
+        # 768-v: same weights; the native size is the caller's (documented) override
+        assert infer_unet_config(unet_shapes, "sd2-v", sample_size=96) == SD2_V.unet
+    with pytest.raises(ValueError, match="family"):
+        infer_unet_config(unet_shapes, "sdxl")
+    with pytest.raises(ValueError, match="label_emb"):
+        infer_unet_config({**unet_shapes, "label_emb.0.0.weight": (1280, 2816)}, config.family)
+    with pytest.raises(ValueError, match="out.2.weight"):
+        infer_unet_config({k: v for k, v in unet_shapes.items() if k != "out.2.weight"}, config.family)
+
+
+# --- 4. unknown keys are reported, never kept silently -----------------------
+
+
+def test_unknown_keys_are_reported():
+    unet_map = unet_original_to_internal(SD1.unet)
+    vae_map = vae_original_to_internal(SD1.vae)
+    t = torch.zeros(4)
+    for mapping, key in [
+        (unet_map, "input_blocks.1.0.in_layers.9.weight"),  # bad suffix in a known module
+        (unet_map, "input_blocks.99.0.in_layers.0.weight"),  # no such block
+        (unet_map, "conv_in.weight"),  # internal name fed to the original map
+        (unet_map, "label_emb.0.0.weight"),  # class embedding: unsupported
+        (vae_map, "encoder.down_blocks.0.resnets.0.conv1.weight"),  # diffusers layout
+        (vae_map, "loss.logvar"),
+    ]:
+        with pytest.raises(UnmappedKeyError, match="no mapping"):
+            mapping(key, t)
+
+    sd = {"out.2.bias": torch.zeros(4), "mystery.weight": torch.zeros(3)}
+    mapped = apply_mapping(sd, unet_map)
+    assert list(mapped) == ["conv_out.bias"] and mapped.unmapped == ("mystery.weight",)
+    report = check_keys(mapped, {"conv_out.bias": (4,), "conv_out.weight": (4, 320, 3, 3)})
+    assert report.unexpected == ("mystery.weight",)
+    assert report.missing == ("conv_out.weight",)
+    with pytest.raises(StateDictMismatchError, match=r"1 unexpected: mystery\.weight"):
+        report.raise_if_any("unet")
+
+    mis = check_keys({"conv_out.bias": torch.zeros(8)}, {"conv_out.bias": (4,)})
+    assert mis.mismatched == (("conv_out.bias", (4,), (8,)),)
+    assert check_keys(mapped, {"conv_out.bias": (4,)}).ok is False
+
+
+def test_duplicate_targets_and_helpers():
+    unet_map = unet_original_to_internal(SD1.unet)
+
+    def twice(key, tensor):
+        return unet_map("out.2.bias", tensor)
+
+    with pytest.raises(ValueError, match="both map to"):
+        apply_mapping({"a": torch.zeros(1), "b": torch.zeros(1)}, twice)
+    dropped = apply_mapping({"a": torch.zeros(1)}, lambda k, t: [])
+    assert dict(dropped) == {} and dropped.dropped == ("a",)
+
+    ckpt = {UNET_PREFIX + "out.2.bias": 1, VAE_PREFIX + "quant_conv.bias": 2, "model_ema.decay": 3}
+    parts, leftover = split_by_prefix(ckpt, {"unet": UNET_PREFIX, "vae": VAE_PREFIX})
+    assert parts == {"unet": {"out.2.bias": 1}, "vae": {"quant_conv.bias": 2}}
+    assert leftover == ["model_ema.decay"]
+    assert strip_prefix(ckpt, VAE_PREFIX) == {"quant_conv.bias": 2}
+
+    w = torch.randn(6, 6, 1, 1)
+    lin = conv1x1_to_linear(w)
+    assert lin.shape == (6, 6) and lin.data_ptr() == w.data_ptr()
+    assert torch.equal(linear_to_conv1x1(lin), w)
+    assert conv1x1_to_linear(lin) is lin  # already linear: tolerated
