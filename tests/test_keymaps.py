@@ -111,6 +111,23 @@ def test_full_size_vae_matches_reference_converter(full_size):
     assert _shapes(back) == _shapes(internal)
 
 
+def test_full_size_maps_fit_our_modules(full_size):
+    """ldm's own UNet / AutoencoderKL (meta) have exactly the mapped keys and shapes."""
+    from ldm.models.unet import UNet
+    from ldm.models.vae import AutoencoderKL as OurVAE
+
+    config, internal_unet, internal_vae = full_size
+    with torch.device("meta"):
+        ours = {"unet": UNet(config.unet).state_dict(), "vae": OurVAE(config.vae).state_dict()}
+    for name, internal, to_orig, to_int, cfg in (
+        ("unet", internal_unet, unet_internal_to_original, unet_original_to_internal, config.unet),
+        ("vae", internal_vae, vae_internal_to_original, vae_original_to_internal, config.vae),
+    ):
+        original = apply_mapping(_shapes(internal), to_orig(cfg))
+        mapped = apply_mapping(original, to_int(cfg))
+        check_keys(mapped, ours[name]).raise_if_any(name)
+
+
 # --- 2. tiny: values, round trip, no copies ----------------------------------
 
 

@@ -130,12 +130,13 @@ def _refuse_unsupported(shapes: Mapping[str, tuple], where: str) -> None:
             "similar); this variant is not supported"
         )
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+    latent = shapes.get(VAE_PREFIX + "decoder.conv_in.weight", (0, 4))[1]
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != latent:
         kind = {9: "an inpainting model", 8: "an InstructPix2Pix model", 5: "a depth-conditioned model"}
         raise CheckpointError(
-            f"{where}: the U-Net takes {conv_in[1]} input channels "
+            f"{where}: the U-Net takes {conv_in[1]} input channels, the VAE makes {latent} "
             f"({kind.get(conv_in[1], 'a variant with extra conditioning inputs')}); "
-            "only text-to-image models with 4 latent channels are supported"
+            "only text-to-image models are supported"
         )
 
 
@@ -184,6 +185,8 @@ def text_config_from_shapes(shapes: Mapping[str, tuple], family: str, where: str
     Heads cannot be read from shapes; both released encoders use 64-channel
     heads (ViT-L/14: 768/64 = 12, ViT-H/14: 1024/64 = 16), so that is the rule.
     """
+    from .keymap_text import count_openclip_blocks
+
     try:
         if family == "sd1":
             base = "transformer.text_model." if any(k.startswith("transformer.text_model.") for k in shapes) else "transformer."
@@ -196,7 +199,7 @@ def text_config_from_shapes(shapes: Mapping[str, tuple], family: str, where: str
             vocab, hidden = shapes["model.token_embedding.weight"]
             positions = shapes["model.positional_embedding"][0]
             # The last block is never run (penultimate-layer conditioning), so it is not built.
-            layers = _count_layers(k for k in shapes if k.startswith("model.transformer.resblocks.")) - 1
+            layers = count_openclip_blocks(shapes) - 1
             inter = shapes["model.transformer.resblocks.0.mlp.c_fc.weight"][0]
             act, pad = "gelu", "zero"
     except KeyError as exc:
@@ -242,7 +245,7 @@ def detect_config(shapes: Mapping[str, tuple], *, metadata: Mapping[str, str] | 
     stored = config_from_metadata(metadata or {}, where)
     if stored is not None:
         return Detection(stored, f"ldm.config metadata in the file, {stored.family}")
-    unet = infer_unet_config(strip(shapes, UNET_PREFIX), family)
+    unet = infer_unet_config(strip(shapes, UNET_PREFIX), family)  # ValueError: caller adds the path
     vae = infer_vae_config(strip(shapes, VAE_PREFIX))
     text = text_config_from_shapes(strip(shapes, TEXT_PREFIX), family, where)
     if family == "sd1":

@@ -260,3 +260,4 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
             seen.add(t.untyped_storage().data_ptr())
         out[key] = t
     save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, 0o644)  # safetensors creates files owner-only; checkpoints are shared data
