@@ -81,10 +81,11 @@ class DiscreteSchedule:
         """Continuous timestep for a noise level: linear interpolation in log sigma.
 
         Same rule as k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers'
-        ``_sigma_to_t``; computed in float64, returned as float32. Levels outside the
-        table clamp to its ends.
+        ``_sigma_to_t``; computed in float64, returned as float64 for float64 input and
+        float32 otherwise. Levels outside the table clamp to its ends.
         """
         sigma = torch.as_tensor(sigma)
+        out_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
         log_sigmas = self.log_sigmas.double().to(sigma.device)
         log_sigma = sigma.double().clamp(min=1e-10).log()
         # Index of the last table level at or below sigma (the table is increasing).
@@ -92,7 +93,7 @@ class DiscreteSchedule:
         low = low.clamp(0, self.num_train_timesteps - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-        return ((1 - w) * low + w * (low + 1)).float()
+        return ((1 - w) * low + w * (low + 1)).to(out_dtype)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Noise level at a (possibly fractional) timestep.
@@ -152,7 +153,9 @@ class Denoiser:
         self.prediction_type = prediction_type
         self.dtype = dtype
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Any, *, t: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, sigma: Tensor, cond: Any = None, *, t: Tensor | None = None
+    ) -> Tensor:
         sigma = torch.as_tensor(sigma)
         if t is None:
             t = self.schedule.sigma_to_t(sigma)

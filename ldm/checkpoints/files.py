@@ -131,24 +131,6 @@ class TensorFile:
             return reader[key]
         return reader.get_tensor(key)
 
-    def dtype(self) -> torch.dtype | None:
-        """The most common floating dtype stored (None if nothing floating is stored)."""
-        counts: dict[torch.dtype, int] = {}
-        for key in self.shapes:
-            reader = self._readers[key]
-            if isinstance(reader, dict):
-                dt = reader[key].dtype
-            else:
-                dt = reader.get_slice(key).get_dtype()
-                dt = _ST_TO_TORCH.get(dt)
-            if dt is not None and dt.is_floating_point:
-                counts[dt] = counts.get(dt, 0) + 1
-        return max(counts, key=counts.get) if counts else None
-
-
-_ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                "BF16": torch.bfloat16}
-
 
 def open_tensor_file(path: str | Path, *, allow_pickle: bool = False) -> TensorFile:
     """Open a ``.safetensors`` (validated header) or, on opt-in, a pickle checkpoint."""

@@ -117,7 +117,7 @@ def _resolve_config(detected: ModelConfig | None, rule: str, config: Any, predic
         assert detected is not None
         chosen = detected
         logger.info("detected %s (%s, rule: %s) from %s", chosen.family, chosen.prediction_type, rule, path)
-    if prediction_type is not None and prediction_type != chosen.prediction_type:
+    if prediction_type is not None:
         logger.info("prediction_type override for %s: %s (was %s)", path, prediction_type, chosen.prediction_type)
         chosen = with_changes(chosen, prediction_type=prediction_type)
     return chosen
@@ -140,7 +140,10 @@ def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickl
         raise
     except ValueError as exc:  # the shape readers' own messages
         if config is None:
-            raise CheckpointError(f"{where}: cannot infer the model config: {exc}") from None
+            raise CheckpointError(
+                f"{where}: cannot infer the model config: {exc}. Pass config= (a preset name, "
+                "YAML file, dict or ModelConfig) to load it"
+            ) from None
         rule = f"detection failed: {exc}"
     chosen = _resolve_config(detected, rule, config, prediction_type, path)
     mappings = original_mappings(chosen)
@@ -239,7 +242,8 @@ def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torc
 def _log_ignored(plan_: _Plan, source: Path) -> None:
     if not plan_.ignored:
         return
-    groups = Counter(k.split(".")[0] if k.startswith("model_ema.") else "other" for k in plan_.ignored)
+    groups = Counter("model_ema.*" if k.startswith("model_ema.") else "cond_stage_model.*"
+                     if k.startswith("cond_stage_model.") else "other" for k in plan_.ignored)
     logger.info("ignored %d unused keys in %s on purpose (EMA copies, DDPM schedule buffers, "
                 "CLIP projection/position ids): %s", len(plan_.ignored), source, dict(groups))
 

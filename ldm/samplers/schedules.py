@@ -128,7 +128,7 @@ def dpm_schedule(schedule: DiscreteSchedule, steps: int, karras: bool = False) -
     timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     if karras:
         sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
-        timesteps = schedule.sigma_to_t(torch.from_numpy(sigmas)).double().numpy().round()
+        timesteps = schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy().round()
     else:
         sigmas = table[timesteps]
     return _vp(np.concatenate([sigmas, [0.0]]), timesteps)

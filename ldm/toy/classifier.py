@@ -28,7 +28,7 @@ DEFAULT_PATH = Path(__file__).resolve().parents[2] / "weights" / "toy_classifier
 
 
 class ToyClassifier(nn.Module):
-    """Four stride-2 conv stages, global average pool, two linear heads (~80k params)."""
+    """Conv stages (all but the first stride 2), global avg+max pool, two linear heads (~84k params)."""
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64, 64)) -> None:
         super().__init__()
@@ -39,12 +39,14 @@ class ToyClassifier(nn.Module):
             layers += [nn.Conv2d(c_in, c, 3, stride, 1), nn.BatchNorm2d(c), nn.SiLU()]
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.kind = nn.Linear(c_in, len(KINDS))
-        self.hat = nn.Linear(c_in, 1)
+        # Average and max pooling: max keeps small local evidence (a hat on a small cat).
+        self.kind = nn.Linear(2 * c_in, len(KINDS))
+        self.hat = nn.Linear(2 * c_in, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: (N, 3, 64, 64) in [-1, 1] -> kind logits (N, 5), hat logit (N,)."""
-        h = self.features(x).mean((2, 3))
+        f = self.features(x)
+        h = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
         return self.kind(h), self.hat(h).squeeze(1)
 
 
@@ -99,7 +101,7 @@ def train_classifier(steps: int = 600, seed: int = 0, batch_size: int = 64, lr: 
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
     model.eval()

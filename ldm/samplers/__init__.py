@@ -1,0 +1,172 @@
+"""Samplers: one plain function per method, plus :func:`sample`, the entry point.
+
+``sample(name, denoiser, noise, steps, schedule)`` takes unit Gaussian noise (what
+a pipeline draws before scaling it) and returns the latents to decode, handling the
+VP/VE bookkeeping uniformly: the start is ``noise * init_sigma`` in VE scaling, and
+the end is divided by ``sqrt(sigma_last^2 + 1)``, which is 1 except for DDIM/PLMS,
+whose last level is the first training level. Each name matches a diffusers
+scheduler swapped into an SD pipeline with ``from_config``:
+
+=============  ==========================================================
+ddim           DDIMScheduler (eta = 0)
+plms           PNDMScheduler(skip_prk_steps=True)
+ddpm           DDPMScheduler
+euler          EulerDiscreteScheduler
+euler_a        EulerAncestralDiscreteScheduler
+heun           HeunDiscreteScheduler
+lms            LMSDiscreteScheduler
+dpmpp_2m       DPMSolverMultistepScheduler (dpmsolver++, order 2)
+dpmpp_2m_sde   DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)
+=============  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoisers import DiscreteSchedule
+from .base import Callback, SamplerFn
+from .ddim import sample_ddim
+from .ddpm import sample_ddpm
+from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from .k_samplers import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
+from .noise import Generators, randn
+from .plms import sample_plms
+from .schedules import (
+    SamplingSchedule,
+    ScheduleFn,
+    ddim_schedule,
+    ddpm_schedule,
+    dpm_schedule,
+    k_schedule,
+    karras_sigmas,
+)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: SamplerFn
+    schedule: ScheduleFn
+    karras: bool
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "ddim": _Entry(sample_ddim, ddim_schedule, False),
+    "plms": _Entry(sample_plms, ddim_schedule, False),
+    "ddpm": _Entry(sample_ddpm, ddpm_schedule, False),
+    "euler": _Entry(sample_euler, k_schedule, True),
+    "euler_a": _Entry(sample_euler_ancestral, k_schedule, True),
+    "heun": _Entry(sample_heun, k_schedule, True),
+    "lms": _Entry(sample_lms, k_schedule, True),
+    "dpmpp_2m": _Entry(sample_dpmpp_2m, dpm_schedule, True),
+    "dpmpp_2m_sde": _Entry(sample_dpmpp_2m_sde, dpm_schedule, True),
+}
+
+SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+KARRAS_SAMPLERS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if e.karras)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return _REGISTRY[name]
+
+
+def get_sampler(name: str) -> SamplerFn:
+    """The sampler function registered as ``name`` (one of :data:`SAMPLERS`)."""
+    return _entry(name).fn
+
+
+def sampling_schedule(
+    name: str, schedule: DiscreteSchedule, steps: int, *, karras: bool = False
+) -> SamplingSchedule:
+    """The levels and timesteps sampler ``name`` visits in ``steps`` steps."""
+    entry = _entry(name)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > schedule.num_train_timesteps:
+        raise ValueError(
+            f"steps={steps} exceeds the {schedule.num_train_timesteps} training timesteps"
+        )
+    if karras and not entry.karras:
+        raise ValueError(
+            f"karras sigmas are not available for {name!r}; "
+            f"samplers that support them: {', '.join(KARRAS_SAMPLERS)}"
+        )
+    return entry.schedule(schedule, steps, karras)
+
+
+class _Scheduled:
+    """Feeds the model the schedule's own timestep for each of its sigmas.
+
+    diffusers runs the U-Net at timesteps that are not always ``sigma_to_t(sigma)``
+    (integers for DDIM, rounded ones for DPM-Solver with Karras sigmas), so the
+    schedule's timestep is looked up by the sigma a sampler asks for; any other sigma
+    falls back to the denoiser's own conversion.
+    """
+
+    def __init__(self, denoiser: Any, plan: SamplingSchedule) -> None:
+        self.denoiser = denoiser
+        self.prediction_type = getattr(denoiser, "prediction_type", "epsilon")
+        self._timesteps = {
+            float(s): t for s, t in zip(plan.sigmas.tolist(), plan.timesteps)
+        }
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = torch.as_tensor(sigma)
+        t = self._timesteps.get(float(sigma)) if sigma.ndim == 0 else None
+        return self.denoiser(x, sigma, t=t)
+
+
+@torch.no_grad()
+def sample(
+    name: str,
+    denoiser: Any,
+    noise: Tensor,
+    steps: int,
+    schedule: DiscreteSchedule,
+    *,
+    karras: bool = False,
+    generators: Generators = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Run sampler ``name`` for ``steps`` steps from unit Gaussian ``noise``.
+
+    ``denoiser(x, sigma, *, t=None) -> x0`` with the conditioning bound, e.g. a
+    :class:`~ldm.denoisers.CFGDenoiser`; ``t`` is the model timestep to use.
+    ``generators``: one CPU generator per image for the stochastic samplers (see
+    :mod:`ldm.samplers.noise`). Returns latents in the model's (VP) scaling, the
+    same numbers diffusers' pipeline hands to the VAE for the same noise and seeds.
+    """
+    plan = sampling_schedule(name, schedule, steps, karras=karras)
+    x = noise * plan.init_sigma
+    x = get_sampler(name)(
+        _Scheduled(denoiser, plan), x, plan.sigmas, generators=generators, callback=callback
+    )
+    return x / (plan.sigmas[-1] ** 2 + 1) ** 0.5
+
+
+__all__ = [
+    "SAMPLERS",
+    "KARRAS_SAMPLERS",
+    "Callback",
+    "SamplingSchedule",
+    "get_sampler",
+    "karras_sigmas",
+    "randn",
+    "sample",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
+    "sample_plms",
+    "sampling_schedule",
+]
