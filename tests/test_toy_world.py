@@ -125,8 +125,12 @@ def test_colour_scorer_rejects_wrong_colours():
 def test_classifier_training_smoke(tmp_path):
     from ldm.toy.classifier import classify, load_classifier, save_classifier, train_classifier
 
-    torch.set_num_threads(1)
-    model = train_classifier(steps=40, seed=0, batch_size=24, lr=5e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared
+    try:
+        model = train_classifier(steps=40, seed=0, batch_size=24, lr=5e-3)
+    finally:
+        torch.set_num_threads(threads)
     losses = model.losses
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
     path = tmp_path / "clf.safetensors"
