@@ -180,7 +180,9 @@ class CFGDenoiser:
     guidance then too).
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float) -> None:
+    def __init__(
+        self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float
+    ) -> None:
         if scale > 1 and uncond is None:
             raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding")
         self.denoiser = denoiser

@@ -138,7 +138,7 @@ class Pipeline:
         guidance_scale: float = 7.5,
         width: int | None = None,
         height: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         num_images: int = 1,
         sampler: str = "dpmpp_2m",
         schedule: str | None = None,
@@ -151,7 +151,8 @@ class Pipeline:
 
         ``prompt`` may be a list (``num_images`` images per prompt). Image k of the call
         is drawn from its own CPU generator seeded ``seed + k``, so it does not depend on
-        the batch size or the device.
+        the batch size or the device. ``seed`` may also be a list with one seed per
+        image (how ``ldm batch`` renders unrelated prompts in one call).
         """
         prompts = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(prompts))
@@ -164,14 +165,11 @@ class Pipeline:
         karras = _check_schedule(schedule)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        seed = self._seed(seed)
 
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         count = len(prompts)
-        seeds = [seed + k for k in range(count)]
-        if seeds[-1] > MAX_SEED:
-            raise ValueError(f"seed + image index must stay <= {MAX_SEED}; seed {seed} is too large")
+        seeds = self._seeds(seed, count)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         noise = self._noise(latents, generators, count, height, width)
 
@@ -182,7 +180,7 @@ class Pipeline:
         )
         images = result if output == "latent" else self.decode(result, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                      sampler=sampler, schedule=schedule or "default", seed=seed)
+                      sampler=sampler, schedule=schedule or "default", seed=seeds[0])
         return Generation(images, seeds, prompts, negatives, params)
 
     def _negatives(self, negative: str | Sequence[str] | None, n: int) -> list[str]:
@@ -210,6 +208,22 @@ class Pipeline:
                 )
             sizes.append(value)
         return sizes[0], sizes[1]
+
+    @classmethod
+    def _seeds(cls, seed: int | Sequence[int] | None, count: int) -> list[int]:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != count:
+                raise ValueError(
+                    f"seed is a list of {len(seed)} seeds but the call makes {count} images; "
+                    "give one seed, or one per image"
+                )
+            seeds = [_check_int(s, "seed", 0) for s in seed]
+        else:
+            base = cls._seed(seed)
+            seeds = [base + k for k in range(count)]
+        if max(seeds) > MAX_SEED:
+            raise ValueError(f"seed + image index must stay <= {MAX_SEED}; seed {seeds[0]} is too large")
+        return seeds
 
     @staticmethod
     def _seed(seed: int | None) -> int:

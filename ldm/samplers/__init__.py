@@ -137,7 +137,9 @@ def sample(
     """Run sampler ``name`` for ``steps`` steps from unit Gaussian ``noise``.
 
     ``denoiser(x, sigma, *, t=None) -> x0`` with the conditioning bound, e.g. a
-    :class:`~ldm.denoisers.CFGDenoiser`; ``t`` is the model timestep to use.
+    :class:`~ldm.denoisers.CFGDenoiser`; ``t`` is the model timestep to use. PLMS
+    also reads ``denoiser.prediction_type`` (both ldm wrappers have it; epsilon is
+    assumed otherwise), since like diffusers it extrapolates the raw model output.
     ``generators``: one CPU generator per image for the stochastic samplers (see
     :mod:`ldm.samplers.noise`). Returns latents in the model's (VP) scaling, the
     same numbers diffusers' pipeline hands to the VAE for the same noise and seeds.

@@ -78,7 +78,9 @@ def report(callback: Callback | None, step: int, total: int, x: Tensor, denoised
 
 def num_steps(sigmas: Tensor) -> int:
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be 1-d with at least 2 levels, got shape {tuple(sigmas.shape)}")
+        raise ValueError(
+            f"sigmas must be 1-d with at least 2 levels, got shape {tuple(sigmas.shape)}"
+        )
     return len(sigmas) - 1
 
 

@@ -18,7 +18,9 @@ from .base import Callback, DenoiseFn, is_zero, num_steps, report
 from .noise import Generators, randn_like
 
 
-def _second_order_x0(denoised: Tensor, old: Tensor | None, h: float, h_last: float | None) -> Tensor:
+def _second_order_x0(
+    denoised: Tensor, old: Tensor | None, h: float, h_last: float | None
+) -> Tensor:
     """Multistep data prediction: D0 + (1 / 2r) (D0 - D_prev), r = h_last / h
     (DPM-Solver++(2M), midpoint form); first order when there is no previous step."""
     if old is None or h_last is None:

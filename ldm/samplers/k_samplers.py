@@ -90,7 +90,10 @@ def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
         scale = 1.0 / (sigmas[i - j] - node)
         # poly *= (tau - node) * scale
         padded = poly + [0.0]
-        poly = [((padded[n - 1] if n else 0.0) - node * padded[n]) * scale for n in range(len(padded))]
+        poly = [
+            ((padded[n - 1] if n else 0.0) - node * padded[n]) * scale
+            for n in range(len(padded))
+        ]
     a, b = sigmas[i], sigmas[i + 1]
     return sum(c * (b ** (n + 1) - a ** (n + 1)) / (n + 1) for n, c in enumerate(poly))
 

@@ -57,7 +57,9 @@ class SamplingSchedule:
         return len(self.timesteps)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO) -> np.ndarray:
+def karras_sigmas(
+    sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO
+) -> np.ndarray:
     """Karras et al. (2022), eq. 5: evenly spaced in sigma^(1/rho); float64, no final 0."""
     ramp = np.linspace(0, 1, steps)
     min_inv_rho = sigma_min ** (1 / rho)
@@ -130,6 +132,8 @@ def dpm_schedule(schedule: DiscreteSchedule, steps: int, karras: bool = False) -
         sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
         timesteps = schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy().round()
     else:
+        if np.any(np.diff(timesteps) == 0):
+            raise ValueError(f"steps={steps} is too many: timesteps repeat after rounding")
         sigmas = table[timesteps]
     return _vp(np.concatenate([sigmas, [0.0]]), timesteps)
 
@@ -138,7 +142,7 @@ def _no_karras(name: str, karras: bool) -> None:
     if karras:
         raise ValueError(
             f"karras sigmas are not available for {name}: its update is tied to the "
-            "training timesteps; use one of euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_sde"
+            "training timesteps"
         )
 
 

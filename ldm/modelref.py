@@ -1,0 +1,127 @@
+"""Naming and hashing models the way AUTOMATIC1111 does, and finding them again.
+
+``Model hash`` in an image's parameters is the web UI's "AutoV2" hash of a
+checkpoint file: the first 10 hex digits of the SHA-256 of the whole file.
+A diffusers folder has no single file, so ldm defines the equivalent as the
+first 10 hex digits of the SHA-256 of the text made of one line
+``<relative/posix/path>\\0<sha256 hex of the file>\\n`` per file in the folder
+and its subfolders (``*.safetensors``, ``*.bin``, ``*.json``, ``*.txt``: weights,
+configs and tokenizer files; hidden files skipped), in sorted path order. It
+changes exactly when a weight, config or vocabulary file does.
+
+``Model`` is the file name without extension (``v1-5-pruned-emaonly``), or the
+folder's name for a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+FOLDER_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+SEARCH_ENV = "LDM_MODEL_PATH"
+HASH_LENGTH = 10
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: Path
+    name: str
+    hash: str
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _cached_hash(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed on size and mtime too, so a file replaced in place is hashed again.
+    p = Path(path)
+    if not p.is_dir():
+        return _sha256_file(p)[:HASH_LENGTH]
+    lines = []
+    for f in sorted(p.rglob("*"), key=lambda q: q.relative_to(p).as_posix()):
+        rel = f.relative_to(p)
+        if not f.is_file() or f.suffix not in FOLDER_SUFFIXES or any(x.startswith(".") for x in rel.parts):
+            continue
+        lines.append(f"{rel.as_posix()}\0{_sha256_file(f)}\n")
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()[:HASH_LENGTH]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    if not path.is_dir():
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    # A folder's own mtime misses edits inside it: combine its files' stamps.
+    stamps = [(f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()]
+    return sum(s for s, _ in stamps), max((m for _, m in stamps), default=0)
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's "AutoV2" hash of a checkpoint file, or ldm's folder equivalent."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    return _cached_hash(str(path), *_stamp(path))
+
+
+def model_name(path: str | os.PathLike) -> str:
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
+
+
+def model_ref(path: str | os.PathLike) -> ModelRef:
+    path = Path(path)
+    return ModelRef(path, model_name(path), model_hash(path))
+
+
+def search_dirs() -> list[Path]:
+    """Where :func:`find_model` looks: ``$LDM_MODEL_PATH`` (os.pathsep-separated),
+    the folder of the shipped model, and the current folder."""
+    from .pipeline import WEIGHTS_DIR
+
+    dirs = [Path(d) for d in os.environ.get(SEARCH_ENV, "").split(os.pathsep) if d]
+    return [*dirs, WEIGHTS_DIR, Path.cwd()]
+
+
+def _candidates(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES:
+            found.append(p)
+        elif p.is_dir() and (p / "model_index.json").is_file():
+            found.append(p)
+    return found
+
+
+def find_model(name: str | None, hash: str | None, dirs: list[Path] | None = None) -> Path:
+    """The model an image names: by ``Model`` name first, else by ``Model hash``.
+
+    Raises FileNotFoundError naming the places searched.
+    """
+    dirs = search_dirs() if dirs is None else dirs
+    candidates = [p for d in dirs for p in _candidates(d)]
+    if name:
+        by_name = [p for p in candidates if model_name(p) == name]
+        if by_name:
+            return by_name[0]
+    if hash:
+        for p in candidates:
+            if model_hash(p) == hash.lower():
+                return p
+    what = " ".join(x for x in (f"{name!r}" if name else "", f"[{hash}]" if hash else "") if x) or "(unnamed)"
+    raise FileNotFoundError(
+        f"model {what} not found in {', '.join(str(d) for d in dirs)}; pass --model PATH "
+        f"or add its folder to ${SEARCH_ENV}"
+    )

@@ -1,0 +1,266 @@
+"""Generation parameters in PNG files, in AUTOMATIC1111's "infotext" format.
+
+Every PNG that ``ldm`` writes carries a ``parameters`` text chunk that
+AUTOMATIC1111's web UI, ComfyUI importers and civitai read::
+
+    a cat wearing a hat
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 1a2b3c4d5e, Model: v1-5
+
+Line 1 (and any further lines) is the prompt, then an optional ``Negative
+prompt:`` (which may span lines too), then one line of ``Key: value`` pairs; a
+value containing ``,``, ``:`` or a newline is written as a JSON string, as the
+web UI does. Sampler names are the web UI's, with a `` Karras`` suffix for the
+Karras schedule; the web UI's newer ``Schedule type: Karras`` key is read too.
+Keys ``ldm`` has no use for (``Clip skip``, ``Denoising strength``, ``VAE hash``
+...) are kept in :attr:`GenerationParams.extra`.
+
+>>> params = read_parameters("cat.png")
+>>> images = Pipeline.from_pretrained(...).generate(**params.to_kwargs()).images
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from .atomicio import atomic_write
+
+PNG_KEY = "parameters"
+
+# ldm sampler name -> AUTOMATIC1111's name (modules/sd_samplers_*.py).
+A1111_SAMPLERS: dict[str, str] = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+}
+_FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+_KARRAS = " Karras"
+# "Schedule type" values of web UI >= 1.9 that match one of ldm's schedules.
+_SCHEDULE_TYPES = {"karras": "karras", "automatic": "default", "normal": "default", "uniform": "default"}
+
+# The web UI's own pattern (modules/infotext_utils.py): "Key: value," pairs, a
+# value either a JSON-quoted string or anything up to the next comma.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE = "Negative prompt:"
+# Keys this module turns into fields; everything else goes to ``extra``.
+_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What made an image: enough to make it again with :meth:`to_kwargs`.
+
+    ``sampler`` and ``schedule`` are ldm's names; ``sampler`` is None when the
+    text names a sampler ldm does not have (the text is then in ``extra["Sampler"]``).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    sampler: str | None = None
+    schedule: str = "default"
+    guidance_scale: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    model: str | None = None
+    model_hash: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`ldm.Pipeline.generate` (fields that are set)."""
+        if self.sampler is None and "Sampler" in self.extra:
+            raise ValueError(
+                f"sampler {self.extra['Sampler']!r} has no ldm equivalent; valid: "
+                f"{', '.join(A1111_SAMPLERS.values())} (give another with sampler=...)"
+            )
+        if "Schedule type" in self.extra:
+            raise ValueError(
+                f"schedule type {self.extra['Schedule type']!r} is not one ldm has "
+                "(default or karras); give one with schedule=..."
+            )
+        kwargs: dict[str, Any] = dict(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+            guidance_scale=self.guidance_scale, width=self.width, height=self.height,
+            seed=self.seed, sampler=self.sampler, schedule=self.schedule,
+        )
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def replace(self, **changes: Any) -> "GenerationParams":
+        """A copy with ``changes``; a new sampler or schedule drops an unsupported one's text."""
+        extra = dict(changes.pop("extra", self.extra))
+        if changes.get("sampler") is not None:
+            extra.pop("Sampler", None)
+        if changes.get("schedule") is not None:
+            extra.pop("Schedule type", None)
+        return replace(self, extra=extra, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        """The AUTOMATIC1111 infotext."""
+        return format_parameters(self)
+
+    @classmethod
+    def from_text(cls, text: str) -> "GenerationParams":
+        return parse_parameters(text)
+
+    @property
+    def sampler_label(self) -> str | None:
+        """The sampler as the web UI names it, e.g. ``DPM++ 2M Karras``."""
+        if self.sampler is None:
+            return self.extra.get("Sampler")
+        name = A1111_SAMPLERS.get(self.sampler, self.sampler)
+        return name + _KARRAS if self.schedule == "karras" else name
+
+
+def _quote(value: Any) -> str:
+    text = _number(value) if isinstance(value, float) else str(value)
+    if "," in text or ":" in text or "\n" in text or text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _number(value: float) -> str:
+    # 7.0 -> "7", 7.5 -> "7.5"; repr keeps every digit, so parsing gives the same float.
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def format_parameters(p: GenerationParams) -> str:
+    """``p`` as AUTOMATIC1111 infotext (prompt, negative prompt, then one line of keys)."""
+    pairs: list[tuple[str, Any]] = [
+        ("Steps", p.steps),
+        ("Sampler", p.sampler_label),
+        ("CFG scale", p.guidance_scale),
+        ("Seed", p.seed),
+        ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
+        ("Model hash", p.model_hash),
+        ("Model", p.model),
+    ]
+    pairs += [(k, v) for k, v in p.extra.items() if k != "Sampler"]
+    lines = [p.prompt]
+    if p.negative_prompt:
+        lines.append(f"{_NEGATIVE} {p.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs if v is not None))
+    return "\n".join(lines)
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"parameters: {key!r} must be an integer, got {value!r}") from None
+
+
+def _sampler(value: str) -> tuple[str | None, str]:
+    """Web UI sampler name -> (ldm sampler or None, schedule)."""
+    name, schedule = value.strip(), "default"
+    if name.endswith(_KARRAS):
+        name, schedule = name[: -len(_KARRAS)], "karras"
+    return _FROM_A1111.get(name.lower()), schedule
+
+
+def parse_parameters(text: str) -> GenerationParams:
+    """Parse infotext written by ldm or AUTOMATIC1111 (multi-line prompts, extra keys)."""
+    *lines, last = text.strip().split("\n")
+    # As in the web UI: a last line with fewer than 3 pairs is part of the prompt.
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    target = prompt
+    for line in lines:
+        line = line.strip()
+        if target is prompt and line.startswith(_NEGATIVE):
+            target = negative
+            line = line[len(_NEGATIVE):].strip()
+        target.append(line)
+
+    pairs = {k.strip(): _unquote(v.strip()) for k, v in _PARAM.findall(last)}
+    fields: dict[str, Any] = {}
+    extra = {k: v for k, v in pairs.items() if k not in _KNOWN}
+    if "Steps" in pairs:
+        fields["steps"] = _int("Steps", pairs["Steps"])
+    if "Seed" in pairs:
+        fields["seed"] = _int("Seed", pairs["Seed"])
+    if "CFG scale" in pairs:
+        try:
+            fields["guidance_scale"] = float(pairs["CFG scale"])
+        except ValueError:
+            raise ValueError(f"parameters: 'CFG scale' must be a number, got {pairs['CFG scale']!r}") from None
+    if "Size" in pairs:
+        m = _SIZE.match(pairs["Size"])
+        if not m:
+            raise ValueError(f"parameters: 'Size' must be WIDTHxHEIGHT, got {pairs['Size']!r}")
+        fields["width"], fields["height"] = int(m[1]), int(m[2])
+    if "Sampler" in pairs:
+        fields["sampler"], fields["schedule"] = _sampler(pairs["Sampler"])
+        if fields["sampler"] is None:
+            extra["Sampler"] = pairs["Sampler"]
+    if "Schedule type" in pairs:
+        schedule = _SCHEDULE_TYPES.get(pairs["Schedule type"].lower())
+        if schedule is None:
+            extra["Schedule type"] = pairs["Schedule type"]
+        elif schedule == "karras" or fields.get("schedule") != "karras":
+            fields["schedule"] = schedule
+    if "Model hash" in pairs:
+        fields["model_hash"] = pairs["Model hash"]
+    if "Model" in pairs:
+        fields["model"] = pairs["Model"]
+    return GenerationParams(prompt="\n".join(prompt), negative_prompt="\n".join(negative),
+                            extra=extra, **fields)
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """The raw ``parameters`` text of an image, or None if it has none."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", None) or {}
+        value = text.get(PNG_KEY) or image.info.get(PNG_KEY)
+    return value if isinstance(value, str) else None
+
+
+def read_parameters(path: str | os.PathLike) -> GenerationParams:
+    """The generation parameters stored in a PNG (written by ldm or AUTOMATIC1111)."""
+    text = read_text(path)
+    if text is None:
+        raise ValueError(
+            f"{path}: no '{PNG_KEY}' text chunk (not an image written by ldm or AUTOMATIC1111, "
+            "or its metadata was stripped)"
+        )
+    return parse_parameters(text)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationParams | str | None = None):
+    """Write ``image`` as PNG atomically, with ``params`` in a ``parameters`` chunk.
+
+    Text that is not Latin-1 goes in an iTXt chunk (UTF-8), as the web UI does.
+    """
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        text = params if isinstance(params, str) else format_parameters(params)
+        info.add_text(PNG_KEY, text)  # Pillow switches to iTXt when needed
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
