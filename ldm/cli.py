@@ -1,4 +1,4 @@
-"""The `ldm` command."""
+"""The `ldm` command: `convert` here, `generate`, `batch` and `info` in ldm/commands/."""
 
 from __future__ import annotations
 
@@ -44,21 +44,25 @@ def build_parser(extra: Sequence[Callable[[argparse._SubParsersAction], None]] =
     parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (detection, seeds)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, *extra):
+    from .commands import COMMANDS
+
+    for add in (*COMMANDS, _add_convert, *extra):
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # `batch --num-processes` starts workers with the same arguments
     if args.command == "convert" and args.layout is None:
         args.layout = "original" if args.dst.endswith(".safetensors") else "diffusers"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # user errors: bad values, missing or unreadable files
         print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

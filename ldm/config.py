@@ -205,7 +205,39 @@ SD2_V = with_changes(
     unet=with_changes(SD2.unet, sample_size=96),
 )
 
-PRESETS: dict[str, ModelConfig] = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V}
+# The model shipped in weights/, trained from scratch by scripts/train_toy.py on the
+# procedural toy world (ldm.toy): 64x64 images, 8x8x4 latents, a CLIP-style text
+# tower of hidden 128 (real CLIP BPE ids, so the 49,408-row token table is most of
+# its parameters). Key layout is SD1's (quick_gelu text encoder). The VAE scaling
+# factor is measured by the training script (1/std of the latents, as SD did) and
+# stored in the checkpoint's metadata; the value here is a placeholder until the
+# shipped run's measurement is copied in.
+TOY = ModelConfig(
+    family="toy",
+    unet=UNetConfig(
+        sample_size=8,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        num_attention_heads=(2, 4),
+        cross_attention_dim=128,
+    ),
+    vae=VAEConfig(
+        sample_size=64,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        scaling_factor=1.0,
+    ),
+    text=TextEncoderConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+    ),
+)
+
+PRESETS: dict[str, ModelConfig] = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "toy": TOY}
 
 
 def register_preset(name: str, config: ModelConfig) -> None:

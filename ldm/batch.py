@@ -1,0 +1,352 @@
+"""``ldm batch``: render every line of a prompt file, resumably, on one or many processes.
+
+How the work is laid out, so that results never depend on the number of processes
+or on interruptions:
+
+1. Each line of the prompt file (:mod:`ldm.batchfile`) gives ``n`` images; image
+   ``k`` of line ``L`` is seeded ``seed_L + k`` and written as ``LLLLL-kk-SEED.png``.
+2. Images that can share a pipeline call (same size, steps, sampler, schedule,
+   guidance and prompt length in 75-token chunks, so the text context has the
+   same length as in a single call) are grouped, in line order, and cut into
+   chunks of ``--batch-size``. Chunk ``i`` of this list, which depends only on
+   the prompt file and the settings, goes to rank ``i % world_size``.
+3. A chunk is always rendered whole (one ``Pipeline.generate`` call with one seed
+   per image), also when a rerun needs only some of its images, so every image
+   comes out of the same computation, bit for bit, in every run.
+4. Each image is written atomically, then recorded in the rank's manifest part
+   (:mod:`ldm.manifest`); rank 0 merges the parts after a barrier.
+
+On a rerun, an image counts as done when its file exists and its manifest entry
+(or, for a file whose entry was lost to a kill, the parameters stored in the
+PNG) matches what the line asks for now; entries whose file is gone are dropped
+and the image is rendered again. An output folder holding images made with other
+settings is refused unless ``overwrite`` (then those images are redone).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import manifest
+from .atomicio import append_line, remove_temp_files
+from .batchfile import Job, LineError, Settings, read_jobs
+from .grid import image_grid
+from .modelref import ModelRef
+from .pngmeta import GenerationParams, read_text, save_png
+
+logger = logging.getLogger("ldm")
+
+GRID_FILE = "grid.png"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to render: image ``index`` of a job."""
+
+    job: Job
+    index: int
+    width: int
+    height: int
+    params: GenerationParams
+
+    @property
+    def key(self) -> manifest.Key:
+        return self.job.line, self.index
+
+    @property
+    def seed(self) -> int:
+        return self.job.seed + self.index
+
+    @property
+    def file(self) -> str:
+        return image_name(self.job.line, self.index, self.seed)
+
+    def entry(self, time: str | None = None) -> dict[str, Any]:
+        return {
+            "line": self.job.line, "input": self.job.text, "index": self.index, "seed": self.seed,
+            "file": self.file, "parameters": self.params.to_dict(), "time": time or _now(),
+        }
+
+
+def image_name(line: int, index: int, seed: int) -> str:
+    return f"{line:05d}-{index:02d}-{seed}.png"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def expand(jobs: list[Job], native_size: int, model: ModelRef) -> list[Item]:
+    """Every image of every job, with the parameters its PNG will carry."""
+    items = []
+    for job in jobs:
+        width, height = job.size or (native_size, native_size)
+        for k in range(job.n):
+            params = GenerationParams(
+                prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+                sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
+                seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
+            )
+            items.append(Item(job, k, width, height, params))
+    return items
+
+
+def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[Item], int]) -> list[list[Item]]:
+    """Items grouped by what one pipeline call must share, in line order, cut into
+    chunks of ``batch_size``; groups ordered by their first line."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    groups: dict[tuple, list[Item]] = {}
+    for item in items:
+        j = item.job
+        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, context_chunks(item))
+        groups.setdefault(key, []).append(item)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def token_chunks(tokenizer: Any) -> Callable[[Item], int]:
+    """The number of 77-token rows an item's text context has in a single call
+    (see :func:`ldm.prompts.encode_prompts`)."""
+    size = tokenizer.max_length - 2
+
+    def count(text: str) -> int:
+        return max(1, math.ceil(len(tokenizer.encode(text)) / size))
+
+    def chunks(item: Item) -> int:
+        j = item.job
+        n = count(j.prompt)
+        return max(n, count(j.negative_prompt)) if j.guidance > 1 else n
+
+    return chunks
+
+
+# --- resuming --------------------------------------------------------------------
+
+
+@dataclass
+class Reconciled:
+    """What an output folder already holds, judged against the planned items."""
+
+    entries: list[dict[str, Any]]  # the manifest to write: kept + adopted entries
+    done: set[manifest.Key] = field(default_factory=set)
+    adopted: int = 0  # files found without an entry, whose PNG parameters matched
+    dropped: int = 0  # entries whose file was missing
+    conflicts: list[str] = field(default_factory=list)
+    stale_files: list[Path] = field(default_factory=list)  # to delete when overwriting
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    diffs = [f"{k} {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:3]) or "file name"
+
+
+def reconcile(outdir: Path, items: list[Item]) -> Reconciled:
+    """Read-only: compare the manifest, its parts and the files with ``items``."""
+    planned = {item.key: item for item in items}
+    result = Reconciled(entries=[])
+    for entry in manifest.read_entries(outdir):
+        key = manifest.entry_key(entry)
+        item = planned.get(key)
+        exists = (outdir / entry["file"]).is_file()
+        if item is None:  # a line that is now invalid, or another file: not ours to judge
+            result.entries.append(entry)
+            continue
+        want = item.params.to_dict()
+        if not exists:
+            result.dropped += 1
+            continue
+        if entry.get("parameters") != want or entry["file"] != item.file:
+            result.conflicts.append(
+                f"{entry['file']} (line {key[0]}, image {key[1]}): {_differences(entry.get('parameters') or {}, want)}"
+            )
+            result.stale_files.append(outdir / entry["file"])
+            continue
+        result.entries.append(entry)
+        result.done.add(key)
+    for key, item in planned.items():
+        path = outdir / item.file
+        if key in result.done or path in result.stale_files or not path.is_file():
+            continue
+        # Written but not recorded (killed between the two): adopt it if it is this image.
+        try:
+            text = read_text(path)
+        except OSError:
+            text = None
+        if text == item.params.to_text():
+            mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+            result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
+            result.done.add(key)
+            result.adopted += 1
+        else:
+            result.conflicts.append(f"{item.file} (line {key[0]}, image {key[1]}): its PNG parameters differ")
+            result.stale_files.append(path)
+    return result
+
+
+# --- running ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    prompts: Path
+    outdir: Path
+    settings: Settings
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int = 4
+    strict: bool = False
+    overwrite: bool = False
+    grid: bool = False
+    grid_rows: int | None = None
+    jsonl: bool | None = None
+    allow_pickle: bool = False
+
+
+def _distributed_state(device: str | None):
+    """accelerate's PartialState: rank, world size and barrier, from the launcher's env."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = (
+        parse_flag_from_env("ACCELERATE_USE_CPU")
+        or (device is not None and device.startswith("cpu"))
+        or not torch.cuda.is_available()
+    )
+    return PartialState(cpu=cpu)
+
+
+def _rank_device(device: str | None, state: Any) -> str | None:
+    # Under a multi-process launch each rank takes its own accelerator unless an
+    # index was given; "cuda" alone would put every rank on GPU 0.
+    if state.num_processes > 1 and (device is None or device in ("cuda", "xpu", "npu", "mps")):
+        return str(state.device)
+    return device
+
+
+def report_errors(prompts: Path, errors: list[LineError], stream=None) -> None:
+    stream = stream or sys.stderr
+    for e in errors:
+        print(f"{prompts}:{e.line}: error: {e.message}", file=stream)
+
+
+def run_batch(opts: BatchOptions, print_fn: Callable[[str], None] = print) -> int:
+    """Render a prompt file into ``opts.outdir``; returns the exit status
+    (0 done, 1 done but bad lines were skipped, 2 nothing rendered: strict/conflict)."""
+    jobs, errors = read_jobs(opts.prompts, opts.settings, opts.jsonl)
+    state = _distributed_state(opts.device)
+    main = state.is_main_process
+    if main:
+        report_errors(opts.prompts, errors)
+    if errors and opts.strict:
+        if main:
+            print(f"ldm batch: {len(errors)} bad line(s) in {opts.prompts}; --strict: nothing rendered",
+                  file=sys.stderr)
+        return 2
+
+    from .modelref import model_ref
+    from .pipeline import Pipeline, default_weights_path
+
+    model_path = Path(opts.model) if opts.model else default_weights_path()
+    pipe = Pipeline.from_pretrained(model_path, device=_rank_device(opts.device, state), dtype=opts.dtype,
+                                    allow_pickle=opts.allow_pickle)
+    ref = model_ref(model_path)
+    items = expand(jobs, pipe.config.default_size, ref)
+    chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer))
+
+    opts.outdir.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()  # the folder exists; nobody writes until everyone has looked
+    rec = reconcile(opts.outdir, items)
+    if rec.conflicts and not opts.overwrite:
+        if main:
+            shown = "\n  ".join(rec.conflicts[:5])
+            more = f"\n  ... and {len(rec.conflicts) - 5} more" if len(rec.conflicts) > 5 else ""
+            print(f"ldm batch: error: {opts.outdir} holds {len(rec.conflicts)} image(s) made with other "
+                  f"settings:\n  {shown}{more}\nuse another output folder, or --overwrite to redo them",
+                  file=sys.stderr)
+        return 2
+    state.wait_for_everyone()
+    if main:
+        remove_temp_files(opts.outdir)
+        for path in rec.stale_files:
+            path.unlink(missing_ok=True)
+        manifest.write_manifest(opts.outdir, rec.entries)
+        if rec.adopted or rec.dropped:
+            logger.warning("resumed %s: %d image(s) recorded from their files, %d entr(ies) without a file "
+                           "dropped", opts.outdir, rec.adopted, rec.dropped)
+    state.wait_for_everyone()
+
+    mine = [c for i, c in enumerate(chunks) if i % state.num_processes == state.process_index]
+    rendered = _render(pipe, mine, rec.done, opts.outdir, state)
+    state.wait_for_everyone()
+    if main:
+        entries = manifest.merge(opts.outdir)
+        remove_temp_files(opts.outdir)
+        if opts.grid and entries:
+            _write_grid(opts.outdir, entries, opts.grid_rows)
+        todo = len(items) - len(rec.done)
+        bad = f"; {len(errors)} bad line(s) skipped: {', '.join(str(e.line) for e in errors)}" if errors else ""
+        print_fn(f"{len(items)} image(s) of {len(jobs)} line(s) in {opts.outdir}: {todo} rendered, "
+                 f"{len(rec.done)} already done{bad}")
+    logger.info("rank %d rendered %d image(s)", state.process_index, rendered)
+    return 1 if errors else 0
+
+
+def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, state: Any) -> int:
+    from tqdm.auto import tqdm
+
+    todo = [c for c in chunks if any(item.key not in done for item in c)]
+    total = sum(1 for c in todo for item in c if item.key not in done)
+    desc = f"rank {state.process_index}" if state.num_processes > 1 else "images"
+    part = manifest.part_path(outdir, state.process_index)
+    written = 0
+    with tqdm(total=total, desc=desc, position=state.process_index, unit="img") as bar:
+        for chunk in todo:
+            first = chunk[0]
+            gen = pipe.generate(
+                [i.job.prompt for i in chunk], [i.job.negative_prompt for i in chunk],
+                seed=[i.seed for i in chunk], steps=first.job.steps, guidance_scale=first.job.guidance,
+                width=first.width, height=first.height, sampler=first.job.sampler,
+                schedule=first.job.schedule, progress=False,
+            )
+            for item, image in zip(chunk, gen.images):
+                if item.key in done:
+                    continue
+                save_png(image, outdir / item.file, item.params)
+                append_line(part, manifest.dumps(item.entry()))
+                written += 1
+                bar.update(1)
+    return written
+
+
+def _write_grid(outdir: Path, entries: list[dict[str, Any]], rows: int | None) -> None:
+    from PIL import Image
+
+    paths = [outdir / e["file"] for e in entries if (outdir / e["file"]).is_file()]
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    first = entries[0].get("parameters") or {}
+    params = GenerationParams(**{k: v for k, v in first.items() if k in GenerationParams.__dataclass_fields__})
+    save_png(image_grid(images, rows), outdir / GRID_FILE, params)
+
+
+def launch(argv: list[str], num_processes: int) -> int:
+    """Run ``ldm <argv>`` on ``num_processes`` processes with PyTorch's launcher
+    (torchrun, the one ``accelerate launch`` uses for several GPUs): one process
+    per GPU when there are GPUs, else CPU processes talking over gloo."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={num_processes}", "-m", "ldm", *argv]
+    logger.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd, env=os.environ.copy())

@@ -1,0 +1,5 @@
+"""Subcommands of the `ldm` command: each module has ``add_parser(subparsers)``."""
+
+from . import batch, generate, info
+
+COMMANDS = (generate.add_parser, batch.add_parser, info.add_parser)

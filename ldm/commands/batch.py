@@ -1,0 +1,69 @@
+"""`ldm batch`: render a prompt file, resumably, on one or many processes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .common import positive_int, add_generation_options, settings_from_args
+
+FORMATS = {"auto": None, "text": False, "jsonl": True}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch", help="render every line of a prompt file (text or JSONL), resumably",
+        description="Render PROMPTS (one prompt per line, or JSONL objects with prompt, "
+        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n) into DIR as "
+        "LLLLL-KK-SEED.png plus manifest.jsonl. A rerun skips finished images. Several processes "
+        "(--num-processes N, or `accelerate launch -m ldm batch ...`) split the work and give the "
+        "same files as one process.",
+    )
+    p.add_argument("prompts", type=Path, metavar="PROMPTS",
+                   help="prompt file: text, or JSONL if it ends in .jsonl/.ndjson (see --format)")
+    add_generation_options(
+        p, seed_help="base seed: a line without a seed gets base + 1000 * (line - 1), its images "
+        "that + 0, 1, ... (default 0)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="images per pipeline call, among lines with the same size/steps/sampler/"
+                   "guidance (default 4); keep it when resuming for bit-identical images")
+    p.add_argument("--strict", action="store_true",
+                   help="check every line first and render nothing if one is bad")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo images in DIR that were made with other settings (default: refuse)")
+    p.add_argument("--format", choices=tuple(FORMATS), default="auto",
+                   help="prompt file format (default: by suffix)")
+    p.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
+                   help="run N processes (one per GPU, or CPU processes over gloo) via torchrun")
+    p.set_defaults(func=run)
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..batch import BatchOptions, launch, report_errors, run_batch
+    from ..batchfile import read_jobs
+
+    settings = settings_from_args(args)
+    jsonl = FORMATS[args.format]
+    if args.num_processes > 1 and not _launched():
+        if args.strict:  # validate once here, before starting any process
+            _, errors = read_jobs(args.prompts, settings, jsonl)
+            if errors:
+                report_errors(args.prompts, errors)
+                print(f"ldm batch: {len(errors)} bad line(s) in {args.prompts}; --strict: nothing rendered",
+                      file=sys.stderr)
+                return 2
+        return launch(args.argv, args.num_processes)
+    opts = BatchOptions(
+        prompts=args.prompts, outdir=args.output, settings=settings, model=args.model,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, strict=args.strict,
+        overwrite=args.overwrite, grid=args.grid, grid_rows=args.grid_rows, jsonl=jsonl,
+        allow_pickle=args.allow_pickle,
+    )
+    return run_batch(opts)

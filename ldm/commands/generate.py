@@ -1,0 +1,135 @@
+"""`ldm generate`: images for one prompt, or again from an image's parameters."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import re
+from pathlib import Path
+
+from ..pngmeta import GenerationParams, read_parameters, save_png
+from .common import DEFAULTS, add_generation_options, resolve_model, value
+
+logger = logging.getLogger("ldm")
+
+# Web UI keys for image k of a call of n; with them `--from` renders the whole call
+# again and keeps image k, which reproduces it bit for bit (a batch of one image can
+# differ from the same image in a batch in the last float bits).
+BATCH_SIZE, BATCH_POS = "Batch size", "Batch pos"
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate images for a prompt (PNG files with their parameters)",
+        description="Generate images into DIR as NNNNN-SEED.png, each with its parameters in "
+        "AUTOMATIC1111's format. With --from IMAGE.png, make that image again; options given "
+        "override the image's parameters.",
+    )
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from)")
+    p.add_argument("--from", dest="from_image", type=Path, default=None, metavar="IMAGE.png",
+                   help="take every parameter (and the model, by name or hash) from this image")
+    add_generation_options(p, seed_help="seed of the first image; image k gets seed + k (default: random)")
+    p.set_defaults(func=run)
+
+
+def next_index(folder: Path) -> int:
+    """1 + the largest NNNNN- prefix in ``folder`` (0 if none), as the web UI numbers files."""
+    numbers = [int(m[1]) for f in folder.iterdir() if (m := _NUMBERED.match(f.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _params_from_args(args: argparse.Namespace) -> GenerationParams:
+    if args.prompt is None:
+        raise ValueError("give a prompt, or --from IMAGE.png")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    width, height = args.size or (None, None)
+    return GenerationParams(
+        prompt=args.prompt, negative_prompt=args.negative or "", steps=value(args, "steps"),
+        sampler=value(args, "sampler"), schedule=value(args, "schedule"),
+        guidance_scale=value(args, "guidance"), seed=seed, width=width, height=height,
+    )
+
+
+def _params_from_image(args: argparse.Namespace) -> GenerationParams:
+    p = read_parameters(args.from_image)
+    changes = {}
+    for field, name in (("prompt", "prompt"), ("negative_prompt", "negative"), ("steps", "steps"),
+                        ("sampler", "sampler"), ("schedule", "schedule"),
+                        ("guidance_scale", "guidance"), ("seed", "seed")):
+        if getattr(args, name) is not None:
+            changes[field] = getattr(args, name)
+    if args.size:
+        changes["width"], changes["height"] = args.size
+    p = p.replace(**changes)
+    if p.seed is None:
+        p = p.replace(seed=random.SystemRandom().randrange(2**31))
+    if p.sampler is None and "Sampler" not in p.extra:
+        p = p.replace(sampler=DEFAULTS["sampler"])
+    ignored = {k: v for k, v in p.extra.items() if k not in (BATCH_SIZE, BATCH_POS)}
+    if ignored:
+        logger.warning("%s: ignoring parameters ldm does not use: %s", args.from_image,
+                       ", ".join(f"{k}: {v}" for k, v in ignored.items()))
+    return p
+
+
+def _model_for(args: argparse.Namespace, p: GenerationParams | None) -> Path:
+    if args.model or p is None or not (p.model or p.model_hash):
+        return resolve_model(args.model)
+    from ..modelref import find_model
+
+    return find_model(p.model, p.model_hash)
+
+
+def _batch_of(p: GenerationParams, args: argparse.Namespace) -> tuple[int, int] | None:
+    """(size, position) of the call that made the image, when it can be made again."""
+    if args.seed is not None or args.n is not None:
+        return None
+    try:
+        size, pos = int(p.extra[BATCH_SIZE]), int(p.extra[BATCH_POS])
+    except (KeyError, ValueError):
+        return None
+    return (size, pos) if 0 <= pos < size and p.seed - pos >= 0 else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..modelref import model_ref
+    from ..pipeline import Pipeline
+
+    p = _params_from_image(args) if args.from_image else _params_from_args(args)
+    model_path = _model_for(args, p if args.from_image else None)
+    pipe = Pipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype,
+                                    allow_pickle=args.allow_pickle)
+    ref = model_ref(model_path)
+    if args.from_image and p.model_hash and p.model_hash.lower() != ref.hash:
+        logger.warning("model hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ",
+                       args.from_image, p.model or "?", p.model_hash, model_path, ref.hash)
+
+    batch = _batch_of(p, args) if args.from_image else None
+    n = batch[0] if batch else value(args, "n")
+    kwargs = p.to_kwargs()
+    if batch:
+        kwargs["seed"] = p.seed - batch[1]
+    gen = pipe.generate(**kwargs, num_images=n)
+    keep = [batch[1]] if batch else list(range(n))
+
+    out: Path = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    first = next_index(out)
+    written = []
+    for i, k in enumerate(keep):
+        extra = {BATCH_SIZE: str(n), BATCH_POS: str(k)} if n > 1 else {}
+        params = p.replace(seed=gen.seeds[k], width=gen.params["width"], height=gen.params["height"],
+                           model=ref.name, model_hash=ref.hash, extra=extra)
+        path = out / f"{first + i:05d}-{gen.seeds[k]}.png"
+        save_png(gen.images[k], path, params)
+        print(f"{path}  seed {gen.seeds[k]}")
+        written.append((gen.images[k], params))
+    if args.grid:
+        from ..grid import image_grid
+
+        path = out / f"grid-{first:05d}.png"
+        save_png(image_grid([im for im, _ in written], args.grid_rows), path, written[0][1])
+        print(f"{path}  grid of {len(written)}")
+    return 0

@@ -1,0 +1,689 @@
+"""Train the shipped toy model (weights/ldm-toy.safetensors) from scratch on the toy world.
+
+    python scripts/train_toy.py --bf16              # the full recipe (~55 min on 2 CPU cores)
+    python scripts/train_toy.py --smoke             # every stage, 2 steps, tiny sizes (~15 s)
+    accelerate launch scripts/train_toy.py ...      # several processes or GPUs
+
+Stages, as Stable Diffusion was built (each checkpointed into --workdir; a rerun of
+the same command resumes where it stopped and skips finished stages):
+
+1. ``clip``: a small CLIP (transformers ``CLIPModel``) trained contrastively on
+   (image, caption) pairs of the toy world. Its text tower becomes the frozen text
+   encoder; its image tower is kept as a toy CLIP scorer (``--clip-out``).
+2. ``vae``: an AutoencoderKL (8x down-sampling, 4 latent channels), MSE + small KL.
+3. ``latents``: a fixed set of pictures encoded once; the VAE scaling factor is
+   1/std of those latents, as SD measured it.
+4. ``unet``: the cross-attention U-Net, eps prediction on scaled latents with SD's
+   1000 scaled-linear betas, conditioned on the frozen text encoder's last hidden
+   state, 10% empty captions (classifier-free guidance), EMA of the weights.
+5. export: one original-layout safetensors file (fp16, config in the metadata), which
+   is then loaded back through ``ldm.checkpoints.load_model`` as a check, and a JSON of
+   model-card numbers (``--card``).
+
+Every sample is drawn from the world by its global index (seeded from --seed, the
+stage and the index) and every step's noise from a generator seeded by the step, so
+a resumed run is bit-for-bit the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration  # noqa: E402
+from transformers import CLIPConfig, CLIPModel  # noqa: E402
+
+from ldm.checkpoints import load_model  # noqa: E402
+from ldm.checkpoints.convert import original_metadata, original_state  # noqa: E402
+from ldm.checkpoints.files import atomic_path, save_safetensors  # noqa: E402
+from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset, with_changes  # noqa: E402
+from ldm.foreign_config import text_to_transformers  # noqa: E402
+from ldm.models.text import TextEncoder  # noqa: E402
+from ldm.models.tokenizer import Tokenizer  # noqa: E402
+from ldm.models.unet import UNet  # noqa: E402
+from ldm.models.vae import AutoencoderKL, DiagonalGaussian  # noqa: E402
+from ldm.toy.world import Scene, caption, make_batch, render, sample_scene  # noqa: E402
+from ldm.training import (  # noqa: E402
+    EMA,
+    NoiseSchedule,
+    atomic_save,
+    clip_contrastive_loss,
+    decay_groups,
+    derive_seed,
+    diffusion_loss,
+    generator_for,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_lr,
+    set_rng_state,
+    to_pixels,
+    vae_loss,
+    warmup_constant_lr,
+)
+
+logger = logging.getLogger("train_toy")
+
+# Stage ids keep the random streams of the stages apart (see derive_seed).
+STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5}
+STAGES = ("clip", "vae", "unet")
+
+
+# --- settings ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How one stage trains. ``lr`` warms up linearly, then stays constant (as SD)."""
+
+    name: str
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    ema_decay: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the full recipe and the smoke run."""
+
+    model: ModelConfig
+    vision: dict[str, Any]  # transformers CLIPVisionConfig fields of the CLIP image tower
+    projection_dim: int
+    specs: dict[str, StageSpec]
+    latent_images: int  # pictures encoded once for the U-Net stage
+    save_every: int
+    log_every: int
+
+
+# Defaults measured on the 2-core CPU machine with --bf16 (see the report in
+# weights/README.md): ~5 min CLIP, ~10 min VAE, ~1.5 min latents, ~37 min U-Net.
+FULL = Sizes(
+    model=preset("toy"),
+    vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
+                num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"),
+    projection_dim=128,
+    specs={
+        "clip": StageSpec("clip", steps=1200, batch_size=256, lr=5e-4, warmup=100, weight_decay=0.1,
+                          ema_decay=0.999, betas=(0.9, 0.98)),
+        "vae": StageSpec("vae", steps=1500, batch_size=32, lr=5e-4, warmup=100, weight_decay=0.0,
+                         ema_decay=0.999),
+        "unet": StageSpec("unet", steps=3000, batch_size=128, lr=3e-4, warmup=200, weight_decay=0.01,
+                          ema_decay=0.999),
+    },
+    latent_images=32768,
+    save_every=250,
+    log_every=25,
+)
+
+SMOKE = Sizes(
+    model=ModelConfig(
+        family="toy",
+        unet=UNetConfig(sample_size=4, block_out_channels=(16, 32),
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                        layers_per_block=1, num_attention_heads=(1, 2), cross_attention_dim=32,
+                        norm_num_groups=8),
+        vae=VAEConfig(sample_size=32, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                      norm_num_groups=8, scaling_factor=1.0),
+        text=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2),
+    ),
+    vision=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, hidden_act="quick_gelu"),
+    projection_dim=32,
+    specs={name: StageSpec(name, steps=2, batch_size=4, lr=1e-3, warmup=1, weight_decay=0.0, ema_decay=0.9)
+           for name in STAGES},
+    latent_images=8,
+    save_every=1,
+    log_every=1,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="checkpoints and caches (default runs/toy; --smoke: a new temp folder)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="exported checkpoint (default weights/ldm-toy.safetensors; --smoke: in the workdir)")
+    p.add_argument("--clip-out", type=Path, default=None,
+                   help="toy CLIP scorer (default weights/toy-clip-vision.safetensors; --smoke: in the workdir)")
+    p.add_argument("--card", type=Path, default=None,
+                   help="model-card numbers as JSON (default <workdir>/model_card.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="every stage for 2 steps at tiny sizes")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (1.8-6x faster on CPUs with AMX/AVX512-bf16 and on recent GPUs)")
+    for name in STAGES:
+        p.add_argument(f"--{name}-steps", type=int, default=None, help=f"{name} stage steps")
+        p.add_argument(f"--{name}-batch", type=int, default=None, help=f"{name} stage global batch size")
+        p.add_argument(f"--{name}-lr", type=float, default=None, help=f"{name} stage learning rate")
+    p.add_argument("--latent-images", type=int, default=None, help="pictures encoded for the U-Net stage")
+    p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (guidance)")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE KL weight (SD's, sum-reduced)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--log-every", type=int, default=None, help="log a line every N steps")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> Sizes:
+    """The sizes to use: the full or smoke table, with the command line's overrides."""
+    base = SMOKE if args.smoke else FULL
+    specs = {}
+    for name, spec in base.specs.items():
+        changes = {k: v for k, v in (("steps", getattr(args, f"{name}_steps")),
+                                     ("batch_size", getattr(args, f"{name}_batch")),
+                                     ("lr", getattr(args, f"{name}_lr"))) if v is not None}
+        specs[name] = with_changes(spec, **changes)
+    sizes = with_changes(base, specs=specs)
+    for key in ("latent_images", "save_every", "log_every"):
+        if getattr(args, key) is not None:
+            sizes = with_changes(sizes, **{key: getattr(args, key)})
+    if args.workdir is None:
+        args.workdir = Path(tempfile.mkdtemp(prefix="train_toy_")) if args.smoke else ROOT / "runs" / "toy"
+    weights = args.workdir if args.smoke else ROOT / "weights"
+    args.out = args.out or weights / "ldm-toy.safetensors"
+    args.clip_out = args.clip_out or weights / "toy-clip-vision.safetensors"
+    args.card = args.card or args.workdir / "model_card.json"
+    return sizes
+
+
+# --- data -------------------------------------------------------------------------
+
+
+def _chw(image: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+class WorldPairs(Dataset):
+    """Fresh (image, caption) pairs of the train split; item ``i`` is global sample
+    ``first + i``, drawn from its own seed, so the data never depends on batching,
+    workers, process count or where a run was resumed."""
+
+    def __init__(self, seed: int, stage: str, first: int, count: int, size: int,
+                 tokenizer: Tokenizer | None) -> None:
+        self.seed, self.stage_id, self.first, self.count = seed, STAGE_IDS[stage], first, count
+        self.size, self.tokenizer = size, tokenizer
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        batch = make_batch(derive_seed(self.seed, self.stage_id, self.first + i), 1, self.size)
+        item = {"images": _chw(batch.images[0])}
+        if self.tokenizer is not None:
+            item["ids"] = self.tokenizer(batch.captions)[0]
+        return item
+
+
+@dataclass
+class LatentSet:
+    """Posterior moments (mean and log-variance, concatenated on channels) of a fixed
+    set of train-split scenes, and the scaling factor measured on them."""
+
+    moments: Tensor
+    scenes: list[Scene]
+    scaling_factor: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class LatentPairs(Dataset):
+    """(scaled latent sample, caption ids) for the U-Net. Item ``i`` (global sample
+    ``first + i``) picks a picture of the set, re-captions it and draws a posterior
+    sample, all from its own seed; a fraction ``p_empty`` of captions is empty."""
+
+    def __init__(self, latents: LatentSet, seed: int, first: int, count: int, p_empty: float,
+                 tokenizer: Tokenizer) -> None:
+        self.latents, self.seed, self.first, self.count = latents, seed, first, count
+        self.p_empty, self.tokenizer = p_empty, tokenizer
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng(derive_seed(self.seed, STAGE_IDS["unet"], self.first + i))
+        j = int(rng.integers(len(self.latents.scenes)))
+        text = caption(self.latents.scenes[j], rng)
+        if rng.random() < self.p_empty:
+            text = ""
+        noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        z = DiagonalGaussian(self.latents.moments[j : j + 1].float()).sample(noise)[0]
+        return {"latents": z * self.latents.scaling_factor, "ids": self.tokenizer([text])[0]}
+
+
+# --- the three trained models, each wrapped so that forward() returns its loss -----------
+# (accelerate/DDP must see the forward that runs every trained parameter)
+
+
+class ClipTask(nn.Module):
+    def __init__(self, clip: CLIPModel) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
+        out = self.clip(input_ids=batch["ids"], pixel_values=to_pixels(batch["images"]))
+        # With several processes each one contrasts its own slice of the batch.
+        loss = clip_contrastive_loss(out.text_embeds, out.image_embeds, self.clip.logit_scale)
+        return loss, {"temperature": self.clip.logit_scale.detach().exp()}
+
+
+class VAETask(nn.Module):
+    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
+        return vae_loss(self.vae, to_pixels(batch["images"]), generator, self.kl_weight)
+
+
+class UNetTask(nn.Module):
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.unet, self.schedule = unet, schedule
+        self.text_encoder = text_encoder.requires_grad_(False).eval()  # frozen, as SD freezes CLIP
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
+        with torch.no_grad():
+            context = self.text_encoder(batch["ids"])
+        return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator), {}
+
+
+def clip_model(sizes: Sizes) -> CLIPModel:
+    """A CLIPModel whose text tower is exactly the ldm TextEncoder of ``sizes.model``."""
+    text = text_to_transformers(sizes.model.text)
+    config = CLIPConfig(text_config=text, vision_config=sizes.vision, projection_dim=sizes.projection_dim)
+    config._attn_implementation = "sdpa"
+    return CLIPModel(config)
+
+
+def text_encoder_from_clip(config: TextEncoderConfig, clip_state: dict[str, Tensor]) -> TextEncoder:
+    """Our TextEncoder holding CLIP's text tower (same key names, strict load)."""
+    encoder = TextEncoder(config)
+    state = {k: v for k, v in clip_state.items()
+             if k.startswith("text_model.") and not k.endswith("position_ids")}
+    encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def vae_from_state(config: VAEConfig, state: dict[str, Tensor]) -> AutoencoderKL:
+    vae = AutoencoderKL(config)
+    vae.load_state_dict(state, strict=True)
+    return vae
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- one training stage ---------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    state: dict[str, Tensor]  # EMA weights of the trained module
+    step: int
+    record: dict[str, Any]  # seconds, losses, ... for the model card
+
+
+class Progress:
+    """Periodic log lines: running loss, seconds per step and the remaining time."""
+
+    def __init__(self, acc: Accelerator, spec: StageSpec, start: int, every: int) -> None:
+        self.acc, self.spec, self.every = acc, spec, every
+        self.window: list[Tensor] = []
+        self.extra: dict[str, Tensor] = {}
+        self.t0, self.last_step = time.perf_counter(), start
+
+    def update(self, step: int, loss: Tensor, stats: dict[str, Tensor]) -> float | None:
+        """Record a step (1-based ``step``); every ``every`` steps log and return the mean loss."""
+        self.window.append(loss.detach())
+        self.extra = stats
+        if step % self.every and step != self.spec.steps:
+            return None
+        now = time.perf_counter()
+        sps = (now - self.t0) / max(1, step - self.last_step)
+        mean = float(torch.stack(self.window).float().mean())
+        extra = " ".join(f"{k} {float(v):.4g}" for k, v in self.extra.items())
+        eta = (self.spec.steps - step) * sps
+        self.acc.print(f"[{self.spec.name}] step {step}/{self.spec.steps} loss {mean:.4f} {extra} "
+                       f"{sps:.2f} s/step, ETA {eta / 60:.1f} min", flush=True)
+        self.window, self.t0, self.last_step = [], now, step
+        return mean
+
+
+def stage_path(args: argparse.Namespace, name: str) -> Path:
+    return args.workdir / f"{name}.pt"
+
+
+def resume_point(acc: Accelerator, args: argparse.Namespace, spec: StageSpec,
+                 fingerprint: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage's checkpoint if it can be continued, else None.
+
+    Different settings (model, batch, seed) raise: continuing would silently mix two
+    recipes. A changed upstream stage (more text-encoder or VAE steps) restarts the
+    stage, since what it learned was conditioned on the old weights.
+    """
+    ckpt = load_checkpoint(stage_path(args, spec.name))
+    if ckpt is None:
+        return None
+    if ckpt["fingerprint"] != fingerprint:
+        raise SystemExit(
+            f"{stage_path(args, spec.name)} was trained with other settings:\n  saved {ckpt['fingerprint']}\n"
+            f"  now   {fingerprint}\nuse another --workdir, or delete the file to retrain the stage")
+    if ckpt["inputs"] != inputs:
+        acc.print(f"[{spec.name}] upstream changed ({ckpt['inputs']} -> {inputs}): retraining from step 0")
+        return None
+    return ckpt
+
+
+def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, task: nn.Module,
+                trained: nn.Module, make_dataset: Callable[[int], Dataset], fingerprint: dict[str, Any],
+                inputs: dict[str, Any], save_every: int, log_every: int) -> StageResult:
+    """Train ``trained`` (a part of ``task``, whose forward returns the loss) for
+    ``spec.steps`` steps, resuming from and checkpointing to ``<workdir>/<name>.pt``."""
+    fingerprint = {**fingerprint, "batch_size": spec.batch_size, "seed": args.seed}
+    ckpt = resume_point(acc, args, spec, fingerprint, inputs)
+    ema = EMA(trained, spec.ema_decay)
+    if ckpt is not None and ckpt["step"] >= spec.steps:
+        acc.print(f"[{spec.name}] done earlier ({ckpt['step']} steps), skipped")
+        ema.load_state_dict(ckpt["ema"])
+        return StageResult(ema.averaged_state(trained), ckpt["step"], ckpt["record"])
+
+    optimizer = torch.optim.AdamW(decay_groups(trained, spec.weight_decay), lr=spec.lr, betas=spec.betas)
+    start, record = 0, {"seconds": 0.0, "losses": []}
+    if ckpt is not None:
+        trained.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        start, record = ckpt["step"], ckpt["record"]
+        acc.print(f"[{spec.name}] resuming at step {start}/{spec.steps}")
+    else:
+        acc.print(f"[{spec.name}] training {param_count(trained):,} parameters for {spec.steps} steps "
+                  f"of batch {spec.batch_size}")
+    if spec.batch_size % acc.num_processes:
+        raise SystemExit(f"--{spec.name}-batch {spec.batch_size} is not divisible by {acc.num_processes} processes")
+
+    dataset = make_dataset(start * spec.batch_size)
+    loader = DataLoader(dataset, batch_size=spec.batch_size, drop_last=True, num_workers=args.workers)
+    task, optimizer, loader = acc.prepare(task, optimizer, loader)
+    ema.to(acc.device)
+
+    def save(step: int) -> None:
+        if acc.is_main_process:
+            state = {"stage": spec.name, "step": step, "fingerprint": fingerprint, "inputs": inputs,
+                     "model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+                     "ema": ema.state_dict(), "rng": rng_state(), "record": record}
+            atomic_save(state, stage_path(args, spec.name))
+        acc.wait_for_everyone()
+
+    task.train()
+    progress = Progress(acc, spec, start, log_every)
+    t_start, step = time.perf_counter(), start
+    for step, batch in enumerate(loader, start=start + 1):
+        set_lr(optimizer, warmup_constant_lr(step - 1, spec.lr, spec.warmup))
+        generator = generator_for(args.seed, STAGE_IDS[spec.name], step, acc.process_index)
+        with acc.autocast():
+            loss, stats = task(batch, generator)
+        acc.backward(loss)
+        acc.clip_grad_norm_(trained.parameters(), spec.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(trained)
+        mean = progress.update(step, loss, stats)
+        if mean is not None:
+            record["losses"].append([step, mean])
+        if step % save_every == 0 or step == spec.steps:
+            record["seconds"] += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            save(step)
+    acc.free_memory()  # drop accelerate's references to this stage's objects
+    return StageResult(ema.averaged_state(trained), step, record)
+
+
+# --- the stages ---------------------------------------------------------------------------
+
+
+def stage_init(args: argparse.Namespace, name: str) -> None:
+    """Seed model initialisation per stage, so it does not depend on skipped stages."""
+    seed_everything(derive_seed(args.seed, STAGE_IDS[name]))
+
+
+def train_clip(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, tokenizer: Tokenizer) -> StageResult:
+    stage_init(args, "clip")
+    clip = clip_model(sizes)
+    spec = sizes.specs["clip"]
+    fingerprint = {"text": sizes.model.text.__dict__, "vision": sizes.vision, "proj": sizes.projection_dim}
+    size = sizes.vision["image_size"]
+    return train_stage(acc, args, spec, ClipTask(clip), clip,
+                       lambda first: WorldPairs(args.seed, "clip", first, _samples(spec, first), size, tokenizer),
+                       fingerprint, {}, sizes.save_every, sizes.log_every)
+
+
+def train_vae(acc: Accelerator, args: argparse.Namespace, sizes: Sizes) -> StageResult:
+    stage_init(args, "vae")
+    config = sizes.model.vae
+    vae = AutoencoderKL(config)
+    spec = sizes.specs["vae"]
+    fingerprint = {"vae": with_changes(config, scaling_factor=1.0).__dict__, "kl_weight": args.kl_weight}
+    return train_stage(acc, args, spec, VAETask(vae, args.kl_weight), vae,
+                       lambda first: WorldPairs(args.seed, "vae", first, _samples(spec, first),
+                                                config.sample_size, None),
+                       fingerprint, {}, sizes.save_every, sizes.log_every)
+
+
+def _samples(spec: StageSpec, first: int) -> int:
+    return spec.steps * spec.batch_size - first
+
+
+def latent_scenes(seed: int, n: int) -> list[Scene]:
+    return [sample_scene(np.random.default_rng(derive_seed(seed, STAGE_IDS["latents"], i))) for i in range(n)]
+
+
+@torch.no_grad()
+def encode_latents(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae_state: dict[str, Tensor],
+                   vae_step: int) -> LatentSet:
+    """Encode ``sizes.latent_images`` pictures once (cached in the workdir) and measure
+    the scaling factor: 1 / std of posterior samples over all of them, as SD did."""
+    path = args.workdir / "latents.pt"
+    inputs = {"vae_step": vae_step, "n": sizes.latent_images, "seed": args.seed}
+    scenes = latent_scenes(args.seed, sizes.latent_images)
+    cached = load_checkpoint(path)
+    if cached is not None and cached["inputs"] == inputs:
+        return LatentSet(cached["moments"], scenes, cached["scaling_factor"], cached["stats"])
+    t0 = time.perf_counter()
+    if acc.is_main_process:
+        vae = vae_from_state(sizes.model.vae, vae_state).to(acc.device).eval()
+        size, chunks = sizes.model.vae.sample_size, []
+        for lo in range(0, len(scenes), 256):
+            images = torch.stack([_chw(render(s, size)) for s in scenes[lo : lo + 256]])
+            with acc.autocast():
+                posterior = vae.encode(to_pixels(images.to(acc.device)))
+            chunks.append(torch.cat([posterior.mean, posterior.logvar], 1).float().cpu())
+        moments = torch.cat(chunks)
+        sample = DiagonalGaussian(moments).sample(generator_for(args.seed, STAGE_IDS["latents"]))
+        scaling = float(1.0 / sample.std())
+        stats = {"scaling_factor": scaling, "latent_std": float(sample.std()),
+                 "channel_mean": sample.mean((0, 2, 3)).tolist(), "channel_std": sample.std((0, 2, 3)).tolist(),
+                 "seconds": time.perf_counter() - t0}
+        atomic_save({"inputs": inputs, "moments": moments, "scaling_factor": scaling, "stats": stats}, path)
+        acc.print(f"[latents] encoded {len(scenes)} pictures in {stats['seconds']:.0f} s; "
+                  f"latent std {stats['latent_std']:.4f} -> scaling factor {scaling:.5f}")
+    acc.wait_for_everyone()
+    cached = load_checkpoint(path)
+    return LatentSet(cached["moments"], scenes, cached["scaling_factor"], cached["stats"])
+
+
+def train_unet(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, config: ModelConfig,
+               text_encoder: TextEncoder, latents: LatentSet, upstream: dict[str, Any],
+               tokenizer: Tokenizer) -> StageResult:
+    stage_init(args, "unet")
+    unet = UNet(config.unet)
+    spec = sizes.specs["unet"]
+    task = UNetTask(unet, text_encoder, NoiseSchedule(config))
+    fingerprint = {"unet": config.unet.__dict__, "p_empty": args.p_empty,
+                   "schedule": [config.num_train_timesteps, config.beta_start, config.beta_end,
+                                config.beta_schedule, config.prediction_type]}
+    return train_stage(acc, args, spec, task, unet,
+                       lambda first: LatentPairs(latents, args.seed, first, _samples(spec, first),
+                                                 args.p_empty, tokenizer),
+                       fingerprint, upstream, sizes.save_every, sizes.log_every)
+
+
+# --- evaluation numbers for the card ----------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, clip_state: dict[str, Tensor],
+             vae_state: dict[str, Tensor], tokenizer: Tokenizer, n: int = 256) -> dict[str, float]:
+    """Held-out-split numbers: VAE reconstruction PSNR and CLIP text->image top-1 accuracy
+    (among ``n`` pictures of unseen combinations, each with a caption stating every attribute)."""
+    size = sizes.model.vae.sample_size
+    seed = derive_seed(args.seed, STAGE_IDS["eval"])
+    batch = make_batch(seed, n, size, split="heldout")
+    rng = np.random.default_rng(seed)
+    texts = [caption(s, rng, "heldout", full=True) for s in batch.scenes]
+    pixels = to_pixels(torch.stack([_chw(im) for im in batch.images])).to(acc.device)
+    vae = vae_from_state(sizes.model.vae, vae_state).to(acc.device).eval()
+    mse = float(((vae(pixels).float().clamp(-1, 1) - pixels) ** 2).mean((1, 2, 3)).clamp(min=1e-10).log10().mean())
+    clip = clip_model(sizes)
+    clip.load_state_dict(clip_state)
+    clip = clip.to(acc.device).eval()
+    clip_pixels = pixels if sizes.vision["image_size"] == size else torch.nn.functional.interpolate(
+        pixels, size=sizes.vision["image_size"], mode="area")
+    out = clip(input_ids=tokenizer(texts).to(acc.device), pixel_values=clip_pixels)
+    top1 = float((out.logits_per_text.argmax(1) == torch.arange(n, device=acc.device)).float().mean())
+    # PSNR of [-1, 1] images: peak-to-peak 2, so 10 log10(4 / mse), averaged per picture.
+    return {"vae_psnr_db_heldout": 10 * math.log10(4.0) - 10 * mse, "clip_text_to_image_top1_heldout": top1,
+            "clip_eval_pictures": n}
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def export_checkpoint(config: ModelConfig, states: dict[str, dict[str, Tensor]], out: Path) -> int:
+    """Write the original-layout single file (fp16, config in the metadata), atomically."""
+    half = {c: {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in s.items()}
+            for c, s in states.items()}
+    for name, state in half.items():
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(f"{name} weights overflow float16: {bad[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, overwrite=True) as tmp:
+        save_safetensors(original_state(config, half), tmp, original_metadata(config))
+    return out.stat().st_size
+
+
+def check_export(out: Path, config: ModelConfig, states: dict[str, dict[str, Tensor]]) -> None:
+    """Load the file through the same path as real SD checkpoints and compare every weight."""
+    loaded = load_model(out)
+    if loaded.config != config:
+        raise RuntimeError(f"{out}: config read back differs: {loaded.config} != {config}")
+    for name, module in (("unet", loaded.unet), ("vae", loaded.vae), ("text_encoder", loaded.text_encoder)):
+        for key, value in module.state_dict().items():
+            expected = states[name][key].to(torch.float16).float()
+            if not torch.equal(value.float(), expected):
+                raise RuntimeError(f"{out}: {name}.{key} differs after loading")
+
+
+def export_clip_scorer(sizes: Sizes, clip_state: dict[str, Tensor], out: Path) -> int:
+    """The CLIP image tower and both projections: with the text encoder of the main
+    checkpoint they score how well a picture matches a caption."""
+    keep = {k: v for k, v in clip_state.items() if not k.startswith("text_model.")}
+    meta = {"clip.vision_config": json.dumps(sizes.vision), "clip.projection_dim": str(sizes.projection_dim),
+            "clip.input": "RGB scaled to [-1, 1], no mean/std normalisation",
+            "clip.text": "text tower = cond_stage_model of the ldm checkpoint; pooled at the first end token"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, overwrite=True) as tmp:
+        save_safetensors(keep, tmp, meta)
+    return out.stat().st_size
+
+
+def stage_card(spec: StageSpec, result: StageResult, params: int) -> dict[str, Any]:
+    losses = result.record["losses"]
+    return {"steps": result.step, "batch_size": spec.batch_size, "lr": spec.lr, "parameters": params,
+            "seconds": round(result.record["seconds"], 1),
+            "s_per_step": round(result.record["seconds"] / max(1, result.step), 3),
+            "final_loss": losses[-1][1] if losses else None}
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    sizes = resolve(args)
+    acc = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    acc.print(f"workdir {args.workdir}, {acc.num_processes} process(es) on {acc.device}, "
+              f"{'bf16 autocast' if args.bf16 else 'float32'}")
+    t0 = time.perf_counter()
+    text_config = sizes.model.text
+    tokenizer = Tokenizer(text_config.pad_token, text_config.max_position_embeddings)
+
+    clip = train_clip(acc, args, sizes, tokenizer)
+    vae = train_vae(acc, args, sizes)
+    latents = encode_latents(acc, args, sizes, vae.state, vae.step)
+    config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
+    text_encoder = text_encoder_from_clip(text_config, clip.state)
+    upstream = {"clip_step": clip.step, "vae_step": vae.step, "latents": sizes.latent_images,
+                "scaling_factor": latents.scaling_factor}
+    unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer)
+
+    card: dict[str, Any] = {}
+    if acc.is_main_process:
+        states = {"unet": unet.state, "vae": vae.state, "text_encoder": text_encoder.state_dict()}
+        size = export_checkpoint(config, states, args.out)
+        check_export(args.out, config, states)
+        clip_size = export_clip_scorer(sizes, clip.state, args.clip_out)
+        params = {"clip": param_count(clip_model(sizes)), "vae": param_count(AutoencoderKL(config.vae)),
+                  "unet": param_count(UNet(config.unet))}
+        card = {
+            "checkpoint": str(args.out), "checkpoint_bytes": size, "clip_scorer": str(args.clip_out),
+            "clip_scorer_bytes": clip_size, "seed": args.seed, "bf16": args.bf16,
+            "processes": acc.num_processes, "device": str(acc.device),
+            "text_encoder_parameters": param_count(text_encoder),
+            "stages": {name: stage_card(sizes.specs[name], result, params[name])
+                       for name, result in (("clip", clip), ("vae", vae), ("unet", unet))},
+            "latents": latents.stats, "eval": evaluate(acc, args, sizes, clip.state, vae.state, tokenizer),
+            "config": config.to_dict(), "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
+        }
+        args.card.parent.mkdir(parents=True, exist_ok=True)
+        args.card.write_text(json.dumps(card, indent=2) + "\n")
+        acc.print(f"wrote {args.out} ({size / 2**20:.1f} MiB), {args.clip_out} ({clip_size / 2**20:.1f} MiB), "
+                  f"{args.card}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return card
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()
