@@ -86,3 +86,21 @@ def test_num_images_get_consecutive_seeds(pipe):
     assert gen.seeds == [5, 6, 7, 8]
     assert gen.prompts == ["a", "a", "b", "b"]
     assert gen.images.shape[0] == 4
+
+
+def test_half_precision_nan_decode_is_redone_in_float32(sd1_folder, monkeypatch):
+    """A NaN from a half-precision VAE decode must not reach the image."""
+    pipe = Pipeline.from_pretrained(sd1_folder, device="cpu", dtype=torch.bfloat16)
+    real_decode = pipe.vae.decode
+    dtypes = []
+
+    def overflowing_decode(z):
+        dtypes.append(z.dtype)
+        out = real_decode(z)
+        return out if z.dtype == torch.float32 else torch.full_like(out, float("nan"))
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing_decode)
+    image = pipe("a cat", steps=2, seed=0, output="np", progress=False)
+    assert dtypes == [torch.bfloat16, torch.float32]
+    assert np.isfinite(image).all()
+    assert pipe.vae.dtype == torch.bfloat16  # back to the pipeline's dtype afterwards
