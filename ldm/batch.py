@@ -154,14 +154,13 @@ def reconcile(outdir: Path, items: list[Item]) -> Reconciled:
     for entry in manifest.read_entries(outdir):
         key = manifest.entry_key(entry)
         item = planned.get(key)
-        exists = (outdir / entry["file"]).is_file()
-        if item is None:  # a line that is now invalid, or another file: not ours to judge
+        if not (outdir / entry["file"]).is_file():
+            result.dropped += 1  # rendered again if still planned
+            continue
+        if item is None:  # a line that is now invalid or gone: kept, not ours to judge
             result.entries.append(entry)
             continue
         want = item.params.to_dict()
-        if not exists:
-            result.dropped += 1
-            continue
         if entry.get("parameters") != want or entry["file"] != item.file:
             result.conflicts.append(
                 f"{entry['file']} (line {key[0]}, image {key[1]}): {_differences(entry.get('parameters') or {}, want)}"
@@ -251,6 +250,10 @@ def run_batch(opts: BatchOptions, print_fn: Callable[[str], None] = print) -> in
             print(f"ldm batch: {len(errors)} bad line(s) in {opts.prompts}; --strict: nothing rendered",
                   file=sys.stderr)
         return 2
+    if not jobs:
+        if main:
+            print(f"ldm batch: no prompts to render in {opts.prompts}", file=sys.stderr)
+        return 1 if errors else 0
 
     from .modelref import model_ref
     from .pipeline import Pipeline, default_weights_path
@@ -346,7 +349,8 @@ def launch(argv: list[str], num_processes: int) -> int:
     per GPU when there are GPUs, else CPU processes talking over gloo."""
     import subprocess
 
+    # "--" stops torchrun's own parser from taking ldm's options ("--n" is ambiguous to it).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={num_processes}", "-m", "ldm", *argv]
+           f"--nproc-per-node={num_processes}", "-m", "--", "ldm", *argv]
     logger.info("launching: %s", " ".join(cmd))
     return subprocess.call(cmd, env=os.environ.copy())

@@ -125,4 +125,5 @@ def test_image_does_not_depend_on_batch(models):
     _, pipe = models["sd1"]
     batch = pipe(PROMPTS, steps=3, seed=7, output="np", progress=False, sampler="euler_a")
     alone = pipe(PROMPTS[1], steps=3, seed=8, output="np", progress=False, sampler="euler_a")
-    np.testing.assert_array_equal(batch[1], alone[0])
+    # Same noise, same image; only float rounding of batched matmuls may differ.
+    np.testing.assert_allclose(batch[1], alone[0], atol=1e-4)

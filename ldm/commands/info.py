@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ..pngmeta import parse_parameters, read_text
 
+USED_EXTRA = ("Batch size", "Batch pos")  # read by `generate --from`
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         if len(args.images) > 1:
             print(f"{'' if i == 0 else chr(10)}# {path}")
         print(text)
-        if params.extra:
-            print(f"(not used by ldm: {', '.join(params.extra)})", file=sys.stderr)
+        unused = [k for k in params.extra if k not in USED_EXTRA]
+        if unused:
+            print(f"(not used by ldm: {', '.join(unused)})", file=sys.stderr)
     return status
