@@ -200,6 +200,19 @@ def to_pixels(images: Tensor) -> Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def trim_after_first_eos(ids: Tensor, eos_id: int) -> Tensor:
+    """Token rows cut after the last column any row still needs (its first end token).
+
+    CLIP's text tower is causal and pools at the first end token, so the columns
+    after it change neither the pooled embedding nor any gradient: dropping them is
+    exact, and makes contrastive training on short captions several times cheaper
+    than running all 77 positions. (The U-Net stage, which reads every position of
+    the last hidden state, must not trim.)
+    """
+    first_eos = (ids == eos_id).int().argmax(dim=1)
+    return ids[:, : int(first_eos.max()) + 1]
+
+
 def clip_contrastive_loss(text_embeds: Tensor, image_embeds: Tensor, logit_scale: Tensor,
                           max_scale: float = 100.0) -> Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3): row ``i`` of each
