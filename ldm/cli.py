@@ -42,7 +42,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def build_parser(extra: Sequence[Callable[[argparse._SubParsersAction], None]] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details (detection, seeds)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log debug details")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log only warnings (by default the detected model family and seeds are logged)")
     sub = parser.add_subparsers(dest="command", required=True)
     from .commands import COMMANDS
 
@@ -58,8 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # `batch --num-processes` starts workers with the same arguments
     if args.command == "convert" and args.layout is None:
         args.layout = "original" if args.dst.endswith(".safetensors") else "diffusers"
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s")
+    # Other libraries stay at WARNING; ldm's own INFO lines (what was detected, which
+    # seed) are what a user needs to understand a result, so they show by default.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.getLogger("ldm").setLevel(level)
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:  # user errors: bad values, missing or unreadable files
