@@ -126,8 +126,8 @@ class Sizes:
 # Step counts sized on the 2-core AMX CPU machine with `--bf16 vae` (quiet machine,
 # steady state): clip 0.39 s/step (batch 128), vae 0.43 s/step (batch 32, bf16),
 # latents ~80 s, unet 0.66-0.73 s/step (batch 128, float32): about
-# 6.5 + 25 + 1.5 + 29-32 = 62-65 minutes, plus a few seconds of checkpoints and export.
-# The VAE gets the larger share: at 1,500 steps (24.6 dB) it still blurred cats' ears
+# 6.5 + 21.5 + 1.5 + 24-27 = 54-57 minutes, plus a few seconds of checkpoints and export.
+# The VAE gets a larger share than TOY-SCALE's: at 1,500 steps (24.6 dB) it still blurred cats' ears
 # and hats enough that a classifier recognised only 78% of its reconstructions, and
 # the U-Net cannot draw more detail than the decoder gives back.
 FULL = Sizes(
@@ -138,9 +138,9 @@ FULL = Sizes(
     specs={
         "clip": StageSpec("clip", steps=1000, batch_size=128, lr=5e-4, warmup=100, weight_decay=0.1,
                           ema_decay=0.999, betas=(0.9, 0.98)),
-        "vae": StageSpec("vae", steps=3500, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.0,
+        "vae": StageSpec("vae", steps=3000, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.0,
                          ema_decay=0.999),
-        "unet": StageSpec("unet", steps=2600, batch_size=128, lr=3e-4, warmup=200, weight_decay=0.01,
+        "unet": StageSpec("unet", steps=2200, batch_size=128, lr=3e-4, warmup=200, weight_decay=0.01,
                           ema_decay=0.999),
     },
     latent_images=32768,
