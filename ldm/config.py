@@ -227,7 +227,7 @@ TOY = ModelConfig(
         sample_size=64,
         block_out_channels=(32, 64, 64, 64),
         layers_per_block=1,
-        scaling_factor=1.0,
+        scaling_factor=0.4321383237838745,  # measured by scripts/train_toy.py: 1 / latent std
     ),
     text=TextEncoderConfig(
         hidden_size=128,
