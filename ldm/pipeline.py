@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .checkpoints import LoadedModel, load_model
+from .checkpoints.loading import parse_dtype
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
 from .prompts import encode_prompts
 from .samplers import SAMPLERS, sample
@@ -103,7 +104,7 @@ class Pipeline:
                     "contains it; or pass a checkpoint path)"
                 )
         device = torch.device(device) if device is not None else default_device()
-        dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
         model = load_model(
             path, device=device, dtype=dtype, config=config,
             prediction_type=prediction_type, allow_pickle=allow_pickle,
@@ -290,15 +291,6 @@ class Pipeline:
             self.vae.to(self.dtype)
         return (image / 2 + 0.5).clamp(0, 1)
 
-
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(names)}")
-    return names[dtype]
 
 
 def _check_guidance(scale: Any) -> float:

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the diffusers reference helpers live there
 
-from reference import SD1_SCHEDULER_CONFIG, _randomize  # noqa: E402
+from reference import SD1_SCHEDULER_CONFIG, _randomize, write_pipeline_files  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 IMPLS = ("ldm", "diffusers")
@@ -112,7 +112,6 @@ def build_folder(path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.models.tokenizer import save_hf_tokenizer
 
     print(f"building the random-weight SD1.5 folder in {path} (once) ...", file=sys.stderr)
     tmp = path.with_name(path.name + ".tmp")
@@ -129,22 +128,7 @@ def build_folder(path: Path, seed: int = 0) -> Path:
         module.save_pretrained(tmp / name)
         del module
         gc.collect()
-    save_hf_tokenizer(tmp / "tokenizer", "eos")
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER_CONFIG, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.8.0",
-        "scheduler": ["diffusers", SD1_SCHEDULER_CONFIG["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_pipeline_files(tmp, SD1_SCHEDULER_CONFIG, "eos")
     tmp.rename(path)
     return path
 

@@ -139,31 +139,26 @@ def build_reference(spec: TinySpec, seed: int = 0):
     return unet, vae, text
 
 
-def save_diffusers_folder(spec: TinySpec, path: Path, seed: int = 0) -> Path:
-    """Save a tiny reference model as a diffusers folder (model_index.json, unet/, ...)."""
+def write_pipeline_files(path: Path, scheduler_config: dict, pad_token: str) -> None:
+    """tokenizer/, scheduler/scheduler_config.json and model_index.json of a diffusers folder."""
+    from ldm.checkpoints.diffusers_folder import model_index
     from ldm.models.tokenizer import save_hf_tokenizer
 
+    save_hf_tokenizer(path / "tokenizer", pad_token)
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    index = model_index(scheduler_config["_class_name"])
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_diffusers_folder(spec: TinySpec, path: Path, seed: int = 0) -> Path:
+    """Save a tiny reference model as a diffusers folder (model_index.json, unet/, ...)."""
     unet, vae, text = build_reference(spec, seed)
     path = Path(path)
     unet.save_pretrained(path / "unet")
     vae.save_pretrained(path / "vae")
     text.save_pretrained(path / "text_encoder")
-    save_hf_tokenizer(path / "tokenizer", spec.pad_token)
-    (path / "scheduler").mkdir(parents=True, exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec.scheduler, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.8.0",
-        "scheduler": ["diffusers", spec.scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_pipeline_files(path, spec.scheduler, spec.pad_token)
     return path
 
 

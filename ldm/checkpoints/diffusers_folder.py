@@ -159,11 +159,12 @@ def scheduler_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def model_index() -> dict[str, Any]:
+def model_index(scheduler_class: str = "DDIMScheduler") -> dict[str, Any]:
+    """model_index.json of a text-to-image folder (no safety checker)."""
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
