@@ -63,7 +63,9 @@ from ldm.models.text import TextEncoder  # noqa: E402
 from ldm.models.tokenizer import EOS_ID, Tokenizer  # noqa: E402
 from ldm.models.unet import UNet  # noqa: E402
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian  # noqa: E402
-from ldm.toy.world import Scene, caption, make_batch, prompt_to_attributes, render, sample_scene  # noqa: E402
+from ldm.toy.world import (  # noqa: E402
+    Scene, caption, kind_twin, make_batch, prompt_to_attributes, render, sample_scene,
+)
 from ldm.training import (  # noqa: E402
     EMA,
     NoiseSchedule,
@@ -82,6 +84,7 @@ from ldm.training import (  # noqa: E402
     trim_after_first_eos,
     vae_loss,
     warmup_constant_lr,
+    warmup_cosine_lr,
 )
 
 logger = logging.getLogger("train_toy")
@@ -96,7 +99,9 @@ STAGES = ("clip", "vae", "unet")
 
 @dataclass(frozen=True)
 class StageSpec:
-    """How one stage trains. ``lr`` warms up linearly, then stays constant (as SD)."""
+    """How one stage trains. ``lr`` warms up linearly, then stays constant (as SD) or
+    follows a half cosine to zero at ``steps`` (``schedule="cosine"``). ``use_ema``: the
+    stage's result is the EMA of the weights rather than the last weights."""
 
     name: str
     steps: int
@@ -107,6 +112,24 @@ class StageSpec:
     ema_decay: float
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
+    schedule: str = "constant"
+    use_ema: bool = True
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based ``step``."""
+        if self.schedule == "cosine":
+            return warmup_cosine_lr(step, self.lr, self.warmup, self.steps)
+        if self.schedule == "constant":
+            return warmup_constant_lr(step, self.lr, self.warmup)
+        raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; valid: constant, cosine")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be continued. A constant rate does not
+        depend on the step count, so such a stage can be extended; a cosine one cannot."""
+        out: dict[str, Any] = {"batch_size": self.batch_size}
+        if self.schedule != "constant":
+            out.update(schedule=self.schedule, steps=self.steps, lr=self.lr, warmup=self.warmup)
+        return out
 
 
 @dataclass(frozen=True)
@@ -125,23 +148,23 @@ class Sizes:
 
 # Step counts sized on the 2-core AMX CPU machine with `--bf16 vae` (quiet machine,
 # steady state): clip 0.39 s/step (batch 128), vae 0.43 s/step (batch 32, bf16),
-# latents ~80 s, unet 0.66-0.73 s/step (batch 128, float32): about
-# 6.5 + 21.5 + 1.5 + 24-27 = 54-57 minutes, plus a few seconds of checkpoints and export.
-# The VAE gets a larger share than TOY-SCALE's: at 1,500 steps (24.6 dB) it still blurred cats' ears
-# and hats enough that a classifier recognised only 78% of its reconstructions, and
-# the U-Net cannot draw more detail than the decoder gives back.
+# latents ~90 s, unet 0.66-0.73 s/step (batch 128, float32): about
+# 6.5 + 21.5 + 1.5 + 44-49 = 74-79 minutes, plus a few seconds of checkpoints and export.
+# Every stage decays its rate on a cosine to zero: with a constant rate the last
+# weights of a few-thousand-step run are noisy, and an EMA of decay 0.999 still lags
+# (the VAE's came out 3 dB worse than its last weights). The U-Net keeps SD's EMA.
 FULL = Sizes(
     model=preset("toy"),
     vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
                 num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"),
     projection_dim=128,
     specs={
-        "clip": StageSpec("clip", steps=1000, batch_size=128, lr=5e-4, warmup=100, weight_decay=0.1,
-                          ema_decay=0.999, betas=(0.9, 0.98)),
+        "clip": StageSpec("clip", steps=1500, batch_size=128, lr=5e-4, warmup=100, weight_decay=0.1,
+                          ema_decay=0.999, betas=(0.9, 0.98), schedule="cosine", use_ema=False),
         "vae": StageSpec("vae", steps=3000, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.0,
-                         ema_decay=0.999),
-        "unet": StageSpec("unet", steps=2200, batch_size=128, lr=3e-4, warmup=200, weight_decay=0.01,
-                          ema_decay=0.999),
+                         ema_decay=0.999, schedule="cosine", use_ema=False),
+        "unet": StageSpec("unet", steps=4000, batch_size=128, lr=5e-4, warmup=200, weight_decay=0.01,
+                          ema_decay=0.999, schedule="cosine", use_ema=True),
     },
     latent_images=32768,
     save_every=250,
@@ -204,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}-steps", type=int, default=None, help=f"{name} stage steps")
         p.add_argument(f"--{name}-batch", type=int, default=None, help=f"{name} stage global batch size")
         p.add_argument(f"--{name}-lr", type=float, default=None, help=f"{name} stage learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="learning-rate schedule of every stage (default: the recipe's, cosine)")
     p.add_argument("--latent-images", type=int, default=None, help="pictures encoded for the U-Net stage")
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (guidance)")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE KL weight (SD's, sum-reduced)")
@@ -220,7 +245,8 @@ def resolve(args: argparse.Namespace) -> Sizes:
     for name, spec in base.specs.items():
         changes = {k: v for k, v in (("steps", getattr(args, f"{name}_steps")),
                                      ("batch_size", getattr(args, f"{name}_batch")),
-                                     ("lr", getattr(args, f"{name}_lr"))) if v is not None}
+                                     ("lr", getattr(args, f"{name}_lr")),
+                                     ("schedule", args.lr_schedule)) if v is not None}
         specs[name] = with_changes(spec, **changes)
     sizes = with_changes(base, specs=specs)
     for key in ("latent_images", "save_every", "log_every"):
@@ -245,21 +271,32 @@ def _chw(image: np.ndarray) -> Tensor:
 class WorldPairs(Dataset):
     """Fresh (image, caption) pairs of the train split; item ``i`` is global sample
     ``first + i``, drawn from its own seed, so the data never depends on batching,
-    workers, process count or where a run was resumed."""
+    workers, process count or where a run was resumed.
+
+    With ``twins``, every odd sample is the kind twin (``ldm.toy.world.kind_twin``) of
+    the even one before it, so contrastive batches hold pairs that differ in kind only.
+    """
 
     def __init__(self, seed: int, stage: str, first: int, count: int, size: int,
-                 tokenizer: Tokenizer | None) -> None:
+                 tokenizer: Tokenizer | None, twins: bool = False) -> None:
         self.seed, self.stage_id, self.first, self.count = seed, STAGE_IDS[stage], first, count
-        self.size, self.tokenizer = size, tokenizer
+        self.size, self.tokenizer, self.twins = size, tokenizer, twins
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        batch = make_batch(derive_seed(self.seed, self.stage_id, self.first + i), 1, self.size)
-        item = {"images": _chw(batch.images[0])}
+        n = self.first + i
+        rng = np.random.default_rng(derive_seed(self.seed, self.stage_id, n))
+        if self.twins and n % 2:
+            # The scene make_batch drew for sample n - 1 (its first draw from that seed).
+            scene = sample_scene(np.random.default_rng(derive_seed(self.seed, self.stage_id, n - 1)))
+            scene = kind_twin(scene, rng)
+        else:
+            scene = sample_scene(rng)
+        item = {"images": _chw(render(scene, self.size))}
         if self.tokenizer is not None:
-            item["ids"] = self.tokenizer(batch.captions)[0]
+            item["ids"] = self.tokenizer([caption(scene, rng)])[0]
         return item
 
 
@@ -378,7 +415,7 @@ def plain(obj: Any) -> Any:
 
 @dataclass
 class StageResult:
-    state: dict[str, Tensor]  # EMA weights of the trained module
+    state: dict[str, Tensor]  # the weights the stage hands on (see StageSpec.use_ema)
     step: int
     record: dict[str, Any]  # seconds, losses, ... for the model card
 
@@ -444,13 +481,14 @@ def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, tas
                 inputs: dict[str, Any], save_every: int, log_every: int) -> StageResult:
     """Train ``trained`` (a part of ``task``, whose forward returns the loss) for
     ``spec.steps`` steps, resuming from and checkpointing to ``<workdir>/<name>.pt``."""
-    fingerprint = {**fingerprint, "batch_size": spec.batch_size, "seed": args.seed}
+    fingerprint = {**fingerprint, **spec.fingerprint(), "seed": args.seed}
     ckpt = resume_point(acc, args, spec, fingerprint, inputs)
     ema = EMA(trained, spec.ema_decay)
     if ckpt is not None and ckpt["step"] >= spec.steps:
         acc.print(f"[{spec.name}] done earlier ({ckpt['step']} steps), skipped")
         ema.load_state_dict(ckpt["ema"])
-        return StageResult(ema.averaged_state(trained), ckpt["step"], ckpt["record"])
+        trained.load_state_dict(ckpt["model"])
+        return StageResult(result_state(spec, ema, trained), ckpt["step"], ckpt["record"])
 
     optimizer = torch.optim.AdamW(decay_groups(trained, spec.weight_decay), lr=spec.lr, betas=spec.betas)
     start, record = 0, {"seconds": 0.0, "losses": []}
@@ -484,7 +522,7 @@ def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, tas
     progress = Progress(acc, spec, start, log_every)
     t_start, step = time.perf_counter(), start
     for step, batch in enumerate(loader, start=start + 1):
-        set_lr(optimizer, warmup_constant_lr(step - 1, spec.lr, spec.warmup))
+        set_lr(optimizer, spec.lr_at(step - 1))
         generator = generator_for(args.seed, STAGE_IDS[spec.name], step, acc.process_index)
         with autocast(acc, spec.name in args.bf16):
             loss, stats = task(batch, generator)
@@ -501,7 +539,14 @@ def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, tas
             t_start = time.perf_counter()
             save(step)
     acc.free_memory()  # drop accelerate's references to this stage's objects
-    return StageResult(ema.averaged_state(trained), step, record)
+    return StageResult(result_state(spec, ema, trained), step, record)
+
+
+def result_state(spec: StageSpec, ema: EMA, trained: nn.Module) -> dict[str, Tensor]:
+    """The weights a stage hands on: EMA or last (both are in its checkpoint)."""
+    if spec.use_ema:
+        return ema.averaged_state(trained)
+    return {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -516,10 +561,15 @@ def train_clip(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, tokeniz
     stage_init(args, "clip")
     clip = clip_model(sizes)
     spec = sizes.specs["clip"]
-    fingerprint = plain({"text": plain(sizes.model.text), "vision": sizes.vision, "proj": sizes.projection_dim})
+    fingerprint = plain({"text": plain(sizes.model.text), "vision": sizes.vision, "proj": sizes.projection_dim,
+                         "kind_twins": True})
     size = sizes.vision["image_size"]
+    if spec.batch_size % (2 * acc.num_processes):
+        raise SystemExit(f"--clip-batch {spec.batch_size} must be even on every one of {acc.num_processes} "
+                         "process(es): each batch holds pairs of kind twins")
     return train_stage(acc, args, spec, ClipTask(clip), clip,
-                       lambda first: WorldPairs(args.seed, "clip", first, _samples(spec, first), size, tokenizer),
+                       lambda first: WorldPairs(args.seed, "clip", first, _samples(spec, first), size, tokenizer,
+                                                twins=True),
                        fingerprint, {}, sizes.save_every, sizes.log_every)
 
 
@@ -600,7 +650,7 @@ def train_unet(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, config:
 def evaluate(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, clip_state: dict[str, Tensor],
              vae_state: dict[str, Tensor], tokenizer: Tokenizer) -> dict[str, float]:
     """Numbers for the card, on ``n`` pictures of each split with captions stating every
-    attribute (held-out: unseen combinations and word orders): the VAE's reconstruction
+    attribute (held-out: unseen combinations and phrasings): the VAE's reconstruction
     PSNR, and how often CLIP's best-matching picture for a caption has exactly the
     caption's attributes (several pictures may share them, so this is not top-1 of one)."""
     vae = vae_from_state(sizes.model.vae, vae_state).to(acc.device).eval()

@@ -122,7 +122,8 @@ def test_report_structure(run):
     assert report["guidance"][2]["attributes"] == attrs["overall"]  # 7.5 is the main run
 
     assert [(t["prompt"], t["negative_prompt"]) for t in report["negative"]] == [
-        ("a cat", "red hat"), ("a cat wearing a hat", "red hat"), ("a circle", "red")]
+        ("a cat", "red hat"), ("a cat wearing a hat", "red hat"), ("a circle", "red"),
+        ("a square", "blue background")]
     for test in report["negative"]:
         for key in ("without", "with"):
             entry = test[key]

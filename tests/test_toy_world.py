@@ -12,6 +12,7 @@ from ldm.toy import (
     caption,
     eval_prompts,
     heldout_combos,
+    kind_twin,
     make_batch,
     prompt_to_attributes,
     render,
@@ -56,6 +57,20 @@ def test_scenes_are_valid():
         assert s.hat == (s.hat_color is not None) and (not s.hat or s.kind == "cat")
         if s.hat:
             assert s.hat_color not in (s.color, s.background)
+
+
+def test_kind_twins_differ_in_kind_only_and_stay_in_the_train_split():
+    held = heldout_combos()
+    rng = np.random.default_rng(5)
+    for scene in _scenes(6, 1500):
+        twin = kind_twin(scene, rng)
+        assert twin.kind != scene.kind
+        assert (twin.color, twin.background) == (scene.color, scene.background)
+        assert (twin.kind, twin.color, twin.background) not in held
+        if scene.kind != "cat":
+            assert twin.kind != "cat"  # a shape's twin is another shape: the hard negative
+        assert twin.hat == (twin.hat_color is not None) and (not twin.hat or twin.kind == "cat")
+    assert kind_twin(scene, np.random.default_rng(1)) == kind_twin(scene, np.random.default_rng(1))
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])

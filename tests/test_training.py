@@ -22,6 +22,7 @@ from ldm.training import (
     rng_state,
     set_rng_state,
     warmup_constant_lr,
+    warmup_cosine_lr,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,18 @@ def test_toy_preset_fits_the_size_budget():
 # --- scripts/train_toy.py ---------------------------------------------------------------
 
 
+def test_warmup_then_cosine_lr():
+    assert warmup_cosine_lr(0, 1.0, 4, 104) == 0.25
+    assert warmup_cosine_lr(4, 1.0, 4, 104) == 1.0  # first step after warm-up: the peak
+    assert warmup_cosine_lr(54, 1.0, 4, 104) == pytest.approx(0.5)  # half way: cos(pi/2) = 0
+    assert warmup_cosine_lr(104, 1.0, 4, 104) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine_lr(104, 1.0, 4, 104, final_fraction=0.1) == pytest.approx(0.1)
+    rates = [warmup_cosine_lr(s, 1.0, 4, 104) for s in range(4, 105)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="total_steps"):
+        warmup_cosine_lr(0, 1.0, 0, 0)
+
+
 @pytest.fixture(scope="module")
 def straight_run(train_toy, tmp_path_factory):
     """An uninterrupted smoke run with 4 U-Net steps: (workdir, model card)."""
@@ -195,6 +208,34 @@ def test_resume_continues_and_matches_an_uninterrupted_run(train_toy, straight_r
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
     exported = [load_file(d / "ldm-toy.safetensors") for d in (tmp_path / "a", straight_run[0])]
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
+def test_cosine_run_resumes_bit_exact_after_an_interruption(train_toy, tmp_path, monkeypatch, capsys):
+    cosine = ("--lr-schedule", "cosine", "--unet-steps", "4")
+    straight = tmp_path / "straight"
+    _smoke(train_toy, straight, *cosine)
+
+    update = train_toy.Progress.update
+
+    def crash_at_step_3(self, step, loss, stats):
+        if self.spec.name == "unet" and step == 3:
+            raise KeyboardInterrupt
+        return update(self, step, loss, stats)
+
+    monkeypatch.setattr(train_toy.Progress, "update", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _smoke(train_toy, tmp_path / "a", *cosine)
+    assert load_checkpoint(tmp_path / "a" / "unet.pt")["step"] == 2
+    monkeypatch.setattr(train_toy.Progress, "update", update)
+    capsys.readouterr()
+    _smoke(train_toy, tmp_path / "a", *cosine)
+    assert "[unet] resuming at step 2/4" in capsys.readouterr().out
+    a, b = (load_checkpoint(d / "unet.pt")["model"] for d in (tmp_path / "a", straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The cosine's shape depends on the step count, so a finished stage cannot be extended.
+    with pytest.raises(SystemExit, match="other settings"):
+        _smoke(train_toy, tmp_path / "a", "--lr-schedule", "cosine", "--unet-steps", "6")
 
 
 def test_trimming_after_the_end_token_keeps_clip_text_embeddings_exact():

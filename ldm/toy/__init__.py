@@ -10,6 +10,7 @@ from .world import (
     caption,
     eval_prompts,
     heldout_combos,
+    kind_twin,
     make_batch,
     prompt_to_attributes,
     render,
@@ -18,5 +19,5 @@ from .world import (
 
 __all__ = [
     "COLORS", "KINDS", "PALETTE", "Batch", "EvalPrompt", "Scene", "caption", "eval_prompts",
-    "heldout_combos", "make_batch", "prompt_to_attributes", "render", "sample_scene",
+    "heldout_combos", "kind_twin", "make_batch", "prompt_to_attributes", "render", "sample_scene",
 ]

@@ -9,7 +9,7 @@ continuous position and size. Cats may wear a top hat or a party hat of a third 
 
 Generalisation is tested on a held-out split: about 10% of the
 (kind, colour, background) combinations never occur in the train split, and the
-held-out caption templates recombine training words in orders never trained on.
+held-out caption templates are phrasings (connectives, orders) never trained on.
 
 Caption grammar (what :func:`prompt_to_attributes` reads back): the kind is always
 named; a colour word right before the kind word is the object colour, right before
@@ -49,7 +49,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLORS = tuple(PALETTE)
 
-SIZE_RANGE = (0.13, 0.27)  # object "radius" as a fraction of the image side
+# Object "radius" as a fraction of the image side. At 64 px and 8x latents the smallest
+# cat is ~11 px across its head, about what the VAE's 8x8 latents keep ears and hats of.
+SIZE_RANGE = (0.17, 0.28)
 MARGIN = 0.06  # keeps the border pixels pure background
 SUPERSAMPLE = 4  # anti-aliasing: draw at 4x, box-filter down
 
@@ -123,6 +125,22 @@ def sample_scene(rng: np.random.Generator, split: Split = "train") -> Scene:
             if (kind, color, background) not in held:
                 break
     return _scene_for(rng, kind, color, background)
+
+
+def kind_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A train-split scene of the same colours as ``scene`` but another kind.
+
+    Contrastive training sees such pairs in one batch as hard negatives: without them a
+    small CLIP can match captions by colour alone and learns to blur "circle" and
+    "square" together in its text space, which the U-Net then cannot tell apart either.
+    A shape's twin is another shape (cats are easy to tell from shapes); a cat's twin is
+    a shape. Every (colour, background) pair has some other train-split kind, since each
+    kind holds out only six of its 56 pairs.
+    """
+    held = heldout_combos()
+    others = [k for k in KINDS if k != scene.kind and (k, scene.color, scene.background) not in held]
+    shapes = [k for k in others if k != "cat"]
+    return _scene_for(rng, _pick(rng, shapes or others), scene.color, scene.background)
 
 
 def _scene_for(rng: np.random.Generator, kind: str, color: str, background: str) -> Scene:
@@ -224,14 +242,18 @@ def _draw_cat(draw, scene, pts, disc, unit, cx, cy) -> None:
 # --------------------------------------------------------------------------- captions
 # {p}: prefix, {n}: noun phrase ("a black cat"), {h}: hat clause (" wearing a red hat"),
 # {bg}: background colour. Templates without {bg} are used when the background is unstated.
+# Training wordings name the background before and after the object, as real captions
+# do; the held-out ones are phrasings never trained on (new connectives, and the
+# background-first order with them), not new words.
 
 _TRAIN_PREFIXES = ("", "", "a picture of ", "an image of ", "a drawing of ")
 _TRAIN_HATS = (" wearing a {hc}hat", " with a {hc}hat")
-_TRAIN_BG = ("{p}{n}{h} on a {bg} background", "{p}{n}{h}, {bg} background")
+_TRAIN_BG = ("{p}{n}{h} on a {bg} background", "{p}{n}{h}, {bg} background",
+             "{p}{n}{h} against a {bg} background", "{bg} background, {p}{n}{h}")
 _HELDOUT_PREFIXES = ("", "a drawing of ")
 _HELDOUT_HATS = (" wearing a {hc}hat",)
-_HELDOUT_BG = ("{bg} background, {p}{n}{h}", "{p}{n}{h} with a {bg} background",
-               "a {bg} background with {p}{n}{h}")
+_HELDOUT_BG = ("{p}{n}{h} with a {bg} background", "a {bg} background with {p}{n}{h}",
+               "on a {bg} background, {p}{n}{h}")
 _NO_BG = "{p}{n}{h}"
 
 P_COLOR, P_BACKGROUND, P_HAT_COLOR = 0.7, 0.5, 0.6
@@ -253,8 +275,8 @@ def caption(scene: Scene, rng: np.random.Generator, split: Split = "train",
             full: bool = False) -> str:
     """A random caption of ``scene``. Colours may be left out (``full=True`` states all).
 
-    The kind is always named, and so is a hat. ``split='heldout'`` uses templates whose
-    word orders never occur in training.
+    The kind is always named, and so is a hat. ``split='heldout'`` uses templates
+    whose phrasings never occur in training.
     """
     _check_split(split)
     say_color = full or rng.random() < P_COLOR
