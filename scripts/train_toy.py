@@ -1,6 +1,8 @@
 """Train the shipped toy model (weights/ldm-toy.safetensors) from scratch on the toy world.
 
-    python scripts/train_toy.py --bf16 vae       # the full recipe, ~55 min on the 2-core CPU
+    python scripts/train_toy.py --bf16 vae       # the full recipe, ~65 min on a 2-core AMX CPU
+    python scripts/train_toy.py --vae-from weights/ldm-toy.safetensors
+                                                 # the shipped run: the released VAE, new CLIP and U-Net
     python scripts/train_toy.py --smoke          # every stage, 2 steps, tiny sizes (~5 s)
     accelerate launch scripts/train_toy.py --bf16 all          # one or several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc-per-node 2 scripts/train_toy.py --workdir W ...
@@ -9,9 +11,10 @@
 Stages, as Stable Diffusion was built (each checkpointed into --workdir; a rerun of
 the same command resumes where it stopped and skips finished stages):
 
-1. ``clip``: a small CLIP (transformers ``CLIPModel``) trained contrastively on
-   (image, caption) pairs of the toy world. Its text tower becomes the frozen text
-   encoder; its image tower is kept as a toy CLIP scorer (``--clip-out``).
+1. ``clip``: a small CLIP (``ldm.toy.clip.ToyCLIP``: transformers' CLIP text tower,
+   CLIP's ResNet image tower) trained contrastively on (image, caption) pairs of the
+   toy world, each batch holding pairs that differ in kind only. Its text tower becomes
+   the frozen text encoder; its image tower is kept as a toy CLIP scorer (``--clip-out``).
 2. ``vae``: an AutoencoderKL (8x down-sampling, 4 latent channels), MSE + small KL.
 3. ``latents``: a fixed set of pictures encoded once; the VAE scaling factor is
    1/std of those latents, as SD measured it.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -52,7 +56,7 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
-from transformers import CLIPConfig, CLIPModel  # noqa: E402
+from transformers import CLIPTextConfig  # noqa: E402
 
 from ldm.checkpoints import load_model  # noqa: E402
 from ldm.checkpoints.convert import original_metadata, original_state  # noqa: E402
@@ -63,6 +67,7 @@ from ldm.models.text import TextEncoder  # noqa: E402
 from ldm.models.tokenizer import EOS_ID, Tokenizer  # noqa: E402
 from ldm.models.unet import UNet  # noqa: E402
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian  # noqa: E402
+from ldm.toy.clip import ToyCLIP, scorer_metadata  # noqa: E402
 from ldm.toy.world import (  # noqa: E402
     Scene, caption, kind_twin, make_batch, prompt_to_attributes, render, sample_scene,
 )
@@ -137,7 +142,7 @@ class Sizes:
     """Everything that differs between the full recipe and the smoke run."""
 
     model: ModelConfig
-    vision: dict[str, Any]  # transformers CLIPVisionConfig fields of the CLIP image tower
+    vision: dict[str, Any]  # open_clip ModifiedResNet arguments of the CLIP image tower
     projection_dim: int
     specs: dict[str, StageSpec]
     latent_images: int  # pictures encoded once for the U-Net stage
@@ -146,24 +151,25 @@ class Sizes:
     eval_pictures: int  # per split, for the model card
 
 
-# Step counts sized on the 2-core AMX CPU machine with `--bf16 vae` (quiet machine,
-# steady state): clip 0.39 s/step (batch 128), vae 0.43 s/step (batch 32, bf16),
-# latents ~90 s, unet 0.66-0.73 s/step (batch 128, float32): about
-# 6.5 + 21.5 + 1.5 + 44-49 = 74-79 minutes, plus a few seconds of checkpoints and export.
+# Seconds per step on the two kinds of 2-core CPU machine seen (quiet, steady state):
+#   Intel with AMX, `--bf16 vae`: clip (ViT tower) 0.39, vae 0.43 (bf16), unet 0.66-0.73;
+#   AMD EPYC without bf16 units:  clip 0.55-0.65, vae 2.1 (float32), unet 1.42.
+# On the AMD machine the VAE stage alone would take 105 min, so the shipped run reuses
+# the previous release's VAE (`--vae-from`): 12 + 4 (latents) + 71 = ~87 minutes for
+# CLIP, latents and U-Net. On the Intel one the whole recipe, VAE included, is ~65 min.
 # Every stage decays its rate on a cosine to zero: with a constant rate the last
 # weights of a few-thousand-step run are noisy, and an EMA of decay 0.999 still lags
 # (the VAE's came out 3 dB worse than its last weights). The U-Net keeps SD's EMA.
 FULL = Sizes(
     model=preset("toy"),
-    vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
-                num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"),
+    vision=dict(image_size=64, layers=[1, 1, 1, 1], width=16, heads=8),
     projection_dim=128,
     specs={
-        "clip": StageSpec("clip", steps=1500, batch_size=128, lr=5e-4, warmup=100, weight_decay=0.1,
+        "clip": StageSpec("clip", steps=1200, batch_size=128, lr=5e-4, warmup=100, weight_decay=0.1,
                           ema_decay=0.999, betas=(0.9, 0.98), schedule="cosine", use_ema=False),
         "vae": StageSpec("vae", steps=3000, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.0,
                          ema_decay=0.999, schedule="cosine", use_ema=False),
-        "unet": StageSpec("unet", steps=4000, batch_size=128, lr=5e-4, warmup=200, weight_decay=0.01,
+        "unet": StageSpec("unet", steps=3000, batch_size=128, lr=5e-4, warmup=200, weight_decay=0.01,
                           ema_decay=0.999, schedule="cosine", use_ema=True),
     },
     latent_images=32768,
@@ -185,8 +191,7 @@ SMOKE = Sizes(
         text=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=2),
     ),
-    vision=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=1, num_attention_heads=2, hidden_act="quick_gelu"),
+    vision=dict(image_size=32, layers=[1, 1, 1, 1], width=4, heads=2),
     projection_dim=32,
     specs={name: StageSpec(name, steps=2, batch_size=4, lr=1e-3, warmup=1, weight_decay=0.0, ema_decay=0.9)
            for name in STAGES},
@@ -229,6 +234,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}-lr", type=float, default=None, help=f"{name} stage learning rate")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule of every stage (default: the recipe's, cosine)")
+    p.add_argument("--vae-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="take the VAE of this ldm/SD checkpoint instead of training one (as SD 2 kept "
+                        "SD 1's): the shipped model's VAE is reused this way, since its stage costs "
+                        "more than the rest together on a CPU without bf16 units")
     p.add_argument("--latent-images", type=int, default=None, help="pictures encoded for the U-Net stage")
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (guidance)")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE KL weight (SD's, sum-reduced)")
@@ -340,15 +349,14 @@ class LatentPairs(Dataset):
 
 
 class ClipTask(nn.Module):
-    def __init__(self, clip: CLIPModel) -> None:
+    def __init__(self, clip: ToyCLIP) -> None:
         super().__init__()
         self.clip = clip
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
-        ids = trim_after_first_eos(batch["ids"], EOS_ID)
-        out = self.clip(input_ids=ids, pixel_values=to_pixels(batch["images"]))
+        text, image = self.clip(trim_after_first_eos(batch["ids"], EOS_ID), to_pixels(batch["images"]))
         # With several processes each one contrasts its own slice of the batch.
-        loss = clip_contrastive_loss(out.text_embeds, out.image_embeds, self.clip.logit_scale)
+        loss = clip_contrastive_loss(text, image, self.clip.logit_scale)
         return loss, {"temperature": self.clip.logit_scale.detach().exp()}
 
 
@@ -378,12 +386,11 @@ class UNetTask(nn.Module):
         return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator), {}
 
 
-def clip_model(sizes: Sizes) -> CLIPModel:
-    """A CLIPModel whose text tower is exactly the ldm TextEncoder of ``sizes.model``."""
-    text = text_to_transformers(sizes.model.text)
-    config = CLIPConfig(text_config=text, vision_config=sizes.vision, projection_dim=sizes.projection_dim)
-    config._attn_implementation = "sdpa"
-    return CLIPModel(config)
+def clip_model(sizes: Sizes) -> ToyCLIP:
+    """A toy CLIP whose text tower is exactly the ldm TextEncoder of ``sizes.model``."""
+    text = CLIPTextConfig(**text_to_transformers(sizes.model.text))
+    text._attn_implementation = "sdpa"
+    return ToyCLIP(text, {**sizes.vision, "layers": tuple(sizes.vision["layers"])}, sizes.projection_dim)
 
 
 def text_encoder_from_clip(config: TextEncoderConfig, clip_state: dict[str, Tensor]) -> TextEncoder:
@@ -418,6 +425,10 @@ class StageResult:
     state: dict[str, Tensor]  # the weights the stage hands on (see StageSpec.use_ema)
     step: int
     record: dict[str, Any]  # seconds, losses, ... for the model card
+
+    def identity(self) -> Any:
+        """What later stages record of this one, to notice when it changes."""
+        return self.record.get("sha256", self.step)
 
 
 class Progress:
@@ -585,6 +596,19 @@ def train_vae(acc: Accelerator, args: argparse.Namespace, sizes: Sizes) -> Stage
                        fingerprint, {}, sizes.save_every, sizes.log_every)
 
 
+def vae_from_checkpoint(path: Path, sizes: Sizes) -> StageResult:
+    """The VAE of an existing checkpoint, checked against the recipe's VAE config."""
+    loaded = load_model(path)
+    want, have = (with_changes(c, scaling_factor=1.0) for c in (sizes.model.vae, loaded.config.vae))
+    if have != want:
+        raise SystemExit(f"--vae-from {path}: its VAE is not the recipe's:\n  {have}\n  expected {want}")
+    state = {k: v.float().clone() for k, v in loaded.vae.state_dict().items()}
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode() + state[key].numpy().tobytes())
+    return StageResult(state, 0, {"seconds": 0.0, "losses": [], "from": str(path), "sha256": digest.hexdigest()})
+
+
 def _samples(spec: StageSpec, first: int) -> int:
     return spec.steps * spec.batch_size - first
 
@@ -595,11 +619,11 @@ def latent_scenes(seed: int, n: int) -> list[Scene]:
 
 @torch.no_grad()
 def encode_latents(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae_state: dict[str, Tensor],
-                   vae_step: int) -> LatentSet:
+                   vae_id: Any) -> LatentSet:
     """Encode ``sizes.latent_images`` pictures once (cached in the workdir) and measure
     the scaling factor: 1 / std of posterior samples over all of them, as SD did."""
     path = args.workdir / "latents.pt"
-    inputs = {"vae_step": vae_step, "n": sizes.latent_images, "seed": args.seed}
+    inputs = {"vae": vae_id, "n": sizes.latent_images, "seed": args.seed}
     scenes = latent_scenes(args.seed, sizes.latent_images)
     cached = load_checkpoint(path)
     if cached is not None and cached["inputs"] == inputs:
@@ -669,7 +693,7 @@ def evaluate(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, clip_stat
         # [-1, 1] images: peak-to-peak 2, PSNR = 10 log10(4 / mse), averaged over pictures.
         out[f"vae_psnr_db_{split}"] = float((10 * torch.log10(4.0 / mse)).mean())
         clip_pixels = torch.nn.functional.interpolate(pixels, size=sizes.vision["image_size"], mode="area")
-        logits = clip(input_ids=tokenizer(texts).to(acc.device), pixel_values=clip_pixels).logits_per_text
+        logits = clip.similarity(trim_after_first_eos(tokenizer(texts), EOS_ID).to(acc.device), clip_pixels)
         attrs = [prompt_to_attributes(t) for t in texts]
         best = logits.argmax(1).tolist()
         out[f"clip_text_to_image_{split}"] = sum(attrs[i] == attrs[j] for i, j in enumerate(best)) / n
@@ -709,9 +733,7 @@ def export_clip_scorer(sizes: Sizes, clip_state: dict[str, Tensor], out: Path) -
     """The CLIP image tower and both projections: with the text encoder of the main
     checkpoint they score how well a picture matches a caption."""
     keep = {k: v for k, v in clip_state.items() if not k.startswith("text_model.")}
-    meta = {"clip.vision_config": json.dumps(sizes.vision), "clip.projection_dim": str(sizes.projection_dim),
-            "clip.input": "RGB scaled to [-1, 1], no mean/std normalisation",
-            "clip.text": "text tower = cond_stage_model of the ldm checkpoint; pooled at the first end token"}
+    meta = scorer_metadata(sizes.vision, sizes.projection_dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, overwrite=True) as tmp:
         save_safetensors(keep, tmp, meta)
@@ -719,6 +741,8 @@ def export_clip_scorer(sizes: Sizes, clip_state: dict[str, Tensor], out: Path) -
 
 
 def stage_card(spec: StageSpec, result: StageResult, params: int) -> dict[str, Any]:
+    if "from" in result.record:  # not trained in this run
+        return {"from": result.record["from"], "sha256": result.record["sha256"], "parameters": params}
     losses = result.record["losses"]
     return {"steps": result.step, "batch_size": spec.batch_size, "lr": spec.lr, "parameters": params,
             "seconds": round(result.record["seconds"], 1),
@@ -745,11 +769,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = Tokenizer(text_config.pad_token, text_config.max_position_embeddings)
 
     clip = train_clip(acc, args, sizes, tokenizer)
-    vae = train_vae(acc, args, sizes)
-    latents = encode_latents(acc, args, sizes, vae.state, vae.step)
+    vae = train_vae(acc, args, sizes) if args.vae_from is None else vae_from_checkpoint(args.vae_from, sizes)
+    latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
     config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
     text_encoder = text_encoder_from_clip(text_config, clip.state)
-    upstream = {"clip_step": clip.step, "vae_step": vae.step, "latents": sizes.latent_images,
+    upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
                 "scaling_factor": latents.scaling_factor}
     unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer)
 

@@ -183,7 +183,8 @@ def test_smoke_run_exports_a_loadable_checkpoint(straight_run):
     assert model.config.vae.scaling_factor == pytest.approx(card["latents"]["scaling_factor"])
     assert set(card["stages"]) == {"clip", "vae", "unet"}
     scorer = load_file(workdir / "toy-clip-vision.safetensors")
-    assert "visual_projection.weight" in scorer and "text_projection.weight" in scorer
+    assert "visual.attnpool.c_proj.weight" in scorer and "text_projection.weight" in scorer
+    assert not any(k.startswith("text_model.") for k in scorer)  # the text tower is in the checkpoint
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(train_toy, straight_run, tmp_path, capsys):
