@@ -768,8 +768,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_config = sizes.model.text
     tokenizer = Tokenizer(text_config.pad_token, text_config.max_position_embeddings)
 
+    given_vae = None if args.vae_from is None else vae_from_checkpoint(args.vae_from, sizes)  # checked first
     clip = train_clip(acc, args, sizes, tokenizer)
-    vae = train_vae(acc, args, sizes) if args.vae_from is None else vae_from_checkpoint(args.vae_from, sizes)
+    vae = given_vae or train_vae(acc, args, sizes)
     latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
     config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
     text_encoder = text_encoder_from_clip(text_config, clip.state)

@@ -187,6 +187,22 @@ def test_smoke_run_exports_a_loadable_checkpoint(straight_run):
     assert not any(k.startswith("text_model.") for k in scorer)  # the text tower is in the checkpoint
 
 
+def test_vae_from_a_checkpoint_skips_the_stage_and_hands_that_vae_on(train_toy, straight_run, tmp_path, capsys):
+    load_model = _load_model()
+    source = straight_run[0] / "ldm-toy.safetensors"
+    capsys.readouterr()
+    card = _smoke(train_toy, tmp_path, "--unet-steps", "2", "--vae-from", str(source))
+    assert "[vae]" not in capsys.readouterr().out  # not trained
+    assert card["stages"]["vae"]["from"] == str(source) and len(card["stages"]["vae"]["sha256"]) == 64
+    given, made = load_model(source).vae.state_dict(), load_model(tmp_path / "ldm-toy.safetensors").vae.state_dict()
+    assert all(torch.equal(given[k], made[k]) for k in given)
+
+    # The full recipe's VAE has another shape: refused before anything trains.
+    with pytest.raises(SystemExit, match="not the recipe's"):
+        train_toy.main(["--workdir", str(tmp_path / "full"), "--vae-from", str(source)])
+    assert not (tmp_path / "full" / "clip.pt").exists()
+
+
 def test_resume_continues_and_matches_an_uninterrupted_run(train_toy, straight_run, tmp_path, capsys):
     _smoke(train_toy, tmp_path / "a", "--unet-steps", "2")
     first = load_checkpoint(tmp_path / "a" / "unet.pt")
