@@ -2,7 +2,7 @@
 
     python scripts/train_toy.py --bf16 vae       # the full recipe, ~65 min on a 2-core AMX CPU
     python scripts/train_toy.py --vae-from weights/ldm-toy.safetensors
-                                                 # the shipped run: the released VAE, new CLIP and U-Net
+                                                 # the shipped run: the shipped VAE, new CLIP and U-Net
     python scripts/train_toy.py --smoke          # every stage, 2 steps, tiny sizes (~5 s)
     accelerate launch scripts/train_toy.py --bf16 all          # one or several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc-per-node 2 scripts/train_toy.py --workdir W ...
@@ -155,7 +155,7 @@ class Sizes:
 #   Intel with AMX, `--bf16 vae`: clip (ViT tower) 0.39, vae 0.43 (bf16), unet 0.66-0.73;
 #   AMD EPYC without bf16 units:  clip 0.55-0.65, vae 2.1 (float32), unet 1.42.
 # On the AMD machine the VAE stage alone would take 105 min, so the shipped run reuses
-# the previous release's VAE (`--vae-from`): 12 + 4 (latents) + 71 = ~87 minutes for
+# an earlier run's VAE (`--vae-from`): 12 + 4 (latents) + 71 = ~87 minutes for
 # CLIP, latents and U-Net. On the Intel one the whole recipe, VAE included, is ~65 min.
 # Every stage decays its rate on a cosine to zero: with a constant rate the last
 # weights of a few-thousand-step run are noisy, and an EMA of decay 0.999 still lags
@@ -298,7 +298,7 @@ class WorldPairs(Dataset):
         n = self.first + i
         rng = np.random.default_rng(derive_seed(self.seed, self.stage_id, n))
         if self.twins and n % 2:
-            # The scene make_batch drew for sample n - 1 (its first draw from that seed).
+            # Sample n - 1's scene: the first draw from its seed, as in the branch below.
             scene = sample_scene(np.random.default_rng(derive_seed(self.seed, self.stage_id, n - 1)))
             scene = kind_twin(scene, rng)
         else:
@@ -388,9 +388,9 @@ class UNetTask(nn.Module):
 
 def clip_model(sizes: Sizes) -> ToyCLIP:
     """A toy CLIP whose text tower is exactly the ldm TextEncoder of ``sizes.model``."""
-    text = CLIPTextConfig(**text_to_transformers(sizes.model.text))
+    text = CLIPTextConfig(**{**text_to_transformers(sizes.model.text), "projection_dim": sizes.projection_dim})
     text._attn_implementation = "sdpa"
-    return ToyCLIP(text, {**sizes.vision, "layers": tuple(sizes.vision["layers"])}, sizes.projection_dim)
+    return ToyCLIP(text, sizes.vision)
 
 
 def text_encoder_from_clip(config: TextEncoderConfig, clip_state: dict[str, Tensor]) -> TextEncoder:

@@ -26,12 +26,13 @@ class ToyCLIP(nn.Module):
     tower's keys are the text encoder's), ``visual`` as in open_clip, and CLIP's learned
     temperature ``logit_scale`` (initialised to 1/0.07)."""
 
-    def __init__(self, text_config: CLIPTextConfig, vision: dict, projection_dim: int) -> None:
+    def __init__(self, text_config: CLIPTextConfig, vision: dict) -> None:
+        """``vision``: ``ModifiedResNet`` arguments; both towers project to
+        ``text_config.projection_dim``."""
         super().__init__()
-        text_config.projection_dim = projection_dim
         tower = CLIPTextModelWithProjection(text_config)
         self.text_model, self.text_projection = tower.text_model, tower.text_projection
-        self.visual = ModifiedResNet(output_dim=projection_dim, **vision)
+        self.visual = ModifiedResNet(output_dim=text_config.projection_dim, **vision)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_text(self, input_ids: Tensor) -> Tensor:
@@ -53,7 +54,8 @@ class ToyCLIP(nn.Module):
 
 
 def scorer_metadata(vision: dict, projection_dim: int) -> dict[str, str]:
-    """What :func:`load_scorer` needs besides the text encoder's config."""
+    """Safetensors metadata of the saved scorer: how to rebuild its image tower and
+    what it pairs with (the text tower lives in the main checkpoint)."""
     return {"clip.vision_tower": "open_clip.modified_resnet.ModifiedResNet",
             "clip.vision_config": json.dumps(vision), "clip.projection_dim": str(projection_dim),
             "clip.input": "RGB scaled to [-1, 1], no mean/std normalisation",
