@@ -242,14 +242,21 @@ def _draw_cat(draw, scene, pts, disc, unit, cx, cy) -> None:
 # --------------------------------------------------------------------------- captions
 # {p}: prefix, {n}: noun phrase ("a black cat"), {h}: hat clause (" wearing a red hat"),
 # {bg}: background colour. Templates without {bg} are used when the background is unstated.
-# Training wordings name the background before and after the object, as real captions
-# do; the held-out ones are phrasings never trained on (new connectives, and the
-# background-first order with them), not new words.
+# Training wordings name the background before and after the object, with many
+# connectives, as real captions do: a text encoder that saw one or two orders ties a
+# colour to its place in the sentence ("a blue ..." at the start is the object) rather
+# than to the noun it qualifies, and then misreads any new order. The held-out ones are
+# phrasings never trained on (the connective "with" for a background, "on a ..." first,
+# "a ... background with ..."), not new words.
 
-_TRAIN_PREFIXES = ("", "", "a picture of ", "an image of ", "a drawing of ")
-_TRAIN_HATS = (" wearing a {hc}hat", " with a {hc}hat")
+_TRAIN_PREFIXES = ("", "", "a picture of ", "an image of ", "a drawing of ", "a cartoon of ")
+_TRAIN_HATS = (" wearing a {hc}hat", " with a {hc}hat", " in a {hc}hat")
 _TRAIN_BG = ("{p}{n}{h} on a {bg} background", "{p}{n}{h}, {bg} background",
-             "{p}{n}{h} against a {bg} background", "{bg} background, {p}{n}{h}")
+             "{p}{n}{h} against a {bg} background", "{p}{n}{h} in front of a {bg} background",
+             "{p}{n}{h} over a {bg} background", "{p}{n}{h} and a {bg} background",
+             "{bg} background, {p}{n}{h}", "a {bg} background behind {p}{n}{h}",
+             "a {bg} background and {p}{n}{h}", "against a {bg} background, {p}{n}{h}",
+             "in front of a {bg} background, {p}{n}{h}")
 _HELDOUT_PREFIXES = ("", "a drawing of ")
 _HELDOUT_HATS = (" wearing a {hc}hat",)
 _HELDOUT_BG = ("{p}{n}{h} with a {bg} background", "a {bg} background with {p}{n}{h}",
