@@ -553,11 +553,15 @@ def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, tas
     return StageResult(result_state(spec, ema, trained), step, record)
 
 
+def cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict on the CPU, where export and the checks after it read weights
+    (training may have moved the module to a GPU)."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
 def result_state(spec: StageSpec, ema: EMA, trained: nn.Module) -> dict[str, Tensor]:
-    """The weights a stage hands on: EMA or last (both are in its checkpoint)."""
-    if spec.use_ema:
-        return ema.averaged_state(trained)
-    return {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}
+    """The weights a stage hands on, on the CPU: EMA or last (both are in its checkpoint)."""
+    return cpu_copy(ema.averaged_state(trained) if spec.use_ema else trained.state_dict())
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -780,7 +784,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     card: dict[str, Any] = {}
     if acc.is_main_process:
-        states = {"unet": unet.state, "vae": vae.state, "text_encoder": text_encoder.state_dict()}
+        states = {"unet": unet.state, "vae": vae.state, "text_encoder": cpu_copy(text_encoder.state_dict())}
         size = export_checkpoint(config, states, args.out)
         check_export(args.out, config, states)
         clip_size = export_clip_scorer(sizes, clip.state, args.clip_out)
