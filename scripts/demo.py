@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None and not default_weights_path().is_file():
         print(f"error: the shipped model is missing: {default_weights_path()}\n"
               "  A full clone of the repository contains it. Otherwise train it with\n"
-              "  `python scripts/train_toy.py --bf16` (about an hour on 2 CPU cores), or run\n"
+              "  `python scripts/train_toy.py --bf16 vae` (1 to 3 hours on 2 CPU cores), or run\n"
               "  `python scripts/demo.py --model PATH` (or set LDM_WEIGHTS) with another checkpoint.",
               file=sys.stderr)
         return 1

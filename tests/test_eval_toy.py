@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -202,5 +203,8 @@ def test_demo_says_when_the_weights_are_missing(demo, tmp_path, monkeypatch, cap
     monkeypatch.setenv("LDM_WEIGHTS", str(tmp_path / "nothing.safetensors"))
     assert demo.main(["--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "missing" in err and "nothing.safetensors" in err and "train_toy.py" in err
+    assert "missing" in err and "nothing.safetensors" in err
+    advice = re.search(r"`python scripts/train_toy.py([^`]*)`", err)
+    assert advice, err
+    _load_script("train_toy").parse_args(advice.group(1).split())  # the advised command parses
     assert not (tmp_path / "out").exists()

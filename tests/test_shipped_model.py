@@ -17,7 +17,7 @@ from ldm.toy.world import COLORS, prompt_to_attributes
 
 WEIGHTS = WEIGHTS_DIR / DEFAULT_WEIGHTS
 pytestmark = pytest.mark.skipif(
-    not WEIGHTS.is_file(), reason=f"{WEIGHTS} is not there yet (train it: python scripts/train_toy.py --bf16)")
+    not WEIGHTS.is_file(), reason=f"{WEIGHTS} is not there yet (train it: python scripts/train_toy.py --bf16 vae)")
 
 SEEDS = [0, 1, 2, 3]
 NEEDED = 3  # of len(SEEDS)
