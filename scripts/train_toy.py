@@ -2,7 +2,11 @@
 
     python scripts/train_toy.py --bf16 vae       # the full recipe, ~65 min on a 2-core AMX CPU
     python scripts/train_toy.py --vae-from weights/ldm-toy.safetensors
-                                                 # the shipped run: the shipped VAE, new CLIP and U-Net
+                                                 # the shipped VAE, new CLIP and U-Net
+    python scripts/train_toy.py --unet-from weights/ldm-toy.safetensors --unet-kinds 1,1,1,1,1 \
+        --unet-steps 2400 --unet-lr 2e-4 --workdir runs/ft --out runs/ft/ldm-toy.safetensors \
+        --clip-out runs/ft/toy-clip-vision.safetensors
+                                                 # train the shipped U-Net further, on evenly mixed kinds
     python scripts/train_toy.py --smoke          # every stage, 2 steps, tiny sizes (~5 s)
     accelerate launch scripts/train_toy.py --bf16 all          # one or several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc-per-node 2 scripts/train_toy.py --workdir W ...
@@ -56,9 +60,10 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextConfig  # noqa: E402
 
-from ldm.checkpoints import load_model  # noqa: E402
+from ldm.checkpoints import LoadedModel, load_model  # noqa: E402
 from ldm.checkpoints.convert import original_metadata, original_state  # noqa: E402
 from ldm.checkpoints.files import atomic_path, save_safetensors  # noqa: E402
 from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset, with_changes  # noqa: E402
@@ -69,7 +74,8 @@ from ldm.models.unet import UNet  # noqa: E402
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian  # noqa: E402
 from ldm.toy.clip import ToyCLIP, scorer_metadata  # noqa: E402
 from ldm.toy.world import (  # noqa: E402
-    Scene, caption, kind_twin, make_batch, prompt_to_attributes, render, sample_scene,
+    KIND_WEIGHTS, KINDS, Scene, caption, kind_odds, kind_twin, make_batch, prompt_to_attributes, render,
+    sample_scene,
 )
 from ldm.training import (  # noqa: E402
     EMA,
@@ -210,6 +216,15 @@ def _stage_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _kind_weights(text: str) -> tuple[float, ...]:
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+        kind_odds(weights)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return weights
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,6 +253,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="take the VAE of this ldm/SD checkpoint instead of training one (as SD 2 kept "
                         "SD 1's): the shipped model's VAE is reused this way, since its stage costs "
                         "more than the rest together on a CPU without bf16 units")
+    p.add_argument("--unet-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="train the U-Net of this toy checkpoint further instead of from scratch; its text "
+                        "encoder, VAE and scaling factor are kept (the U-Net was trained on them), and so is "
+                        "the CLIP scorer beside it (toy-clip-vision.safetensors): no CLIP or VAE stage runs")
+    p.add_argument("--unet-kinds", type=_kind_weights, default=None, metavar="W,W,W,W,W",
+                   help=f"odds of {', '.join(KINDS)} in the U-Net's pictures (default the world's, "
+                        f"{','.join(f'{w:g}' for w in KIND_WEIGHTS)}); more than a fifth cats lets "
+                        "the cat prior leak into round shapes")
     p.add_argument("--latent-images", type=int, default=None, help="pictures encoded for the U-Net stage")
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (guidance)")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE KL weight (SD's, sum-reduced)")
@@ -600,25 +623,76 @@ def train_vae(acc: Accelerator, args: argparse.Namespace, sizes: Sizes) -> Stage
                        fingerprint, {}, sizes.save_every, sizes.log_every)
 
 
-def vae_from_checkpoint(path: Path, sizes: Sizes) -> StageResult:
-    """The VAE of an existing checkpoint, checked against the recipe's VAE config."""
-    loaded = load_model(path)
-    want, have = (with_changes(c, scaling_factor=1.0) for c in (sizes.model.vae, loaded.config.vae))
-    if have != want:
-        raise SystemExit(f"--vae-from {path}: its VAE is not the recipe's:\n  {have}\n  expected {want}")
-    state = {k: v.float().clone() for k, v in loaded.vae.state_dict().items()}
+def given_weights(state: dict[str, Tensor], source: Path) -> StageResult:
+    """Weights taken from a file rather than trained here, in float32, with their digest
+    (what later stages record of them)."""
+    state = {k: v.float().clone() for k, v in state.items()}
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode() + state[key].numpy().tobytes())
-    return StageResult(state, 0, {"seconds": 0.0, "losses": [], "from": str(path), "sha256": digest.hexdigest()})
+    return StageResult(state, 0, {"seconds": 0.0, "losses": [], "from": str(source), "sha256": digest.hexdigest()})
+
+
+def checked_model(flag: str, path: Path, sizes: Sizes, parts: tuple[str, ...]) -> LoadedModel:
+    """``path`` loaded as a checkpoint whose ``parts`` have the recipe's configs."""
+    loaded = load_model(path)
+    for part in parts:
+        want, have = (getattr(c, part) for c in (sizes.model, loaded.config))
+        if part == "vae":  # measured from the data, not part of the architecture
+            want, have = (with_changes(c, scaling_factor=1.0) for c in (want, have))
+        if have != want:
+            raise SystemExit(f"{flag} {path}: its {part} is not the recipe's:\n  {have}\n  expected {want}")
+    return loaded
+
+
+def vae_from_checkpoint(path: Path, sizes: Sizes) -> StageResult:
+    """The VAE of an existing checkpoint, checked against the recipe's VAE config."""
+    return given_weights(checked_model("--vae-from", path, sizes, ("vae",)).vae.state_dict(), path)
+
+
+@dataclass
+class Release:
+    """A released toy model to train further (``--unet-from``): the results of its
+    CLIP and VAE stages, its U-Net's weights and the scaling factor they were trained at."""
+
+    clip: StageResult
+    vae: StageResult
+    unet: StageResult
+    scaling_factor: float
+
+
+def release_from_checkpoint(path: Path, sizes: Sizes) -> Release:
+    """The toy checkpoint at ``path`` and the CLIP scorer beside it, checked against the
+    recipe. CLIP's state is put back together from the checkpoint's text tower and the
+    scorer's image tower and projections (how ``export_clip_scorer`` split it)."""
+    loaded = checked_model("--unet-from", path, sizes, ("unet", "vae", "text"))
+    scorer_path = path.with_name("toy-clip-vision.safetensors")
+    if not scorer_path.is_file():
+        raise SystemExit(f"--unet-from {path}: no CLIP scorer beside it ({scorer_path}); "
+                         "the checkpoint's text encoder is only kept with the image tower it was trained with")
+    clip_state = {**load_file(str(scorer_path)), **loaded.text_encoder.state_dict()}
+    try:
+        clip_model(sizes).load_state_dict(clip_state, strict=True)
+    except RuntimeError as exc:
+        raise SystemExit(f"--unet-from {path}: {scorer_path} does not fit the recipe's CLIP: {exc}") from None
+    return Release(clip=given_weights(clip_state, scorer_path), vae=given_weights(loaded.vae.state_dict(), path),
+                   unet=given_weights(loaded.unet.state_dict(), path),
+                   scaling_factor=loaded.config.vae.scaling_factor)
 
 
 def _samples(spec: StageSpec, first: int) -> int:
     return spec.steps * spec.batch_size - first
 
 
-def latent_scenes(seed: int, n: int) -> list[Scene]:
-    return [sample_scene(np.random.default_rng(derive_seed(seed, STAGE_IDS["latents"], i))) for i in range(n)]
+def kinds_input(args: argparse.Namespace) -> dict[str, Any]:
+    """``--unet-kinds`` for the records that later runs compare (absent when not given,
+    so caches and checkpoints of runs made before the option still match)."""
+    return {} if args.unet_kinds is None else {"kinds": plain(args.unet_kinds)}
+
+
+def latent_scenes(seed: int, n: int, kind_weights: tuple[float, ...] | None = None) -> list[Scene]:
+    return [sample_scene(np.random.default_rng(derive_seed(seed, STAGE_IDS["latents"], i)), kind_weights=kind_weights)
+            for i in range(n)]
 
 
 @torch.no_grad()
@@ -627,8 +701,8 @@ def encode_latents(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae
     """Encode ``sizes.latent_images`` pictures once (cached in the workdir) and measure
     the scaling factor: 1 / std of posterior samples over all of them, as SD did."""
     path = args.workdir / "latents.pt"
-    inputs = {"vae": vae_id, "n": sizes.latent_images, "seed": args.seed}
-    scenes = latent_scenes(args.seed, sizes.latent_images)
+    inputs = {"vae": vae_id, "n": sizes.latent_images, "seed": args.seed, **kinds_input(args)}
+    scenes = latent_scenes(args.seed, sizes.latent_images, args.unet_kinds)
     cached = load_checkpoint(path)
     if cached is not None and cached["inputs"] == inputs:
         return LatentSet(cached["moments"], scenes, cached["scaling_factor"], cached["stats"])
@@ -657,9 +731,12 @@ def encode_latents(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae
 
 def train_unet(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, config: ModelConfig,
                text_encoder: TextEncoder, latents: LatentSet, upstream: dict[str, Any],
-               tokenizer: Tokenizer) -> StageResult:
+               tokenizer: Tokenizer, init: StageResult | None = None) -> StageResult:
+    """The U-Net stage, from scratch or (``init``) from given weights: their EMA starts there too."""
     stage_init(args, "unet")
     unet = UNet(config.unet)
+    if init is not None:
+        unet.load_state_dict(init.state, strict=True)
     spec = sizes.specs["unet"]
     task = UNetTask(unet, text_encoder, NoiseSchedule(config))
     fingerprint = {"unet": plain(config.unet), "p_empty": args.p_empty,
@@ -744,14 +821,21 @@ def export_clip_scorer(sizes: Sizes, clip_state: dict[str, Tensor], out: Path) -
     return out.stat().st_size
 
 
-def stage_card(spec: StageSpec, result: StageResult, params: int) -> dict[str, Any]:
+def stage_card(spec: StageSpec, result: StageResult, params: int,
+               init: StageResult | None = None) -> dict[str, Any]:
+    """A stage's card entry; ``init``: the given weights its training started from."""
     if "from" in result.record:  # not trained in this run
-        return {"from": result.record["from"], "sha256": result.record["sha256"], "parameters": params}
+        return given_card(result) | {"parameters": params}
     losses = result.record["losses"]
-    return {"steps": result.step, "batch_size": spec.batch_size, "lr": spec.lr, "parameters": params,
-            "seconds": round(result.record["seconds"], 1),
-            "s_per_step": round(result.record["seconds"] / max(1, result.step), 3),
-            "final_loss": losses[-1][1] if losses else None}
+    card = {} if init is None else {"init": given_card(init)}
+    return card | {"steps": result.step, "batch_size": spec.batch_size, "lr": spec.lr, "parameters": params,
+                   "seconds": round(result.record["seconds"], 1),
+                   "s_per_step": round(result.record["seconds"] / max(1, result.step), 3),
+                   "final_loss": losses[-1][1] if losses else None}
+
+
+def given_card(result: StageResult) -> dict[str, Any]:
+    return {"from": result.record["from"], "sha256": result.record["sha256"]}
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -772,15 +856,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_config = sizes.model.text
     tokenizer = Tokenizer(text_config.pad_token, text_config.max_position_embeddings)
 
-    given_vae = None if args.vae_from is None else vae_from_checkpoint(args.vae_from, sizes)  # checked first
-    clip = train_clip(acc, args, sizes, tokenizer)
-    vae = given_vae or train_vae(acc, args, sizes)
+    if args.unet_from is not None and args.vae_from is not None:
+        raise SystemExit("--unet-from keeps that checkpoint's VAE (its U-Net was trained on it): "
+                         "leave out --vae-from")
+    # Given weights are checked before anything trains.
+    release = None if args.unet_from is None else release_from_checkpoint(args.unet_from, sizes)
+    given_vae = None if args.vae_from is None else vae_from_checkpoint(args.vae_from, sizes)
+    if release:
+        clip, vae = release.clip, release.vae
+    else:
+        clip = train_clip(acc, args, sizes, tokenizer)
+        vae = given_vae or train_vae(acc, args, sizes)
     latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
+    if release:  # its U-Net learned at its own scale; the new pictures' std is only recorded
+        latents = dataclasses.replace(latents, scaling_factor=release.scaling_factor)
     config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
     text_encoder = text_encoder_from_clip(text_config, clip.state)
     upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
-                "scaling_factor": latents.scaling_factor}
-    unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer)
+                "scaling_factor": latents.scaling_factor, **kinds_input(args)}
+    if release:
+        upstream.update(clip=clip.identity(), unet_from=release.unet.identity())
+    unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer,
+                      release.unet if release else None)
 
     card: dict[str, Any] = {}
     if acc.is_main_process:
@@ -792,10 +889,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         card = {
             "checkpoint": str(args.out), "checkpoint_bytes": size, "clip_scorer": str(args.clip_out),
             "clip_scorer_bytes": clip_size, "seed": args.seed, "bf16_stages": list(args.bf16),
+            "unet_kinds": dict(zip(KINDS, (args.unet_kinds or KIND_WEIGHTS.tolist()))),
             "processes": acc.num_processes, "device": str(acc.device),
             "text_encoder_parameters": param_count(states["text_encoder"]),
-            "stages": {name: stage_card(sizes.specs[name], result, params[name])
-                       for name, result in (("clip", clip), ("vae", vae), ("unet", unet))},
+            "stages": {"clip": stage_card(sizes.specs["clip"], clip, params["clip"]),
+                       "vae": stage_card(sizes.specs["vae"], vae, params["vae"]),
+                       "unet": stage_card(sizes.specs["unet"], unet, params["unet"],
+                                          release.unet if release else None)},
             "latents": latents.stats, "eval": evaluate(acc, args, sizes, clip.state, vae.state, tokenizer),
             "config": config.to_dict(), "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
         }

@@ -59,6 +59,25 @@ def test_scenes_are_valid():
             assert s.hat_color not in (s.color, s.background)
 
 
+def test_kind_weights_set_the_odds_of_each_kind():
+    def counts(weights, n=2000):
+        rng = np.random.default_rng(9)
+        kinds = [sample_scene(rng, kind_weights=weights).kind for _ in range(n)]
+        return {k: kinds.count(k) / n for k in KINDS}
+
+    assert counts((0, 1, 0, 0, 0))["circle"] == 1.0
+    uniform = counts((2, 2, 2, 2, 2))  # odds, not probabilities
+    assert all(abs(f - 0.2) < 0.03 for f in uniform.values()), uniform  # 3 sigma of a binomial is 0.027
+    default = counts(None)
+    assert abs(default["cat"] - 0.4) < 0.035 and abs(default["star"] - 0.15) < 0.03, default
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1, 1), (1, 1, 1, 1, -1), (0, 0, 0, 0, 0), (1, 1, 1, 1, float("nan"))])
+def test_bad_kind_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="kind weights must be 5 non-negative numbers"):
+        sample_scene(np.random.default_rng(0), kind_weights=weights)
+
+
 def test_kind_twins_differ_in_kind_only_and_stay_in_the_train_split():
     held = heldout_combos()
     rng = np.random.default_rng(5)

@@ -203,6 +203,52 @@ def test_vae_from_a_checkpoint_skips_the_stage_and_hands_that_vae_on(train_toy, 
     assert not (tmp_path / "full" / "clip.pt").exists()
 
 
+def test_unet_from_a_release_starts_from_its_unet_and_keeps_the_rest(train_toy, straight_run, tmp_path, capsys):
+    load_model = _load_model()
+    source_dir = straight_run[0]
+    source = source_dir / "ldm-toy.safetensors"
+    capsys.readouterr()
+    # Learning rate 0: the exported U-Net must be the source's, bit for bit (its EMA
+    # starts at the given weights). Other kinds than the source's pictures change the
+    # latents' std, which must not change the scaling factor the U-Net was trained at.
+    card = _smoke(train_toy, tmp_path, "--unet-steps", "2", "--unet-lr", "0", "--unet-from", str(source),
+                  "--unet-kinds", "0,0,0,0,1")
+    log = capsys.readouterr().out
+    assert "[clip]" not in log and "[vae]" not in log  # neither stage runs
+    before, after = load_model(source), load_model(tmp_path / "ldm-toy.safetensors")
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert after.config == before.config
+    assert card["latents"]["scaling_factor"] != pytest.approx(before.config.vae.scaling_factor)
+    assert card["stages"]["unet"]["init"]["from"] == str(source) and card["stages"]["unet"]["steps"] == 2
+    assert card["unet_kinds"] == {"cat": 0, "circle": 0, "square": 0, "triangle": 0, "star": 1}
+    scorers = [load_file(d / "toy-clip-vision.safetensors") for d in (source_dir, tmp_path)]
+    assert scorers[0].keys() == scorers[1].keys() and all(torch.equal(scorers[0][k], scorers[1][k])
+                                                          for k in scorers[0])
+
+
+def test_unet_from_refuses_what_it_cannot_continue(train_toy, straight_run, tmp_path):
+    source = straight_run[0] / "ldm-toy.safetensors"
+    with pytest.raises(SystemExit, match="leave out --vae-from"):
+        _smoke(train_toy, tmp_path / "a", "--unet-from", str(source), "--vae-from", str(source))
+    with pytest.raises(SystemExit, match="its unet is not the recipe's"):  # the full recipe's U-Net is larger
+        train_toy.main(["--workdir", str(tmp_path / "full"), "--unet-from", str(source)])
+    alone = tmp_path / "alone" / "ldm-toy.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes(source.read_bytes())
+    with pytest.raises(SystemExit, match="no CLIP scorer beside it"):
+        _smoke(train_toy, tmp_path / "b", "--unet-from", str(alone))
+    assert not any((tmp_path / d / "unet.pt").exists() for d in ("a", "b", "full"))
+
+
+@pytest.mark.parametrize("bad", ["1,1,1", "1,1,1,1,x", "0,0,0,0,0"])
+def test_unet_kinds_must_be_five_weights(train_toy, bad, capsys):
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--unet-kinds", bad])
+    assert "--unet-kinds" in capsys.readouterr().err
+
+
 def test_resume_continues_and_matches_an_uninterrupted_run(train_toy, straight_run, tmp_path, capsys):
     _smoke(train_toy, tmp_path / "a", "--unet-steps", "2")
     first = load_checkpoint(tmp_path / "a" / "unet.pt")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -110,16 +111,30 @@ def _pick(rng: np.random.Generator, items, exclude=()) -> str:
     return choices[int(rng.integers(len(choices)))]
 
 
-def sample_scene(rng: np.random.Generator, split: Split = "train") -> Scene:
-    """Draw one random scene from ``split`` ('train' or 'heldout' combinations)."""
+def kind_odds(weights: Sequence[float]) -> np.ndarray:
+    """``weights`` of the ``KINDS`` (in that order) as probabilities, checked."""
+    odds = np.asarray(weights, dtype=float)
+    if odds.shape != (len(KINDS),) or not np.isfinite(odds).all() or (odds < 0).any() or odds.sum() <= 0:
+        raise ValueError(f"kind weights must be {len(KINDS)} non-negative numbers (for {', '.join(KINDS)}) "
+                         f"with a positive sum, got {list(np.ravel(odds))}")
+    return odds / odds.sum()
+
+
+def sample_scene(rng: np.random.Generator, split: Split = "train",
+                 kind_weights: Sequence[float] | None = None) -> Scene:
+    """Draw one random scene from ``split`` ('train' or 'heldout' combinations).
+
+    ``kind_weights``: the train split's odds of each of ``KINDS`` (default
+    ``KIND_WEIGHTS``; they need not sum to 1)."""
     _check_split(split)
+    odds = KIND_WEIGHTS if kind_weights is None else kind_odds(kind_weights)
     held = heldout_combos()
     if split == "heldout":
         ordered = sorted(held)
         kind, color, background = ordered[int(rng.integers(len(ordered)))]
     else:
         while True:
-            kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
+            kind = KINDS[int(rng.choice(len(KINDS), p=odds))]
             color = _pick(rng, COLORS)
             background = _pick(rng, COLORS, exclude=(color,))
             if (kind, color, background) not in held:
