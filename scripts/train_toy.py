@@ -259,8 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the CLIP scorer beside it (toy-clip-vision.safetensors): no CLIP or VAE stage runs")
     p.add_argument("--unet-kinds", type=_kind_weights, default=None, metavar="W,W,W,W,W",
                    help=f"odds of {', '.join(KINDS)} in the U-Net's pictures (default the world's, "
-                        f"{','.join(f'{w:g}' for w in KIND_WEIGHTS)}); more than a fifth cats lets "
-                        "the cat prior leak into round shapes")
+                        f"{','.join(f'{w:g}' for w in KIND_WEIGHTS)}); e.g. 1,1,1,1,1 for as many "
+                        "of each (weights/README.md has what that did)")
     p.add_argument("--latent-images", type=int, default=None, help="pictures encoded for the U-Net stage")
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (guidance)")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE KL weight (SD's, sum-reduced)")
