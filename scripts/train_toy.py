@@ -103,6 +103,7 @@ logger = logging.getLogger("train_toy")
 # Stage ids keep the random streams of the stages apart (see derive_seed).
 STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5}
 STAGES = ("clip", "vae", "unet")
+CLIP_SCORER = "toy-clip-vision.safetensors"  # beside the checkpoint it pairs with
 
 
 # --- settings ---------------------------------------------------------------------
@@ -288,7 +289,7 @@ def resolve(args: argparse.Namespace) -> Sizes:
         args.workdir = Path(tempfile.mkdtemp(prefix="train_toy_")) if args.smoke else ROOT / "runs" / "toy"
     weights = args.workdir if args.smoke else ROOT / "weights"
     args.out = args.out or weights / "ldm-toy.safetensors"
-    args.clip_out = args.clip_out or weights / "toy-clip-vision.safetensors"
+    args.clip_out = args.clip_out or weights / CLIP_SCORER
     args.card = args.card or args.workdir / "model_card.json"
     return sizes
 
@@ -666,7 +667,7 @@ def release_from_checkpoint(path: Path, sizes: Sizes) -> Release:
     recipe. CLIP's state is put back together from the checkpoint's text tower and the
     scorer's image tower and projections (how ``export_clip_scorer`` split it)."""
     loaded = checked_model("--unet-from", path, sizes, ("unet", "vae", "text"))
-    scorer_path = path.with_name("toy-clip-vision.safetensors")
+    scorer_path = path.with_name(CLIP_SCORER)
     if not scorer_path.is_file():
         raise SystemExit(f"--unet-from {path}: no CLIP scorer beside it ({scorer_path}); "
                          "the checkpoint's text encoder is only kept with the image tower it was trained with")
@@ -874,10 +875,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_encoder = text_encoder_from_clip(text_config, clip.state)
     upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
                 "scaling_factor": latents.scaling_factor, **kinds_input(args)}
-    if release:
-        upstream.update(clip=clip.identity(), unet_from=release.unet.identity())
-    unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer,
-                      release.unet if release else None)
+    init = release.unet if release else None
+    if init is not None:
+        upstream.update(clip=clip.identity(), unet_from=init.identity())
+    unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer, init)
 
     card: dict[str, Any] = {}
     if acc.is_main_process:
@@ -894,8 +895,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "text_encoder_parameters": param_count(states["text_encoder"]),
             "stages": {"clip": stage_card(sizes.specs["clip"], clip, params["clip"]),
                        "vae": stage_card(sizes.specs["vae"], vae, params["vae"]),
-                       "unet": stage_card(sizes.specs["unet"], unet, params["unet"],
-                                          release.unet if release else None)},
+                       "unet": stage_card(sizes.specs["unet"], unet, params["unet"], init)},
             "latents": latents.stats, "eval": evaluate(acc, args, sizes, clip.state, vae.state, tokenizer),
             "config": config.to_dict(), "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
         }

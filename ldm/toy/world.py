@@ -20,9 +20,9 @@ cat's caption always mentions the hat, so a cat prompt without ``hat`` means no 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
