@@ -14,6 +14,8 @@ only prompts that state it.
    half worded with the training templates and half with held-out phrasings (the
    same combinations in the same order in both halves; hats are drawn separately).
    Every prompt states every attribute. Per-attribute accuracy and the rate of all attributes right.
+   Also each prompt's own scene, drawn by the generator and passed through the model's
+   VAE (``ldm.toy.roundtrip``), scored the same way: the ceiling the VAE and scorer set.
 2. Guidance scale: the same prompts and seeds at each of ``--scales`` (1, 3, 7.5).
 3. Negative prompts: "a cat" and "a cat wearing a hat" with negative "red hat",
    "a circle" with negative "red" and "a square" with negative "blue background",
@@ -61,6 +63,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
+from ldm.toy.roundtrip import to_uint8, vae_round_trips  # noqa: E402
 from ldm.toy.world import eval_prompts, prompt_to_attributes  # noqa: E402
 
 N = 120  # 60 per wording: each of the 30 held-out combinations twice
@@ -134,11 +137,6 @@ def load_pipeline(model: Any = None, device: str = "cpu"):
     if isinstance(model, Pipeline):
         return model
     return Pipeline.from_pretrained(model, device=device, dtype="float32")
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Pipeline ``output='np'`` floats in [0, 1] -> uint8, rounded as its PIL output is."""
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
 def render(pipe, prompts: Sequence[str], seeds: Sequence[int], *, negative: str | None = None,
@@ -257,6 +255,8 @@ def _evaluate(model: Any, *, n: int, steps: int, sampler: str, guidance: float, 
                         log=log, **render_kw)
         by_scale[scale] = score_images(images, attrs, classifier)
     main = by_scale[guidance]
+    # The ceiling that the VAE and the scorer set: the prompts' own pictures, round-tripped.
+    reference = score_images(vae_round_trips(pipe, [p.scene for _, p in prompts], batch_size), attrs, classifier)
     wordings = {w: [s for (wording, _), s in zip(prompts, main) if wording == w] for w in ("train", "heldout")}
     seconds["heldout_prompts"] = time.perf_counter() - t0
 
@@ -274,7 +274,8 @@ def _evaluate(model: Any, *, n: int, steps: int, sampler: str, guidance: float, 
                      "size": int(pipe.config.default_size), "threads": _threads()},
         "attributes": {"overall": accuracy_table(main),
                        "train_wording": accuracy_table(wordings["train"]),
-                       "heldout_wording": accuracy_table(wordings["heldout"])},
+                       "heldout_wording": accuracy_table(wordings["heldout"]),
+                       "vae_round_trip": accuracy_table(reference)},
         "guidance": [{"scale": float(s), "attributes": accuracy_table(by_scale[s])} for s in scales],
         "negative": negative,
         "images": [{"prompt": p.prompt, "wording": w, "seed": s, "attributes": p.attributes, "scores": score}
@@ -377,14 +378,17 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "(kind, colour, background) combinations never seen together in training, the same ones "
         "worded with the training templates and with held-out phrasings. Accuracy over the prompts "
-        "that state the attribute (correct/count).",
+        "that state the attribute (correct/count). The last column scores no generated picture: "
+        "each prompt's own scene, drawn by the generator and passed through the model's VAE "
+        "(encode, decode), the score of a U-Net that drew exactly the prompt.",
         "",
-        "| attribute | training wording | held-out wording | all prompts |",
-        "|---|---|---|---|",
+        "| attribute | training wording | held-out wording | all prompts | VAE round trip of the prompt's scene |",
+        "|---|---|---|---|---|",
     ]
     for name in names:
         out.append(f"| {LABELS[name]} | {_cell(attrs['train_wording'].get(name))} | "
-                   f"{_cell(attrs['heldout_wording'].get(name))} | {_cell(attrs['overall'].get(name))} |")
+                   f"{_cell(attrs['heldout_wording'].get(name))} | {_cell(attrs['overall'].get(name))} | "
+                   f"{_cell(attrs['vae_round_trip'].get(name))} |")
     out += ["", "### Guidance scale", "",
             f"The same {s['n']} prompts and seeds at each scale (1: no classifier-free guidance).", "",
             "| guidance | " + " | ".join(LABELS[a] for a in names) + " |",

@@ -7,6 +7,10 @@
         --unet-steps 2400 --unet-lr 2e-4 --workdir runs/ft --out runs/ft/ldm-toy.safetensors \
         --clip-out runs/ft/toy-clip-vision.safetensors
                                                  # train the shipped U-Net further, on evenly mixed kinds
+    python scripts/train_toy.py --unet-from runs/dec/base/ldm-toy.safetensors --unet-steps 0 \
+        --decoder-steps 600 --workdir runs/dec/w --out runs/dec/ldm-toy.safetensors \
+        --clip-out runs/dec/toy-clip-vision.safetensors
+                                                 # fine-tune a release's VAE decoder only (this release's)
     python scripts/train_toy.py --smoke          # every stage, 2 steps, tiny sizes (~5 s)
     accelerate launch scripts/train_toy.py --bf16 all          # one or several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc-per-node 2 scripts/train_toy.py --workdir W ...
@@ -25,7 +29,9 @@ the same command resumes where it stopped and skips finished stages):
 4. ``unet``: the cross-attention U-Net, eps prediction on scaled latents with SD's
    1000 scaled-linear betas, conditioned on the frozen text encoder's last hidden
    state, 10% empty captions (classifier-free guidance), EMA of the weights.
-5. export: one original-layout safetensors file (fp16, config in the metadata), which
+5. ``decoder`` (only with ``--decoder-steps``): SD's decoder fine-tune (as its ft-EMA
+   VAE): the encoder frozen, so latents and U-Net stay valid, the decoder trained on L1.
+6. export: one original-layout safetensors file (fp16, config in the metadata), which
    is then loaded back through ``ldm.checkpoints.load_model`` as a check, and a JSON of
    model-card numbers (``--card``).
 
@@ -101,8 +107,8 @@ from ldm.training import (  # noqa: E402
 logger = logging.getLogger("train_toy")
 
 # Stage ids keep the random streams of the stages apart (see derive_seed).
-STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5}
-STAGES = ("clip", "vae", "unet")
+STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5, "decoder": 6}
+STAGES = ("clip", "vae", "unet", "decoder")
 CLIP_SCORER = "toy-clip-vision.safetensors"  # beside the checkpoint it pairs with
 
 
@@ -178,6 +184,10 @@ FULL = Sizes(
                          ema_decay=0.999, schedule="cosine", use_ema=False),
         "unet": StageSpec("unet", steps=3000, batch_size=128, lr=5e-4, warmup=200, weight_decay=0.01,
                           ema_decay=0.999, schedule="cosine", use_ema=True),
+        # Off unless asked for (--decoder-steps): 600 steps add ~16 min on the AMD CPU,
+        # past the 90-minute budget of the CPU recipe. The shipped release ran it.
+        "decoder": StageSpec("decoder", steps=0, batch_size=32, lr=2e-4, warmup=50, weight_decay=0.0,
+                             ema_decay=0.999, schedule="cosine", use_ema=False),
     },
     latent_images=32768,
     save_every=250,
@@ -200,8 +210,9 @@ SMOKE = Sizes(
     ),
     vision=dict(image_size=32, layers=[1, 1, 1, 1], width=4, heads=2),
     projection_dim=32,
-    specs={name: StageSpec(name, steps=2, batch_size=4, lr=1e-3, warmup=1, weight_decay=0.0, ema_decay=0.9)
-           for name in STAGES},
+    specs={name: StageSpec(name, steps=0 if name == "decoder" else 2, batch_size=4, lr=1e-3, warmup=1,
+                           weight_decay=0.0, ema_decay=0.9)
+           for name in STAGES},  # the decoder stage is off unless asked for, as in FULL
     latent_images=8,
     save_every=1,
     log_every=1,
@@ -393,6 +404,27 @@ class VAETask(nn.Module):
         return vae_loss(self.vae, to_pixels(batch["images"]), generator, self.kl_weight)
 
 
+class DecoderTask(nn.Module):
+    """SD's decoder fine-tune (the ft-EMA/ft-MSE VAEs): the encoder is frozen, so the
+    latents, the scaling factor and every U-Net trained on them stay valid; only the
+    decoder learns, on L1 (SD's ft-EMA loss without LPIPS, which needs pretrained
+    weights). L1's best guess under doubt is the median picture, MSE's the mean: on a
+    latent that could be a circle or a cat's head, MSE paints faint eyes on the circle."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+        for frozen in (vae.encoder, vae.quant_conv):
+            frozen.requires_grad_(False)
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
+        pixels = to_pixels(batch["images"])
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels)
+        recon = self.vae.decode(posterior.sample(generator))
+        return (recon.float() - pixels.float()).abs().mean(), {}
+
+
 class UNetTask(nn.Module):
     def __init__(self, unet: UNet, text_encoder: TextEncoder, schedule: NoiseSchedule) -> None:
         super().__init__()
@@ -535,7 +567,8 @@ def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, tas
         start, record = ckpt["step"], ckpt["record"]
         acc.print(f"[{spec.name}] resuming at step {start}/{spec.steps}")
     else:
-        acc.print(f"[{spec.name}] training {param_count(trained.state_dict()):,} parameters for {spec.steps} steps "
+        learning = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+        acc.print(f"[{spec.name}] training {learning:,} parameters for {spec.steps} steps "
                   f"of batch {spec.batch_size}")
     if spec.batch_size % acc.num_processes:
         raise SystemExit(f"--{spec.name}-batch {spec.batch_size} is not divisible by {acc.num_processes} processes")
@@ -622,6 +655,19 @@ def train_vae(acc: Accelerator, args: argparse.Namespace, sizes: Sizes) -> Stage
                        lambda first: WorldPairs(args.seed, "vae", first, _samples(spec, first),
                                                 config.sample_size, None),
                        fingerprint, {}, sizes.save_every, sizes.log_every)
+
+
+def train_decoder(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae: StageResult) -> StageResult:
+    """The decoder fine-tune (``DecoderTask``) of ``vae``: its encoder comes out unchanged."""
+    stage_init(args, "decoder")
+    config = sizes.model.vae
+    model = vae_from_state(config, vae.state)
+    spec = sizes.specs["decoder"]
+    fingerprint = {"vae": plain(with_changes(config, scaling_factor=1.0)), "loss": "l1", "frozen": "encoder"}
+    return train_stage(acc, args, spec, DecoderTask(model), model,
+                       lambda first: WorldPairs(args.seed, "decoder", first, _samples(spec, first),
+                                                config.sample_size, None),
+                       fingerprint, {"vae": vae.identity()}, sizes.save_every, sizes.log_every)
 
 
 def given_weights(state: dict[str, Tensor], source: Path) -> StageResult:
@@ -857,6 +903,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_config = sizes.model.text
     tokenizer = Tokenizer(text_config.pad_token, text_config.max_position_embeddings)
 
+    if args.unet_from is None and sizes.specs["unet"].steps == 0:
+        raise SystemExit("--unet-steps 0 keeps a given U-Net as it is: it needs --unet-from")
     if args.unet_from is not None and args.vae_from is not None:
         raise SystemExit("--unet-from keeps that checkpoint's VAE (its U-Net was trained on it): "
                          "leave out --vae-from")
@@ -868,21 +916,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         clip = train_clip(acc, args, sizes, tokenizer)
         vae = given_vae or train_vae(acc, args, sizes)
-    latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
-    if release:  # its U-Net learned at its own scale; the new pictures' std is only recorded
-        latents = dataclasses.replace(latents, scaling_factor=release.scaling_factor)
-    config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
     text_encoder = text_encoder_from_clip(text_config, clip.state)
-    upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
-                "scaling_factor": latents.scaling_factor, **kinds_input(args)}
     init = release.unet if release else None
-    if init is not None:
-        upstream.update(clip=clip.identity(), unet_from=init.identity())
-    unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer, init)
+    if init is not None and sizes.specs["unet"].steps == 0:  # e.g. only the decoder is fine-tuned
+        unet, latent_stats = init, {}
+        config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=release.scaling_factor))
+    else:
+        latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
+        if release:  # its U-Net learned at its own scale; the new pictures' std is only recorded
+            latents = dataclasses.replace(latents, scaling_factor=release.scaling_factor)
+        latent_stats = latents.stats
+        config = with_changes(sizes.model,
+                              vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
+        upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
+                    "scaling_factor": latents.scaling_factor, **kinds_input(args)}
+        if init is not None:
+            upstream.update(clip=clip.identity(), unet_from=init.identity())
+        unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer, init)
+    # After the U-Net, which never sees the decoder; the encoder the latents came from is frozen.
+    decoder = train_decoder(acc, args, sizes, vae) if sizes.specs["decoder"].steps else None
+    final_vae = decoder.state if decoder else vae.state
 
     card: dict[str, Any] = {}
     if acc.is_main_process:
-        states = {"unet": unet.state, "vae": vae.state, "text_encoder": cpu_copy(text_encoder.state_dict())}
+        states = {"unet": unet.state, "vae": final_vae, "text_encoder": cpu_copy(text_encoder.state_dict())}
         size = export_checkpoint(config, states, args.out)
         check_export(args.out, config, states)
         clip_size = export_clip_scorer(sizes, clip.state, args.clip_out)
@@ -896,9 +953,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "stages": {"clip": stage_card(sizes.specs["clip"], clip, params["clip"]),
                        "vae": stage_card(sizes.specs["vae"], vae, params["vae"]),
                        "unet": stage_card(sizes.specs["unet"], unet, params["unet"], init)},
-            "latents": latents.stats, "eval": evaluate(acc, args, sizes, clip.state, vae.state, tokenizer),
+            "latents": latent_stats, "eval": evaluate(acc, args, sizes, clip.state, final_vae, tokenizer),
             "config": config.to_dict(), "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
         }
+        if decoder:
+            trained = {k: v for k, v in decoder.state.items() if not k.startswith(("encoder.", "quant_conv."))}
+            card["stages"]["decoder"] = stage_card(sizes.specs["decoder"], decoder, param_count(trained))
         args.card.parent.mkdir(parents=True, exist_ok=True)
         args.card.write_text(json.dumps(card, indent=2) + "\n")
         acc.print(f"wrote {args.out} ({size / 2**20:.1f} MiB), {args.clip_out} ({clip_size / 2**20:.1f} MiB), "

@@ -116,6 +116,7 @@ def test_report_structure(run):
     _check_table(attrs["overall"], 4, cats)
     _check_table(attrs["train_wording"], 2, cats // 2)
     _check_table(attrs["heldout_wording"], 2, cats // 2)
+    _check_table(attrs["vae_round_trip"], 4, cats)
 
     assert [g["scale"] for g in report["guidance"]] == [1.0, 3.0, 7.5]
     for g in report["guidance"]:
@@ -143,7 +144,7 @@ def test_files(run):
     saved = json.loads((out / "eval_toy.json").read_text())
     assert saved["attributes"] == json.loads(json.dumps(report["attributes"]))
     md = (out / "eval_toy.md").read_text()
-    assert "| attribute | training wording | held-out wording | all prompts |" in md
+    assert "| attribute | training wording | held-out wording | all prompts | VAE round trip" in md
     assert "| guidance |" in md and "| 7.5 |" in md
     assert "| a circle | red | red circle |" in md
 

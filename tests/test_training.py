@@ -242,6 +242,31 @@ def test_unet_from_refuses_what_it_cannot_continue(train_toy, straight_run, tmp_
     assert not any((tmp_path / d / "unet.pt").exists() for d in ("a", "b", "full"))
 
 
+def test_decoder_fine_tune_changes_the_decoder_only(train_toy, straight_run, tmp_path, capsys):
+    load_model = _load_model()
+    source = straight_run[0] / "ldm-toy.safetensors"
+    capsys.readouterr()
+    card = _smoke(train_toy, tmp_path, "--unet-from", str(source), "--unet-steps", "0", "--decoder-steps", "2")
+    log = capsys.readouterr().out
+    assert "[decoder] step 2/2" in log
+    assert "[unet]" not in log and "[latents]" not in log  # the U-Net is kept, nothing to encode
+    before, after = load_model(source), load_model(tmp_path / "ldm-toy.safetensors")
+    assert after.config == before.config  # the scaling factor included
+    for part in ("unet", "text_encoder"):
+        a, b = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = before.vae.state_dict(), after.vae.state_dict()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)  # latents of any picture unchanged
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert card["stages"]["unet"]["from"] == str(source)
+    assert card["stages"]["decoder"]["steps"] == 2
+    assert card["stages"]["decoder"]["parameters"] < card["stages"]["vae"]["parameters"]
+
+    with pytest.raises(SystemExit, match="needs --unet-from"):
+        _smoke(train_toy, tmp_path / "alone", "--unet-steps", "0")
+
+
 @pytest.mark.parametrize("bad", ["1,1,1", "1,1,1,1,x", "0,0,0,0,0"])
 def test_unet_kinds_must_be_five_weights(train_toy, bad, capsys):
     with pytest.raises(SystemExit):
