@@ -110,6 +110,7 @@ logger = logging.getLogger("train_toy")
 STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5, "decoder": 6}
 STAGES = ("clip", "vae", "unet", "decoder")
 CLIP_SCORER = "toy-clip-vision.safetensors"  # beside the checkpoint it pairs with
+DECODER_FROZEN = ("encoder", "quant_conv")  # the VAE parts the decoder stage leaves as they are
 
 
 # --- settings ---------------------------------------------------------------------
@@ -414,8 +415,8 @@ class DecoderTask(nn.Module):
     def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
         self.vae = vae
-        for frozen in (vae.encoder, vae.quant_conv):
-            frozen.requires_grad_(False)
+        for name in DECODER_FROZEN:
+            getattr(vae, name).requires_grad_(False)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
         pixels = to_pixels(batch["images"])
@@ -727,6 +728,11 @@ def release_from_checkpoint(path: Path, sizes: Sizes) -> Release:
                    scaling_factor=loaded.config.vae.scaling_factor)
 
 
+def scaled_config(sizes: Sizes, scaling_factor: float) -> ModelConfig:
+    """The recipe's model config with the VAE scaling factor its U-Net was trained at."""
+    return with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=scaling_factor))
+
+
 def _samples(spec: StageSpec, first: int) -> int:
     return spec.steps * spec.batch_size - first
 
@@ -919,15 +925,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_encoder = text_encoder_from_clip(text_config, clip.state)
     init = release.unet if release else None
     if init is not None and sizes.specs["unet"].steps == 0:  # e.g. only the decoder is fine-tuned
-        unet, latent_stats = init, {}
-        config = with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=release.scaling_factor))
+        unet, latent_stats, config = init, {}, scaled_config(sizes, release.scaling_factor)
     else:
         latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
         if release:  # its U-Net learned at its own scale; the new pictures' std is only recorded
             latents = dataclasses.replace(latents, scaling_factor=release.scaling_factor)
-        latent_stats = latents.stats
-        config = with_changes(sizes.model,
-                              vae=with_changes(sizes.model.vae, scaling_factor=latents.scaling_factor))
+        latent_stats, config = latents.stats, scaled_config(sizes, latents.scaling_factor)
         upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
                     "scaling_factor": latents.scaling_factor, **kinds_input(args)}
         if init is not None:
@@ -957,7 +960,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config": config.to_dict(), "wall_seconds_this_run": round(time.perf_counter() - t0, 1),
         }
         if decoder:
-            trained = {k: v for k, v in decoder.state.items() if not k.startswith(("encoder.", "quant_conv."))}
+            frozen = tuple(f"{name}." for name in DECODER_FROZEN)
+            trained = {k: v for k, v in decoder.state.items() if not k.startswith(frozen)}
             card["stages"]["decoder"] = stage_card(sizes.specs["decoder"], decoder, param_count(trained))
         args.card.parent.mkdir(parents=True, exist_ok=True)
         args.card.write_text(json.dumps(card, indent=2) + "\n")

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..training import to_pixels
 from .world import Scene, render
 
 
@@ -25,7 +26,7 @@ def vae_round_trips(pipe: Any, scenes: Sequence[Scene], batch_size: int = 32) ->
     size, scale, out = int(pipe.config.default_size), pipe.config.vae.scaling_factor, []
     for lo in range(0, len(scenes), batch_size):
         pictures = np.stack([render(s, size) for s in scenes[lo:lo + batch_size]])
-        pixels = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1
+        pixels = to_pixels(torch.from_numpy(pictures).permute(0, 3, 1, 2))
         latents = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).mean.float() * scale
         out.append(to_uint8(pipe.decode(latents, output="np")))
     return np.concatenate(out)
