@@ -30,21 +30,10 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .atomicio import atomic_write
+from .validation import A1111_SAMPLERS
 
 PNG_KEY = "parameters"
 
-# ldm sampler name -> AUTOMATIC1111's name (modules/sd_samplers_*.py).
-A1111_SAMPLERS: dict[str, str] = {
-    "ddim": "DDIM",
-    "plms": "PLMS",
-    "ddpm": "DDPM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "lms": "LMS",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-}
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _KARRAS = " Karras"
 # "Schedule type" values of web UI >= 1.9 that match one of ldm's schedules.

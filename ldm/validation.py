@@ -1,0 +1,127 @@
+"""Generation settings: the one table of defaults and the one set of checks.
+
+``Pipeline.generate``, the ``ldm`` command line, batch files and PNG parameters read
+by ``--from`` all validate through these functions, so a value is accepted or
+refused the same way wherever it enters, and a batch can check every line before
+anything renders. Torch is imported only by :func:`check_sampling`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+# ldm sampler name -> AUTOMATIC1111's name (modules/sd_samplers_*.py); the samplers ldm has.
+A1111_SAMPLERS: dict[str, str] = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+}
+SCHEDULES: tuple[str, ...] = ("default", "karras")
+SAMPLER_NAMES: tuple[str, ...] = tuple(A1111_SAMPLERS)
+MAX_SEED = 2**32 - 1
+# Web UIs cap the guidance slider at 30 (AUTOMATIC1111) or 100 (ComfyUI); above that the
+# guided prediction is noise amplified, and near float32's range it overflows to inf.
+MAX_GUIDANCE = 100.0
+SIZE_FACTOR = 8  # the VAE's down-sampling in every SD model: sizes are multiples of it
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Values used when a call, a flag or a batch line leaves a setting out."""
+
+    steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: str = "dpmpp_2m"
+    schedule: str = "default"
+    num_images: int = 1
+
+
+DEFAULTS = GenerationDefaults()
+
+
+def is_int(value: Any) -> bool:
+    """True for Python and numpy integers, not for bools (``True`` is not a step count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]``; ValueError naming ``name`` otherwise."""
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{upper}, got {value!r}")
+    return int(value)
+
+
+def check_finite(value: Any, name: str) -> float:
+    """A real, finite number (NaN and inf refused where they enter, not found as black images)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def check_guidance(value: Any) -> float:
+    value = check_finite(value, "guidance_scale")
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise ValueError(
+            f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (1 disables guidance), got {value!r}"
+        )
+    return value
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    return check_int(value, name, 0, MAX_SEED)
+
+
+def check_sampler(name: Any) -> str:
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
+    return name
+
+
+def check_schedule(schedule: Any) -> str:
+    """``None`` is the sampler's own schedule (``"default"``)."""
+    schedule = "default" if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    return schedule
+
+
+def check_side(value: Any, name: str, example: int = 512) -> int:
+    if not is_int(value) or value < SIZE_FACTOR or value % SIZE_FACTOR:
+        raise ValueError(f"{name} must be a positive multiple of {SIZE_FACTOR} (e.g. {example}), got {value!r}")
+    return int(value)
+
+
+def check_sampling(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000) -> None:
+    """Everything about sampler, schedule and step count that can fail later, checked now:
+    the combination is built exactly as sampling builds it (e.g. Karras sigmas only for
+    the k-samplers, at most 999 DDIM steps over 1000 training steps)."""
+    check_sampler(sampler)
+    karras = check_schedule(schedule) == "karras"
+    steps = check_int(steps, "steps", 1)
+    from .samplers import sampling_schedule
+
+    sampling_schedule(sampler, _schedule(num_train_timesteps), steps, karras=karras)
+
+
+_SCHEDULE_CACHE: dict[int, Any] = {}
+
+
+def _schedule(num_train_timesteps: int) -> Any:
+    from .denoisers import DiscreteSchedule
+
+    if num_train_timesteps not in _SCHEDULE_CACHE:
+        _SCHEDULE_CACHE[num_train_timesteps] = DiscreteSchedule(num_train_timesteps)
+    return _SCHEDULE_CACHE[num_train_timesteps]
