@@ -19,9 +19,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .conditioning import Conditioning
 from .config import PREDICTION_TYPES, ModelConfig
 
-# The U-Net: model(sample, timestep, encoder_hidden_states) -> epsilon or v.
+# The U-Net: model(sample, timestep, conditioning) -> epsilon or v.
 Model = Callable[[Tensor, Tensor, Any], Tensor]
 
 BETA_SCHEDULES: tuple[str, ...] = ("scaled_linear", "linear")
@@ -173,7 +174,8 @@ class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): ``denoiser(x, sigma) -> x0``.
 
     With ``scale > 1`` the unconditional and conditional passes run as one batch,
-    ``[uncond, cond]`` as diffusers orders them, and the result is
+    ``[uncond, cond]`` as diffusers orders them (every field of the
+    :class:`~ldm.conditioning.Conditioning` stacked the same way), and the result is
     ``uncond + scale * (cond - uncond)``. Guiding x0 equals guiding epsilon or v,
     since x0 is affine in the model output with the same coefficients for both
     halves. With ``scale <= 1`` only the conditional pass runs (diffusers skips
@@ -181,29 +183,32 @@ class CFGDenoiser:
     """
 
     def __init__(
-        self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float
+        self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float
     ) -> None:
+        for name, value in (("cond", cond), ("uncond", uncond)):
+            if value is not None and not isinstance(value, Conditioning):
+                raise TypeError(f"{name} must be a Conditioning, got {type(value).__name__}")
         if scale > 1 and uncond is None:
             raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding")
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
         self.scale = scale
+        # Built once: the guided batch's conditioning is the same at every step.
+        self._both = Conditioning.cat([uncond, cond]) if scale > 1 else None
 
     @property
     def prediction_type(self) -> str:
         return self.denoiser.prediction_type
 
     def __call__(self, x: Tensor, sigma: Tensor, *, t: Tensor | None = None) -> Tensor:
-        if self.scale <= 1:
+        if self._both is None:
             return self.denoiser(x, sigma, self.cond, t=t)
         sigma = torch.as_tensor(sigma)
         if sigma.ndim:
             sigma = torch.cat([sigma, sigma])
         if t is not None and torch.as_tensor(t).ndim:
             t = torch.cat([t, t])
-        x0 = self.denoiser(
-            torch.cat([x, x]), sigma, torch.cat([self.uncond, self.cond]), t=t
-        )
+        x0 = self.denoiser(torch.cat([x, x]), sigma, self._both, t=t)
         uncond, cond = x0.chunk(2)
         return uncond + self.scale * (cond - uncond)

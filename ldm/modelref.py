@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .paths import WEIGHTS_DIR
+
 FOLDER_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 SEARCH_ENV = "LDM_MODEL_PATH"
@@ -87,8 +89,6 @@ def model_ref(path: str | os.PathLike) -> ModelRef:
 def search_dirs() -> list[Path]:
     """Where :func:`find_model` looks: ``$LDM_MODEL_PATH`` (os.pathsep-separated),
     the folder of the shipped model, and the current folder."""
-    from .pipeline import WEIGHTS_DIR
-
     dirs = [Path(d) for d in os.environ.get(SEARCH_ENV, "").split(os.pathsep) if d]
     return [*dirs, WEIGHTS_DIR, Path.cwd()]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,28 +12,52 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import validation as check
 from .checkpoints import LoadedModel, load_model
-from .checkpoints.loading import parse_dtype
+from .conditioning import Conditioning, run_unet
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
+from .dtypes import parse_dtype
+from .limits import plan_batch
+from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_prompts
-from .samplers import SAMPLERS, sample
+from .samplers import sample
 
 logger = logging.getLogger("ldm")
 
+__all__ = ["Pipeline", "Generation", "NonFiniteError", "default_weights_path", "WEIGHTS_DIR", "DEFAULT_WEIGHTS"]
+
 OUTPUTS = ("pil", "np", "latent")
-SCHEDULES = ("default", "karras")
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_WEIGHTS = "ldm-toy.safetensors"
-MAX_SEED = 2**32 - 1
+D = check.DEFAULTS
 
 
-def default_weights_path() -> Path:
-    """The shipped model: $LDM_WEIGHTS if set, else weights/ldm-toy.safetensors."""
-    return Path(os.environ.get("LDM_WEIGHTS", WEIGHTS_DIR / DEFAULT_WEIGHTS))
+class NonFiniteError(ValueError):
+    """Sampling or decoding produced NaN/inf: nothing is returned as if it were a picture."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: CUDA if available unless given; refuses names torch does not
+    know and devices this machine does not have, before anything loads."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda, cuda:1, mps ...") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda or mps")
+    return device
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -59,12 +82,6 @@ def _as_list(value: str | Sequence[str], name: str) -> list[str]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
     raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r:.80}")
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class Pipeline:
@@ -96,6 +113,8 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a single-file checkpoint (original layout), a diffusers folder, or,
         with no path, the model shipped in weights/."""
+        device = resolve_device(device)  # before the (slow) load: a bad device fails at once
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
         if path is None:
             path = default_weights_path()
             if not path.is_file():
@@ -103,8 +122,6 @@ class Pipeline:
                     f"the shipped model is missing: {path} (a full clone of the repository "
                     "contains it; or pass a checkpoint path)"
                 )
-        device = torch.device(device) if device is not None else default_device()
-        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
         model = load_model(
             path, device=device, dtype=dtype, config=config,
             prediction_type=prediction_type, allow_pickle=allow_pickle,
@@ -119,7 +136,9 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
+        device = resolve_device(device) if device is not None else None
+        dtype = parse_dtype(dtype)
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
@@ -135,13 +154,13 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         *,
-        steps: int = 25,
-        guidance_scale: float = 7.5,
+        steps: int = D.steps,
+        guidance_scale: float = D.guidance_scale,
         width: int | None = None,
         height: int | None = None,
         seed: int | Sequence[int] | None = None,
-        num_images: int = 1,
-        sampler: str = "dpmpp_2m",
+        num_images: int = D.num_images,
+        sampler: str = D.sampler,
         schedule: str | None = None,
         latents: torch.Tensor | None = None,
         output: Literal["pil", "np", "latent"] = "pil",
@@ -154,16 +173,20 @@ class Pipeline:
         is drawn from its own CPU generator seeded ``seed + k``, so it does not depend on
         the batch size or the device. ``seed`` may also be a list with one seed per
         image (how ``ldm batch`` renders unrelated prompts in one call).
+
+        Every argument is checked before any work (``ValueError`` naming the valid
+        values); a batch that does not fit in memory runs the U-Net on fewer images at a
+        time, and one image that cannot fit is refused (``MemoryLimitError``). Sampling
+        that turns NaN/inf stops with :class:`NonFiniteError` naming the step.
         """
         prompts = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(prompts))
-        steps = _check_int(steps, "steps", 1)
-        num_images = _check_int(num_images, "num_images", 1)
+        steps = check.check_int(steps, "steps", 1)
+        num_images = check.check_int(num_images, "num_images", 1)
         width, height = self._size(width, height)
-        guidance_scale = _check_guidance(guidance_scale)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-        karras = _check_schedule(schedule)
+        guidance_scale = check.check_guidance(guidance_scale)
+        schedule = check.check_schedule(schedule)
+        check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
@@ -171,17 +194,26 @@ class Pipeline:
         negatives = [n for n in negatives for _ in range(num_images)]
         count = len(prompts)
         seeds = self._seeds(seed, count)
+        guided = guidance_scale > 1
+        per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
+                              guided=guided, device=self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         noise = self._noise(latents, generators, count, height, width)
 
-        denoiser = self._denoiser(prompts, negatives, guidance_scale)
-        result = sample(
-            sampler, denoiser, noise, steps, self.schedule, karras=karras,
-            generators=generators, callback=_progress(steps, progress, callback, sampler),
-        )
+        cond, uncond = self.encode_prompts(prompts, negatives if guided else None)
+        results = []
+        for first in range(0, count, per_call):
+            rows = slice(first, first + per_call)
+            denoiser = self._denoiser(cond.select(rows), uncond.select(rows) if guided else None, guidance_scale)
+            results.append(sample(
+                sampler, denoiser, noise[rows], steps, self.schedule, karras=schedule == "karras",
+                generators=generators[rows],
+                callback=_progress(steps, progress, callback, sampler, first),
+            ))
+        result = torch.cat(results)
         images = result if output == "latent" else self.decode(result, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                      sampler=sampler, schedule=schedule or "default", seed=seeds[0])
+                      sampler=sampler, schedule=schedule, seed=seeds[0])
         return Generation(images, seeds, prompts, negatives, params)
 
     def _negatives(self, negative: str | Sequence[str] | None, n: int) -> list[str]:
@@ -198,17 +230,9 @@ class Pipeline:
         return negatives
 
     def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        factor = self.config.vae.downsample_factor
         native = self.config.default_size
-        sizes = []
-        for name, value in (("width", width), ("height", height)):
-            value = native if value is None else value
-            if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
-                raise ValueError(
-                    f"{name} must be a positive multiple of {factor} (e.g. {native}), got {value!r}"
-                )
-            sizes.append(value)
-        return sizes[0], sizes[1]
+        return (check.check_side(native if width is None else width, "width", native),
+                check.check_side(native if height is None else height, "height", native))
 
     @classmethod
     def _seeds(cls, seed: int | Sequence[int] | None, count: int) -> list[int]:
@@ -218,13 +242,11 @@ class Pipeline:
                     f"seed is a list of {len(seed)} seeds but the call makes {count} images; "
                     "give one seed, or one per image"
                 )
-            seeds = [_check_int(s, "seed", 0) for s in seed]
-        else:
-            base = cls._seed(seed)
-            seeds = [base + k for k in range(count)]
-        if max(seeds) > MAX_SEED:
-            raise ValueError(f"seed + image index must stay <= {MAX_SEED}; seed {seeds[0]} is too large")
-        return seeds
+            return [check.check_seed(s) for s in seed]
+        base = cls._seed(seed)
+        if base + count - 1 > check.MAX_SEED:
+            raise ValueError(f"seed + image index must stay <= {check.MAX_SEED}; seed {base} is too large")
+        return [base + k for k in range(count)]
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -232,7 +254,7 @@ class Pipeline:
             seed = random.SystemRandom().randrange(2**31)
             logger.info("seed %d", seed)
             return seed
-        return _check_int(seed, "seed", 0)
+        return check.check_seed(seed)
 
     def _noise(self, latents: torch.Tensor | None, generators: list[torch.Generator],
                count: int, height: int, width: int) -> torch.Tensor:
@@ -244,6 +266,8 @@ class Pipeline:
                     f"latents must be a tensor of shape {(count, *shape)}, got "
                     f"{getattr(latents, 'shape', type(latents).__name__)}"
                 )
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or inf")
             return latents.to(self.device, torch.float32)
         # One draw per image from its own CPU generator, as diffusers does with a
         # list of generators, so image k is the same whatever the batch or device.
@@ -251,37 +275,34 @@ class Pipeline:
         return torch.cat(noise).to(self.device)
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings for prompts (and negatives, padded to the same length)."""
+                       ) -> tuple[Conditioning, Conditioning | None]:
+        """Conditioning for prompts (and negatives, padded to the same context length)."""
+        window = self.config.text.max_position_embeddings
         cond = encode_prompts(self.text_encoder, self.tokenizer, prompts)
         if negatives is None:
-            return cond, None
-        chunks = cond.shape[1] // self.config.text.max_position_embeddings
-        uncond = encode_prompts(self.text_encoder, self.tokenizer, negatives, min_chunks=chunks)
+            return Conditioning(cond), None
+        uncond = encode_prompts(self.text_encoder, self.tokenizer, negatives, min_chunks=cond.shape[1] // window)
         if uncond.shape[1] > cond.shape[1]:
-            extra = uncond.shape[1] // self.config.text.max_position_embeddings
-            cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, min_chunks=extra)
-        return cond, uncond
+            cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, min_chunks=uncond.shape[1] // window)
+        return Conditioning(cond), Conditioning(uncond)
 
-    def _denoiser(self, prompts: list[str], negatives: list[str], scale: float) -> CFGDenoiser:
-        cond, uncond = self.encode_prompts(prompts, negatives if scale > 1 else None)
+    def _denoiser(self, cond: Conditioning, uncond: Conditioning | None, scale: float) -> CFGDenoiser:
         denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction_type)
         return CFGDenoiser(denoiser, cond, uncond, scale)
 
-    def _unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # The sampler works in float32; the U-Net runs in the pipeline's dtype.
-        out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype))
-        return out.float()
+        return run_unet(self.unet, x.to(self.device, self.dtype), t.to(self.device), cond).float()
 
     def decode(self, latents: torch.Tensor, output: Literal["pil", "np"] = "pil") -> Any:
         """Latents (VP scaled, as samplers return them) to images in [0, 1]."""
-        pixels = torch.cat([self._decode_one(z[None]) for z in latents])
+        pixels = torch.cat([self._decode_one(z[None], k) for k, z in enumerate(latents)])
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         if output == "np":
             return array
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
-    def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode_one(self, z: torch.Tensor, index: int) -> torch.Tensor:
         # One image at a time bounds the decoder's memory, which dominates at 512+.
         z = z / self.config.vae.scaling_factor
         image = self.vae.decode(z.to(self.vae.dtype)).float()
@@ -289,23 +310,13 @@ class Pipeline:
             logger.warning("VAE decode in %s gave NaN/inf; decoding again in float32", self.vae.dtype)
             image = self.vae.float().decode(z.float()).float()
             self.vae.to(self.dtype)
+        if not torch.isfinite(image).all():
+            raise NonFiniteError(f"image {index}: the VAE decoded NaN/inf even in float32; no image was made")
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-
-def _check_guidance(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-        raise ValueError(f"guidance_scale must be a number >= 0 (1 disables guidance), got {scale!r}")
-    return float(scale)
-
-
-def _check_schedule(schedule: str | None) -> bool:
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
-    return schedule == "karras"
-
-
-def _progress(steps: int, enabled: bool, callback: Callable | None, sampler: str) -> Callable:
+def _progress(steps: int, enabled: bool, callback: Callable | None, sampler: str, first: int) -> Callable:
+    """The per-step hook: checks the latents stay finite, then drives the bar and the user's callback."""
     bar = None
     if enabled:
         from tqdm.auto import tqdm
@@ -313,6 +324,15 @@ def _progress(steps: int, enabled: bool, callback: Callable | None, sampler: str
         bar = tqdm(total=steps, desc=sampler, leave=False)
 
     def on_step(i: int, total: int, x: torch.Tensor, *_: Any) -> None:
+        finite = torch.isfinite(x.flatten(1)).all(dim=1)
+        if not finite.all():
+            if bar is not None:
+                bar.close()
+            bad = [first + k for k in (~finite).nonzero().flatten().tolist()]
+            raise NonFiniteError(
+                f"sampling produced NaN/inf at step {i + 1} of {total} ({sampler}) in image(s) {bad}; "
+                "nothing was written (in float16, try dtype float32)"
+            )
         if bar is not None:
             bar.update(1)
             if i + 1 >= total:

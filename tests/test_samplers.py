@@ -32,6 +32,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from reference import SD1_SCHEDULER_CONFIG
 
+from ldm.conditioning import Conditioning
 from ldm.config import SD1
 from ldm.denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
 from ldm.samplers import (
@@ -71,6 +72,8 @@ def fake_unet(x: torch.Tensor, t, cond=None) -> torch.Tensor:
     if t.ndim:  # one timestep per batch row, as a U-Net accepts
         t = t.view(-1, 1, 1, 1)
     out = 0.8 * x + 0.2 * torch.tanh(2 * x) * torch.cos(t / 300) + 0.05 * torch.sin(t / 7)
+    if isinstance(cond, Conditioning):
+        cond = cond.context
     if cond is not None:
         out = out + 0.1 * cond.mean(dim=(1, 2)).view(-1, 1, 1, 1)
     return out
@@ -84,6 +87,10 @@ class Counting:
         self.calls += 1
         self.conds.append(cond)
         return self.fn(x, t, cond)
+
+
+def _cond(context):
+    return None if context is None else Conditioning(context)
 
 
 def generators(seeds=SEEDS):
@@ -141,7 +148,7 @@ def ldm_run(
 ):
     model = model or Counting()
     schedule = DiscreteSchedule.from_config(SD1)
-    denoiser = CFGDenoiser(Denoiser(model, schedule, prediction_type), cond, uncond, scale)
+    denoiser = CFGDenoiser(Denoiser(model, schedule, prediction_type), _cond(cond), _cond(uncond), scale)
     gens = generators()
     noise = randn(SHAPE, gens)
     out = sample(name, denoiser, noise, steps, schedule, karras=karras, generators=gens)
@@ -229,9 +236,9 @@ def test_cfg_matches_diffusers_guidance(prediction_type):
     cond, uncond = torch.randn(2, 3, 6, generator=gen), torch.randn(2, 3, 6, generator=gen)
     sigma, scale = schedule.sigmas[600], 6.0
     model = Counting()
-    x0 = CFGDenoiser(Denoiser(model, schedule, prediction_type), cond, uncond, scale)(x, sigma)
+    x0 = CFGDenoiser(Denoiser(model, schedule, prediction_type), _cond(cond), _cond(uncond), scale)(x, sigma)
     assert model.calls == 1  # one batch of 2B rows, uncond first as in diffusers
-    torch.testing.assert_close(model.conds[0], torch.cat([uncond, cond]))
+    torch.testing.assert_close(model.conds[0].context, torch.cat([uncond, cond]))
     x_in = x / (sigma**2 + 1) ** 0.5
     u, c = fake_unet(x_in, 600, uncond), fake_unet(x_in, 600, cond)
     out = u + scale * (c - u)
@@ -245,17 +252,18 @@ def test_cfg_matches_diffusers_guidance(prediction_type):
 def test_cfg_scale_one_runs_cond_only_and_batched_sigma_broadcasts():
     schedule = DiscreteSchedule.from_config(SD1)
     model = Counting()
-    cond = torch.randn(2, 3, 6)
-    den = CFGDenoiser(Denoiser(model, schedule, "v_prediction"), cond, torch.zeros(2, 3, 6), 1.0)
+    cond = Conditioning(torch.randn(2, 3, 6))
+    zeros = Conditioning(torch.zeros(2, 3, 6))
+    den = CFGDenoiser(Denoiser(model, schedule, "v_prediction"), cond, zeros, 1.0)
     x = torch.randn(SHAPE)
     sigmas = torch.stack([schedule.sigmas[100], schedule.sigmas[900]])
     rows = den(x, sigmas)
     assert model.calls == 1 and model.conds[0] is cond
     for i in range(2):
         one = Denoiser(fake_unet, schedule, "v_prediction")
-        single = one(x[i : i + 1], sigmas[i], cond[i : i + 1])
+        single = one(x[i : i + 1], sigmas[i], cond.select(slice(i, i + 1)))
         torch.testing.assert_close(rows[i : i + 1], single)
-    guided = CFGDenoiser(Denoiser(model, schedule), cond, torch.zeros(2, 3, 6), 3.0)(x, sigmas)
+    guided = CFGDenoiser(Denoiser(model, schedule), cond, zeros, 3.0)(x, sigmas)
     assert guided.shape == x.shape
 
 
@@ -338,4 +346,6 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="prediction_type"):
         Denoiser(fake_unet, schedule, "sample")
     with pytest.raises(ValueError, match="unconditional"):
-        CFGDenoiser(denoiser, torch.zeros(2, 3, 6), None, 5.0)
+        CFGDenoiser(denoiser, Conditioning(torch.zeros(2, 3, 6)), None, 5.0)
+    with pytest.raises(TypeError, match="Conditioning"):
+        CFGDenoiser(denoiser, torch.zeros(2, 3, 6), None, 1.0)
