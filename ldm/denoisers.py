@@ -96,20 +96,6 @@ class DiscreteSchedule:
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
         return ((1 - w) * low + w * (low + 1)).to(out_dtype)
 
-    def t_to_sigma(self, t: Tensor) -> Tensor:
-        """Noise level at a (possibly fractional) timestep.
-
-        Linear interpolation in sigma, as diffusers' schedulers do (``np.interp``), so
-        that schedules built from fractional timesteps get diffusers' sigmas. This is
-        not the exact inverse of :meth:`sigma_to_t` between table entries; samplers
-        therefore carry each step's timestep alongside its sigma.
-        """
-        t = torch.as_tensor(t, dtype=torch.float64)
-        table = self.sigmas.double().to(t.device)
-        t = t.clamp(0, self.num_train_timesteps - 1)
-        low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
-        w = t - low
-        return ((1 - w) * table[low] + w * table[low + 1]).float()
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:

@@ -56,10 +56,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def default_device() -> torch.device:
-    return resolve_device(None)
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     # Half precision is the norm on GPUs; CPUs are slow or inexact in float16.
     return torch.float16 if device.type == "cuda" else torch.float32

@@ -286,7 +286,7 @@ def test_discrete_schedule_matches_diffusers():
     ref = EulerDiscreteScheduler.from_config(SD1_SCHEDULER_CONFIG)
     torch.testing.assert_close(schedule.alphas_cumprod, ref.alphas_cumprod, atol=0, rtol=0)
     t = torch.arange(0, 1000, 37)
-    round_trip = schedule.sigma_to_t(schedule.t_to_sigma(t))
+    round_trip = schedule.sigma_to_t(schedule.sigmas[t])
     torch.testing.assert_close(round_trip, t.float(), atol=1e-3, rtol=0)
     sigmas = torch.tensor([0.01, 0.03, 0.5, 1.0, 3.3, 14.0, 20.0], dtype=torch.float64)
     log_sigmas = np.log(ref.sigmas.flip(0)[1:].numpy())  # the training table, increasing

@@ -9,7 +9,6 @@ object's kind and whether a cat wears a hat come from a small CNN
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 
@@ -96,20 +95,10 @@ def read_colors(img: np.ndarray) -> dict[str, str | None]:
     return {"background": COLORS[bg], "color": _name(obj), "hat_color": _name(_hat(labels, inner, obj))}
 
 
-def background_color(img: np.ndarray) -> str:
-    """The most common palette colour of the border ring (the world keeps it clear)."""
-    return COLORS[_background(color_map(img))]
 
 
-def object_color(img: np.ndarray) -> str | None:
-    """The most common non-background colour among interior pixels; None if no object."""
-    return read_colors(img)["color"]
 
 
-def hat_color(img: np.ndarray) -> str | None:
-    """Colour of a hat: the main colour other than the object's in the top
-    ``HAT_REGION`` of the object; None when none covers ``MIN_HAT_FRACTION`` of it."""
-    return read_colors(img)["hat_color"]
 
 
 def score_images(images, attributes: list[dict], classifier=None) -> list[dict[str, bool]]:
@@ -142,18 +131,4 @@ def score_images(images, attributes: list[dict], classifier=None) -> list[dict[s
     return results
 
 
-def score_image(img: np.ndarray, attributes: dict, classifier=None) -> dict[str, bool]:
-    """:func:`score_images` for one image."""
-    return score_images([img], [attributes], classifier)[0]
 
-
-def summarize(scores: list[dict[str, bool]]) -> dict[str, float]:
-    """Fraction correct per attribute, plus ``all`` (every stated attribute right)."""
-    totals, right = Counter(), Counter()
-    for s in scores:
-        for name, ok in s.items():
-            totals[name] += 1
-            right[name] += ok
-        totals["all"] += 1
-        right["all"] += all(s.values())
-    return {name: right[name] / totals[name] for name in totals}
