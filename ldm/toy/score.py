@@ -9,7 +9,6 @@ object's kind and whether a cat wears a hat come from a small CNN
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from .world import COLORS, PALETTE
