@@ -38,27 +38,27 @@ the same command resumes where it stopped and skips finished stages):
 Every sample is drawn from the world by its global index (seeded from --seed, the
 stage and the index) and every step's noise from a generator seeded by the step, so
 a resumed run is bit-for-bit the run that was never interrupted.
+
+This file is the recipe (sizes, stage wiring, command line); the datasets, tasks,
+resumable stage loop, EMA and export it uses are ``ldm.training``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from a checkout without installing
@@ -67,41 +67,54 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import CLIPTextConfig  # noqa: E402
 
+from ldm.atomicio import atomic_write_bytes  # noqa: E402
 from ldm.checkpoints import LoadedModel, load_model  # noqa: E402
-from ldm.checkpoints.convert import original_metadata, original_state  # noqa: E402
-from ldm.checkpoints.files import atomic_path, save_safetensors  # noqa: E402
 from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset, with_changes  # noqa: E402
-from ldm.foreign_config import text_to_transformers  # noqa: E402
 from ldm.models.text import TextEncoder  # noqa: E402
 from ldm.models.tokenizer import EOS_ID, Tokenizer  # noqa: E402
 from ldm.models.unet import UNet  # noqa: E402
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian  # noqa: E402
-from ldm.toy.clip import ToyCLIP, scorer_metadata  # noqa: E402
+from ldm.toy.clip import ToyCLIP  # noqa: E402
 from ldm.toy.world import (  # noqa: E402
-    KIND_WEIGHTS, KINDS, Scene, caption, kind_odds, kind_twin, make_batch, prompt_to_attributes, render,
-    sample_scene,
+    KIND_WEIGHTS, KINDS, Scene, caption, kind_odds, make_batch, prompt_to_attributes, render, sample_scene,
 )
 from ldm.training import (  # noqa: E402
-    EMA,
+    DECODER_FROZEN,
+    SCHEDULES,
+    ClipTask,
+    DatasetFactory,
+    DecoderTask,
+    LatentPairs,
+    LatentSet,
     NoiseSchedule,
-    atomic_save,
-    clip_contrastive_loss,
-    decay_groups,
+    RunSettings,
+    StageResult,
+    StageSpec,
+    UNetTask,
+    VAETask,
+    WorldPairs,
+    autocast,
+    check_export,
+    chw,
+    cpu_copy,
     derive_seed,
-    diffusion_loss,
+    export_checkpoint,
+    export_clip_scorer,
     generator_for,
+    given_weights,
     load_checkpoint,
-    rng_state,
+    param_count,
+    plain,
+    save_checkpoint,
     seed_everything,
-    set_lr,
-    set_rng_state,
+    stage_card,
+    text_encoder_from_clip,
     to_pixels,
+    toy_clip,
+    train_stage,
     trim_after_first_eos,
-    vae_loss,
-    warmup_constant_lr,
-    warmup_cosine_lr,
+    vae_from_state,
 )
 
 logger = logging.getLogger("train_toy")
@@ -110,45 +123,9 @@ logger = logging.getLogger("train_toy")
 STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5, "decoder": 6}
 STAGES = ("clip", "vae", "unet", "decoder")
 CLIP_SCORER = "toy-clip-vision.safetensors"  # beside the checkpoint it pairs with
-DECODER_FROZEN = ("encoder", "quant_conv")  # the VAE parts the decoder stage leaves as they are
 
 
 # --- settings ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """How one stage trains. ``lr`` warms up linearly, then stays constant (as SD) or
-    follows a half cosine to zero at ``steps`` (``schedule="cosine"``). ``use_ema``: the
-    stage's result is the EMA of the weights rather than the last weights."""
-
-    name: str
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int
-    weight_decay: float
-    ema_decay: float
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 1.0
-    schedule: str = "constant"
-    use_ema: bool = True
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of 0-based ``step``."""
-        if self.schedule == "cosine":
-            return warmup_cosine_lr(step, self.lr, self.warmup, self.steps)
-        if self.schedule == "constant":
-            return warmup_constant_lr(step, self.lr, self.warmup)
-        raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; valid: constant, cosine")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be continued. A constant rate does not
-        depend on the step count, so such a stage can be extended; a cosine one cannot."""
-        out: dict[str, Any] = {"batch_size": self.batch_size}
-        if self.schedule != "constant":
-            out.update(schedule=self.schedule, steps=self.steps, lr=self.lr, warmup=self.warmup)
-        return out
 
 
 @dataclass(frozen=True)
@@ -260,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}-steps", type=int, default=None, help=f"{name} stage steps")
         p.add_argument(f"--{name}-batch", type=int, default=None, help=f"{name} stage global batch size")
         p.add_argument(f"--{name}-lr", type=float, default=None, help=f"{name} stage learning rate")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
                    help="learning-rate schedule of every stage (default: the recipe's, cosine)")
     p.add_argument("--vae-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="take the VAE of this ldm/SD checkpoint instead of training one (as SD 2 kept "
@@ -306,323 +283,22 @@ def resolve(args: argparse.Namespace) -> Sizes:
     return sizes
 
 
-# --- data -------------------------------------------------------------------------
-
-
-def _chw(image: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: PIL arrays are read-only
-
-
-class WorldPairs(Dataset):
-    """Fresh (image, caption) pairs of the train split; item ``i`` is global sample
-    ``first + i``, drawn from its own seed, so the data never depends on batching,
-    workers, process count or where a run was resumed.
-
-    With ``twins``, every odd sample is the kind twin (``ldm.toy.world.kind_twin``) of
-    the even one before it, so contrastive batches hold pairs that differ in kind only.
-    """
-
-    def __init__(self, seed: int, stage: str, first: int, count: int, size: int,
-                 tokenizer: Tokenizer | None, twins: bool = False) -> None:
-        self.seed, self.stage_id, self.first, self.count = seed, STAGE_IDS[stage], first, count
-        self.size, self.tokenizer, self.twins = size, tokenizer, twins
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        n = self.first + i
-        rng = np.random.default_rng(derive_seed(self.seed, self.stage_id, n))
-        if self.twins and n % 2:
-            # Sample n - 1's scene: the first draw from its seed, as in the branch below.
-            scene = sample_scene(np.random.default_rng(derive_seed(self.seed, self.stage_id, n - 1)))
-            scene = kind_twin(scene, rng)
-        else:
-            scene = sample_scene(rng)
-        item = {"images": _chw(render(scene, self.size))}
-        if self.tokenizer is not None:
-            item["ids"] = self.tokenizer([caption(scene, rng)])[0]
-        return item
-
-
-@dataclass
-class LatentSet:
-    """Posterior moments (mean and log-variance, concatenated on channels) of a fixed
-    set of train-split scenes, and the scaling factor measured on them."""
-
-    moments: Tensor
-    scenes: list[Scene]
-    scaling_factor: float
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-class LatentPairs(Dataset):
-    """(scaled latent sample, caption ids) for the U-Net. Item ``i`` (global sample
-    ``first + i``) picks a picture of the set, re-captions it and draws a posterior
-    sample, all from its own seed; a fraction ``p_empty`` of captions is empty."""
-
-    def __init__(self, latents: LatentSet, seed: int, first: int, count: int, p_empty: float,
-                 tokenizer: Tokenizer) -> None:
-        self.latents, self.seed, self.first, self.count = latents, seed, first, count
-        self.p_empty, self.tokenizer = p_empty, tokenizer
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        rng = np.random.default_rng(derive_seed(self.seed, STAGE_IDS["unet"], self.first + i))
-        j = int(rng.integers(len(self.latents.scenes)))
-        text = caption(self.latents.scenes[j], rng)
-        if rng.random() < self.p_empty:
-            text = ""
-        noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        z = DiagonalGaussian(self.latents.moments[j : j + 1].float()).sample(noise)[0]
-        return {"latents": z * self.latents.scaling_factor, "ids": self.tokenizer([text])[0]}
-
-
-# --- the three trained models, each wrapped so that forward() returns its loss -----------
-# (accelerate/DDP must see the forward that runs every trained parameter)
-
-
-class ClipTask(nn.Module):
-    def __init__(self, clip: ToyCLIP) -> None:
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
-        text, image = self.clip(trim_after_first_eos(batch["ids"], EOS_ID), to_pixels(batch["images"]))
-        # With several processes each one contrasts its own slice of the batch.
-        loss = clip_contrastive_loss(text, image, self.clip.logit_scale)
-        return loss, {"temperature": self.clip.logit_scale.detach().exp()}
-
-
-class VAETask(nn.Module):
-    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
-        super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
-
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
-        return vae_loss(self.vae, to_pixels(batch["images"]), generator, self.kl_weight)
-
-
-class DecoderTask(nn.Module):
-    """SD's decoder fine-tune (the ft-EMA/ft-MSE VAEs): the encoder is frozen, so the
-    latents, the scaling factor and every U-Net trained on them stay valid; only the
-    decoder learns, on L1 (SD's ft-EMA loss without LPIPS, which needs pretrained
-    weights). L1's best guess under doubt is the median picture, MSE's the mean: on a
-    latent that could be a circle or a cat's head, MSE paints faint eyes on the circle."""
-
-    def __init__(self, vae: AutoencoderKL) -> None:
-        super().__init__()
-        self.vae = vae
-        for name in DECODER_FROZEN:
-            getattr(vae, name).requires_grad_(False)
-
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
-        pixels = to_pixels(batch["images"])
-        with torch.no_grad():
-            posterior = self.vae.encode(pixels)
-        recon = self.vae.decode(posterior.sample(generator))
-        return (recon.float() - pixels.float()).abs().mean(), {}
-
-
-class UNetTask(nn.Module):
-    def __init__(self, unet: UNet, text_encoder: TextEncoder, schedule: NoiseSchedule) -> None:
-        super().__init__()
-        self.unet, self.schedule = unet, schedule
-        self.text_encoder = text_encoder.requires_grad_(False).eval()  # frozen, as SD freezes CLIP
-
-    def train(self, mode: bool = True) -> "UNetTask":
-        super().train(mode)
-        self.text_encoder.eval()  # stays in inference mode while the U-Net trains
-        return self
-
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
-        with torch.no_grad():
-            context = self.text_encoder(batch["ids"])
-        return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator), {}
+# --- the stages ---------------------------------------------------------------------------
 
 
 def clip_model(sizes: Sizes) -> ToyCLIP:
-    """A toy CLIP whose text tower is exactly the ldm TextEncoder of ``sizes.model``."""
-    text = CLIPTextConfig(**{**text_to_transformers(sizes.model.text), "projection_dim": sizes.projection_dim})
-    text._attn_implementation = "sdpa"
-    return ToyCLIP(text, sizes.vision)
+    """The recipe's toy CLIP, its text tower exactly the model's text encoder."""
+    return toy_clip(sizes.model.text, sizes.vision, sizes.projection_dim)
 
 
-def text_encoder_from_clip(config: TextEncoderConfig, clip_state: dict[str, Tensor]) -> TextEncoder:
-    """Our TextEncoder holding CLIP's text tower (same key names, strict load)."""
-    encoder = TextEncoder(config)
-    state = {k: v for k, v in clip_state.items()
-             if k.startswith("text_model.") and not k.endswith("position_ids")}
-    encoder.load_state_dict(state, strict=True)
-    return encoder
-
-
-def vae_from_state(config: VAEConfig, state: dict[str, Tensor]) -> AutoencoderKL:
-    vae = AutoencoderKL(config)
-    vae.load_state_dict(state, strict=True)
-    return vae
-
-
-def param_count(state: dict[str, Tensor]) -> int:
-    return sum(v.numel() for v in state.values() if v.is_floating_point())
-
-
-def plain(obj: Any) -> Any:
-    """JSON-like data (lists, not tuples) of a config, so saved fingerprints compare equal."""
-    return json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj))
-
-
-# --- one training stage ---------------------------------------------------------------
-
-
-@dataclass
-class StageResult:
-    state: dict[str, Tensor]  # the weights the stage hands on (see StageSpec.use_ema)
-    step: int
-    record: dict[str, Any]  # seconds, losses, ... for the model card
-
-    def identity(self) -> Any:
-        """What later stages record of this one, to notice when it changes."""
-        return self.record.get("sha256", self.step)
-
-
-class Progress:
-    """Periodic log lines: running loss, seconds per step and the remaining time."""
-
-    def __init__(self, acc: Accelerator, spec: StageSpec, start: int, every: int) -> None:
-        self.acc, self.spec, self.every = acc, spec, every
-        self.window: list[Tensor] = []
-        self.extra: dict[str, Tensor] = {}
-        self.t0, self.last_step = time.perf_counter(), start
-
-    def update(self, step: int, loss: Tensor, stats: dict[str, Tensor]) -> float | None:
-        """Record a step (1-based ``step``); every ``every`` steps log and return the mean loss."""
-        self.window.append(loss.detach())  # this process's loss (its slice of the batch)
-        self.extra = stats
-        if step % self.every and step != self.spec.steps:
-            return None
-        now = time.perf_counter()
-        sps = (now - self.t0) / max(1, step - self.last_step)
-        mean = float(torch.stack(self.window).float().mean())
-        extra = " ".join(f"{k} {float(v):.4g}" for k, v in self.extra.items())
-        eta = (self.spec.steps - step) * sps
-        self.acc.print(f"[{self.spec.name}] step {step}/{self.spec.steps} loss {mean:.4f} {extra} "
-                       f"{sps:.2f} s/step, ETA {eta / 60:.1f} min", flush=True)
-        self.window, self.t0, self.last_step = [], now, step
-        return mean
-
-
-def autocast(acc: Accelerator, bf16: bool) -> torch.autocast:
-    """bf16 autocast on the accelerator's device, or a disabled one (float32)."""
-    return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def stage_path(args: argparse.Namespace, name: str) -> Path:
-    return args.workdir / f"{name}.pt"
-
-
-def resume_point(acc: Accelerator, args: argparse.Namespace, spec: StageSpec,
-                 fingerprint: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """The stage's checkpoint if it can be continued, else None.
-
-    Different settings (model, batch, seed) raise: continuing would silently mix two
-    recipes. A changed upstream stage (more text-encoder or VAE steps) restarts the
-    stage, since what it learned was conditioned on the old weights.
-    """
-    ckpt = load_checkpoint(stage_path(args, spec.name))
-    if ckpt is None:
-        return None
-    if ckpt["fingerprint"] != fingerprint:
-        raise SystemExit(
-            f"{stage_path(args, spec.name)} was trained with other settings:\n  saved {ckpt['fingerprint']}\n"
-            f"  now   {fingerprint}\nuse another --workdir, or delete the file to retrain the stage")
-    if ckpt["inputs"] != inputs:
-        acc.print(f"[{spec.name}] upstream changed ({ckpt['inputs']} -> {inputs}): retraining from step 0")
-        return None
-    return ckpt
-
-
-def train_stage(acc: Accelerator, args: argparse.Namespace, spec: StageSpec, task: nn.Module,
-                trained: nn.Module, make_dataset: Callable[[int], Dataset], fingerprint: dict[str, Any],
-                inputs: dict[str, Any], save_every: int, log_every: int) -> StageResult:
-    """Train ``trained`` (a part of ``task``, whose forward returns the loss) for
-    ``spec.steps`` steps, resuming from and checkpointing to ``<workdir>/<name>.pt``."""
-    fingerprint = {**fingerprint, **spec.fingerprint(), "seed": args.seed}
-    ckpt = resume_point(acc, args, spec, fingerprint, inputs)
-    ema = EMA(trained, spec.ema_decay)
-    if ckpt is not None and ckpt["step"] >= spec.steps:
-        acc.print(f"[{spec.name}] done earlier ({ckpt['step']} steps), skipped")
-        ema.load_state_dict(ckpt["ema"])
-        trained.load_state_dict(ckpt["model"])
-        return StageResult(result_state(spec, ema, trained), ckpt["step"], ckpt["record"])
-
-    optimizer = torch.optim.AdamW(decay_groups(trained, spec.weight_decay), lr=spec.lr, betas=spec.betas)
-    start, record = 0, {"seconds": 0.0, "losses": []}
-    if ckpt is not None:
-        trained.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-        start, record = ckpt["step"], ckpt["record"]
-        acc.print(f"[{spec.name}] resuming at step {start}/{spec.steps}")
-    else:
-        learning = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        acc.print(f"[{spec.name}] training {learning:,} parameters for {spec.steps} steps "
-                  f"of batch {spec.batch_size}")
-    if spec.batch_size % acc.num_processes:
-        raise SystemExit(f"--{spec.name}-batch {spec.batch_size} is not divisible by {acc.num_processes} processes")
-
-    dataset = make_dataset(start * spec.batch_size)
-    loader = DataLoader(dataset, batch_size=spec.batch_size, drop_last=True, num_workers=args.workers)
-    task, optimizer, loader = acc.prepare(task, optimizer, loader)
-    ema.to(acc.device)
-
-    def save(step: int) -> None:
-        if acc.is_main_process:
-            state = {"stage": spec.name, "step": step, "fingerprint": fingerprint, "inputs": inputs,
-                     "model": trained.state_dict(), "optimizer": optimizer.state_dict(),
-                     "ema": ema.state_dict(), "rng": rng_state(), "record": record}
-            atomic_save(state, stage_path(args, spec.name))
-        acc.wait_for_everyone()
-
-    task.train()
-    progress = Progress(acc, spec, start, log_every)
-    t_start, step = time.perf_counter(), start
-    for step, batch in enumerate(loader, start=start + 1):
-        set_lr(optimizer, spec.lr_at(step - 1))
-        generator = generator_for(args.seed, STAGE_IDS[spec.name], step, acc.process_index)
-        with autocast(acc, spec.name in args.bf16):
-            loss, stats = task(batch, generator)
-        acc.backward(loss)
-        acc.clip_grad_norm_(trained.parameters(), spec.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(trained)
-        mean = progress.update(step, loss, stats)
-        if mean is not None:
-            record["losses"].append([step, mean])
-        if step % save_every == 0 or step == spec.steps:
-            record["seconds"] += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            save(step)
-    acc.free_memory()  # drop accelerate's references to this stage's objects
-    return StageResult(result_state(spec, ema, trained), step, record)
-
-
-def cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict on the CPU, where export and the checks after it read weights
-    (training may have moved the module to a GPU)."""
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def result_state(spec: StageSpec, ema: EMA, trained: nn.Module) -> dict[str, Tensor]:
-    """The weights a stage hands on, on the CPU: EMA or last (both are in its checkpoint)."""
-    return cpu_copy(ema.averaged_state(trained) if spec.use_ema else trained.state_dict())
-
-
-# --- the stages ---------------------------------------------------------------------------
+def run_stage(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, name: str, task: nn.Module,
+              trained: nn.Module, make_dataset: DatasetFactory, fingerprint: dict[str, Any],
+              inputs: dict[str, Any]) -> StageResult:
+    """``train_stage`` with this run's settings and the stage's own random stream."""
+    run = RunSettings(workdir=args.workdir, seed=args.seed, save_every=sizes.save_every,
+                      log_every=sizes.log_every, workers=args.workers, bf16=tuple(args.bf16))
+    return train_stage(acc, run, sizes.specs[name], task, trained, make_dataset, stream=STAGE_IDS[name],
+                       fingerprint=fingerprint, inputs=inputs)
 
 
 def stage_init(args: argparse.Namespace, name: str) -> None:
@@ -640,22 +316,21 @@ def train_clip(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, tokeniz
     if spec.batch_size % (2 * acc.num_processes):
         raise SystemExit(f"--clip-batch {spec.batch_size} must be even on every one of {acc.num_processes} "
                          "process(es): each batch holds pairs of kind twins")
-    return train_stage(acc, args, spec, ClipTask(clip), clip,
-                       lambda first: WorldPairs(args.seed, "clip", first, _samples(spec, first), size, tokenizer,
-                                                twins=True),
-                       fingerprint, {}, sizes.save_every, sizes.log_every)
+    return run_stage(acc, args, sizes, "clip", ClipTask(clip), clip,
+                     lambda first, count: WorldPairs(args.seed, STAGE_IDS["clip"], first, count, size, tokenizer,
+                                                     twins=True),
+                     fingerprint, {})
 
 
 def train_vae(acc: Accelerator, args: argparse.Namespace, sizes: Sizes) -> StageResult:
     stage_init(args, "vae")
     config = sizes.model.vae
     vae = AutoencoderKL(config)
-    spec = sizes.specs["vae"]
     fingerprint = {"vae": plain(with_changes(config, scaling_factor=1.0)), "kl_weight": args.kl_weight}
-    return train_stage(acc, args, spec, VAETask(vae, args.kl_weight), vae,
-                       lambda first: WorldPairs(args.seed, "vae", first, _samples(spec, first),
-                                                config.sample_size, None),
-                       fingerprint, {}, sizes.save_every, sizes.log_every)
+    return run_stage(acc, args, sizes, "vae", VAETask(vae, args.kl_weight), vae,
+                     lambda first, count: WorldPairs(args.seed, STAGE_IDS["vae"], first, count,
+                                                     config.sample_size, None),
+                     fingerprint, {})
 
 
 def train_decoder(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae: StageResult) -> StageResult:
@@ -663,22 +338,11 @@ def train_decoder(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae:
     stage_init(args, "decoder")
     config = sizes.model.vae
     model = vae_from_state(config, vae.state)
-    spec = sizes.specs["decoder"]
     fingerprint = {"vae": plain(with_changes(config, scaling_factor=1.0)), "loss": "l1", "frozen": "encoder"}
-    return train_stage(acc, args, spec, DecoderTask(model), model,
-                       lambda first: WorldPairs(args.seed, "decoder", first, _samples(spec, first),
-                                                config.sample_size, None),
-                       fingerprint, {"vae": vae.identity()}, sizes.save_every, sizes.log_every)
-
-
-def given_weights(state: dict[str, Tensor], source: Path) -> StageResult:
-    """Weights taken from a file rather than trained here, in float32, with their digest
-    (what later stages record of them)."""
-    state = {k: v.float().clone() for k, v in state.items()}
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode() + state[key].numpy().tobytes())
-    return StageResult(state, 0, {"seconds": 0.0, "losses": [], "from": str(source), "sha256": digest.hexdigest()})
+    return run_stage(acc, args, sizes, "decoder", DecoderTask(model), model,
+                     lambda first, count: WorldPairs(args.seed, STAGE_IDS["decoder"], first, count,
+                                                     config.sample_size, None),
+                     fingerprint, {"vae": vae.identity()})
 
 
 def checked_model(flag: str, path: Path, sizes: Sizes, parts: tuple[str, ...]) -> LoadedModel:
@@ -733,10 +397,6 @@ def scaled_config(sizes: Sizes, scaling_factor: float) -> ModelConfig:
     return with_changes(sizes.model, vae=with_changes(sizes.model.vae, scaling_factor=scaling_factor))
 
 
-def _samples(spec: StageSpec, first: int) -> int:
-    return spec.steps * spec.batch_size - first
-
-
 def kinds_input(args: argparse.Namespace) -> dict[str, Any]:
     """``--unet-kinds`` for the records that later runs compare (absent when not given,
     so caches and checkpoints of runs made before the option still match)."""
@@ -764,7 +424,7 @@ def encode_latents(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae
         vae = vae_from_state(sizes.model.vae, vae_state).to(acc.device).eval()
         size, chunks = sizes.model.vae.sample_size, []
         for lo in range(0, len(scenes), 256):
-            images = torch.stack([_chw(render(s, size)) for s in scenes[lo : lo + 256]])
+            images = torch.stack([chw(render(s, size)) for s in scenes[lo : lo + 256]])
             with autocast(acc, "vae" in args.bf16):
                 posterior = vae.encode(to_pixels(images.to(acc.device)))
             chunks.append(torch.cat([posterior.mean, posterior.logvar], 1).float().cpu())
@@ -774,7 +434,7 @@ def encode_latents(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, vae
         stats = {"scaling_factor": scaling, "latent_std": float(sample.std()),
                  "channel_mean": sample.mean((0, 2, 3)).tolist(), "channel_std": sample.std((0, 2, 3)).tolist(),
                  "seconds": time.perf_counter() - t0}
-        atomic_save({"inputs": inputs, "moments": moments, "scaling_factor": scaling, "stats": stats}, path)
+        save_checkpoint({"inputs": inputs, "moments": moments, "scaling_factor": scaling, "stats": stats}, path)
         acc.print(f"[latents] encoded {len(scenes)} pictures in {stats['seconds']:.0f} s; "
                   f"latent std {stats['latent_std']:.4f} -> scaling factor {scaling:.5f}")
     acc.wait_for_everyone()
@@ -790,15 +450,14 @@ def train_unet(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, config:
     unet = UNet(config.unet)
     if init is not None:
         unet.load_state_dict(init.state, strict=True)
-    spec = sizes.specs["unet"]
     task = UNetTask(unet, text_encoder, NoiseSchedule(config))
     fingerprint = {"unet": plain(config.unet), "p_empty": args.p_empty,
                    "schedule": [config.num_train_timesteps, config.beta_start, config.beta_end,
                                 config.beta_schedule, config.prediction_type]}
-    return train_stage(acc, args, spec, task, unet,
-                       lambda first: LatentPairs(latents, args.seed, first, _samples(spec, first),
-                                                 args.p_empty, tokenizer),
-                       fingerprint, upstream, sizes.save_every, sizes.log_every)
+    return run_stage(acc, args, sizes, "unet", task, unet,
+                     lambda first, count: LatentPairs(latents, args.seed, STAGE_IDS["unet"], first, count,
+                                                      args.p_empty, tokenizer),
+                     fingerprint, upstream)
 
 
 # --- evaluation numbers for the card ----------------------------------------------------------
@@ -822,7 +481,7 @@ def evaluate(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, clip_stat
         batch = make_batch(seed, n, sizes.model.vae.sample_size, split=split)
         rng = np.random.default_rng(seed)
         texts = [caption(s, rng, split, full=True) for s in batch.scenes]
-        pixels = to_pixels(torch.stack([_chw(im) for im in batch.images])).to(acc.device)
+        pixels = to_pixels(torch.stack([chw(im) for im in batch.images])).to(acc.device)
         mse = ((vae(pixels).float().clamp(-1, 1) - pixels) ** 2).mean((1, 2, 3)).clamp(min=1e-10)
         # [-1, 1] images: peak-to-peak 2, PSNR = 10 log10(4 / mse), averaged over pictures.
         out[f"vae_psnr_db_{split}"] = float((10 * torch.log10(4.0 / mse)).mean())
@@ -832,63 +491,6 @@ def evaluate(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, clip_stat
         best = logits.argmax(1).tolist()
         out[f"clip_text_to_image_{split}"] = sum(attrs[i] == attrs[j] for i, j in enumerate(best)) / n
     return out
-
-
-# --- export -----------------------------------------------------------------------------------
-
-
-def export_checkpoint(config: ModelConfig, states: dict[str, dict[str, Tensor]], out: Path) -> int:
-    """Write the original-layout single file (fp16, config in the metadata), atomically."""
-    half = {c: {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in s.items()}
-            for c, s in states.items()}
-    for name, state in half.items():
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise RuntimeError(f"{name} weights overflow float16: {bad[:5]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, overwrite=True) as tmp:
-        save_safetensors(original_state(config, half), tmp, original_metadata(config))
-    return out.stat().st_size
-
-
-def check_export(out: Path, config: ModelConfig, states: dict[str, dict[str, Tensor]]) -> None:
-    """Load the file through the same path as real SD checkpoints and compare every weight."""
-    loaded = load_model(out)
-    if loaded.config != config:
-        raise RuntimeError(f"{out}: config read back differs: {loaded.config} != {config}")
-    for name, module in (("unet", loaded.unet), ("vae", loaded.vae), ("text_encoder", loaded.text_encoder)):
-        for key, value in module.state_dict().items():
-            expected = states[name][key].to(torch.float16).float()
-            if not torch.equal(value.float(), expected):
-                raise RuntimeError(f"{out}: {name}.{key} differs after loading")
-
-
-def export_clip_scorer(sizes: Sizes, clip_state: dict[str, Tensor], out: Path) -> int:
-    """The CLIP image tower and both projections: with the text encoder of the main
-    checkpoint they score how well a picture matches a caption."""
-    keep = {k: v for k, v in clip_state.items() if not k.startswith("text_model.")}
-    meta = scorer_metadata(sizes.vision, sizes.projection_dim)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, overwrite=True) as tmp:
-        save_safetensors(keep, tmp, meta)
-    return out.stat().st_size
-
-
-def stage_card(spec: StageSpec, result: StageResult, params: int,
-               init: StageResult | None = None) -> dict[str, Any]:
-    """A stage's card entry; ``init``: the given weights its training started from."""
-    if "from" in result.record:  # not trained in this run
-        return given_card(result) | {"parameters": params}
-    losses = result.record["losses"]
-    card = {} if init is None else {"init": given_card(init)}
-    return card | {"steps": result.step, "batch_size": spec.batch_size, "lr": spec.lr, "parameters": params,
-                   "seconds": round(result.record["seconds"], 1),
-                   "s_per_step": round(result.record["seconds"] / max(1, result.step), 3),
-                   "final_loss": losses[-1][1] if losses else None}
-
-
-def given_card(result: StageResult) -> dict[str, Any]:
-    return {"from": result.record["from"], "sha256": result.record["sha256"]}
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -945,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         states = {"unet": unet.state, "vae": final_vae, "text_encoder": cpu_copy(text_encoder.state_dict())}
         size = export_checkpoint(config, states, args.out)
         check_export(args.out, config, states)
-        clip_size = export_clip_scorer(sizes, clip.state, args.clip_out)
+        clip_size = export_clip_scorer(clip.state, sizes.vision, sizes.projection_dim, args.clip_out)
         params = {"clip": param_count(clip.state), "vae": param_count(vae.state), "unet": param_count(unet.state)}
         card = {
             "checkpoint": str(args.out), "checkpoint_bytes": size, "clip_scorer": str(args.clip_out),
@@ -964,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trained = {k: v for k, v in decoder.state.items() if not k.startswith(frozen)}
             card["stages"]["decoder"] = stage_card(sizes.specs["decoder"], decoder, param_count(trained))
         args.card.parent.mkdir(parents=True, exist_ok=True)
-        args.card.write_text(json.dumps(card, indent=2) + "\n")
+        atomic_write_bytes(args.card, (json.dumps(card, indent=2) + "\n").encode())
         acc.print(f"wrote {args.out} ({size / 2**20:.1f} MiB), {args.clip_out} ({clip_size / 2**20:.1f} MiB), "
                   f"{args.card}")
     acc.wait_for_everyone()

@@ -1,4 +1,4 @@
-"""ldm.training pieces and scripts/train_toy.py: smoke run, export, resume, determinism."""
+"""The ldm.training package, and scripts/train_toy.py (its recipe): smoke run, export, resume, determinism."""
 
 from __future__ import annotations
 
@@ -15,12 +15,17 @@ from ldm.config import PRESETS, ModelConfig
 from ldm.training import (
     EMA,
     NoiseSchedule,
-    atomic_save,
+    Progress,
+    RunSettings,
+    StageSpec,
     clip_contrastive_loss,
     derive_seed,
     load_checkpoint,
     rng_state,
+    save_checkpoint,
     set_rng_state,
+    train_stage,
+    trim_after_first_eos,
     warmup_constant_lr,
     warmup_cosine_lr,
 )
@@ -30,6 +35,7 @@ MB = 10**6
 
 
 def _load_script():
+    """The recipe and its command line (the library pieces come from ldm.training)."""
     spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["train_toy"] = module
@@ -83,16 +89,28 @@ def test_warmup_then_constant_lr():
     assert warmup_constant_lr(1000, 1.0, 4) == 1.0
 
 
-def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+def test_warmup_then_cosine_lr():
+    assert warmup_cosine_lr(0, 1.0, 4, 104) == 0.25
+    assert warmup_cosine_lr(4, 1.0, 4, 104) == 1.0  # first step after warm-up: the peak
+    assert warmup_cosine_lr(54, 1.0, 4, 104) == pytest.approx(0.5)  # half way: cos(pi/2) = 0
+    assert warmup_cosine_lr(104, 1.0, 4, 104) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine_lr(104, 1.0, 4, 104, final_fraction=0.1) == pytest.approx(0.1)
+    rates = [warmup_cosine_lr(s, 1.0, 4, 104) for s in range(4, 105)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="total_steps"):
+        warmup_cosine_lr(0, 1.0, 0, 0)
+
+
+def test_save_checkpoint_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
-    atomic_save({"step": 1}, path)
+    save_checkpoint({"step": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        atomic_save({"step": 2, "bad": Unpicklable()}, path)
+        save_checkpoint({"step": 2, "bad": Unpicklable()}, path)
     assert load_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert load_checkpoint(tmp_path / "missing.pt") is None
@@ -100,7 +118,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
 
 def test_rng_state_round_trip(tmp_path):
     state = rng_state()
-    atomic_save(state, tmp_path / "rng.pt")
+    save_checkpoint(state, tmp_path / "rng.pt")
     first = (torch.rand(3), torch.randint(0, 10**6, (1,)).item())
     set_rng_state(load_checkpoint(tmp_path / "rng.pt"))
     assert torch.equal(torch.rand(3), first[0]) and torch.randint(0, 10**6, (1,)).item() == first[1]
@@ -131,6 +149,51 @@ def test_noise_schedule(prediction_type):
     assert torch.allclose(target, expected)
 
 
+class _Points(torch.utils.data.Dataset):
+    """y = 2x + 1 at points drawn by global sample index, as the stage loop expects."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = torch.randn(1, generator=torch.Generator().manual_seed(derive_seed(7, self.first + i)))
+        return {"x": x, "y": 2 * x + 1}
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, generator):
+        jitter = 0.01 * torch.randn(batch["x"].shape, generator=generator)  # the step's own noise
+        return torch.nn.functional.mse_loss(self.model(batch["x"] + jitter), batch["y"]), {}
+
+
+def _fit(workdir: Path, steps: int) -> dict[str, torch.Tensor]:
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    spec = StageSpec("fit", steps=steps, batch_size=4, lr=0.1, warmup=1, weight_decay=0.0, ema_decay=0.9)
+    run = RunSettings(workdir=workdir, seed=3, save_every=1, log_every=1)
+    result = train_stage(Accelerator(cpu=True), run, spec, _Regression(model), model, _Points,
+                         stream=1, fingerprint={"model": "linear"}, inputs={})
+    return result.state
+
+
+def test_the_stage_loop_is_generic_and_resumes_exactly(tmp_path, capsys):
+    straight = _fit(tmp_path / "straight", 4)
+    _fit(tmp_path / "resumed", 2)
+    resumed = _fit(tmp_path / "resumed", 4)
+    assert "[fit] resuming at step 2/4" in capsys.readouterr().out
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert load_checkpoint(tmp_path / "resumed" / "fit.pt")["step"] == 4
+
+
 # --- the toy preset -------------------------------------------------------------------
 
 
@@ -148,18 +211,6 @@ def test_toy_preset_fits_the_size_budget():
 
 
 # --- scripts/train_toy.py ---------------------------------------------------------------
-
-
-def test_warmup_then_cosine_lr():
-    assert warmup_cosine_lr(0, 1.0, 4, 104) == 0.25
-    assert warmup_cosine_lr(4, 1.0, 4, 104) == 1.0  # first step after warm-up: the peak
-    assert warmup_cosine_lr(54, 1.0, 4, 104) == pytest.approx(0.5)  # half way: cos(pi/2) = 0
-    assert warmup_cosine_lr(104, 1.0, 4, 104) == pytest.approx(0.0, abs=1e-12)
-    assert warmup_cosine_lr(104, 1.0, 4, 104, final_fraction=0.1) == pytest.approx(0.1)
-    rates = [warmup_cosine_lr(s, 1.0, 4, 104) for s in range(4, 105)]
-    assert all(a > b for a, b in zip(rates, rates[1:]))
-    with pytest.raises(ValueError, match="total_steps"):
-        warmup_cosine_lr(0, 1.0, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -303,18 +354,18 @@ def test_cosine_run_resumes_bit_exact_after_an_interruption(train_toy, tmp_path,
     straight = tmp_path / "straight"
     _smoke(train_toy, straight, *cosine)
 
-    update = train_toy.Progress.update
+    update = Progress.update
 
     def crash_at_step_3(self, step, loss, stats):
         if self.spec.name == "unet" and step == 3:
             raise KeyboardInterrupt
         return update(self, step, loss, stats)
 
-    monkeypatch.setattr(train_toy.Progress, "update", crash_at_step_3)
+    monkeypatch.setattr(Progress, "update", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         _smoke(train_toy, tmp_path / "a", *cosine)
     assert load_checkpoint(tmp_path / "a" / "unet.pt")["step"] == 2
-    monkeypatch.setattr(train_toy.Progress, "update", update)
+    monkeypatch.setattr(Progress, "update", update)
     capsys.readouterr()
     _smoke(train_toy, tmp_path / "a", *cosine)
     assert "[unet] resuming at step 2/4" in capsys.readouterr().out
@@ -331,7 +382,6 @@ def test_trimming_after_the_end_token_keeps_clip_text_embeddings_exact():
 
     from ldm.foreign_config import text_to_transformers
     from ldm.models.tokenizer import EOS_ID, Tokenizer
-    from ldm.training import trim_after_first_eos
 
     torch.manual_seed(0)
     cfg = dict(text_to_transformers(PRESETS["toy"].text), hidden_size=32, intermediate_size=64,
