@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..training import to_pixels
+from ..training.losses import to_pixels
 from .world import Scene, render
 
 
