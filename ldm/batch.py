@@ -16,27 +16,36 @@ or on interruptions:
 4. Each image is written atomically, then recorded in the rank's manifest part
    (:mod:`ldm.manifest`); rank 0 merges the parts after a barrier.
 
+Only one run writes to a folder at a time (:mod:`ldm.batchlock`; rank 0 holds the
+lock for all ranks of a run), and every line is checked before anything renders:
+its values when the file is read, then what depends on the model (steps against
+its training timesteps, memory for its size) once it is loaded.
+
 On a rerun, an image counts as done when its file exists and its manifest entry
 (or, for a file whose entry was lost to a kill, the parameters stored in the
 PNG) matches what the line asks for now; entries whose file is gone are dropped
 and the image is rendered again. An output folder holding images made with other
-settings is refused unless ``overwrite`` (then those images are redone).
+settings is refused unless ``overwrite`` (then those images are redone). Only files
+this run plans are ever read or deleted; a manifest entry cannot point anywhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import manifest
+from . import batchlock, manifest
 from .atomicio import append_line, remove_temp_files
-from .batchfile import Job, LineError, Settings, read_jobs
+from .batchfile import Job, LineError, Settings, check_settings, check_steps, read_jobs
 from .grid import image_grid
 from .modelref import ModelRef
 from .pngmeta import GenerationParams, read_text, save_png
@@ -66,17 +75,13 @@ class Item:
 
     @property
     def file(self) -> str:
-        return image_name(self.job.line, self.index, self.seed)
+        return manifest.image_name(self.job.line, self.index, self.seed)
 
     def entry(self, time: str | None = None) -> dict[str, Any]:
         return {
             "line": self.job.line, "input": self.job.text, "index": self.index, "seed": self.seed,
             "file": self.file, "parameters": self.params.to_dict(), "time": time or _now(),
         }
-
-
-def image_name(line: int, index: int, seed: int) -> str:
-    return f"{line:05d}-{index:02d}-{seed}.png"
 
 
 def _now() -> str:
@@ -139,7 +144,8 @@ class Reconciled:
     adopted: int = 0  # files found without an entry, whose PNG parameters matched
     dropped: int = 0  # entries whose file was missing
     conflicts: list[str] = field(default_factory=list)
-    stale_files: list[Path] = field(default_factory=list)  # to delete when overwriting
+    stale_files: list[Path] = field(default_factory=list)  # planned files to delete when overwriting
+    unplanned: list[str] = field(default_factory=list)  # files of conflicting entries: never deleted
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -147,45 +153,58 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "; ".join(diffs[:3]) or "file name"
 
 
+def own_file(path: Path) -> bool:
+    """A regular file, not a link that could lead out of the output folder."""
+    return path.is_file() and not path.is_symlink()
+
+
+def _judge_entry(outdir: Path, entry: dict[str, Any], item: Item | None, result: Reconciled) -> None:
+    if not own_file(outdir / entry["file"]):
+        result.dropped += 1  # rendered again if still planned
+    elif item is None:  # a line that is now invalid or gone: kept, not ours to judge
+        result.entries.append(entry)
+    elif entry["parameters"] != item.params.to_dict() or entry["file"] != item.file:
+        result.conflicts.append(f"{entry['file']} (line {item.job.line}, image {item.index}): "
+                                f"{_differences(entry['parameters'], item.params.to_dict())}")
+        if entry["file"] == item.file:
+            result.stale_files.append(outdir / item.file)
+        else:
+            result.unplanned.append(entry["file"])
+    else:
+        result.entries.append(entry)
+        result.done.add(item.key)
+
+
+def _png_text(path: Path) -> str | None:
+    try:
+        return read_text(path)
+    except Exception:  # noqa: BLE001 - whatever makes a file unreadable, it is not this image
+        return None
+
+
+def _adopt(path: Path, item: Item, result: Reconciled) -> None:
+    """A planned file without an entry (killed between writing it and recording it):
+    kept if its PNG parameters are this image's, else a conflict."""
+    if _png_text(path) == item.params.to_text():
+        mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+        result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
+        result.done.add(item.key)
+        result.adopted += 1
+    else:
+        result.conflicts.append(f"{item.file} (line {item.job.line}, image {item.index}): its PNG parameters differ")
+        result.stale_files.append(path)
+
+
 def reconcile(outdir: Path, items: list[Item]) -> Reconciled:
     """Read-only: compare the manifest, its parts and the files with ``items``."""
     planned = {item.key: item for item in items}
     result = Reconciled(entries=[])
     for entry in manifest.read_entries(outdir):
-        key = manifest.entry_key(entry)
-        item = planned.get(key)
-        if not (outdir / entry["file"]).is_file():
-            result.dropped += 1  # rendered again if still planned
-            continue
-        if item is None:  # a line that is now invalid or gone: kept, not ours to judge
-            result.entries.append(entry)
-            continue
-        want = item.params.to_dict()
-        if entry.get("parameters") != want or entry["file"] != item.file:
-            result.conflicts.append(
-                f"{entry['file']} (line {key[0]}, image {key[1]}): {_differences(entry.get('parameters') or {}, want)}"
-            )
-            result.stale_files.append(outdir / entry["file"])
-            continue
-        result.entries.append(entry)
-        result.done.add(key)
+        _judge_entry(outdir, entry, planned.get(manifest.entry_key(entry)), result)
     for key, item in planned.items():
         path = outdir / item.file
-        if key in result.done or path in result.stale_files or not path.is_file():
-            continue
-        # Written but not recorded (killed between the two): adopt it if it is this image.
-        try:
-            text = read_text(path)
-        except OSError:
-            text = None
-        if text == item.params.to_text():
-            mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
-            result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
-            result.done.add(key)
-            result.adopted += 1
-        else:
-            result.conflicts.append(f"{item.file} (line {key[0]}, image {key[1]}): its PNG parameters differ")
-            result.stale_files.append(path)
+        if key not in result.done and path not in result.stale_files and own_file(path):
+            _adopt(path, item, result)
     return result
 
 
@@ -237,54 +256,176 @@ def report_errors(prompts: Path, errors: list[LineError], stream=None) -> None:
         print(f"{prompts}:{e.line}: error: {e.message}", file=stream)
 
 
+def _share(state: Any, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank: decisions all ranks of a run must take alike."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _is_main_rank() -> bool:
+    # Valid before accelerate's state exists (torchrun and accelerate set RANK).
+    return os.environ.get("RANK", "0") == "0"
+
+
+def strict_refusal(prompts: Path, errors: list[LineError]) -> int:
+    print(f"ldm batch: {len(errors)} bad line(s) in {prompts}; --strict: nothing rendered", file=sys.stderr)
+    return 2
+
+
+def model_errors(jobs: list[Job], pipe: Any) -> list[LineError]:
+    """The lines the loaded model cannot render, found before rendering starts."""
+    from .limits import available_bytes
+
+    free = available_bytes(pipe.device)  # read once: the same budget for every line
+    found: dict[tuple, str | None] = {}
+    errors = []
+    for job in jobs:
+        width, height = job.size or (pipe.config.default_size,) * 2
+        key = (job.sampler, job.schedule, job.steps, width, height, job.guidance > 1)
+        if key not in found:
+            found[key] = _model_error(pipe, key, free)
+        if found[key]:
+            errors.append(LineError(job.line, found[key], job.text))
+    return errors
+
+
+def _model_error(pipe: Any, key: tuple, free: int | None) -> str | None:
+    """Steps against the model's training timesteps, the size against its VAE factor
+    and the memory of one image of that size (:func:`ldm.limits.plan_batch`)."""
+    from .limits import plan_batch
+
+    sampler, schedule, steps, width, height, guided = key
+    factor = pipe.config.vae.downsample_factor
+    try:
+        check_steps(sampler, schedule, steps, pipe.schedule.num_train_timesteps)
+        if width % factor or height % factor:
+            raise ValueError(f"size {width}x{height}: this model needs multiples of {factor}")
+        plan_batch(pipe.config, 1, height, width, dtype_bytes=pipe.dtype.itemsize, guided=guided,
+                   device=pipe.device, available=free)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _take_lock(outdir: Path, state: Any, locks: list[batchlock.FolderLock]) -> bool:
+    """Rank 0 locks the folder for all ranks of this run; False (reported) when another run has it."""
+    refusal = None
+    if state.is_main_process:
+        try:
+            locks.append(batchlock.acquire(outdir))
+        except batchlock.ActiveRunError as exc:
+            refusal = str(exc)
+    refusal = _share(state, refusal)
+    if refusal and state.is_main_process:
+        print(f"ldm batch: error: {refusal}", file=sys.stderr)
+    return refusal is None
+
+
 def run_batch(opts: BatchOptions, print_fn: Callable[[str], None] = print) -> int:
-    """Render a prompt file into ``opts.outdir``; returns the exit status
-    (0 done, 1 done but bad lines were skipped, 2 nothing rendered: strict/conflict)."""
+    """Render a prompt file into ``opts.outdir``; returns the exit status: 0 done, 1 done
+    but bad lines were skipped, 2 nothing rendered (strict, conflict, another run active),
+    130 stopped by Ctrl-C (what was finished is kept and recorded)."""
+    locks: list[batchlock.FolderLock] = []
+    try:
+        return _run(opts, print_fn, locks)
+    except KeyboardInterrupt:
+        return _stopped(opts.outdir, merge=bool(locks))
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+@contextlib.contextmanager
+def _sigint_held(reraise: bool = True):
+    """Hold Ctrl-C while a step that must finish runs (an image and its manifest entry,
+    the merge after a stop); raised once it is done when ``reraise``. Signals reach
+    only the main thread, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and reraise:
+        raise KeyboardInterrupt
+
+
+def _stopped(outdir: Path, merge: bool) -> int:
+    with _sigint_held(reraise=False):
+        if merge:  # only the run holding the folder writes to it
+            manifest.merge(outdir)
+            remove_temp_files(outdir)
+        entries = manifest.read_entries(outdir) if outdir.is_dir() else []
+        kept = sum(own_file(outdir / e["file"]) for e in entries)
+    if merge or _is_main_rank():
+        print(f"ldm batch: stopped; {kept} image(s) kept in {outdir} (rerun the same command to continue)",
+              file=sys.stderr)
+    return 130
+
+
+def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchlock.FolderLock]) -> int:
+    check_settings(opts.settings)
     jobs, errors = read_jobs(opts.prompts, opts.settings, opts.jsonl)
     state = _distributed_state(opts.device)
     main = state.is_main_process
     if main:
         report_errors(opts.prompts, errors)
     if errors and opts.strict:
-        if main:
-            print(f"ldm batch: {len(errors)} bad line(s) in {opts.prompts}; --strict: nothing rendered",
-                  file=sys.stderr)
-        return 2
+        return strict_refusal(opts.prompts, errors) if main else 2
     if not jobs:
-        if main:
-            print(f"ldm batch: no prompts to render in {opts.prompts}", file=sys.stderr)
-        return 1 if errors else 0
+        return _nothing_to_do(opts, errors, main)
+    opts.outdir.mkdir(parents=True, exist_ok=True)
+    if not _take_lock(opts.outdir, state, locks):
+        return 2
+    pipe, ref = _load(opts, state)
+    bad = _share(state, model_errors(jobs, pipe) if main else None)
+    if main:
+        report_errors(opts.prompts, bad)
+    errors = sorted(errors + bad, key=lambda e: e.line)
+    if bad and opts.strict:
+        return strict_refusal(opts.prompts, errors) if main else 2
+    jobs = [j for j in jobs if j.line not in {e.line for e in bad}]
+    if not jobs:
+        return _nothing_to_do(opts, errors, main)
+    return _render_into(opts, pipe, ref, jobs, errors, state, print_fn)
 
+
+def _load(opts: BatchOptions, state: Any) -> tuple[Any, ModelRef]:
     from .modelref import model_ref
     from .pipeline import Pipeline, default_weights_path
 
     model_path = Path(opts.model) if opts.model else default_weights_path()
     pipe = Pipeline.from_pretrained(model_path, device=_rank_device(opts.device, state), dtype=opts.dtype,
                                     allow_pickle=opts.allow_pickle)
-    ref = model_ref(model_path)
+    return pipe, model_ref(model_path)
+
+
+def _nothing_to_do(opts: BatchOptions, errors: list[LineError], main: bool) -> int:
+    if main:
+        print(f"ldm batch: no prompts to render in {opts.prompts}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], errors: list[LineError],
+                 state: Any, print_fn: Callable[[str], None]) -> int:
+    main = state.is_main_process
     items = expand(jobs, pipe.config.default_size, ref)
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer))
-
-    opts.outdir.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()  # the folder exists; nobody writes until everyone has looked
+    state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)
     if rec.conflicts and not opts.overwrite:
         if main:
-            shown = "\n  ".join(rec.conflicts[:5])
-            more = f"\n  ... and {len(rec.conflicts) - 5} more" if len(rec.conflicts) > 5 else ""
-            print(f"ldm batch: error: {opts.outdir} holds {len(rec.conflicts)} image(s) made with other "
-                  f"settings:\n  {shown}{more}\nuse another output folder, or --overwrite to redo them",
-                  file=sys.stderr)
+            _report_conflicts(opts.outdir, rec.conflicts)
         return 2
     state.wait_for_everyone()
     if main:
-        remove_temp_files(opts.outdir)
-        for path in rec.stale_files:
-            path.unlink(missing_ok=True)
-        manifest.write_manifest(opts.outdir, rec.entries)
-        if rec.adopted or rec.dropped:
-            logger.warning("resumed %s: %d image(s) recorded from their files, %d entr(ies) without a file "
-                           "dropped", opts.outdir, rec.adopted, rec.dropped)
+        _prepare_folder(opts.outdir, rec)
     state.wait_for_everyone()
 
     mine = [c for i, c in enumerate(chunks) if i % state.num_processes == state.process_index]
@@ -294,13 +435,35 @@ def run_batch(opts: BatchOptions, print_fn: Callable[[str], None] = print) -> in
         entries = manifest.merge(opts.outdir)
         remove_temp_files(opts.outdir)
         if opts.grid and entries:
-            _write_grid(opts.outdir, entries, opts.grid_rows)
+            _write_grid(opts.outdir, entries, opts.grid_rows, items[0].params)
         todo = len(items) - len(rec.done)
         bad = f"; {len(errors)} bad line(s) skipped: {', '.join(str(e.line) for e in errors)}" if errors else ""
         print_fn(f"{len(items)} image(s) of {len(jobs)} line(s) in {opts.outdir}: {todo} rendered, "
                  f"{len(rec.done)} already done{bad}")
     logger.info("rank %d rendered %d image(s)", state.process_index, rendered)
     return 1 if errors else 0
+
+
+def _report_conflicts(outdir: Path, conflicts: list[str]) -> None:
+    shown = "\n  ".join(conflicts[:5])
+    more = f"\n  ... and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+    print(f"ldm batch: error: {outdir} holds {len(conflicts)} image(s) made with other "
+          f"settings:\n  {shown}{more}\nuse another output folder, or --overwrite to redo them",
+          file=sys.stderr)
+
+
+def _prepare_folder(outdir: Path, rec: Reconciled) -> None:
+    """Rank 0, before rendering: clear what interrupted runs left and write the reconciled manifest."""
+    remove_temp_files(outdir)
+    for path in rec.stale_files:  # planned names only: see reconcile
+        path.unlink(missing_ok=True)
+    if rec.unplanned:
+        logger.warning("%s: kept %d file(s) of earlier settings that this run does not plan (not deleted): %s",
+                       outdir, len(rec.unplanned), ", ".join(rec.unplanned[:5]))
+    manifest.write_manifest(outdir, rec.entries)
+    if rec.adopted or rec.dropped:
+        logger.warning("resumed %s: %d image(s) recorded from their files, %d entr(ies) without a file "
+                       "dropped", outdir, rec.adopted, rec.dropped)
 
 
 def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, state: Any) -> int:
@@ -323,23 +486,26 @@ def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir
             for item, image in zip(chunk, gen.images):
                 if item.key in done:
                     continue
-                save_png(image, outdir / item.file, item.params)
-                append_line(part, manifest.dumps(item.entry()))
+                with _sigint_held():  # never an image without its entry
+                    save_png(image, outdir / item.file, item.params)
+                    append_line(part, manifest.dumps(item.entry()))
                 written += 1
                 bar.update(1)
     return written
 
 
-def _write_grid(outdir: Path, entries: list[dict[str, Any]], rows: int | None) -> None:
+def _write_grid(outdir: Path, entries: list[dict[str, Any]], rows: int | None,
+                params: GenerationParams) -> None:
     from PIL import Image
 
-    paths = [outdir / e["file"] for e in entries if (outdir / e["file"]).is_file()]
     images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    first = entries[0].get("parameters") or {}
-    params = GenerationParams(**{k: v for k, v in first.items() if k in GenerationParams.__dataclass_fields__})
+    for path in (outdir / e["file"] for e in entries):
+        if own_file(path):
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            except Exception:  # noqa: BLE001 - an unreadable file is left out, whatever the reason
+                logger.warning("%s: not a readable image, left out of the grid", path)
     save_png(image_grid(images, rows), outdir / GRID_FILE, params)
 
 

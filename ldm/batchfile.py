@@ -13,26 +13,45 @@ file, and its ``n`` images get that seed + 0, 1, ... So a line's images depend
 only on the base seed, its line number and its own settings: not on other
 lines, on batching or on how the work is sharded; lines stay 1000 seeds apart.
 Editing the file above a line (adding or removing lines) moves its seeds.
+
+Every value is checked here with :mod:`ldm.validation`, the checks the pipeline
+itself makes, so a bad line is found before anything renders. The file must be
+UTF-8 text (a leading BOM is dropped, CRLF line ends are fine); a binary file, a
+folder or a pipe is refused as a whole with :class:`PromptFileError`.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pngmeta import A1111_SAMPLERS
+from .pngmeta import GenerationParams, check_round_trip, normalize_prompt
+from .validation import (
+    DEFAULTS, MAX_SEED, SIZE_FACTOR, check_guidance, check_int, check_sampler, check_sampling, check_schedule,
+    check_seed, check_side,
+)
 
 SEED_STRIDE = 1000
 SEED_MODULUS = 2**32 - SEED_STRIDE
-MAX_SEED = 2**32 - 1
-SCHEDULES = ("default", "karras")
+# A line's images are seeded seed + 0 .. n - 1; more than a stride would run into the
+# next line's seeds, and a line of a million images is a typo, not a plan.
+MAX_IMAGES_PER_LINE = SEED_STRIDE
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n")
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-SIZE_FACTOR = 8  # the VAE's downsampling in every SD model
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read as a whole (binary, not UTF-8, a folder, a pipe);
+    the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -40,12 +59,12 @@ class Settings:
     """Values for lines that do not set their own (from the command line)."""
 
     negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 7.5
-    sampler: str = "dpmpp_2m"
-    schedule: str = "default"
+    steps: int = DEFAULTS.steps
+    guidance: float = DEFAULTS.guidance_scale
+    sampler: str = DEFAULTS.sampler
+    schedule: str = DEFAULTS.schedule
     size: tuple[int, int] | None = None  # None: the model's native size
-    n: int = 1
+    n: int = DEFAULTS.num_images
     seed: int = 0  # the base seed
 
 
@@ -83,36 +102,56 @@ def line_seed(base: int, line: int) -> int:
 
 def parse_size(value: Any) -> tuple[int, int]:
     """``"512x768"``, ``[512, 768]`` or ``512`` -> (width, height), multiples of 8."""
-    if isinstance(value, str) and _SIZE.match(value):
-        m = _SIZE.match(value)
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m:
         size = (int(m[1]), int(m[2]))
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value):
-        size = (int(value[0]), int(value[1]))
-    elif _is_int(value):
-        size = (int(value), int(value))
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        size = (value[0], value[1])
+    elif not isinstance(value, (str, list, tuple, dict)):
+        size = (value, value)
     else:
-        raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512'), got {value!r}")
-    if any(v < SIZE_FACTOR or v % SIZE_FACTOR for v in size):
-        raise ValueError(f"size must be positive multiples of {SIZE_FACTOR} (e.g. '512x512'), got {value!r}")
-    return size
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(obj: dict, key: str, default: int, minimum: int) -> int:
-    value = obj.get(key, default)
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
+        raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512'), got {value!r:.80}")
+    return check_side(size[0], "width"), check_side(size[1], "height")
 
 
 def _str(obj: dict, key: str, default: str) -> str:
     value = obj.get(key, default)
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
+        raise ValueError(f"{key} must be a string, got {value!r:.80}")
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def _check_sampling(sampler: str, schedule: str, steps: int, num_train_timesteps: int) -> None:
+    # Cached: a file of thousands of lines has a handful of combinations.
+    check_sampling(sampler, schedule, steps, num_train_timesteps)
+
+
+def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000) -> tuple[str, str, int]:
+    """Sampler, schedule and steps checked together, as sampling will build them."""
+    sampler, schedule = check_sampler(sampler), check_schedule(schedule)
+    steps = check_int(steps, "steps", 1)
+    _check_sampling(sampler, schedule, steps, num_train_timesteps)
+    return sampler, schedule, steps
+
+
+def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, steps: int, guidance: float,
+                    size: tuple[int, int] | None, seed: int) -> None:
+    """Refuse a line whose PNG parameters text would read back as something else
+    (e.g. a prompt line starting with ``Negative prompt:``): such an image could not
+    be made again from its file. The native size stands in until the model is known."""
+    width, height = size or (SIZE_FACTOR, SIZE_FACTOR)
+    check_round_trip(GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
+                                      schedule=schedule, guidance_scale=guidance, seed=seed, width=width,
+                                      height=height))
+
+
+def _seed_and_count(obj: dict, line: int, settings: Settings) -> tuple[int, int]:
+    n = check_int(obj.get("n", settings.n), "n", 1, MAX_IMAGES_PER_LINE)
+    seed = check_seed(obj["seed"]) if "seed" in obj else line_seed(settings.seed, line)
+    if seed + n - 1 > MAX_SEED:
+        raise ValueError(f"seed + n - 1 must be <= {MAX_SEED}, got seed {seed} with n {n}")
+    return seed, n
 
 
 def job_from_object(obj: Any, line: int, text: str, settings: Settings) -> Job:
@@ -121,32 +160,44 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings) -> Job:
         raise ValueError(f"expected a JSON object with a 'prompt', got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(JSONL_KEYS))
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(JSONL_KEYS)}")
+        shown = ", ".join(f"{k!r:.40}" for k in unknown[:5])
+        raise ValueError(f"unknown key(s) {shown}; valid keys: {', '.join(JSONL_KEYS)}")
     if "prompt" not in obj:
         raise ValueError("missing 'prompt'")
-    prompt = _str(obj, "prompt", "")
-    negative = _str(obj, "negative_prompt", settings.negative_prompt)
-    steps = _int(obj, "steps", settings.steps, 1)
-    n = _int(obj, "n", settings.n, 1)
-    guidance = obj.get("guidance", settings.guidance)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0:
-        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
-    sampler = _str(obj, "sampler", settings.sampler)
-    if sampler not in A1111_SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(A1111_SAMPLERS)}")
-    schedule = _str(obj, "schedule", settings.schedule)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    # Spaces around lines are dropped as the PNG text drops them (CLIP ignores them).
+    prompt = normalize_prompt(_str(obj, "prompt", ""))
+    negative = normalize_prompt(_str(obj, "negative_prompt", settings.negative_prompt))
+    sampler, schedule, steps = check_steps(obj.get("sampler", settings.sampler),
+                                           obj.get("schedule", settings.schedule), obj.get("steps", settings.steps))
+    guidance = check_guidance(obj.get("guidance", settings.guidance))
     size = parse_size(obj["size"]) if "size" in obj else settings.size
-    if "seed" in obj:
-        seed = _int(obj, "seed", 0, 0)
-    else:
-        seed = line_seed(settings.seed, line)
-        if n > SEED_STRIDE:
-            raise ValueError(f"n > {SEED_STRIDE} would reuse the next line's seeds; give this line a seed")
-    if seed + n - 1 > MAX_SEED:
-        raise ValueError(f"seed + n - 1 must be <= {MAX_SEED}, got seed {seed} with n {n}")
-    return Job(line, text, prompt, negative, seed, steps, float(guidance), sampler, schedule, size, n)
+    seed, n = _seed_and_count(obj, line, settings)
+    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed)
+    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n)
+
+
+def check_settings(settings: Settings) -> None:
+    """The command line's values for lines, checked once (ValueError naming the flag)."""
+    try:
+        check_seed(settings.seed, "--seed")
+        if settings.size is not None:
+            parse_size(settings.size)
+        job_from_object({"prompt": ""}, 1, "", settings)
+    except ValueError as exc:
+        raise ValueError(f"command line: {exc}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows; give a finite number")
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
 
 
 def is_jsonl(path: str | Path) -> bool:
@@ -163,27 +214,53 @@ def parse_lines(lines: list[str], settings: Settings, jsonl: bool) -> tuple[list
         if not stripped or stripped.startswith("#"):
             continue
         try:
-            if jsonl:
-                try:
-                    obj = json.loads(stripped)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            else:
-                obj = {"prompt": stripped}
+            obj = _json(stripped) if jsonl else {"prompt": stripped}
             jobs.append(job_from_object(obj, number, text, settings))
         except ValueError as exc:
             errors.append(LineError(number, str(exc), text))
     return jobs, errors
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; a folder, pipe or device is refused without blocking on it."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode  # of what was opened: no race with a swapped path
+        if stat.S_ISDIR(mode):
+            raise PromptFileError(f"{path}: is a folder; give a prompt file (text or JSONL)")
+        if not stat.S_ISREG(mode):
+            raise PromptFileError(f"{path}: not a regular file (a pipe or a device?); give a prompt file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def decode(path: Path, data: bytes) -> str:
+    """UTF-8 text of a prompt file, without a BOM; PromptFileError for anything else."""
+    if data.startswith(_UTF16_BOMS):
+        raise PromptFileError(f"{path}: is UTF-16 text; save it as UTF-8")
+    if b"\0" in data:
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise PromptFileError(f"{path}:{line}: NUL byte: a binary file, not a prompt file (UTF-8 text or JSONL)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); prompt files are UTF-8"
+        ) from None
+
+
 def read_jobs(path: str | Path, settings: Settings, jsonl: bool | None = None
               ) -> tuple[list[Job], list[LineError]]:
     """Read a prompt file (JSONL if its suffix is .jsonl/.ndjson, unless ``jsonl`` says)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = decode(path, _read_bytes(path)).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return parse_lines(lines, settings, is_jsonl(path) if jsonl is None else jsonl)

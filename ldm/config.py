@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .atomicio import non_regular_reason
+
 PredictionType = Literal["epsilon", "v_prediction"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
@@ -64,6 +66,16 @@ class UNetConfig:
                 raise ValueError(
                     f"UNetConfig: channels {c} not divisible by norm_num_groups={self.norm_num_groups}"
                 )
+        for level, (c, heads) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            _check_heads(f"UNetConfig level {level}", c, heads)
+        # Each level halves the latent; a native size that does not halve evenly makes
+        # the skip connections of the up path mismatch at the model's own resolution.
+        step = 2 ** (n - 1)
+        if self.sample_size < 1 or self.sample_size % step:
+            raise ValueError(
+                f"UNetConfig: sample_size {self.sample_size} must be a positive multiple of {step} "
+                f"(the U-Net halves it {n - 1} times)"
+            )
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,40 @@ class TextEncoderConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     pad_token: Literal["eos", "zero"] = "eos"
+
+    def __post_init__(self) -> None:
+        _check_heads("TextEncoderConfig", self.hidden_size, self.num_attention_heads)
+
+
+def _check_heads(where: str, channels: int, heads: int) -> None:
+    """Attention splits the channels into equal heads; a split that leaves a remainder
+    would build projections narrower than the weights."""
+    if not isinstance(heads, int) or heads < 1 or channels % heads:
+        raise ValueError(
+            f"{where}: {channels} channels cannot be split into {heads!r} attention heads "
+            f"(num_attention_heads must divide the channels)"
+        )
+
+
+def text_to_transformers(config: TextEncoderConfig) -> dict[str, Any]:
+    """The transformers CLIPTextConfig dict for a TextEncoderConfig (what the text
+    model is built from, and what diffusers folders store)."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_act": config.hidden_act,
+        "layer_norm_eps": config.layer_norm_eps,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407 if config.pad_token == "eos" else 0,
+        "projection_dim": config.hidden_size,
+    }
 
 
 @dataclass(frozen=True)
@@ -210,8 +256,8 @@ SD2_V = with_changes(
 # tower of hidden 128 (real CLIP BPE ids, so the 49,408-row token table is most of
 # its parameters). Key layout is SD1's (quick_gelu text encoder). The VAE scaling
 # factor is measured by the training script (1/std of the latents, as SD did) and
-# stored in the checkpoint's metadata; the value here is a placeholder until the
-# shipped run's measurement is copied in.
+# stored in the checkpoint's metadata; the value here is the shipped run's, so a
+# copy of weights/ldm-toy.safetensors that lost its metadata still loads right.
 TOY = ModelConfig(
     family="toy",
     unet=UNetConfig(
@@ -227,7 +273,7 @@ TOY = ModelConfig(
         sample_size=64,
         block_out_channels=(32, 64, 64, 64),
         layers_per_block=1,
-        scaling_factor=0.4321383237838745,  # measured by scripts/train_toy.py: 1 / latent std
+        scaling_factor=0.49362558126449585,  # measured by scripts/train_toy.py: 1 / latent std
     ),
     text=TextEncoderConfig(
         hidden_size=128,
@@ -238,10 +284,6 @@ TOY = ModelConfig(
 )
 
 PRESETS: dict[str, ModelConfig] = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "toy": TOY}
-
-
-def register_preset(name: str, config: ModelConfig) -> None:
-    PRESETS[name] = config
 
 
 def preset(name: str) -> ModelConfig:
@@ -262,15 +304,18 @@ def load_config(source: str | Path | ModelConfig | dict) -> ModelConfig:
         return PRESETS[text]
     path = Path(text)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            reason = non_regular_reason(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        if reason:
+            raise ValueError(f"{path}: {reason}; expected a YAML config file")
         with open(path, encoding="utf-8") as fh:
-            return ModelConfig.from_dict(yaml.safe_load(fh))
+            try:
+                data = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        return _build(ModelConfig, data, str(path))
     raise ValueError(
         f"config {text!r} is neither a preset ({sorted(PRESETS)}) nor a .yaml file"
     )
-
-
-def save_config(config: ModelConfig, path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config.to_dict(), fh, sort_keys=False)

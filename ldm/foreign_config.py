@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import TextEncoderConfig, UNetConfig, VAEConfig
+# text_to_transformers lives with the configs because the text model is built from it
+# (ldm.models import only ldm.config); it is part of this module's API all the same.
+from .config import TextEncoderConfig, UNetConfig, VAEConfig, text_to_transformers
+
+__all__ = [
+    "schedule_from_diffusers", "text_from_transformers", "text_to_transformers", "unet_from_diffusers",
+    "unet_to_diffusers", "vae_from_diffusers", "vae_to_diffusers",
+]
 
 # diffusers UNet2DConditionModel keys that must keep these values for ldm to be exact.
 _UNET_INERT = {
@@ -208,26 +215,6 @@ def text_from_transformers(data: dict[str, Any], pad_token: str = "eos") -> Text
     _reject_unknown(data, _TEXT_MAPPED | _TEXT_IGNORED, "text_encoder config.json")
     kwargs = {k: data[k] for k in _TEXT_MAPPED if data.get(k) is not None}
     return TextEncoderConfig(pad_token=pad_token, **kwargs)
-
-
-def text_to_transformers(config: TextEncoderConfig) -> dict[str, Any]:
-    """The transformers CLIPTextConfig dict for a TextEncoderConfig."""
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "max_position_embeddings": config.max_position_embeddings,
-        "hidden_act": config.hidden_act,
-        "layer_norm_eps": config.layer_norm_eps,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 49407 if config.pad_token == "eos" else 0,
-        "projection_dim": config.hidden_size,
-    }
 
 
 def schedule_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,12 @@ An entry::
 
     {"line": 3, "input": "a red cube", "index": 0, "seed": 2000, "file": "00003-00-2000.png",
      "parameters": {... GenerationParams.to_dict() ...}, "time": "2024-05-01T12:00:00+00:00"}
+
+A manifest is a file anyone can edit, so an entry is trusted only as far as it
+names its own image: ``file`` must be exactly ``image_name(line, index, seed)``,
+a bare name inside the output folder. Any other entry (an absolute path, ``..``,
+a folder, another image's name) is ignored with a warning: never read, deleted or
+put in a grid.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ PART_GLOB = "manifest.part-*.jsonl"
 Key = tuple[int, int]  # (line, index)
 
 
+def image_name(line: int, index: int, seed: int) -> str:
+    """``LLLLL-KK-SEED.png``: the file of image ``index`` of prompt-file ``line``."""
+    return f"{line:05d}-{index:02d}-{seed}.png"
+
+
 def part_path(outdir: Path, rank: int) -> Path:
     return outdir / f"manifest.part-{rank:05d}.jsonl"
 
@@ -38,9 +49,27 @@ def entry_key(entry: dict[str, Any]) -> Key:
     return int(entry["line"]), int(entry["index"])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_entry(entry: Any) -> None:
+    """ValueError unless ``entry`` is a dict naming its own image file (see module docstring)."""
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    numbers = [entry.get(k) for k in ("line", "index", "seed")]
+    if not all(_is_int(v) for v in numbers):
+        raise ValueError("line, index and seed must be integers >= 0")
+    if not isinstance(entry.get("parameters"), dict):
+        raise ValueError("no parameters")
+    if entry.get("file") != image_name(*numbers):
+        raise ValueError(f"file {entry.get('file')!r:.80} is not this entry's image {image_name(*numbers)!r}")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     entries = []
-    data = path.read_text(encoding="utf-8")
+    # Undecodable bytes become U+FFFD: that entry is then ignored, not the whole manifest.
+    data = path.read_bytes().decode("utf-8", errors="replace")
     lines = data.split("\n")
     # A crash mid-append can leave a last line without its newline: not an entry yet.
     complete = lines[:-1]
@@ -49,10 +78,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             entry = json.loads(line)
-            entry_key(entry)
-            entry["file"] = str(entry["file"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("%s:%d: unreadable manifest entry, ignored", path, number)
+            check_entry(entry)
+        except (ValueError, RecursionError) as exc:
+            logger.warning("%s:%d: manifest entry ignored: %s", path, number, exc)
             continue
         entries.append(entry)
     if lines[-1].strip():
@@ -60,9 +88,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def part_files(outdir: Path) -> list[Path]:
+    # Regular files only: never a folder, or a pipe that would block the read.
+    return [p for p in sorted(outdir.glob(PART_GLOB)) if p.is_file()]
+
+
 def manifest_files(outdir: Path) -> list[Path]:
     files = [outdir / MANIFEST] if (outdir / MANIFEST).is_file() else []
-    return files + sorted(outdir.glob(PART_GLOB))
+    return files + part_files(outdir)
 
 
 def read_entries(outdir: Path) -> list[dict[str, Any]]:
@@ -85,7 +118,7 @@ def write_manifest(outdir: Path, entries: Iterable[dict[str, Any]]) -> Path:
     for entry in entries:
         unique.setdefault(entry_key(entry), entry)
     text = "".join(dumps(unique[k]) + "\n" for k in sorted(unique))
-    parts = sorted(outdir.glob(PART_GLOB))
+    parts = part_files(outdir)
     path = atomic_write_bytes(outdir / MANIFEST, text.encode("utf-8"))
     for p in parts:
         p.unlink(missing_ok=True)

@@ -15,6 +15,15 @@ Karras schedule; the web UI's newer ``Schedule type: Karras`` key is read too.
 Keys ``ldm`` has no use for (``Clip skip``, ``Denoising strength``, ``VAE hash``
 ...) are kept in :attr:`GenerationParams.extra`.
 
+The format has no escape for a prompt line that starts with ``Negative prompt:``
+(the web UI reads it as the start of the negative prompt), and readers strip the
+spaces around every line. ``ldm`` keeps the text exactly as other tools read it and
+refuses such parameters where they are written: :func:`check_round_trip` says what
+would not read back; :func:`normalize_prompt` drops the spaces, which CLIP ignores.
+
+Text read from an image is untrusted: :func:`check_params` validates it and caps
+what it may ask (steps, size, prompt length) before anything renders.
+
 >>> params = read_parameters("cat.png")
 >>> images = Pipeline.from_pretrained(...).generate(**params.to_kwargs()).images
 """
@@ -24,13 +33,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
 from .atomicio import atomic_write
-from .validation import A1111_SAMPLERS
+from .validation import A1111_SAMPLERS, check_finite, check_guidance, check_int, check_seed, check_side
 
 PNG_KEY = "parameters"
 
@@ -44,8 +55,15 @@ _SCHEDULE_TYPES = {"karras": "karras", "automatic": "default", "normal": "defaul
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
+_ASCII_SPACE = " \t\r\n\x0b\x0c"
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model")
+
+# Caps on what an image's text may ask (it comes from any file a user is given):
+# above them a PNG would size the work, not the user. Flags are not capped.
+MAX_STEPS = 1000  # as many as the model's training timesteps; the web UI's slider stops at 150
+MAX_SIDE = 4096  # pixels per side; the web UI's slider stops at 2048
+MAX_PROMPT_CHARS = 20_000  # ~70 CLIP chunks; PNG text chunks may hold megabytes
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,7 @@ class GenerationParams:
 
 def _quote(value: Any) -> str:
     text = _number(value) if isinstance(value, float) else str(value)
-    if "," in text or ":" in text or "\n" in text or text.startswith('"'):
+    if "," in text or ":" in text or "\n" in text or text.startswith('"') or text != text.strip():
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -164,6 +182,13 @@ def _int(key: str, value: str) -> int:
         raise ValueError(f"parameters: {key!r} must be an integer, got {value!r}") from None
 
 
+def _float(key: str, value: str) -> float:
+    try:
+        return check_finite(float(value), key)
+    except ValueError:
+        raise ValueError(f"parameters: {key!r} must be a finite number, got {value!r}") from None
+
+
 def _sampler(value: str) -> tuple[str | None, str]:
     """Web UI sampler name -> (ldm sampler or None, schedule)."""
     name, schedule = value.strip(), "default"
@@ -197,10 +222,7 @@ def parse_parameters(text: str) -> GenerationParams:
     if "Seed" in pairs:
         fields["seed"] = _int("Seed", pairs["Seed"])
     if "CFG scale" in pairs:
-        try:
-            fields["guidance_scale"] = float(pairs["CFG scale"])
-        except ValueError:
-            raise ValueError(f"parameters: 'CFG scale' must be a number, got {pairs['CFG scale']!r}") from None
+        fields["guidance_scale"] = _float("CFG scale", pairs["CFG scale"])
     if "Size" in pairs:
         m = _SIZE.match(pairs["Size"])
         if not m:
@@ -224,23 +246,157 @@ def parse_parameters(text: str) -> GenerationParams:
                             extra=extra, **fields)
 
 
+def normalize_prompt(text: str) -> str:
+    """``text`` without the ASCII spaces around its lines (``\\r`` included) and around itself.
+
+    What the parameters text keeps; CLIP's tokenizer collapses whitespace, so the
+    image is the same. Other characters readers strip (``\\x85``, ``\\u2028``) are
+    left for :func:`check_round_trip` to refuse: CLIP's text cleaning reads ``\\x85``
+    as an ellipsis.
+    """
+    return "\n".join(line.strip(_ASCII_SPACE) for line in text.strip(_ASCII_SPACE).split("\n"))
+
+
+def _text_problem(name: str, text: str) -> str | None:
+    for number, line in enumerate(text.split("\n"), start=1):
+        where = f"{name} line {number}" if "\n" in text else name
+        if name == "prompt" and line.strip().startswith(_NEGATIVE):
+            return (f"{where} starts with {_NEGATIVE!r}, which the image's parameters text "
+                    "(AUTOMATIC1111's format) would read back as the negative prompt; reword that line")
+        if line != line.strip():
+            return (f"{where} starts or ends with whitespace ({line!r}), which the image's parameters "
+                    "text does not keep; remove it")
+    return None
+
+
+def check_round_trip(p: GenerationParams) -> None:
+    """Raise ValueError unless ``parse_parameters(format_parameters(p)) == p``.
+
+    Call it before rendering: an image whose text reads back as other parameters
+    cannot be made again with ``--from``. Text the format cannot hold is refused,
+    not escaped, so the text stays what other tools read.
+    """
+    for name, text in (("prompt", p.prompt), ("negative prompt", p.negative_prompt)):
+        problem = _text_problem(name, text)
+        if problem:
+            raise ValueError(problem)
+    back = parse_parameters(format_parameters(p))
+    for name in GenerationParams.__dataclass_fields__:
+        if getattr(back, name) != getattr(p, name):
+            raise ValueError(
+                f"{name} {getattr(p, name)!r} would read back from the image's parameters text "
+                f"as {getattr(back, name)!r}"
+            )
+
+
+def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -> None:
+    """Validate parameters read from ``source`` (an image) before they size any work.
+
+    ValueError names ``source`` and the field. ``skip``: fields the caller replaces.
+    """
+    checks = {
+        "steps": lambda v: check_int(v, "Steps", 1, MAX_STEPS),
+        "seed": lambda v: check_seed(v, "Seed"),
+        "guidance_scale": _check_cfg,
+        "width": lambda v: _check_side(v, "Size width"),
+        "height": lambda v: _check_side(v, "Size height"),
+        "prompt": lambda v: _check_length(v, "prompt"),
+        "negative_prompt": lambda v: _check_length(v, "Negative prompt"),
+    }
+    for name, check in checks.items():
+        value = getattr(p, name)
+        if name not in skip and value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
+
+
+def _check_cfg(value: float) -> None:
+    try:
+        check_guidance(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("guidance_scale", "CFG scale", 1)) from None
+
+
+def _check_side(value: int, name: str) -> None:
+    check_side(value, name)
+    if value > MAX_SIDE:
+        raise ValueError(f"{name} must be <= {MAX_SIDE} in an image's parameters, got {value}")
+
+
+def _check_length(text: str, name: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} must be at most {MAX_PROMPT_CHARS} characters in an image's "
+                         f"parameters, got {len(text)}")
+
+
+def _open_regular(path: str | os.PathLike) -> Any:
+    """``path`` opened for reading if it is a regular file; a folder or a FIFO is
+    refused without blocking (opened non-blocking, then checked on the open file)."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblocking)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+            raise ValueError(f"{path}: is {kind}, not an image file")
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# What Pillow raises on a damaged file: bad chunks (SyntaxError), cut-off data,
+# text chunks over its limits (ValueError), bad compressed text (zlib).
+_READ_ERRORS = (OSError, SyntaxError, EOFError, ValueError, zlib.error, Image.DecompressionBombError)
+
+
 def read_text(path: str | os.PathLike) -> str | None:
-    """The raw ``parameters`` text of an image, or None if it has none."""
-    with Image.open(path) as image:
-        text = getattr(image, "text", None) or {}
-        value = text.get(PNG_KEY) or image.info.get(PNG_KEY)
+    """The raw ``parameters`` text of an image, or None if it has none.
+
+    A missing path raises OSError; a folder, a FIFO, a file that is not an image
+    or a damaged one raises ValueError naming ``path``.
+    """
+    with _open_regular(path) as f:
+        try:
+            with Image.open(f) as image:
+                return _parameters_text(image)
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"{path}: not an image (or not one Pillow can read)") from None
+        except _READ_ERRORS as exc:
+            raise ValueError(f"{path}: damaged image, cannot read its metadata: {exc}") from None
+
+
+def _parameters_text(image: Image.Image) -> str | None:
+    # Chunks before the pixel data are in ``info`` already; ``text`` decodes the whole
+    # image to reach chunks after it, so it is only the fallback.
+    value = image.info.get(PNG_KEY)
+    if value is None:
+        value = (getattr(image, "text", None) or {}).get(PNG_KEY)
     return value if isinstance(value, str) else None
 
 
-def read_parameters(path: str | os.PathLike) -> GenerationParams:
-    """The generation parameters stored in a PNG (written by ldm or AUTOMATIC1111)."""
+def read_parameters(path: str | os.PathLike, *, check: bool = True) -> GenerationParams:
+    """The generation parameters stored in a PNG (written by ldm or AUTOMATIC1111).
+
+    With ``check`` (the default) they are validated and capped by :func:`check_params`.
+    """
     text = read_text(path)
     if text is None:
         raise ValueError(
             f"{path}: no '{PNG_KEY}' text chunk (not an image written by ldm or AUTOMATIC1111, "
             "or its metadata was stripped)"
         )
-    return parse_parameters(text)
+    try:
+        params = parse_parameters(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if check:
+        check_params(params, path)
+    return params
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationParams | str | None = None):

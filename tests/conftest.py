@@ -22,3 +22,15 @@ def sd1_folder(tmp_path_factory):
 def sd2v_folder(tmp_path_factory):
     """A tiny SD2-v-style diffusers folder (v prediction, linear proj_in) with random weights."""
     return save_diffusers_folder(SD2V_TINY, tmp_path_factory.mktemp("sd2v") / "model", seed=2)
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread in this process: multi-threaded kernels crawl on a busy machine,
+    and batch results are bit-identical only at a fixed thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,6 +30,8 @@ from ldm.pngmeta import (
     A1111_SAMPLERS, GenerationParams, parse_parameters, read_parameters, save_png,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one CPU thread in this process too
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"a {c} {s} on a table" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone", "star")]
 # 12 prompts x 2 images in chunks of 2: 12 pipeline calls.
@@ -45,17 +47,6 @@ def _env(**extra: str) -> dict[str, str]:
 def _ldm(*args: str, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ldm", *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300, **popen)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Also in this process: multi-threaded CPU kernels crawl on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +145,18 @@ def test_sampler_names_and_defaults_match_the_pipeline():
     import inspect
 
     from ldm import Pipeline
-    from ldm.commands.common import DEFAULTS
     from ldm.samplers import SAMPLERS
+    from ldm.validation import DEFAULTS
 
     assert set(A1111_SAMPLERS) == set(SAMPLERS)
     defaults = inspect.signature(Pipeline.generate).parameters
-    assert (DEFAULTS["steps"], DEFAULTS["guidance"], DEFAULTS["sampler"], DEFAULTS["n"]) == (
+    assert (DEFAULTS.steps, DEFAULTS.guidance_scale, DEFAULTS.sampler, DEFAULTS.num_images) == (
         defaults["steps"].default, defaults["guidance_scale"].default, defaults["sampler"].default,
         defaults["num_images"].default)
+    # A batch line that sets nothing gets the same values: one table.
+    settings = Settings()
+    assert (settings.steps, settings.guidance, settings.sampler, settings.schedule, settings.n) == (
+        DEFAULTS.steps, DEFAULTS.guidance_scale, DEFAULTS.sampler, DEFAULTS.schedule, DEFAULTS.num_images)
 
 
 def test_png_round_trip_and_atomic_write(tmp_path):
@@ -361,6 +356,99 @@ def test_two_processes_give_the_same_files(sd1_folder, prompt_file, reference_ru
     rows, cols = grid_shape(24)
     assert Image.open(grid).size == (cols * 64, rows * 64)
     grid.unlink()
+    _check_consistent(out)
+    assert _pngs(out) == _pngs(reference_run)
+    assert _manifest(out) == _manifest(reference_run)
+
+
+# --- one writer, interruptions, full disk ----------------------------------------------
+
+
+def test_two_runs_on_one_folder_one_refuses(tmp_path, capsys):
+    """The shipped model, six prompts, one step: the second run finds the first's lock."""
+    from ldm.batchlock import LOCK_FILE
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:6]) + "\n")
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--model", str(REPO / "weights" / "ldm-toy.safetensors"), "-o", str(out),
+            "--steps", "1", "--device", "cpu", "--batch-size", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "ldm", *args], cwd=REPO, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
+        assert main(args) == 2
+        assert f"a run is active in {out}: pid {first.pid}" in capsys.readouterr().err
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert "6 image(s) of 6 line(s)" in stdout and "0 already done" in stdout
+    entries = _manifest(out)
+    names = {f"{line:05d}-00-{line_seed(0, line)}.png" for line in range(1, 7)}
+    assert [e["file"] for e in entries] == sorted(names)  # every planned image exactly once
+    assert {p.name for p in out.iterdir()} == names | {MANIFEST}  # no file without an entry, lock gone
+
+
+def test_ctrl_c_keeps_finished_images_and_says_so(sd1_folder, prompt_file, reference_run, tmp_path):
+    out = tmp_path / "out"
+    args = ["batch", str(prompt_file), "--model", str(sd1_folder), "-o", str(out), *BATCH_ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "ldm", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.png"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    files = {p.name for p in out.glob("*.png")}
+    assert 0 < len(files) < len(_expected_names())
+    assert stderr.strip().splitlines()[-1] == (
+        f"ldm batch: stopped; {len(files)} image(s) kept in {out} (rerun the same command to continue)")
+    assert {e["file"] for e in _manifest(out)} == files  # merged: every finished image recorded
+    assert not list(out.glob("manifest.part-*")) and not (out / ".ldm-batch.lock").exists()
+
+    assert main(args) == 0
+    _check_consistent(out)
+    assert _pngs(out) == _pngs(reference_run)
+
+
+def test_full_disk_keeps_what_was_written_and_resumes(sd1_folder, prompt_file, reference_run, tmp_path,
+                                                      monkeypatch, capsys):
+    import errno
+
+    import ldm.batch
+
+    out = tmp_path / "out"
+    args = ["batch", str(prompt_file), "--model", str(sd1_folder), "-o", str(out), *BATCH_ARGS]
+    real_save = ldm.batch.save_png
+    saved = []
+
+    def save_until_full(image, path, params):
+        if len(saved) == 5:
+            def half_written(f):
+                f.write(b"\x89PNG partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            return atomic_write(path, half_written)
+        saved.append(path)
+        return real_save(image, path, params)
+
+    monkeypatch.setattr(ldm.batch, "save_png", save_until_full)
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name for p in out.glob("*.png")} == {p.name for p in saved}
+    assert not [p for p in out.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+    assert not (out / ".ldm-batch.lock").exists()
+
+    monkeypatch.setattr(ldm.batch, "save_png", real_save)
+    assert main(args) == 0
+    assert "5 already done" in capsys.readouterr().out
     _check_consistent(out)
     assert _pngs(out) == _pngs(reference_run)
     assert _manifest(out) == _manifest(reference_run)

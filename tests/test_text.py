@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ldm.checkpoints.keymap import UnmappedKeyError, apply_mapping
 from ldm.checkpoints.keymap_text import (
     count_openclip_blocks,
-    map_state,
     text_diffusers_to_internal,
     text_internal_to_original,
     text_original_to_internal,
@@ -53,7 +53,7 @@ def _encoder(spec, seed=0) -> tuple[TextEncoder, nn.Module]:
     _, _, ref = build_reference(spec, seed)
     with torch.device("meta"):
         enc = TextEncoder(text_from_transformers(spec.text, pad_token=spec.pad_token))
-    enc.load_state_dict(map_state(ref.state_dict(), text_diffusers_to_internal), strict=True, assign=True)
+    enc.load_state_dict(apply_mapping(ref.state_dict(), text_diffusers_to_internal), strict=True, assign=True)
     return enc.eval(), ref
 
 
@@ -61,7 +61,7 @@ def _folder_encoder(folder, spec) -> TextEncoder:
     state = load_file(folder / "text_encoder" / "model.safetensors")
     with torch.device("meta"):
         enc = TextEncoder(text_from_transformers(spec.text, pad_token=spec.pad_token))
-    enc.load_state_dict(map_state(state, text_diffusers_to_internal), strict=True, assign=True)
+    enc.load_state_dict(apply_mapping(state, text_diffusers_to_internal), strict=True, assign=True)
     return enc.eval()
 
 
@@ -119,10 +119,10 @@ def test_diffusers_folder_keys_map(sd1_folder):
     # transformers 5 saves without the "text_model." level; older folders had it
     # (and sometimes a persistent position_ids): all map to the same keys.
     state = load_file(sd1_folder / "text_encoder" / "model.safetensors")
-    new = map_state(state, text_diffusers_to_internal)
+    new = apply_mapping(state, text_diffusers_to_internal)
     old = {"text_model." + k if not k.startswith("text_model.") else k: v for k, v in state.items()}
     old["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    assert map_state(old, text_diffusers_to_internal).keys() == new.keys()
+    assert apply_mapping(old, text_diffusers_to_internal).keys() == new.keys()
     with torch.device("meta"):
         enc = TextEncoder(text_from_transformers(SD1_TINY.text))
     assert set(new) == set(enc.state_dict())
@@ -269,7 +269,7 @@ def test_sd2_original_matches_open_clip():
     assert cfg.num_hidden_layers == count_openclip_blocks(state) - 1
     with torch.device("meta"):
         enc = TextEncoder(cfg)
-    enc.load_state_dict(map_state(state, text_original_to_internal(cfg, "sd2")), strict=True, assign=True)
+    enc.load_state_dict(apply_mapping(state, text_original_to_internal(cfg, "sd2")), strict=True, assign=True)
     tok = Tokenizer("zero")
     ids = tok(["a photo of a cat", "a lighthouse on a cliff at dusk, oil painting", ""])
     with torch.no_grad():
@@ -284,7 +284,7 @@ def test_sd2_round_trip_is_exact_and_layout_matches_open_clip():
     with torch.device("meta"):
         enc = TextEncoder(cfg)
     enc.load_state_dict(
-        map_state(_original_sd2_state(tower), text_original_to_internal(cfg, "sd2")),
+        apply_mapping(_original_sd2_state(tower), text_original_to_internal(cfg, "sd2")),
         strict=True, assign=True,
     )
     internal = enc.state_dict()
@@ -295,7 +295,7 @@ def test_sd2_round_trip_is_exact_and_layout_matches_open_clip():
     assert {k: v.shape for k, v in original.items()} == expected
     assert count_openclip_blocks(original) == 4
     assert all(not v.any() for k, v in original.items() if ".resblocks.3." in k)
-    back = map_state(original, text_original_to_internal(cfg, "sd2"))
+    back = apply_mapping(original, text_original_to_internal(cfg, "sd2"))
     assert back.keys() == internal.keys()
     assert all(torch.equal(back[k], internal[k]) for k in internal)
     # Blocks 0..2 come back bit-exact in the original layout too.
@@ -307,7 +307,7 @@ def test_sd2_round_trip_is_exact_and_layout_matches_open_clip():
 def test_sd2_extra_blocks_surface_as_unexpected_keys():
     tower = _openclip_tower(layers=5)
     keymap = text_original_to_internal(SD2_TINY_TEXT, "sd2")  # expects 4 blocks
-    mapped = map_state(_original_sd2_state(tower), keymap)
+    mapped = apply_mapping(_original_sd2_state(tower), keymap)
     assert any(k.startswith("text_model.encoder.layers.4.") for k in mapped)
     with torch.device("meta"):
         enc = TextEncoder(SD2_TINY_TEXT)
@@ -328,19 +328,20 @@ def test_sd1_both_key_styles_and_round_trip():
     assert "transformer.embeddings.token_embedding.weight" in old_style
     keymap = text_original_to_internal(cfg, "sd1")
     for state in (new_style, old_style):
-        back = map_state(state, keymap)
+        back = apply_mapping(state, keymap)
         assert back.keys() == internal.keys()
         assert all(torch.equal(back[k], internal[k]) for k in internal)
     with torch.device("meta"):
         fresh = TextEncoder(cfg)
-    fresh.load_state_dict(map_state(old_style, keymap), strict=True, assign=True)
+    fresh.load_state_dict(apply_mapping(old_style, keymap), strict=True, assign=True)
 
 
 def test_keymap_misc():
     cfg = SD2_TINY_TEXT
     keymap = text_original_to_internal(cfg, "sd2")
     t = torch.zeros(1)
-    assert keymap("model.something_new", t) == [("model.something_new", t)]
+    with pytest.raises(UnmappedKeyError):
+        keymap("model.something_new", t)
     with pytest.raises(ValueError, match="family"):
         text_original_to_internal(cfg, "sdxl")
     with pytest.raises(ValueError, match="divisible by 3"):
@@ -353,8 +354,8 @@ def test_keymap_misc():
     ]
     assert count_openclip_blocks(keys) == 24
     assert count_openclip_blocks(["cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == 0
-    with pytest.raises(KeyError, match="two source keys"):
-        map_state(
+    with pytest.raises(ValueError, match="both map to"):
+        apply_mapping(
             {"transformer.embeddings.token_embedding.weight": t,
              "transformer.text_model.embeddings.token_embedding.weight": t},
             text_original_to_internal(SD1.text, "sd1"),

@@ -4,12 +4,12 @@ Public API: :func:`load_model`, :class:`LoadedModel`, :func:`convert`,
 :func:`save_model`, :func:`detect_config`, :class:`CheckpointError`.
 """
 
-from .convert import convert, main_convert, save_model
+from .convert import convert, save_model
 from .detect import Detection, detect_config, detect_family
 from .files import CheckpointError, read_safetensors_header
 from .loading import LoadedModel, load_model
 
 __all__ = [
     "CheckpointError", "Detection", "LoadedModel", "convert", "detect_config", "detect_family",
-    "load_model", "main_convert", "read_safetensors_header", "save_model",
+    "load_model", "read_safetensors_header", "save_model",
 ]

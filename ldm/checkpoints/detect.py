@@ -1,13 +1,18 @@
 """Detect what an original-layout (single-file) checkpoint is, from keys and shapes.
 
 Nothing here reads tensor data except the one tensor of the SD2 prediction-type
-rule. Families (keys without data):
+rule. Key layouts (keys without data):
 
 - ``sd1``: text encoder ``cond_stage_model.transformer.*`` (OpenAI CLIP ViT-L/14,
   hidden 768, quick_gelu, pads with the end token), U-Net proj_in a 1x1 conv.
 - ``sd2``: text encoder ``cond_stage_model.model.*`` (OpenCLIP ViT-H/14, hidden
   1024, gelu, pads with 0), U-Net proj_in linear. SD2 conditions on the
   penultimate block, so the internal text encoder has one block fewer than the file.
+
+The config is ldm's ``ldm.config`` metadata when the file has it. Otherwise the
+architecture is read from the shapes (see DERIVABLE) and must equal a preset's in
+every field; that preset supplies what the weights cannot say (heads, sample size,
+scaling factor). A file that fits no preset is refused with its shapes listed.
 
 Prediction type (the model cannot be run correctly without it, and the file does
 not say), in order:
@@ -27,11 +32,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..config import ModelConfig, TextEncoderConfig, with_changes
+from ..config import PRESETS, ModelConfig, with_changes
 from .files import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -179,11 +184,12 @@ def _count_layers(keys) -> int:
     return max(found) + 1 if found else 0
 
 
-def text_config_from_shapes(shapes: Mapping[str, tuple], family: str, where: str) -> TextEncoderConfig:
-    """TextEncoderConfig from stripped ``cond_stage_model.`` shapes.
+def text_architecture(shapes: Mapping[str, tuple], family: str, where: str) -> dict[str, Any]:
+    """The TextEncoderConfig fields that stripped ``cond_stage_model.`` shapes determine.
 
-    Heads cannot be read from shapes; both released encoders use 64-channel
-    heads (ViT-L/14: 768/64 = 12, ViT-H/14: 1024/64 = 16), so that is the rule.
+    Heads are not among them (q/k/v are [C, C] whatever the split into heads). For
+    the OpenCLIP layout the last block is never run (penultimate-layer conditioning),
+    so it is not counted.
     """
     from .keymap_text import count_openclip_blocks
 
@@ -194,21 +200,113 @@ def text_config_from_shapes(shapes: Mapping[str, tuple], family: str, where: str
             positions = shapes[base + "embeddings.position_embedding.weight"][0]
             layers = _count_layers(k for k in shapes if k.startswith(base + "encoder.layers."))
             inter = shapes[base + "encoder.layers.0.mlp.fc1.weight"][0]
-            act, pad = "quick_gelu", "eos"
         else:
             vocab, hidden = shapes["model.token_embedding.weight"]
             positions = shapes["model.positional_embedding"][0]
-            # The last block is never run (penultimate-layer conditioning), so it is not built.
             layers = count_openclip_blocks(shapes) - 1
             inter = shapes["model.transformer.resblocks.0.mlp.c_fc.weight"][0]
-            act, pad = "gelu", "zero"
     except KeyError as exc:
         raise CheckpointError(f"{where}: text encoder weights incomplete (no {TEXT_PREFIX}{exc.args[0]})") from None
-    return TextEncoderConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions,
-        hidden_act=act, pad_token=pad,
+    except (ValueError, IndexError):
+        raise CheckpointError(f"{where}: text encoder embedding weights have unexpected shapes") from None
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+            "num_hidden_layers": layers, "max_position_embeddings": positions}
+
+
+# --- architecture: what the weights determine, and the presets it matches --------
+
+# Fields of each component config that an original-layout file's keys and shapes
+# determine, plus ``layout`` (the text encoder's key layout, which fixes its
+# activation and padding by convention). Everything else (heads, sample sizes, the
+# VAE scaling factor, norm groups) is not in the weights: it comes from the preset
+# whose architecture the weights match, from ldm's metadata, or from the caller.
+DERIVABLE = {
+    "unet": ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+             "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+             "use_linear_projection"),
+    "vae": ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block"),
+    "text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "max_position_embeddings"),
+}
+_LAYOUT_NAMES = {"sd1": "sd1 (OpenAI CLIP, cond_stage_model.transformer)",
+                 "sd2": "sd2 (OpenCLIP, cond_stage_model.model)"}
+
+
+def keymap_family(config: ModelConfig) -> str:
+    """The text-encoder key layout of a config: ``sd1`` (CLIP) or ``sd2`` (OpenCLIP)."""
+    if config.family in ("sd1", "sd2"):
+        return config.family
+    return "sd2" if config.text.hidden_act == "gelu" else "sd1"
+
+
+def architecture_of(config: ModelConfig) -> dict[str, Any]:
+    """The derivable part of a config, in the form :func:`derive_architecture` returns."""
+    arch: dict[str, Any] = {"layout": keymap_family(config)}
+    for component, fields in DERIVABLE.items():
+        part = getattr(config, component)
+        arch.update({f"{component}.{name}": getattr(part, name) for name in fields})
+    return arch
+
+
+def derive_architecture(shapes: Mapping[str, tuple], where: str = "checkpoint") -> dict[str, Any]:
+    """What an original-layout file's keys and shapes say about its model.
+
+    Raises CheckpointError for unknown or unsupported files, ValueError (without the
+    path) when a component's keys are incomplete.
+    """
+    from .keymap_unet import unet_architecture
+    from .keymap_vae import vae_architecture
+
+    layout = detect_family(shapes, where)
+    parts = {
+        "unet": unet_architecture(strip(shapes, UNET_PREFIX)),
+        "vae": vae_architecture(strip(shapes, VAE_PREFIX)),
+        "text": text_architecture(strip(shapes, TEXT_PREFIX), layout, where),
+    }
+    arch: dict[str, Any] = {"layout": layout}
+    for component, fields in parts.items():
+        arch.update({f"{component}.{name}": value for name, value in fields.items()})
+    return arch
+
+
+def describe_architecture(arch: Mapping[str, Any]) -> str:
+    """One line of what the weights say, for messages."""
+    def get(key: str) -> Any:
+        value = arch[key]
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    attention = tuple("CrossAttn" in t for t in get("unet.down_block_types"))
+    return (
+        f"U-Net channels {get('unet.block_out_channels')}, attention at levels {attention}, "
+        f"{get('unet.layers_per_block')} layers per block, context width {get('unet.cross_attention_dim')}, "
+        f"transformer depth {get('unet.transformer_layers_per_block')}, in/out channels "
+        f"{get('unet.in_channels')}/{get('unet.out_channels')}, proj_in "
+        f"{'linear' if get('unet.use_linear_projection') else 'conv'}; VAE channels "
+        f"{get('vae.block_out_channels')}, {get('vae.layers_per_block')} layers per block, latent channels "
+        f"{get('vae.latent_channels')}; text encoder {_LAYOUT_NAMES[get('layout')]} width "
+        f"{get('text.hidden_size')}, {get('text.num_hidden_layers')} layers, MLP {get('text.intermediate_size')}, "
+        f"vocab {get('text.vocab_size')}, {get('text.max_position_embeddings')} positions"
     )
+
+
+def architecture_differences(found: Mapping[str, Any], config: ModelConfig) -> list[str]:
+    """``field: weights X, config Y`` for every derivable field where they differ."""
+    expected = architecture_of(config)
+    return [f"{key}: weights {found[key]!r}, config {expected[key]!r}"
+            for key in found if expected[key] != found[key]]
+
+
+def match_preset(arch: Mapping[str, Any], prediction_type: str) -> tuple[str, ModelConfig] | None:
+    """The preset whose derivable fields all equal ``arch`` (of those, the one with
+    ``prediction_type``: sd2 and sd2-v share their weights' shapes); None if none fits."""
+    fits = [(name, config) for name, config in PRESETS.items() if architecture_of(config) == dict(arch)]
+    for name, config in fits:
+        if config.prediction_type == prediction_type:
+            return name, config
+    if fits:
+        name, config = fits[0]
+        return name, with_changes(config, prediction_type=prediction_type)
+    return None
 
 
 def config_from_metadata(metadata: Mapping[str, str], where: str) -> ModelConfig | None:
@@ -218,7 +316,7 @@ def config_from_metadata(metadata: Mapping[str, str], where: str) -> ModelConfig
         return None
     try:
         return ModelConfig.from_dict(json.loads(raw))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{where}: invalid {METADATA_CONFIG_KEY} metadata: {exc}") from None
 
 
@@ -230,33 +328,39 @@ def v_prediction_rule(get_tensor: Callable[[str], torch.Tensor]) -> tuple[str, s
     return pred, f"std of output_blocks.11 norm1.bias {std:.3f} {cmp} {V_RULE_THRESHOLD}"
 
 
+def _prediction_type(layout: str, shapes: Mapping[str, tuple],
+                     get_tensor: Callable[[str], torch.Tensor] | None) -> tuple[str, str]:
+    if layout == "sd1":
+        return "epsilon", "sd1 text encoder (cond_stage_model.transformer), SD1 is always epsilon"
+    if get_tensor is None or V_RULE_KEY not in shapes:
+        return "epsilon", "sd2 text encoder (cond_stage_model.model), v-rule not applied"
+    pred, rule = v_prediction_rule(get_tensor)
+    return pred, f"sd2 text encoder (cond_stage_model.model), {rule}"
+
+
 def detect_config(shapes: Mapping[str, tuple], *, metadata: Mapping[str, str] | None = None,
                   get_tensor: Callable[[str], torch.Tensor] | None = None,
                   where: str = "checkpoint") -> Detection:
-    """ModelConfig of an original-layout checkpoint from its keys and shapes.
+    """ModelConfig of an original-layout checkpoint: ldm's metadata if the file has it,
+    else the preset whose architecture the keys and shapes match exactly.
 
     ``get_tensor`` reads one tensor for the SD2 prediction-type rule; without it
     (shape-only detection) SD2 models are assumed epsilon and the rule says so.
+    A file whose shapes fit no preset is refused with what they are, never guessed.
     """
-    from .keymap_unet import infer_unet_config
-    from .keymap_vae import infer_vae_config
-
-    family = detect_family(shapes, where)
+    detect_family(shapes, where)
     stored = config_from_metadata(metadata or {}, where)
     if stored is not None:
         return Detection(stored, f"ldm.config metadata in the file, {stored.family}")
-    unet = infer_unet_config(strip(shapes, UNET_PREFIX), family)  # ValueError: caller adds the path
-    vae = infer_vae_config(strip(shapes, VAE_PREFIX))
-    text = text_config_from_shapes(strip(shapes, TEXT_PREFIX), family, where)
-    if family == "sd1":
-        pred, rule = "epsilon", "sd1 text encoder (cond_stage_model.transformer), SD1 is always epsilon"
-    elif get_tensor is None or V_RULE_KEY not in shapes:
-        pred, rule = "epsilon", "sd2 text encoder (cond_stage_model.model), v-rule not applied"
-    else:
-        pred, rule = v_prediction_rule(get_tensor)
-        rule = f"sd2 text encoder (cond_stage_model.model), {rule}"
-    # The native resolution is not in the weights: SD2's v models are 768 px, the rest 512 px.
-    if family == "sd2" and pred == "v_prediction":
-        unet = with_changes(unet, sample_size=96)
-    config = ModelConfig(family=family, prediction_type=pred, unet=unet, vae=vae, text=text)
-    return Detection(config, rule)
+    arch = derive_architecture(shapes, where)  # ValueError: caller adds the path
+    pred, rule = _prediction_type(arch["layout"], shapes, get_tensor)
+    found = match_preset(arch, pred)
+    if found is None:
+        raise CheckpointError(
+            f"{where}: the weights fit no known model family ({', '.join(PRESETS)}) and the file has "
+            f"no {METADATA_CONFIG_KEY} metadata; they have {describe_architecture(arch)}. Pass config= "
+            "(--config: a preset name or YAML file) with this model's heads, sample size and "
+            "scaling factor to load it"
+        )
+    name, config = found
+    return Detection(config, f"keys and shapes match the {name} preset; {rule}")

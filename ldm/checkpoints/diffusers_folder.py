@@ -20,7 +20,9 @@ from ..foreign_config import (
     unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
 )
 from ..models.tokenizer import pad_token_from_hf, save_hf_tokenizer
-from .files import CheckpointError, TensorFile, merge_tensor_files, open_tensor_file, save_safetensors
+from .files import (
+    CheckpointError, TensorFile, check_regular_file, merge_tensor_files, open_tensor_file, save_safetensors,
+)
 
 logger = logging.getLogger("ldm")
 
@@ -33,12 +35,27 @@ DIFFUSERS_VERSION = "0.30.0"
 
 
 def is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+    return path.is_dir() and (_present(path / "model_index.json") or (path / "unet").is_dir())
+
+
+def is_model_folder(path: Path) -> bool:
+    """A complete diffusers model folder (what ``convert`` writes): model_index.json
+    and the unet/, vae/ and text_encoder/ subfolders."""
+    return (path.is_dir() and not path.is_symlink() and (path / "model_index.json").is_file()
+            and all((path / c).is_dir() for c in WEIGHT_STEMS))
+
+
+def _present(path: Path) -> bool:
+    """Exists as anything (a FIFO or a broken link too): what is there is then
+    refused by name when read, never skipped as if absent."""
+    return path.exists() or path.is_symlink()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"diffusers folder is missing {path}")
+    try:
+        check_regular_file(path, "config file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"diffusers folder is missing {path}") from None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -62,14 +79,14 @@ def find_weights(folder: Path, component: str, *, allow_pickle: bool) -> TensorF
     sub = folder / component
     for variant in ("", ".fp16"):
         single = sub / f"{stem}{variant}.safetensors"
-        if single.is_file():
+        if _present(single):
             return open_tensor_file(single)
         index = sub / f"{stem}{variant}.safetensors.index.json"
-        if index.is_file():
+        if _present(index):
             return _open_sharded(index, allow_pickle)
     pickles = [sub / f"{name}{variant}.bin" for name in _PICKLE_NAMES[component] for variant in ("", ".fp16")]
     for path in pickles:
-        if path.is_file():
+        if _present(path):
             return open_tensor_file(path, allow_pickle=allow_pickle)
     if not sub.is_dir():
         raise FileNotFoundError(f"diffusers folder {folder} has no {component}/ folder")
@@ -83,8 +100,12 @@ def _open_sharded(index: Path, allow_pickle: bool) -> TensorFile:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: no weight_map")
-    shards = [open_tensor_file(index.parent / name, allow_pickle=allow_pickle)
-              for name in sorted(set(weight_map.values()))]
+    names = set(weight_map.values())
+    # Shards live next to their index: a name with a folder in it could read any file.
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map names {bad[:3]} are not plain file names in {index.parent}")
+    shards = [open_tensor_file(index.parent / name, allow_pickle=allow_pickle) for name in sorted(names)]
     return merge_tensor_files(index, shards)
 
 
@@ -107,7 +128,7 @@ def text_family(hidden_act: str) -> str:
 def read_folder_config(folder: Path) -> tuple[ModelConfig, str]:
     """ModelConfig of a diffusers folder and the rule for its prediction type."""
     index_path = folder / "model_index.json"
-    if index_path.is_file():
+    if _present(index_path):
         _refuse_pipeline(folder, _read_json(index_path))
     unet_path, vae_path = folder / "unet" / "config.json", folder / "vae" / "config.json"
     text_path = folder / "text_encoder" / "config.json"
@@ -126,7 +147,7 @@ def read_folder_config(folder: Path) -> tuple[ModelConfig, str]:
         )
     sched_path = folder / "scheduler" / "scheduler_config.json"
     schedule: dict[str, Any] = {}
-    if sched_path.is_file():
+    if _present(sched_path):
         schedule = _translate(schedule_from_diffusers, _read_json(sched_path), sched_path)
     if "prediction_type" in schedule:
         rule = "prediction_type in scheduler/scheduler_config.json"

@@ -10,26 +10,29 @@ and even then are read with ``torch.load(weights_only=True)`` only.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomicio import non_regular_reason
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 
-# Bytes per element of each safetensors dtype, to check the data offsets.
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+# safetensors dtype -> (torch dtype name, bytes per element): names for messages and
+# the float check, sizes to check the data offsets.
+ST_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 # A header larger than this is not a real checkpoint header (safetensors' own limit).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -50,16 +53,28 @@ def pickle_refusal(path: Path) -> CheckpointError:
     )
 
 
+def check_regular_file(path: Path, what: str = "weight file") -> None:
+    """FileNotFoundError if ``path`` is missing; CheckpointError if it is a folder,
+    a FIFO, a device, ... (reading a FIFO would hang)."""
+    try:
+        reason = non_regular_reason(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{what} {exc}") from None
+    if reason:
+        raise CheckpointError(f"{path}: {reason}; expected a {what}")
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Validate a safetensors file's header; return ``(entries, metadata)``.
 
-    Checks the 8-byte length prefix, the JSON header, and that every tensor's
-    data offsets match its dtype and shape and lie inside the file, so a truncated
-    download or a renamed text file is reported here, with its path.
+    Checks the 8-byte length prefix, the JSON header (no duplicate names), the
+    metadata (strings only), and that every tensor's dtype is known, its shape a
+    list of non-negative integers, its data offsets integers that match dtype and
+    shape, lie inside the file and overlap no other tensor's, so a truncated
+    download, a renamed text file or a corrupt header is reported here, with its path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    check_regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
@@ -77,34 +92,76 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
                 f"file has {size})"
             )
         raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_header(path, raw)
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
     data_size = size - 8 - n
     for key, entry in header.items():
         _check_entry(path, key, entry, data_size)
+    _check_overlaps(path, header)
     return header, metadata
 
 
-def _check_entry(path: Path, key: str, entry: object, data_size: int) -> None:
+def _unique_object(path: Path):
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: corrupt safetensors header (name {key!r} appears twice)")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
     try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (bad entry for {key!r})") from None
-    if dtype not in _DTYPE_BYTES:
-        raise CheckpointError(f"{path}: unsupported safetensors dtype {dtype!r} for {key!r}")
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header
+
+
+def _check_metadata(path: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (__metadata__ must map names to strings, "
+            f"found {_preview(metadata)})"
+        )
+    return metadata
+
+
+def _preview(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(path: Path, key: str, entry: object, data_size: int) -> None:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header (tensor {key!r}: {what})")
+
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
+        raise bad(f"expected the fields {sorted(_ENTRY_FIELDS)}, found {_preview(entry)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        raise bad(f"unsupported dtype {_preview(dtype)}; known: {sorted(ST_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape {_preview(shape)} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise bad(f"data_offsets {_preview(offsets)} is not a pair of integers")
+    start, end = offsets
     numel = 1
     for d in shape:
         numel *= d
-    if end - start != numel * _DTYPE_BYTES[dtype] or start < 0:
-        raise CheckpointError(
-            f"{path}: corrupt safetensors header ({key!r}: offsets {start}..{end} do not "
-            f"match {dtype} {shape})"
-        )
+    if start < 0 or end - start != numel * ST_DTYPES[dtype][1]:
+        raise bad(f"offsets {start}..{end} do not match {dtype} {shape}")
     if end > data_size:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({key!r} ends at byte {end} of the data "
@@ -112,14 +169,25 @@ def _check_entry(path: Path, key: str, entry: object, data_size: int) -> None:
         )
 
 
+def _check_overlaps(path: Path, header: dict[str, dict]) -> None:
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items()
+                   if e["data_offsets"][1] > e["data_offsets"][0])
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (the data of {a!r} and {b!r} overlap)"
+            )
+
+
 class TensorFile:
-    """Keys, shapes and lazily read tensors of one or more weight files."""
+    """Keys, shapes, dtypes (torch names) and lazily read tensors of one or more weight files."""
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str],
-                 readers: dict[str, object]) -> None:
+                 readers: dict[str, object], dtypes: dict[str, str]) -> None:
         self.path = path
         self.shapes = shapes
         self.metadata = metadata
+        self.dtypes = dtypes
         self._readers = readers  # key -> a safe_open handle or an in-memory dict
 
     def keys(self) -> list[str]:
@@ -129,16 +197,16 @@ class TensorFile:
         reader = self._readers[key]
         if isinstance(reader, dict):
             return reader[key]
-        return reader.get_tensor(key)
+        try:
+            return reader.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {exc}") from None
 
 
 def open_tensor_file(path: str | Path, *, allow_pickle: bool = False) -> TensorFile:
     """Open a ``.safetensors`` (validated header) or, on opt-in, a pickle checkpoint."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, expected a weight file")
+    check_regular_file(path)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         return _open_pickle(path, allow_pickle)
@@ -153,7 +221,8 @@ def open_tensor_file(path: str | Path, *, allow_pickle: bool = False) -> TensorF
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from None
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-    return TensorFile(path, shapes, dict(metadata), {k: handle for k in shapes})
+    dtypes = {k: ST_DTYPES[v["dtype"]][0] for k, v in header.items()}
+    return TensorFile(path, shapes, dict(metadata), {k: handle for k in shapes}, dtypes)
 
 
 def _open_pickle(path: Path, allow_pickle: bool) -> TensorFile:
@@ -171,61 +240,23 @@ def _open_pickle(path: Path, allow_pickle: bool) -> TensorFile:
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(data).__name__}")
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    return TensorFile(path, shapes, {}, {k: tensors for k in tensors})
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+    return TensorFile(path, shapes, {}, {k: tensors for k in tensors}, dtypes)
 
 
 def merge_tensor_files(path: Path, files: list[TensorFile]) -> TensorFile:
     """One view of several shards (a sharded diffusers component)."""
     shapes: dict[str, tuple[int, ...]] = {}
     readers: dict[str, object] = {}
+    dtypes: dict[str, str] = {}
     for f in files:
         for key in f.shapes:
             shapes[key] = f.shapes[key]
             readers[key] = f._readers[key]
-    return TensorFile(path, shapes, {}, readers)
-
-
-# --- atomic writing ----------------------------------------------------------
-
-
-def _temp_sibling(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def check_destination(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"destination folder does not exist: {dst.parent}")
-
-
-@contextmanager
-def atomic_path(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; move it to ``dst`` only on success.
-
-    A crash or exception leaves ``dst`` untouched (the temporary is removed), so a
-    half-written checkpoint never appears under the final name.
-    """
-    dst = Path(dst)
-    check_destination(dst, overwrite)
-    tmp = _temp_sibling(dst)
-    try:
-        yield tmp
-        if dst.is_dir() and not dst.is_symlink():
-            # Directories cannot be replaced in one rename: move the old one aside first.
-            old = _temp_sibling(dst)
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+            dtypes[key] = f.dtypes[key]
+    return TensorFile(path, shapes, {}, readers, dtypes)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
@@ -242,4 +273,3 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
             seen.add(t.untyped_storage().data_ptr())
         out[key] = t
     save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
-    os.chmod(path, 0o644)  # safetensors creates files owner-only; checkpoints are shared data

@@ -10,6 +10,11 @@ A *mapping* is a pure callable ``(key, tensor) -> [(key, tensor), ...]``:
   collide with a real module name and load silently (the VAE's ``encoder.conv_in``
   is spelled the same in both layouts, for instance).
 
+This is the one rule for unknown keys of every map (U-Net, VAE and text encoder;
+original and diffusers layouts). The diffusers U-Net and VAE maps are the identity
+(diffusers names are ours), so for them every key is its own name and an unknown one
+reaches :func:`check_keys` under that same name: reported as unexpected, like the rest.
+
 :func:`apply_mapping` runs a mapping over a whole state dict, collects the
 unmapped keys in ``result.unmapped`` and the dropped ones in ``result.dropped``,
 and :func:`check_keys` turns the result plus the module's expected shapes into a
@@ -153,13 +158,7 @@ class ModuleTable:
             reshape = kind.reshapes.get(suffix)
             return [(f"{target}.{new_suffix}", reshape(tensor) if reshape else tensor)]
 
-        mapping.table = self  # type: ignore[attr-defined]  # for introspection and tests
         return mapping
-
-    def keys(self) -> list[str]:
-        """Every full source key this table accepts (a superset of any one model's keys
-        where a module is optional, e.g. a resnet's shortcut conv)."""
-        return [f"{m}.{s}" for m, (_, kind) in self.entries.items() for s in kind.suffixes]
 
 
 def _check_prefix_free(entries: MappingABC[str, Any], where: str) -> None:
@@ -222,44 +221,34 @@ def apply_mapping(source: MappingABC[str, Any], mapping: Mapping) -> MappedState
     return out
 
 
-def strip_prefix(state_dict: MappingABC[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries whose key starts with ``prefix``, with the prefix removed."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def add_prefix(state_dict: MappingABC[str, Any], prefix: str) -> dict[str, Any]:
     return {prefix + k: v for k, v in state_dict.items()}
 
 
-def split_by_prefix(
-    state_dict: MappingABC[str, Any], prefixes: MappingABC[str, str]
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Split a single-file checkpoint into components by key prefix.
+# --- reading shapes -----------------------------------------------------------
 
-    ``prefixes`` maps a component name to its prefix, e.g.
-    ``{"unet": "model.diffusion_model.", "vae": "first_stage_model."}``.
-    Returns ``({component: state dict without prefix}, leftover keys)``; the
-    leftovers are for the caller to drop on purpose or report.
-    """
-    parts: dict[str, dict[str, Any]] = {name: {} for name in prefixes}
-    ordered = sorted(prefixes.items(), key=lambda item: -len(item[1]))  # longest first
-    leftover: list[str] = []
-    for key, value in state_dict.items():
-        for name, prefix in ordered:
-            if key.startswith(prefix):
-                parts[name][key[len(prefix) :]] = value
-                break
-        else:
-            leftover.append(key)
-    return parts, leftover
+
+def shape_of(shapes: MappingABC[str, Any], key: str, what: str) -> tuple[int, ...]:
+    """The shape of ``key`` (values are shapes or tensors); ValueError naming ``what``
+    (e.g. "Stable Diffusion U-Net") when the key is absent."""
+    if key not in shapes:
+        raise ValueError(f"not a {what} in the original layout: no key {key!r}")
+    return _shape(shapes[key])
+
+
+def indices(keys: Iterable[str], prefix: str) -> set[int]:
+    """The integers that follow ``prefix`` in the keys, e.g. block numbers."""
+    n = len(prefix)
+    found = set()
+    for key in keys:
+        if key.startswith(prefix):
+            head = key[n:].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
 
 
 # --- reporting --------------------------------------------------------------
-
-
-class StateDictMismatchError(ValueError):
-    """Missing, unexpected or mis-shaped keys when loading a component."""
 
 
 @dataclass(frozen=True)
@@ -288,10 +277,6 @@ class KeyReport:
                 more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
                 lines.append(f"  {len(items)} {label}: {', '.join(items[:limit])}{more}")
         return "\n".join(lines)
-
-    def raise_if_any(self, what: str = "state dict", limit: int = 5) -> None:
-        if not self.ok:
-            raise StateDictMismatchError(self.format(what, limit))
 
 
 def _shape(value: Any) -> tuple[int, ...]:

@@ -13,8 +13,10 @@ that prefix already removed. Internal keys are :class:`ldm.models.text.TextEncod
   ``text_encoder`` does).
 
 Every source's ``position_ids`` is dropped: :class:`TextEncoder` computes positions
-per call (see the comment there). A key this module does not know is passed
-through unchanged, so the strict load reports it as unexpected, by name.
+per call (see the comment there). A key these maps do not know raises
+:class:`~ldm.checkpoints.keymap.UnmappedKeyError`, the rule of every key map
+(see :mod:`ldm.checkpoints.keymap`): the strict load reports it as unexpected under
+its source name, and it is never passed on, where it could collide with a real name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..config import TextEncoderConfig
+from .keymap import UnmappedKeyError
 
 KeyMap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 StateMap = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -32,6 +35,8 @@ StateMap = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 FAMILIES = ("sd1", "sd2")
 
 _INTERNAL = "text_model."
+# What transformers >= 5 saves below CLIPTextModel when it drops the text_model level.
+_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 _SD1_PREFIXES = ("transformer.text_model.", "transformer.")
 _SD1_OUT = "transformer.text_model."
 
@@ -56,6 +61,7 @@ _RESBLOCK = re.compile(r"^model\.transformer\.resblocks\.(\d+)\.(.+)$")
 _LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
 _COUNT = re.compile(r"(?:^|\.)model\.transformer\.resblocks\.(\d+)\.")
 _QKV = ("q_proj", "k_proj", "v_proj")
+_SD2_IN, _SD2_OUT = "text sd2 original->internal", "text sd2 internal->original"
 
 
 def _check(config: TextEncoderConfig, family: str) -> None:
@@ -80,9 +86,11 @@ def text_diffusers_to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str
     """
     if _is_position_ids(key):
         return []
-    if not key.startswith(_INTERNAL):
-        key = _INTERNAL + key
-    return [(key, tensor)]
+    if key.startswith(_TEXT_MODEL_PARTS):
+        return [(_INTERNAL + key, tensor)]
+    if key.startswith(_INTERNAL):
+        return [(key, tensor)]
+    raise UnmappedKeyError(key, "text_encoder diffusers->internal")
 
 
 # --- SD1 ---------------------------------------------------------------------
@@ -94,7 +102,7 @@ def _sd1_to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Te
     for prefix in _SD1_PREFIXES:
         if key.startswith(prefix):
             return [(_INTERNAL + key[len(prefix):], tensor)]
-    return [(key, tensor)]
+    raise UnmappedKeyError(key, "text sd1 original->internal")
 
 
 def _sd1_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,9 +110,9 @@ def _sd1_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, tensor in state.items():
         if _is_position_ids(key):
             continue
-        if key.startswith(_INTERNAL):
-            key = _SD1_OUT + key[len(_INTERNAL):]
-        out[key] = tensor
+        if not key.startswith(_INTERNAL):
+            raise UnmappedKeyError(key, "text sd1 internal->original")
+        out[_SD1_OUT + key[len(_INTERNAL):]] = tensor
     return out
 
 
@@ -127,7 +135,7 @@ def _sd2_block_to_internal(i: int, rest: str, tensor: torch.Tensor) -> list[tupl
     module, _, param = rest.rpartition(".")
     if module in _OPENCLIP_BLOCK:
         return [(f"{layer}{_OPENCLIP_BLOCK[module]}.{param}", tensor)]
-    return [(f"model.transformer.resblocks.{i}.{rest}", tensor)]
+    raise UnmappedKeyError(f"model.transformer.resblocks.{i}.{rest}", _SD2_IN)
 
 
 def _sd2_to_internal_factory(config: TextEncoderConfig) -> KeyMap:
@@ -141,7 +149,7 @@ def _sd2_to_internal_factory(config: TextEncoderConfig) -> KeyMap:
             return []
         match = _RESBLOCK.match(key)
         if match is None:
-            return [(key, tensor)]
+            raise UnmappedKeyError(key, _SD2_IN)
         i, rest = int(match.group(1)), match.group(2)
         if i == last:
             return []
@@ -168,8 +176,7 @@ def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
                 continue
             match = _LAYER.match(key)
             if match is None:
-                out[key] = tensor
-                continue
+                raise UnmappedKeyError(key, _SD2_OUT)
             i, rest = int(match.group(1)), match.group(2)
             module, _, param = rest.rpartition(".")
             block = f"model.transformer.resblocks.{i}."
@@ -178,7 +185,7 @@ def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
             elif module in _OPENCLIP_BLOCK_INV:
                 out[f"{block}{_OPENCLIP_BLOCK_INV[module]}.{param}"] = tensor
             else:
-                out[key] = tensor
+                raise UnmappedKeyError(key, _SD2_OUT)
         for (i, param), parts in sorted(qkv.items()):
             missing = [n for n in _QKV if n not in parts]
             if missing:
@@ -250,17 +257,6 @@ def text_internal_to_original(config: TextEncoderConfig, family: str) -> StateMa
     if family == "sd1":
         return _sd1_to_original
     return _sd2_to_original_factory(config)
-
-
-def map_state(state: Mapping[str, torch.Tensor], keymap: KeyMap) -> dict[str, torch.Tensor]:
-    """Apply a per-key map to a state dict; two sources for one key is an error."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        for new_key, new_tensor in keymap(key, tensor):
-            if new_key in out:
-                raise KeyError(f"two source keys map to {new_key!r} (second one: {key!r})")
-            out[new_key] = new_tensor
-    return out
 
 
 def count_openclip_blocks(keys: Iterable[str]) -> int:

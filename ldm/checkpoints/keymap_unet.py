@@ -31,7 +31,7 @@ from collections.abc import Mapping as MappingABC
 from typing import Any
 
 from ..config import UNetConfig
-from .keymap import Kind, Mapping, ModuleTable, params, same_names
+from .keymap import Kind, Mapping, ModuleTable, indices, params, same_names, shape_of
 
 # original ResBlock parameter names -> diffusers ResnetBlock2D names
 _RESNET_NAMES = {
@@ -129,82 +129,42 @@ def unet_internal_to_original(config: UNetConfig) -> Mapping:
     return unet_table(config).inverse("unet internal->original").mapping()
 
 
-# --- config from shapes -----------------------------------------------------
-
-# Heads cannot be read from weight shapes (q/k/v are [C, C] whatever the split).
-# The original configs fix them per family: SD1 (v1-inference.yaml) has
-# ``num_heads: 8`` at every level; SD2 (v2-inference*.yaml) has
-# ``num_head_channels: 64``, so a level of C channels has C // 64 heads.
-HEAD_RULES = {"sd1": "8 heads per level", "sd2": "64-channel heads (heads = channels // 64)"}
+# --- architecture from shapes ------------------------------------------------
 
 
-def heads_for(family: str, block_out_channels: tuple[int, ...]) -> tuple[int, ...]:
-    """Attention heads per level by the original configs' rule (see HEAD_RULES)."""
-    base = "sd2" if family in ("sd2", "sd2-v") else family
-    if base == "sd1":
-        return (8,) * len(block_out_channels)
-    if base == "sd2":
-        bad = [c for c in block_out_channels if c % 64]
-        if bad:
-            raise ValueError(f"sd2 uses 64-channel heads, but level channels {bad} are not multiples of 64")
-        return tuple(c // 64 for c in block_out_channels)
-    raise ValueError(f"unknown family {family!r} for the heads rule; valid: {sorted(HEAD_RULES)} (or 'sd2-v')")
+def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
+    """The UNetConfig fields that original-layout key shapes determine (keys without
+    prefix; values shapes or tensors): in/out channels, block_out_channels,
+    layers_per_block, which levels have attention (the block types),
+    cross_attention_dim (``attn2.to_k`` in-features), transformer depth and
+    use_linear_projection (``proj_in`` is 2-D).
 
-
-def _shape_of(shapes: MappingABC[str, Any], key: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise ValueError(f"not a Stable Diffusion U-Net in the original layout: no key {key!r}")
-    value = shapes[key]
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
-def _indices(shapes: MappingABC[str, Any], prefix: str) -> set[int]:
-    """The integer components that follow ``prefix`` in the keys, e.g. block numbers."""
-    n = len(prefix)
-    return {int(k[n:].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
-
-
-def infer_unet_config(
-    shapes: MappingABC[str, Any], family: str, *, sample_size: int = 64
-) -> UNetConfig:
-    """UNetConfig from original-layout key shapes (keys without prefix; values
-    shapes or tensors).
-
-    Read from shapes: in/out channels, block_out_channels, layers_per_block,
-    which levels have attention, cross_attention_dim (``attn2.to_k`` in-features),
-    transformer depth, use_linear_projection (``proj_in`` is 2-D).
-    Not in the shapes, so by rule or default: heads by ``family`` (HEAD_RULES),
-    ``sample_size`` (64, i.e. 512 px; the caller overrides, e.g. 96 for 768-v),
-    norm_num_groups 32, upcast_attention False.
+    Heads are not among them: q/k/v are [C, C] whatever the split into heads.
     """
+    what = "Stable Diffusion U-Net"
     if any(k.startswith("label_emb.") for k in shapes):
         raise ValueError("class-conditioned U-Net (label_emb.*: SDXL, upscaler) is not supported")
-    in_channels = _shape_of(shapes, "input_blocks.0.0.weight")[1]
-    out_channels = _shape_of(shapes, "out.2.weight")[0]
-    n_inputs = max(_indices(shapes, "input_blocks."), default=-1) + 1
-    n_levels = len({i for i in _indices(shapes, "input_blocks.") if f"input_blocks.{i}.0.op.weight" in shapes}) + 1
+    inputs = indices(shapes, "input_blocks.")
+    n_inputs = max(inputs, default=-1) + 1
+    n_levels = len({i for i in inputs if f"input_blocks.{i}.0.op.weight" in shapes}) + 1
     if n_inputs < 2 or n_inputs % n_levels:
         raise ValueError(f"U-Net has {n_inputs} input blocks, which does not fit {n_levels} levels")
     L = n_inputs // n_levels - 1
     channels, down_attn, up_attn = [], [], []
     for i in range(n_levels):
         first = 1 + (L + 1) * i
-        channels.append(_shape_of(shapes, f"input_blocks.{first}.0.out_layers.3.weight")[0])
+        channels.append(shape_of(shapes, f"input_blocks.{first}.0.out_layers.3.weight", what)[0])
         down_attn.append(f"input_blocks.{first}.1.proj_in.weight" in shapes)
         up_attn.append(f"output_blocks.{(L + 1) * i}.1.proj_in.weight" in shapes)
     mid = "middle_block.1."
-    depth = len(_indices(shapes, mid + "transformer_blocks."))
-    block_out_channels = tuple(channels)
-    return UNetConfig(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        block_out_channels=block_out_channels,
-        down_block_types=tuple(_CROSS_ATTN_BLOCKS[0] if a else _PLAIN_BLOCKS[0] for a in down_attn),
-        up_block_types=tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
-        layers_per_block=L,
-        num_attention_heads=heads_for(family, block_out_channels),
-        cross_attention_dim=_shape_of(shapes, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
-        transformer_layers_per_block=depth,
-        use_linear_projection=len(_shape_of(shapes, mid + "proj_in.weight")) == 2,
-    )
+    return {
+        "in_channels": shape_of(shapes, "input_blocks.0.0.weight", what)[1],
+        "out_channels": shape_of(shapes, "out.2.weight", what)[0],
+        "block_out_channels": tuple(channels),
+        "down_block_types": tuple(_CROSS_ATTN_BLOCKS[0] if a else _PLAIN_BLOCKS[0] for a in down_attn),
+        "up_block_types": tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
+        "layers_per_block": L,
+        "cross_attention_dim": shape_of(shapes, mid + "transformer_blocks.0.attn2.to_k.weight", what)[1],
+        "transformer_layers_per_block": len(indices(shapes, mid + "transformer_blocks.")),
+        "use_linear_projection": len(shape_of(shapes, mid + "proj_in.weight", what)) == 2,
+    }

@@ -28,7 +28,7 @@ from collections.abc import Mapping as MappingABC
 from typing import Any
 
 from ..config import VAEConfig
-from .keymap import Kind, Mapping, ModuleTable, conv1x1_to_linear, params
+from .keymap import Kind, Mapping, ModuleTable, conv1x1_to_linear, indices, params, shape_of
 
 RESNET = Kind(
     "vae resnet",
@@ -92,34 +92,20 @@ def vae_internal_to_original(config: VAEConfig) -> Mapping:
     return vae_table(config).inverse("vae internal->original").mapping()
 
 
-def _shape_of(shapes: MappingABC[str, Any], key: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise ValueError(f"not a Stable Diffusion VAE in the original layout: no key {key!r}")
-    value = shapes[key]
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
-def _indices(shapes: MappingABC[str, Any], prefix: str) -> set[int]:
-    n = len(prefix)
-    return {int(k[n:].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
-
-
-def infer_vae_config(shapes: MappingABC[str, Any]) -> VAEConfig:
-    """VAEConfig from original-layout key shapes (keys without prefix).
-
-    Read from shapes: in/out/latent channels, block_out_channels, layers_per_block.
-    Not in the shapes, so left at their defaults (those of SD1 and SD2 alike):
-    norm_num_groups 32, scaling_factor 0.18215, sample_size 512.
-    """
-    levels = sorted(_indices(shapes, "encoder.down."))
+def vae_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
+    """The VAEConfig fields that original-layout key shapes determine (keys without
+    prefix): in/out/latent channels, block_out_channels, layers_per_block. The rest
+    (norm groups, scaling factor, sample size) are not in the weights."""
+    what = "Stable Diffusion VAE"
+    levels = sorted(indices(shapes, "encoder.down."))
     if not levels or levels != list(range(len(levels))):
         raise ValueError(f"not a VAE in the original layout: encoder.down levels {levels}")
-    return VAEConfig(
-        in_channels=_shape_of(shapes, "encoder.conv_in.weight")[1],
-        out_channels=_shape_of(shapes, "decoder.conv_out.weight")[0],
-        latent_channels=_shape_of(shapes, "decoder.conv_in.weight")[1],
-        block_out_channels=tuple(
-            _shape_of(shapes, f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels
+    return {
+        "in_channels": shape_of(shapes, "encoder.conv_in.weight", what)[1],
+        "out_channels": shape_of(shapes, "decoder.conv_out.weight", what)[0],
+        "latent_channels": shape_of(shapes, "decoder.conv_in.weight", what)[1],
+        "block_out_channels": tuple(
+            shape_of(shapes, f"encoder.down.{i}.block.0.conv2.weight", what)[0] for i in levels
         ),
-        layers_per_block=len(_indices(shapes, "encoder.down.0.block.")),
-    )
+        "layers_per_block": len(indices(shapes, "encoder.down.0.block.")),
+    }

@@ -20,23 +20,23 @@ import torch
 from torch import nn
 
 from ..config import PREDICTION_TYPES, ModelConfig, load_config, with_changes
+from ..dtypes import parse_dtype  # also imported from here by ldm.pipeline
+from ..limits import check_native_size
 from ..models.tokenizer import Tokenizer
 from .detect import (
-    PREFIXES, detect_config, detect_family, split_components,
+    PREFIXES, architecture_differences, derive_architecture, detect_config, detect_family, keymap_family,
+    split_components,
 )
 from .diffusers_folder import diffusers_mappings, find_weights, is_diffusers_folder, read_folder_config
-from .files import CheckpointError, TensorFile, open_tensor_file
+from .files import FLOAT_DTYPES, CheckpointError, TensorFile, open_tensor_file
 from .keymap import KeyReport, apply_mapping, check_keys
 
 logger = logging.getLogger("ldm")
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 _ORIGINAL_PREFIX = {"unet": PREFIXES["unet"], "vae": PREFIXES["vae"], "text_encoder": PREFIXES["text"]}
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+# How many offending tensor names an error lists before "... (N in all)".
+_LIST_LIMIT = 5
 
 
 @dataclass
@@ -76,19 +76,10 @@ def check_prediction_type(value: str | None) -> None:
         raise ValueError(f"prediction_type {value!r} is not valid; valid values: {list(PREDICTION_TYPES)}")
 
 
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not valid; valid values: {sorted(set(_DTYPES))}")
-
-
-def keymap_family(config: ModelConfig) -> str:
-    """The text-encoder key layout of a config: ``sd1`` (CLIP) or ``sd2`` (OpenCLIP)."""
-    if config.family in ("sd1", "sd2"):
-        return config.family
-    return "sd2" if config.text.hidden_act == "gelu" else "sd1"
+def name_some(keys: list[str]) -> str:
+    """The first few keys and, when there are more, how many in all."""
+    more = f", ... ({len(keys)} in all)" if len(keys) > _LIST_LIMIT else ""
+    return ", ".join(keys[:_LIST_LIMIT]) + more
 
 
 def original_mappings(config: ModelConfig) -> dict[str, Callable]:
@@ -110,7 +101,7 @@ def _resolve_config(detected: ModelConfig | None, rule: str, config: Any, predic
                     path: Path) -> ModelConfig:
     """Apply the caller's overrides to what was detected; log the outcome either way."""
     if config is not None:
-        chosen = load_config(config)
+        chosen = _load_override(config, path)
         found = f"detected {_describe(detected)}, rule: {rule}" if detected else rule
         logger.info("config override for %s: %s (%s)", path, _describe(chosen), found)
     else:
@@ -123,8 +114,52 @@ def _resolve_config(detected: ModelConfig | None, rule: str, config: Any, predic
     return chosen
 
 
+def _load_override(config: Any, path: Path) -> ModelConfig:
+    try:
+        return load_config(config)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the config given for it is not valid: {exc}") from None
+
+
 def _describe(config: ModelConfig) -> str:
     return f"{config.family} {config.prediction_type}"
+
+
+def _detect(file: TensorFile, config: Any, where: str) -> tuple[ModelConfig | None, str]:
+    """Detection for the log line; with a config given, a file detection cannot place
+    is fine (the architecture and strict shape checks still apply)."""
+    try:
+        detection = detect_config(file.shapes, metadata=file.metadata, get_tensor=file.get, where=where)
+        return detection.config, detection.rule
+    except ValueError as exc:  # CheckpointError, or the shape readers' own messages
+        if config is not None:
+            return None, f"not detected: {exc}"
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{where}: cannot infer the model config: {exc}. Pass config= (a preset name, "
+            "YAML file, dict or ModelConfig) to load it"
+        ) from None
+
+
+def _check_architecture(shapes: dict[str, tuple[int, ...]], config: ModelConfig, where: str) -> None:
+    """Refuse a config (given, stored or detected) that the weights' shapes contradict in a
+    field they determine. The strict key check covers most such fields; this also covers
+    the ones it cannot see, e.g. an OpenCLIP text tower's depth (its last block is
+    dropped by the key map, so a config one layer too deep would load and run it)."""
+    try:
+        arch = derive_architecture(shapes, where)
+    except CheckpointError:
+        raise
+    except ValueError:
+        return  # shapes too incomplete to read: the strict check lists what is missing
+    wrong = architecture_differences(arch, config)
+    if wrong:
+        raise CheckpointError(
+            f"{where}: the weights contradict the config in {len(wrong)} field(s): {'; '.join(wrong[:_LIST_LIMIT])}"
+            f"{'; ...' if len(wrong) > _LIST_LIMIT else ''}. "
+            "Pass a config that matches the weights, or none to detect it"
+        )
 
 
 def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickle: bool) -> _Plan:
@@ -132,20 +167,9 @@ def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickl
     shapes = file.shapes
     where = str(path)
     detect_family(shapes, where)  # refuses unknown / unsupported files even with a config given
-    detected: ModelConfig | None = None
-    try:
-        detection = detect_config(shapes, metadata=file.metadata, get_tensor=file.get, where=where)
-        detected, rule = detection.config, detection.rule
-    except CheckpointError:
-        raise
-    except ValueError as exc:  # the shape readers' own messages
-        if config is None:
-            raise CheckpointError(
-                f"{where}: cannot infer the model config: {exc}. Pass config= (a preset name, "
-                "YAML file, dict or ModelConfig) to load it"
-            ) from None
-        rule = f"detection failed: {exc}"
+    detected, rule = _detect(file, config, where)
     chosen = _resolve_config(detected, rule, config, prediction_type, path)
+    _check_architecture(shapes, chosen, where)
     mappings = original_mappings(chosen)
     by_part, ignored, unknown = split_components(shapes)
     names = {"unet": "unet", "vae": "vae", "text_encoder": "text"}
@@ -168,8 +192,6 @@ def plan(path: str | Path, *, config: Any = None, prediction_type: str | None = 
          allow_pickle: bool = False) -> _Plan:
     check_prediction_type(prediction_type)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(
@@ -198,8 +220,10 @@ def build_modules(config: ModelConfig) -> dict[str, nn.Module]:
 
 
 def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> None:
-    """Map every weight's shape and compare with the modules; one error for all parts."""
+    """Map every weight's shape and compare with the modules; one error for all parts.
+    Then refuse weights stored as integers or bool (a corrupt or foreign file)."""
     sections: list[str] = []
+    not_float: list[str] = []
     for name in COMPONENTS:
         part = plan_.parts[name]
         n = len(part.prefix)
@@ -211,12 +235,20 @@ def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> 
         report = check_keys(mapped, modules[name].state_dict())
         if not report.ok:
             sections.append(report.format(f"{name} ({part.prefix or name + '/'})"))
+        skipped = set(mapped.unmapped) | set(mapped.dropped)
+        not_float += [f"{part.prefix}{k} ({part.file.dtypes[part.prefix + k]})" for k in shapes
+                      if k not in skipped and part.file.dtypes[part.prefix + k] not in FLOAT_DTYPES]
     if plan_.unknown:
         sections.append(KeyReport(unexpected=tuple(plan_.unknown)).format("keys outside every component"))
     if sections:
         raise CheckpointError(
             f"{source}: the weights do not match the {plan_.config.family} model config "
             f"(wrong config, or an incomplete / modified checkpoint):\n" + "\n".join(sections)
+        )
+    if not_float:
+        raise CheckpointError(
+            f"{source}: {len(not_float)} weight(s) stored as integers or bool where floats are "
+            f"expected: {name_some(not_float)}; the file is corrupt or not a model checkpoint"
         )
 
 
@@ -229,14 +261,34 @@ def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | No
     return out
 
 
-def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torch.dtype | None) -> None:
+def is_finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def nonfinite_error(where: str, keys: list[str], dtype: torch.dtype | None = None) -> CheckpointError:
+    """The error for weights with NaN/inf (as stored, or after a cast to ``dtype``)."""
+    cast = f" (or that overflow {str(dtype).removeprefix('torch.')})" if dtype is not None else ""
+    return CheckpointError(
+        f"{where}: {len(keys)} weight(s) hold NaN or infinite values{cast}: {name_some(keys)}; "
+        "they would make black or noise images. Use an intact copy of the checkpoint"
+        + (", or a wider dtype" if cast else "")
+    )
+
+
+def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    """Load one component; return the source keys whose values are not finite
+    (checked on each tensor as it is converted, so no second pass over the file)."""
     n = len(part.prefix)
     state: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
     for key in part.keys:
         for new_key, tensor in part.mapping(key[n:], part.file.get(key)):
             state[new_key] = _convert(tensor, device, dtype)
+            if not is_finite(state[new_key]) and key not in bad:
+                bad.append(key)
     module.load_state_dict(state, strict=True, assign=True)
     module.eval()
+    return bad
 
 
 def _log_ignored(plan_: _Plan, source: Path) -> None:
@@ -248,22 +300,35 @@ def _log_ignored(plan_: _Plan, source: Path) -> None:
                 "CLIP projection/position ids): %s", len(plan_.ignored), source, dict(groups))
 
 
+def _check_memory(config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Refuse, before any module is built, a config whose native size cannot run here."""
+    dtype_bytes = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    check_native_size(config, str(path), dtype_bytes=dtype_bytes, device=device)
+
+
 def load_parts(source: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = torch.float32, config: Any = None,
-               prediction_type: str | None = None, allow_pickle: bool = False) -> LoadedModel:
-    """:func:`load_model` with ``dtype=None`` allowed (keep each tensor's stored dtype)."""
+               prediction_type: str | None = None, allow_pickle: bool = False,
+               check_memory: bool = True) -> LoadedModel:
+    """:func:`load_model` with ``dtype=None`` allowed (keep each tensor's stored dtype).
+
+    ``check_memory=False`` (convert: it never generates) skips the native-size check.
+    """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     path = Path(source)
     plan_ = plan(path, config=config, prediction_type=prediction_type, allow_pickle=allow_pickle)
+    if check_memory:
+        _check_memory(plan_.config, path, device, dtype)
     try:
         modules = build_modules(plan_.config)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot build the model from its config: {exc}") from None
     _check_shapes(plan_, modules, path)
     _log_ignored(plan_, path)
-    for name in COMPONENTS:
-        _load_part(modules[name], plan_.parts[name], device, dtype)
+    bad = [key for name in COMPONENTS for key in _load_part(modules[name], plan_.parts[name], device, dtype)]
+    if bad:
+        raise nonfinite_error(str(path), bad, dtype)
     text = plan_.config.text
     return LoadedModel(
         config=plan_.config, unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
@@ -285,7 +350,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
 
     Raises FileNotFoundError for a missing path, :class:`CheckpointError` (a
     ValueError) for a corrupt, unknown, unsupported or mismatched checkpoint,
-    always naming the path and before any large allocation.
+    always naming the path and before any large allocation (and, after loading,
+    for weights holding NaN or inf), and :class:`ldm.limits.MemoryLimitError` (a
+    ValueError) for a config whose native image size cannot run on ``device``.
     """
     if dtype is None:
         raise ValueError("dtype must be a torch dtype such as torch.float16, not None")

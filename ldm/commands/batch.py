@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from .common import positive_int, add_generation_options, settings_from_args
@@ -46,19 +45,18 @@ def _launched() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import BatchOptions, launch, report_errors, run_batch
-    from ..batchfile import read_jobs
+    from ..batch import BatchOptions, launch, report_errors, run_batch, strict_refusal
+    from ..batchfile import check_settings, read_jobs
 
     settings = settings_from_args(args)
     jsonl = FORMATS[args.format]
     if args.num_processes > 1 and not _launched():
-        if args.strict:  # validate once here, before starting any process
-            _, errors = read_jobs(args.prompts, settings, jsonl)
-            if errors:
-                report_errors(args.prompts, errors)
-                print(f"ldm batch: {len(errors)} bad line(s) in {args.prompts}; --strict: nothing rendered",
-                      file=sys.stderr)
-                return 2
+        # Checked once here, before starting any process: the flags, and with --strict every line.
+        check_settings(settings)
+        _, errors = read_jobs(args.prompts, settings, jsonl)
+        if errors and args.strict:
+            report_errors(args.prompts, errors)
+            return strict_refusal(args.prompts, errors)
         return launch(args.argv, args.num_processes)
     opts = BatchOptions(
         prompts=args.prompts, outdir=args.output, settings=settings, model=args.model,

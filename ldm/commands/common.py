@@ -1,83 +1,181 @@
-"""Options shared by `ldm generate` and `ldm batch`.
+"""Options shared by `ldm generate` and `ldm batch`, and how the command prints.
 
 Generation options default to None here, so that `generate --from` can tell an
-override from a default; :data:`DEFAULTS` fills the rest (the same values as
-``Pipeline.generate``'s defaults).
+override from a default; :data:`ldm.validation.DEFAULTS` fills the rest (the
+table ``Pipeline.generate`` uses too). Every option's type function refuses a bad
+value with ``argparse.ArgumentTypeError`` and a text for the user: argparse then
+names the flag, where a plain ValueError would show the function's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from pathlib import Path
+from typing import Any, Callable
 
-from ..batchfile import SCHEDULES, Settings, parse_size
-from ..pngmeta import A1111_SAMPLERS
+from ..batchfile import Settings, parse_size
+from ..dtypes import DTYPE_NAMES, canonical_dtype_name
+from ..validation import (
+    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_guidance, check_int, check_seed,
+)
 
-DEFAULTS = dict(steps=25, guidance=7.5, sampler="dpmpp_2m", schedule="default", n=1)
-DTYPES = ("float32", "float16", "bfloat16")
+# Option name -> field of validation.DEFAULTS where the names differ.
+_DEFAULT_FIELDS = {"guidance": "guidance_scale", "n": "num_images"}
+# Terminal controls in text from files: C0 (but newline and tab), DEL, C1 (0x9b is
+# a one-byte CSI) and the bidi overrides that reorder what is displayed.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_DEVICE_TYPES = ("cuda", "mps", "xpu")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters shown as ``\\x1b``-style escapes."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def printable_json(text: str) -> str:
+    """JSON text with the controls ``json.dumps`` leaves (DEL, C1, bidi) as ``\\u`` escapes."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+def describe(exc: BaseException) -> str:
+    """An error as one readable line: ``PATH: No such file or directory`` rather than ``[Errno 2] ...``."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # "20.0" or "1e3" are whole numbers too
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+def _option_type(parse: Callable[[str], Any], check: Callable[[Any], Any], expected: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text, then ``check`` the value; errors in words."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as exc:
+            # "guidance_scale must be ..." -> "must be ...": argparse names the flag.
+            message = str(exc)
+            reason = message[message.find("must "):] if "must " in message else message
+            raise argparse.ArgumentTypeError(reason) from None
+
+    convert.__name__ = expected
+    return convert
+
+
+positive_int = _option_type(_whole_number, lambda v: check_int(v, "value", 1), "a whole number >= 1")
+seed_int = _option_type(_whole_number, check_seed, f"a whole number from 0 to {MAX_SEED}")
+guidance_float = _option_type(float, check_guidance, "a number such as 7.5")
+dtype_name = _option_type(str, canonical_dtype_name, "a dtype name")
 
 
 def size_arg(text: str) -> tuple[int, int]:
+    """``WxH``, or one number for a square."""
     try:
-        return parse_size(text)
+        return parse_size(int(text) if text.strip().isdigit() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def device_arg(text: str) -> str:
+    """A device torch can parse and this machine has, checked before any model loads."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name; {_devices_here()}") from None
+    if device.type == "cpu":
+        return text
+    count = _device_count(device.type)
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"no {device.type} device on this machine; {_devices_here()}")
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist; {_devices_here()}")
+    return text
 
 
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _device_count(kind: str) -> int:
+    import torch
+
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    backend = getattr(torch, kind, None) if kind in _DEVICE_TYPES else None
+    if backend is None or not backend.is_available():
+        return 0
+    return backend.device_count()
 
 
-def _guidance(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (1 disables guidance), got {text}")
-    return value
+def _devices_here() -> str:
+    names = ["cpu"] + [f"{kind}:{i}" for kind in _DEVICE_TYPES for i in range(_device_count(kind))]
+    return f"devices here: {', '.join(names)}"
+
+
+def check_output_dir(folder: Path, flag: str = "-o") -> None:
+    """Refuse, before any model loads, an output folder that cannot be made or written."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent  # the nearest folder that exists: it must take the new ones
+    if not existing.is_dir():
+        what = "exists and is not a folder" if existing == folder else f"{existing} is not a folder"
+        raise ValueError(f"{flag} {folder}: {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: {existing} is not writable")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint (.safetensors) or diffusers folder (default: the shipped model, $LDM_WEIGHTS)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default=None,
+                   help="default: float16 on GPU, float32 on CPU (fp16, bf16 ... accepted)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt/.pt checkpoints (loaded with weights_only=True)")
 
 
-def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str) -> None:
+def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, default_output: str | None = None) -> None:
+    """The options of `generate` and `batch`; ``-o`` is required unless ``default_output`` is given."""
     d = DEFAULTS
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
-    p.add_argument("--steps", type=positive_int, default=None, help=f"sampling steps (default {d['steps']})")
-    p.add_argument("--guidance", type=_guidance, default=None, metavar="G",
-                   help=f"classifier-free guidance scale, 1 disables it (default {d['guidance']})")
-    p.add_argument("--sampler", choices=tuple(A1111_SAMPLERS), default=None,
-                   help=f"default {d['sampler']}")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"sampling steps (default {d.steps})")
+    p.add_argument("--guidance", type=guidance_float, default=None, metavar="G",
+                   help=f"classifier-free guidance scale, 0 to 100, 1 disables it (default {d.guidance_scale})")
+    p.add_argument("--sampler", choices=tuple(A1111_SAMPLERS), default=None, help=f"default {d.sampler}")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="sigma schedule; karras for the k-samplers (default: the sampler's own)")
-    p.add_argument("--seed", type=_seed, default=None, help=seed_help)
-    p.add_argument("--n", type=positive_int, default=None, help=f"images per prompt (default {d['n']})")
+    p.add_argument("--seed", type=seed_int, default=None, help=seed_help)
+    p.add_argument("--n", type=positive_int, default=None, help=f"images per prompt (default {d.num_images})")
     p.add_argument("--size", type=size_arg, default=None, metavar="WxH",
                    help="image size, multiples of 8 (default: the model's native size)")
     add_model_options(p)
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
+    if default_output is None:
+        p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
+    else:
+        p.add_argument("-o", "--output", type=Path, default=None, metavar="DIR",
+                       help=f"output folder (default: {default_output}/ in the current folder)")
     p.add_argument("--grid", action="store_true", help="also write a grid of the images")
     p.add_argument("--grid-rows", type=positive_int, default=None, metavar="R",
                    help="grid rows (default: round(sqrt(images)), as the web UI does)")
 
 
-def value(args: argparse.Namespace, name: str):
+def value(args: argparse.Namespace, name: str) -> Any:
+    """Option ``name``, or its default from :data:`ldm.validation.DEFAULTS`."""
     got = getattr(args, name)
-    return DEFAULTS[name] if got is None else got
+    return getattr(DEFAULTS, _DEFAULT_FIELDS.get(name, name)) if got is None else got
 
 
 def settings_from_args(args: argparse.Namespace, base_seed: int = 0) -> Settings:

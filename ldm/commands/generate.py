@@ -6,18 +6,31 @@ import argparse
 import logging
 import random
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
-from ..pngmeta import GenerationParams, read_parameters, save_png
-from .common import DEFAULTS, add_generation_options, resolve_model, value
+from ..pngmeta import (
+    GenerationParams, check_params, check_round_trip, normalize_prompt, read_parameters, save_png,
+)
+from ..validation import DEFAULTS, check_sampling
+from .common import add_generation_options, check_output_dir, printable, resolve_model, value
 
 logger = logging.getLogger("ldm")
 
+DEFAULT_OUTPUT = "outputs"  # in the current folder, as the web UIs do
 # Web UI keys for image k of a call of n; with them `--from` renders the whole call
 # again and keeps image k, which reproduces it bit for bit (a batch of one image can
 # differ from the same image in a batch in the last float bits).
 BATCH_SIZE, BATCH_POS = "Batch size", "Batch pos"
+# A larger call is not rendered again for one image (the text could ask for thousands):
+# the image is rendered alone, with its own seed.
+MAX_REPLAY_BATCH = 16
 _NUMBERED = re.compile(r"^(\d+)-")
+# Option -> GenerationParams field, for the options that override an image's parameters.
+_OVERRIDES = (("prompt", "prompt"), ("negative", "negative_prompt"), ("steps", "steps"),
+              ("sampler", "sampler"), ("schedule", "schedule"), ("guidance", "guidance_scale"),
+              ("seed", "seed"))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from)")
     p.add_argument("--from", dest="from_image", type=Path, default=None, metavar="IMAGE.png",
                    help="take every parameter (and the model, by name or hash) from this image")
-    add_generation_options(p, seed_help="seed of the first image; image k gets seed + k (default: random)")
+    add_generation_options(p, seed_help="seed of the first image; image k gets seed + k (default: random)",
+                           default_output=DEFAULT_OUTPUT)
     p.set_defaults(func=run)
 
 
@@ -40,37 +54,49 @@ def next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _random_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
 def _params_from_args(args: argparse.Namespace) -> GenerationParams:
     if args.prompt is None:
         raise ValueError("give a prompt, or --from IMAGE.png")
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     width, height = args.size or (None, None)
     return GenerationParams(
         prompt=args.prompt, negative_prompt=args.negative or "", steps=value(args, "steps"),
         sampler=value(args, "sampler"), schedule=value(args, "schedule"),
-        guidance_scale=value(args, "guidance"), seed=seed, width=width, height=height,
+        guidance_scale=value(args, "guidance"), seed=_random_seed() if args.seed is None else args.seed,
+        width=width, height=height,
     )
 
 
 def _params_from_image(args: argparse.Namespace) -> GenerationParams:
-    p = read_parameters(args.from_image)
-    changes = {}
-    for field, name in (("prompt", "prompt"), ("negative_prompt", "negative"), ("steps", "steps"),
-                        ("sampler", "sampler"), ("schedule", "schedule"),
-                        ("guidance_scale", "guidance"), ("seed", "seed")):
-        if getattr(args, name) is not None:
-            changes[field] = getattr(args, name)
+    p = read_parameters(args.from_image, check=False)
+    changes = {field: getattr(args, name) for name, field in _OVERRIDES if getattr(args, name) is not None}
     if args.size:
         changes["width"], changes["height"] = args.size
+    check_params(p, args.from_image, skip=tuple(changes))  # what the flags replace may be anything
     p = p.replace(**changes)
     if p.seed is None:
-        p = p.replace(seed=random.SystemRandom().randrange(2**31))
+        p = p.replace(seed=_random_seed())
     if p.sampler is None and "Sampler" not in p.extra:
-        p = p.replace(sampler=DEFAULTS["sampler"])
+        p = p.replace(sampler=DEFAULTS.sampler)
+    if p.steps is None:
+        p = p.replace(steps=DEFAULTS.steps)
     ignored = {k: v for k, v in p.extra.items() if k not in (BATCH_SIZE, BATCH_POS)}
     if ignored:
         logger.warning("%s: ignoring parameters ldm does not use: %s", args.from_image,
-                       ", ".join(f"{k}: {v}" for k, v in ignored.items()))
+                       printable(", ".join(f"{k}: {v}" for k, v in ignored.items())))
+    return p
+
+
+def _params(args: argparse.Namespace) -> GenerationParams:
+    """The parameters to render, checked before any model loads."""
+    p = _params_from_image(args) if args.from_image else _params_from_args(args)
+    p = p.replace(prompt=normalize_prompt(p.prompt), negative_prompt=normalize_prompt(p.negative_prompt))
+    p.to_kwargs()  # refuses a sampler or schedule from the image that ldm lacks
+    check_sampling(p.sampler, p.schedule, p.steps)
+    check_round_trip(p.replace(extra={}))  # as written: the image's other keys are not
     return p
 
 
@@ -90,21 +116,51 @@ def _batch_of(p: GenerationParams, args: argparse.Namespace) -> tuple[int, int] 
         size, pos = int(p.extra[BATCH_SIZE]), int(p.extra[BATCH_POS])
     except (KeyError, ValueError):
         return None
-    return (size, pos) if 0 <= pos < size and p.seed - pos >= 0 else None
+    if not (0 <= pos < size and p.seed - pos >= 0):
+        return None
+    if size > MAX_REPLAY_BATCH:
+        logger.warning("%s: %s %d is over %d: rendering image %d alone with its own seed; it may differ "
+                       "from the original in the last bits", args.from_image, BATCH_SIZE, size,
+                       MAX_REPLAY_BATCH, pos)
+        return None
+    return size, pos
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        check_output_dir(args.output)
+        return args.output
+    out = Path(DEFAULT_OUTPUT)
+    check_output_dir(out, flag="default output folder")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    out = _output_dir(args)
+    p = _params(args)
+    if args.output is None:
+        logger.info("no -o given: writing to %s", out.resolve())
+    written: list[tuple[Any, GenerationParams]] = []
+    try:
+        _render(args, p, out, written)
+    except KeyboardInterrupt:
+        # Every image written so far is complete (atomic writes); say where they are.
+        print(f"ldm generate: stopped; {len(written)} image(s) kept in {out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: list) -> None:
     from ..modelref import model_ref
     from ..pipeline import Pipeline
 
-    p = _params_from_image(args) if args.from_image else _params_from_args(args)
     model_path = _model_for(args, p if args.from_image else None)
     pipe = Pipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle)
     ref = model_ref(model_path)
     if args.from_image and p.model_hash and p.model_hash.lower() != ref.hash:
         logger.warning("model hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ",
-                       args.from_image, p.model or "?", p.model_hash, model_path, ref.hash)
+                       args.from_image, printable(p.model or "?"), printable(p.model_hash), model_path, ref.hash)
 
     batch = _batch_of(p, args) if args.from_image else None
     n = batch[0] if batch else value(args, "n")
@@ -114,22 +170,19 @@ def run(args: argparse.Namespace) -> int:
     gen = pipe.generate(**kwargs, num_images=n)
     keep = [batch[1]] if batch else list(range(n))
 
-    out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
     first = next_index(out)
-    written = []
     for i, k in enumerate(keep):
         extra = {BATCH_SIZE: str(n), BATCH_POS: str(k)} if n > 1 else {}
         params = p.replace(seed=gen.seeds[k], width=gen.params["width"], height=gen.params["height"],
                            model=ref.name, model_hash=ref.hash, extra=extra)
         path = out / f"{first + i:05d}-{gen.seeds[k]}.png"
         save_png(gen.images[k], path, params)
-        print(f"{path}  seed {gen.seeds[k]}")
         written.append((gen.images[k], params))
+        print(f"{path}  seed {gen.seeds[k]}")
     if args.grid:
         from ..grid import image_grid
 
         path = out / f"grid-{first:05d}.png"
         save_png(image_grid([im for im, _ in written], args.grid_rows), path, written[0][1])
         print(f"{path}  grid of {len(written)}")
-    return 0

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..config import TextEncoderConfig
-from ..foreign_config import text_to_transformers
+from ..config import TextEncoderConfig, text_to_transformers
 
 
 class TextEncoder(nn.Module):
