@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
+from .commands.common import dtype_name
 from .dtypes import DTYPE_NAMES
 
 
@@ -38,7 +39,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="layout to write (default: original if DST ends in .safetensors, else diffusers)")
     p.add_argument("--config", default=None, help="preset name or YAML file overriding detection")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+    p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default=None,
                    help="store weights in this dtype (default: as read)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading .ckpt/.pt files (weights_only torch.load)")

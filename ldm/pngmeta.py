@@ -297,7 +297,7 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
     checks = {
         "steps": lambda v: check_int(v, "Steps", 1, MAX_STEPS),
         "seed": lambda v: check_seed(v, "Seed"),
-        "guidance_scale": _check_cfg,
+        "guidance_scale": lambda value: check_guidance(value, "CFG scale"),
         "width": lambda v: _check_side(v, "Size width"),
         "height": lambda v: _check_side(v, "Size height"),
         "prompt": lambda v: _check_length(v, "prompt"),
@@ -310,13 +310,6 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
                 check(value)
             except ValueError as exc:
                 raise ValueError(f"{source}: {exc}") from None
-
-
-def _check_cfg(value: float) -> None:
-    try:
-        check_guidance(value)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("guidance_scale", "CFG scale", 1)) from None
 
 
 def _check_side(value: int, name: str) -> None:

@@ -71,11 +71,11 @@ def check_finite(value: Any, name: str) -> float:
     return value
 
 
-def check_guidance(value: Any) -> float:
-    value = check_finite(value, "guidance_scale")
+def check_guidance(value: Any, name: str = "guidance_scale") -> float:
+    value = check_finite(value, name)
     if not 0 <= value <= MAX_GUIDANCE:
         raise ValueError(
-            f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (1 disables guidance), got {value!r}"
+            f"{name} must be between 0 and {MAX_GUIDANCE:g} (1 disables guidance), got {value!r}"
         )
     return value
 
