@@ -21,25 +21,20 @@ lock for all ranks of a run), and every line is checked before anything renders:
 its values when the file is read, then what depends on the model (steps against
 its training timesteps, memory for its size) once it is loaded.
 
-On a rerun, an image counts as done when its file exists and its manifest entry
-(or, for a file whose entry was lost to a kill, the parameters stored in the
-PNG) matches what the line asks for now; entries whose file is gone are dropped
-and the image is rendered again. An output folder holding images made with other
-settings is refused unless ``overwrite`` (then those images are redone). Only files
-this run plans are ever read or deleted; a manifest entry cannot point anywhere else.
+A rerun resumes (:mod:`ldm.batchresume`): finished images are kept, missing ones
+rendered; an output folder holding images made with other settings is refused unless
+``overwrite`` (then those images are redone).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
-import math
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,167 +43,13 @@ from .atomicio import append_line, remove_temp_files
 from .batchfile import Job, LineError, Settings, check_settings, check_steps, read_jobs
 from .grid import image_grid
 from .modelref import ModelRef
-from .pngmeta import GenerationParams, read_text, save_png
+from .batchplan import Item, expand, plan_chunks, token_chunks
+from .batchresume import Reconciled, own_file, reconcile
+from .pngmeta import GenerationParams, save_png
 
 logger = logging.getLogger("ldm")
 
 GRID_FILE = "grid.png"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to render: image ``index`` of a job."""
-
-    job: Job
-    index: int
-    width: int
-    height: int
-    params: GenerationParams
-
-    @property
-    def key(self) -> manifest.Key:
-        return self.job.line, self.index
-
-    @property
-    def seed(self) -> int:
-        return self.job.seed + self.index
-
-    @property
-    def file(self) -> str:
-        return manifest.image_name(self.job.line, self.index, self.seed)
-
-    def entry(self, time: str | None = None) -> dict[str, Any]:
-        return {
-            "line": self.job.line, "input": self.job.text, "index": self.index, "seed": self.seed,
-            "file": self.file, "parameters": self.params.to_dict(), "time": time or _now(),
-        }
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def expand(jobs: list[Job], native_size: int, model: ModelRef) -> list[Item]:
-    """Every image of every job, with the parameters its PNG will carry."""
-    items = []
-    for job in jobs:
-        width, height = job.size or (native_size, native_size)
-        for k in range(job.n):
-            params = GenerationParams(
-                prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-                sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
-                seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
-            )
-            items.append(Item(job, k, width, height, params))
-    return items
-
-
-def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[Item], int]) -> list[list[Item]]:
-    """Items grouped by what one pipeline call must share, in line order, cut into
-    chunks of ``batch_size``; groups ordered by their first line."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    groups: dict[tuple, list[Item]] = {}
-    for item in items:
-        j = item.job
-        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, context_chunks(item))
-        groups.setdefault(key, []).append(item)
-    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-
-
-def token_chunks(tokenizer: Any) -> Callable[[Item], int]:
-    """The number of 77-token rows an item's text context has in a single call
-    (see :func:`ldm.prompts.encode_prompts`)."""
-    size = tokenizer.max_length - 2
-
-    def count(text: str) -> int:
-        return max(1, math.ceil(len(tokenizer.encode(text)) / size))
-
-    def chunks(item: Item) -> int:
-        j = item.job
-        n = count(j.prompt)
-        return max(n, count(j.negative_prompt)) if j.guidance > 1 else n
-
-    return chunks
-
-
-# --- resuming --------------------------------------------------------------------
-
-
-@dataclass
-class Reconciled:
-    """What an output folder already holds, judged against the planned items."""
-
-    entries: list[dict[str, Any]]  # the manifest to write: kept + adopted entries
-    done: set[manifest.Key] = field(default_factory=set)
-    adopted: int = 0  # files found without an entry, whose PNG parameters matched
-    dropped: int = 0  # entries whose file was missing
-    conflicts: list[str] = field(default_factory=list)
-    stale_files: list[Path] = field(default_factory=list)  # planned files to delete when overwriting
-    unplanned: list[str] = field(default_factory=list)  # files of conflicting entries: never deleted
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
-    diffs = [f"{k} {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(diffs[:3]) or "file name"
-
-
-def own_file(path: Path) -> bool:
-    """A regular file, not a link that could lead out of the output folder."""
-    return path.is_file() and not path.is_symlink()
-
-
-def _judge_entry(outdir: Path, entry: dict[str, Any], item: Item | None, result: Reconciled) -> None:
-    if not own_file(outdir / entry["file"]):
-        result.dropped += 1  # rendered again if still planned
-    elif item is None:  # a line that is now invalid or gone: kept, not ours to judge
-        result.entries.append(entry)
-    elif entry["parameters"] != item.params.to_dict() or entry["file"] != item.file:
-        result.conflicts.append(f"{entry['file']} (line {item.job.line}, image {item.index}): "
-                                f"{_differences(entry['parameters'], item.params.to_dict())}")
-        if entry["file"] == item.file:
-            result.stale_files.append(outdir / item.file)
-        else:
-            result.unplanned.append(entry["file"])
-    else:
-        result.entries.append(entry)
-        result.done.add(item.key)
-
-
-def _png_text(path: Path) -> str | None:
-    try:
-        return read_text(path)
-    except Exception:  # noqa: BLE001 - whatever makes a file unreadable, it is not this image
-        return None
-
-
-def _adopt(path: Path, item: Item, result: Reconciled) -> None:
-    """A planned file without an entry (killed between writing it and recording it):
-    kept if its PNG parameters are this image's, else a conflict."""
-    if _png_text(path) == item.params.to_text():
-        mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
-        result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
-        result.done.add(item.key)
-        result.adopted += 1
-    else:
-        result.conflicts.append(f"{item.file} (line {item.job.line}, image {item.index}): its PNG parameters differ")
-        result.stale_files.append(path)
-
-
-def reconcile(outdir: Path, items: list[Item]) -> Reconciled:
-    """Read-only: compare the manifest, its parts and the files with ``items``."""
-    planned = {item.key: item for item in items}
-    result = Reconciled(entries=[])
-    for entry in manifest.read_entries(outdir):
-        _judge_entry(outdir, entry, planned.get(manifest.entry_key(entry)), result)
-    for key, item in planned.items():
-        path = outdir / item.file
-        if key not in result.done and path not in result.stale_files and own_file(path):
-            _adopt(path, item, result)
-    return result
-
-
-# --- running ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""The plan of a batch: every image of every line, and how they are grouped into pipeline calls.
+
+The plan depends only on the prompt file, the settings and the model's native size and
+tokenizer, never on the number of processes or on what is already on disk, so every
+run and every rank computes the same one (see :mod:`ldm.batch`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import manifest
+from .batchfile import Job
+from .modelref import ModelRef
+from .pngmeta import GenerationParams
+from .prompts import count_tokens
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to render: image ``index`` of a job."""
+
+    job: Job
+    index: int
+    width: int
+    height: int
+    params: GenerationParams
+
+    @property
+    def key(self) -> manifest.Key:
+        return self.job.line, self.index
+
+    @property
+    def seed(self) -> int:
+        return self.job.seed + self.index
+
+    @property
+    def file(self) -> str:
+        return manifest.image_name(self.job.line, self.index, self.seed)
+
+    def entry(self, time: str | None = None) -> dict[str, Any]:
+        return {
+            "line": self.job.line, "input": self.job.text, "index": self.index, "seed": self.seed,
+            "file": self.file, "parameters": self.params.to_dict(), "time": time or _now(),
+        }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def expand(jobs: list[Job], native_size: int, model: ModelRef) -> list[Item]:
+    """Every image of every job, with the parameters its PNG will carry."""
+    items = []
+    for job in jobs:
+        width, height = job.size or (native_size, native_size)
+        for k in range(job.n):
+            params = GenerationParams(
+                prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+                sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
+                seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
+            )
+            items.append(Item(job, k, width, height, params))
+    return items
+
+
+def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[Item], int]) -> list[list[Item]]:
+    """Items grouped by what one pipeline call must share, in line order, cut into
+    chunks of ``batch_size``; groups ordered by their first line."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    groups: dict[tuple, list[Item]] = {}
+    for item in items:
+        j = item.job
+        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, context_chunks(item))
+        groups.setdefault(key, []).append(item)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def token_chunks(tokenizer: Any) -> Callable[[Item], int]:
+    """The number of 77-token rows an item's text context has in a single call
+    (see :func:`ldm.prompts.encode_prompts`)."""
+    size = tokenizer.max_length - 2
+
+    def count(text: str) -> int:
+        return max(1, math.ceil(count_tokens(tokenizer, text) / size))
+
+    def chunks(item: Item) -> int:
+        j = item.job
+        n = count(j.prompt)
+        return max(n, count(j.negative_prompt)) if j.guidance > 1 else n
+
+    return chunks

@@ -1,0 +1,91 @@
+"""Resuming a batch: what an output folder already holds, judged against the plan.
+
+Read-only. An image counts as done when its file exists and its manifest entry (or, for
+a file whose entry was lost to a kill, the parameters stored in its PNG) matches what
+its line asks for now. Only files the plan names are ever judged stale (and so ever
+deleted by ``--overwrite``); a manifest entry cannot point anywhere else.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import manifest
+from .batchplan import Item
+from .pngmeta import read_text
+
+
+@dataclass
+class Reconciled:
+    """What an output folder already holds, judged against the planned items."""
+
+    entries: list[dict[str, Any]]  # the manifest to write: kept + adopted entries
+    done: set[manifest.Key] = field(default_factory=set)
+    adopted: int = 0  # files found without an entry, whose PNG parameters matched
+    dropped: int = 0  # entries whose file was missing
+    conflicts: list[str] = field(default_factory=list)
+    stale_files: list[Path] = field(default_factory=list)  # planned files to delete when overwriting
+    unplanned: list[str] = field(default_factory=list)  # files of conflicting entries: never deleted
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    diffs = [f"{k} {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:3]) or "file name"
+
+
+def own_file(path: Path) -> bool:
+    """A regular file, not a link that could lead out of the output folder."""
+    return path.is_file() and not path.is_symlink()
+
+
+def _judge_entry(outdir: Path, entry: dict[str, Any], item: Item | None, result: Reconciled) -> None:
+    if not own_file(outdir / entry["file"]):
+        result.dropped += 1  # rendered again if still planned
+    elif item is None:  # a line that is now invalid or gone: kept, not ours to judge
+        result.entries.append(entry)
+    elif entry["parameters"] != item.params.to_dict() or entry["file"] != item.file:
+        result.conflicts.append(f"{entry['file']} (line {item.job.line}, image {item.index}): "
+                                f"{_differences(entry['parameters'], item.params.to_dict())}")
+        if entry["file"] == item.file:
+            result.stale_files.append(outdir / item.file)
+        else:
+            result.unplanned.append(entry["file"])
+    else:
+        result.entries.append(entry)
+        result.done.add(item.key)
+
+
+def _png_text(path: Path) -> str | None:
+    try:
+        return read_text(path)
+    except Exception:  # noqa: BLE001 - whatever makes a file unreadable, it is not this image
+        return None
+
+
+def _adopt(path: Path, item: Item, result: Reconciled) -> None:
+    """A planned file without an entry (killed between writing it and recording it):
+    kept if its PNG parameters are this image's, else a conflict."""
+    if _png_text(path) == item.params.to_text():
+        mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+        result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
+        result.done.add(item.key)
+        result.adopted += 1
+    else:
+        result.conflicts.append(f"{item.file} (line {item.job.line}, image {item.index}): its PNG parameters differ")
+        result.stale_files.append(path)
+
+
+def reconcile(outdir: Path, items: list[Item]) -> Reconciled:
+    """Read-only: compare the manifest, its parts and the files with ``items``."""
+    planned = {item.key: item for item in items}
+    result = Reconciled(entries=[])
+    for entry in manifest.read_entries(outdir):
+        _judge_entry(outdir, entry, planned.get(manifest.entry_key(entry)), result)
+    for key, item in planned.items():
+        path = outdir / item.file
+        if key not in result.done and path not in result.stale_files and own_file(path):
+            _adopt(path, item, result)
+    return result
