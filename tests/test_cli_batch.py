@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from subprocesses import default_sigint
 from ldm.atomicio import TEMP_SUFFIX, atomic_write
 from ldm.batchfile import Settings, line_seed, parse_lines
 from ldm.cli import main
@@ -396,7 +397,8 @@ def test_ctrl_c_keeps_finished_images_and_says_so(sd1_folder, prompt_file, refer
     out = tmp_path / "out"
     args = ["batch", str(prompt_file), "--model", str(sd1_folder), "-o", str(out), *BATCH_ARGS]
     proc = subprocess.Popen([sys.executable, "-m", "ldm", *args], cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while len(list(out.glob("*.png"))) < 3 and proc.poll() is None and time.monotonic() < deadline:

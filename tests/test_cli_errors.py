@@ -21,6 +21,7 @@ from PIL import Image
 
 import ldm.commands.common as common
 import ldm.commands.generate as generate
+from subprocesses import default_sigint
 from ldm import validation
 from ldm.checkpoints.files import CheckpointError
 from ldm.cli import build_parser, main
@@ -314,7 +315,7 @@ def test_sigint_during_a_real_generate(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ldm", "generate", "a red cube", "--steps", "1000", "--sampler", "euler",
          "--device", "cpu", "-o", str(tmp_path / "out")],
-        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, preexec_fn=default_sigint,
     )
     err = b""
     deadline = time.monotonic() + 120
