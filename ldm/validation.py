@@ -80,6 +80,23 @@ def check_guidance(value: Any, name: str = "guidance_scale") -> float:
     return value
 
 
+def check_strength(value: Any, name: str = "strength") -> float:
+    """Denoising strength of an edit, in (0, 1]: the fraction of the schedule that runs."""
+    value = check_finite(value, name)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1] (1 repaints fully, small values keep more), got {value!r}")
+    return value
+
+
+def check_margins(left: Any, top: Any, right: Any, bottom: Any) -> tuple[int, int, int, int]:
+    """Outpainting margins in pixels: integers >= 0, not all zero."""
+    margins = tuple(check_int(v, n, 0) for v, n in ((left, "left"), (top, "top"), (right, "right"),
+                                                     (bottom, "bottom")))
+    if not any(margins):
+        raise ValueError("extend needs at least one margin > 0 (left, top, right, bottom), got all zero")
+    return margins  # type: ignore[return-value]
+
+
 def check_seed(value: Any, name: str = "seed") -> int:
     return check_int(value, name, 0, MAX_SEED)
 
