@@ -179,6 +179,12 @@ class ModelConfig:
         """Native image side in pixels (512 for SD1, 768 for SD2-v)."""
         return self.unet.sample_size * self.vae.downsample_factor
 
+    @property
+    def is_inpainting(self) -> bool:
+        """A 9-channel inpainting U-Net (sd-v1-5-inpainting layout): its input is the
+        noisy latents, the mask and the masked image's latents, stacked."""
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
@@ -283,7 +289,24 @@ TOY = ModelConfig(
     ),
 )
 
-PRESETS: dict[str, ModelConfig] = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "toy": TOY}
+
+
+def inpainting_variant(config: ModelConfig) -> ModelConfig:
+    """The inpainting model made from ``config`` (as sd-v1-5-inpainting / sd-2-inpainting
+    were from SD1 / SD2): the same architecture with a U-Net whose first conv takes
+    noisy latents, mask and masked-image latents stacked, 2 * latent + 1 channels."""
+    channels = 2 * config.vae.latent_channels + 1
+    return with_changes(config, unet=with_changes(config.unet, in_channels=channels))
+
+
+SD1_INPAINT = inpainting_variant(SD1)
+SD2_INPAINT = inpainting_variant(SD2)  # sd-2-inpainting: 512 px, epsilon
+TOY_INPAINT = inpainting_variant(TOY)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "toy": TOY,
+    "sd1-inpaint": SD1_INPAINT, "sd2-inpaint": SD2_INPAINT, "toy-inpaint": TOY_INPAINT,
+}
 
 
 def preset(name: str) -> ModelConfig:

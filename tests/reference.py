@@ -9,7 +9,7 @@ scheduler_config.json omits keys the way real SD folders do.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -113,6 +113,21 @@ SD2V_TINY = TinySpec(
 )
 
 
+def inpaint_spec(spec: TinySpec) -> TinySpec:
+    """The same tiny model with a 9-channel inpainting U-Net (latents, mask, masked-image
+    latents), as sd-v1-5-inpainting / sd-2-inpainting are to SD1 / SD2."""
+    channels = 2 * spec.vae["latent_channels"] + 1
+    return replace(spec, name=f"{spec.name}-inpaint", unet={**spec.unet, "in_channels": channels})
+
+
+def is_inpaint_spec(spec: TinySpec) -> bool:
+    return spec.unet.get("in_channels", 4) == 2 * spec.vae["latent_channels"] + 1
+
+
+SD1_INPAINT_TINY = inpaint_spec(SD1_TINY)
+SD2V_INPAINT_TINY = inpaint_spec(SD2V_TINY)
+
+
 def _randomize(module: torch.nn.Module, seed: int) -> None:
     """Random weights of a realistic scale: default inits leave some layers at zero
     (e.g. diffusers' conv_out), which would hide bugs in parity tests."""
@@ -139,7 +154,9 @@ def build_reference(spec: TinySpec, seed: int = 0):
     return unet, vae, text
 
 
-def write_pipeline_files(path: Path, scheduler_config: dict, pad_token: str) -> None:
+def write_pipeline_files(
+    path: Path, scheduler_config: dict, pad_token: str, pipeline: str = "StableDiffusionPipeline"
+) -> None:
     """tokenizer/, scheduler/scheduler_config.json and model_index.json of a diffusers folder."""
     from ldm.checkpoints.diffusers_folder import model_index
     from ldm.models.tokenizer import save_hf_tokenizer
@@ -147,26 +164,39 @@ def write_pipeline_files(path: Path, scheduler_config: dict, pad_token: str) -> 
     save_hf_tokenizer(path / "tokenizer", pad_token)
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
-    index = model_index(scheduler_config["_class_name"])
+    index = model_index(scheduler_config["_class_name"], pipeline)
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def save_diffusers_folder(spec: TinySpec, path: Path, seed: int = 0) -> Path:
-    """Save a tiny reference model as a diffusers folder (model_index.json, unet/, ...)."""
+    """Save a tiny reference model as a diffusers folder (model_index.json, unet/, ...);
+    a 9-channel spec's model_index.json names StableDiffusionInpaintPipeline."""
     unet, vae, text = build_reference(spec, seed)
     path = Path(path)
     unet.save_pretrained(path / "unet")
     vae.save_pretrained(path / "vae")
     text.save_pretrained(path / "text_encoder")
-    write_pipeline_files(path, spec.scheduler, spec.pad_token)
+    write_pipeline_files(path, spec.scheduler, spec.pad_token, _pipeline_name(spec))
     return path
 
 
-def load_reference_pipeline(path: Path):
-    """diffusers' StableDiffusionPipeline from a folder written above, float32, CPU."""
-    from diffusers import StableDiffusionPipeline
+def save_inpaint_folder(spec: TinySpec, path: Path, seed: int = 0) -> Path:
+    """Save a tiny 9-channel model as a diffusers StableDiffusionInpaintPipeline folder."""
+    if not is_inpaint_spec(spec):
+        raise ValueError(f"{spec.name} is not an inpainting spec; use inpaint_spec({spec.name})")
+    return save_diffusers_folder(spec, path, seed)
 
-    pipe = StableDiffusionPipeline.from_pretrained(
+
+def _pipeline_name(spec: TinySpec) -> str:
+    return "StableDiffusionInpaintPipeline" if is_inpaint_spec(spec) else "StableDiffusionPipeline"
+
+
+def load_reference_pipeline(path: Path, pipeline: str = "StableDiffusionPipeline"):
+    """A diffusers pipeline (StableDiffusionPipeline by default, or e.g.
+    StableDiffusionInpaintPipeline) from a folder written above, float32, CPU."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(
         path, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)

@@ -184,10 +184,10 @@ def test_old_sd1_text_keys_and_ema_keys_load(case, tmp_path):
 def test_unknown_family_and_unsupported(tmp_path, full_shapes):
     with pytest.raises(CheckpointError, match="SDXL is not supported"):
         detect_family({"conditioner.embedders.0.transformer.x": (1,), **full_shapes["sd1"]})
-    inpaint = dict(full_shapes["sd1"])
-    inpaint["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
-    with pytest.raises(CheckpointError, match="9 input channels.*inpainting"):
-        detect_config(inpaint)
+    pix2pix = dict(full_shapes["sd1"])
+    pix2pix["model.diffusion_model.input_blocks.0.0.weight"] = (320, 8, 3, 3)
+    with pytest.raises(CheckpointError, match="8 input channels.*InstructPix2Pix"):
+        detect_config(pix2pix)
     path = tmp_path / "random.safetensors"
     save_file({"foo.bar.weight": torch.zeros(2), "baz.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=r"unknown model family.*foo\.bar") as err:
@@ -195,15 +195,18 @@ def test_unknown_family_and_unsupported(tmp_path, full_shapes):
     assert str(path) in str(err.value)
 
 
-def test_inpainting_file_refused(case, tmp_path):
+@pytest.mark.parametrize("extra, kind", [(4, "InstructPix2Pix"), (1, "depth-conditioned")])
+def test_extra_input_variant_file_refused(case, tmp_path, extra, kind):
+    """Inpainting (latent + 5 inputs) loads; other extra inputs are refused by name."""
     _, _, _, single = case
     state = load_file(single)
     w = state["model.diffusion_model.input_blocks.0.0.weight"]
-    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([w, w, w[:, :1]], dim=1)
-    path = tmp_path / "inpaint.safetensors"
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([w, w[:, :extra]], dim=1)
+    path = tmp_path / "variant.safetensors"
     save_file(state, path)
-    with pytest.raises(CheckpointError, match="inpainting"):
+    with pytest.raises(CheckpointError, match=f"{4 + extra} input channels.*{kind}") as err:
         load_model(path)
+    assert str(path) in str(err.value)
 
 
 # --- bad input -------------------------------------------------------------------
@@ -276,7 +279,7 @@ def test_wrong_config_override_reports_mismatch(case):
 # --- preset YAMLs ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sd2-v"])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_yaml(name, tmp_path):
     assert load_config(CONFIGS / f"{name}.yaml") == PRESETS[name]
     saved = yaml.safe_dump(PRESETS[name].to_dict(), sort_keys=False)

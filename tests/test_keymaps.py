@@ -16,7 +16,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
-from reference import SD1_TINY, SD2V_TINY, build_reference
+from reference import SD1_INPAINT_TINY, SD1_TINY, SD2V_INPAINT_TINY, SD2V_TINY, build_reference
 
 from ldm.checkpoints.keymap import (
     UnmappedKeyError,
@@ -37,12 +37,14 @@ from ldm.checkpoints.keymap_vae import (
     vae_internal_to_original,
     vae_original_to_internal,
 )
-from ldm.config import SD1, SD2
+from ldm.config import SD1, SD1_INPAINT, SD2, SD2_INPAINT
 from ldm.foreign_config import unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-PRESETS = {"sd1": SD1, "sd2": SD2}
+# Inpainting models share every key with their text-to-image model; only conv_in's
+# input width (9) differs, and the maps must carry it through at full size.
+PRESETS = {"sd1": SD1, "sd2": SD2, "sd1-inpaint": SD1_INPAINT, "sd2-inpaint": SD2_INPAINT}
 
 
 def _shapes(sd):
@@ -54,9 +56,9 @@ def _derivable(config, component):
     return {name: getattr(config, name) for name in DERIVABLE[component]}
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=list(PRESETS))
 def full_size(request):
-    """Full-size SD1.5 / SD2 U-Net and VAE state dicts on the meta device."""
+    """Full-size SD1.5 / SD2 (and their inpainting) U-Net and VAE state dicts on the meta device."""
     config = PRESETS[request.param]
     with accelerate.init_empty_weights():
         unet = UNet2DConditionModel(**unet_to_diffusers(config.unet))
@@ -64,7 +66,8 @@ def full_size(request):
     return config, unet.state_dict(), vae.state_dict()
 
 
-@pytest.fixture(scope="module", params=[SD1_TINY, SD2V_TINY], ids=lambda s: s.name)
+@pytest.fixture(scope="module", params=[SD1_TINY, SD2V_TINY, SD1_INPAINT_TINY, SD2V_INPAINT_TINY],
+                ids=lambda s: s.name)
 def tiny(request):
     """Tiny diffusers reference models with random weights, and our configs for them."""
     spec = request.param
@@ -96,6 +99,7 @@ def test_full_size_unet_matches_reference_converter(full_size):
 
     proj_in = original["middle_block.1.proj_in.weight"]
     assert proj_in.ndim == (2 if config.unet.use_linear_projection else 4)
+    assert original["input_blocks.0.0.weight"].shape == (320, config.unet.in_channels, 3, 3)
 
 
 def test_full_size_vae_matches_reference_converter(full_size):

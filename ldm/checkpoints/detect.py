@@ -8,6 +8,9 @@ rule. Key layouts (keys without data):
 - ``sd2``: text encoder ``cond_stage_model.model.*`` (OpenCLIP ViT-H/14, hidden
   1024, gelu, pads with 0), U-Net proj_in linear. SD2 conditions on the
   penultimate block, so the internal text encoder has one block fewer than the file.
+- inpainting (``sd1-inpaint``, ``sd2-inpaint``, ``toy-inpaint``): the same layouts with
+  a first U-Net conv (``input_blocks.0.0.weight``) of 2 * latent + 1 = 9 input channels.
+  Other extra inputs (8: InstructPix2Pix, 5: depth) are refused by name.
 
 The config is ldm's ``ldm.config`` metadata when the file has it. Otherwise the
 architecture is read from the shapes (see DERIVABLE) and must equal a preset's in
@@ -136,13 +139,21 @@ def _refuse_unsupported(shapes: Mapping[str, tuple], where: str) -> None:
         )
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     latent = shapes.get(VAE_PREFIX + "decoder.conv_in.weight", (0, 4))[1]
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != latent:
-        kind = {9: "an inpainting model", 8: "an InstructPix2Pix model", 5: "a depth-conditioned model"}
-        raise CheckpointError(
-            f"{where}: the U-Net takes {conv_in[1]} input channels, the VAE makes {latent} "
-            f"({kind.get(conv_in[1], 'a variant with extra conditioning inputs')}); "
-            "only text-to-image models are supported"
-        )
+    if conv_in is not None and len(conv_in) == 4:
+        check_input_channels(conv_in[1], latent, where)
+
+
+def check_input_channels(unet_in: int, latent: int, where: str) -> None:
+    """Text-to-image U-Nets take the latents; inpainting ones (2 * latent + 1) also the
+    mask and the masked image's latents. Other extra inputs are variants ldm cannot feed."""
+    if unet_in in (latent, 2 * latent + 1):
+        return
+    kinds = {2 * latent: "an InstructPix2Pix model", latent + 1: "a depth-conditioned model"}
+    raise CheckpointError(
+        f"{where}: the U-Net takes {unet_in} input channels, the VAE makes {latent} "
+        f"({kinds.get(unet_in, 'a variant with extra conditioning inputs')}); "
+        f"only text-to-image ({latent} channels) and inpainting ({2 * latent + 1} channels) models are supported"
+    )
 
 
 def _describe_unknown(shapes: Mapping[str, tuple], where: str, missing: str) -> CheckpointError:

@@ -20,6 +20,7 @@ from ..foreign_config import (
     unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
 )
 from ..models.tokenizer import pad_token_from_hf, save_hf_tokenizer
+from .detect import check_input_channels
 from .files import (
     CheckpointError, TensorFile, check_regular_file, merge_tensor_files, open_tensor_file, save_safetensors,
 )
@@ -30,6 +31,8 @@ logger = logging.getLogger("ldm")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 _PICKLE_NAMES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                  "text_encoder": ("pytorch_model", "model")}
+TEXT_TO_IMAGE_PIPELINE = "StableDiffusionPipeline"
+INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
 # Written into configs we save; diffusers reads it to decide on legacy behaviour only.
 DIFFUSERS_VERSION = "0.30.0"
 
@@ -139,12 +142,7 @@ def read_folder_config(folder: Path) -> tuple[ModelConfig, str]:
     tokenizer = folder / "tokenizer"
     pad = pad_token_from_hf(tokenizer) if tokenizer.is_dir() else ("zero" if family == "sd2" else "eos")
     text = _translate(text_from_transformers, text_data, text_path, pad)
-    if unet.in_channels != vae.latent_channels:
-        kind = "an inpainting model" if unet.in_channels == 9 else "a variant with extra conditioning inputs"
-        raise CheckpointError(
-            f"{folder}: the U-Net takes {unet.in_channels} input channels, the VAE makes "
-            f"{vae.latent_channels} ({kind}); only text-to-image models are supported"
-        )
+    check_input_channels(unet.in_channels, vae.latent_channels, str(unet_path))
     sched_path = folder / "scheduler" / "scheduler_config.json"
     schedule: dict[str, Any] = {}
     if _present(sched_path):
@@ -180,10 +178,16 @@ def scheduler_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def model_index(scheduler_class: str = "DDIMScheduler") -> dict[str, Any]:
-    """model_index.json of a text-to-image folder (no safety checker)."""
+def pipeline_class(config: ModelConfig) -> str:
+    """The diffusers pipeline class a folder of this model names: an inpainting
+    U-Net needs the pipeline that feeds it the mask and the masked image."""
+    return INPAINT_PIPELINE if config.is_inpainting else TEXT_TO_IMAGE_PIPELINE
+
+
+def model_index(scheduler_class: str = "DDIMScheduler", pipeline: str = TEXT_TO_IMAGE_PIPELINE) -> dict[str, Any]:
+    """model_index.json of a text-to-image or inpainting folder (no safety checker)."""
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -203,7 +207,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_folder(folder: Path, config: ModelConfig, states: dict[str, dict[str, torch.Tensor]]) -> None:
     """Write a complete diffusers folder into ``folder`` (a fresh, temporary path)."""
-    _write_json(folder / "model_index.json", model_index())
+    _write_json(folder / "model_index.json", model_index(pipeline=pipeline_class(config)))
     _write_json(folder / "unet" / "config.json",
                 {**unet_to_diffusers(config.unet), "_diffusers_version": DIFFUSERS_VERSION})
     _write_json(folder / "vae" / "config.json",

@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from ..config import PREDICTION_TYPES, ModelConfig, load_config, with_changes
+from ..config import PREDICTION_TYPES, PRESETS, ModelConfig, load_config, with_changes
 from ..dtypes import parse_dtype  # also imported from here by ldm.pipeline
 from ..limits import check_native_size
 from ..models.tokenizer import Tokenizer
@@ -107,7 +107,7 @@ def _resolve_config(detected: ModelConfig | None, rule: str, config: Any, predic
     else:
         assert detected is not None
         chosen = detected
-        logger.info("detected %s (%s, rule: %s) from %s", chosen.family, chosen.prediction_type, rule, path)
+        logger.info("detected %s (%s, rule: %s) from %s", model_kind(chosen), chosen.prediction_type, rule, path)
     if prediction_type is not None:
         logger.info("prediction_type override for %s: %s (was %s)", path, prediction_type, chosen.prediction_type)
         chosen = with_changes(chosen, prediction_type=prediction_type)
@@ -121,8 +121,13 @@ def _load_override(config: Any, path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: the config given for it is not valid: {exc}") from None
 
 
+def model_kind(config: ModelConfig) -> str:
+    """The family, and whether it is an inpainting model, for log lines and messages."""
+    return f"{config.family} inpainting" if config.is_inpainting else config.family
+
+
 def _describe(config: ModelConfig) -> str:
-    return f"{config.family} {config.prediction_type}"
+    return f"{model_kind(config)} {config.prediction_type}"
 
 
 def _detect(file: TensorFile, config: Any, where: str) -> tuple[ModelConfig | None, str]:
@@ -162,6 +167,30 @@ def _check_architecture(shapes: dict[str, tuple[int, ...]], config: ModelConfig,
         )
 
 
+def _check_model_kind(weights_in: int | None, config: ModelConfig, where: str) -> None:
+    """Refuse an inpainting U-Net's weights forced onto a text-to-image config, or the
+    reverse, by name (the shape report alone would only point at conv_in)."""
+    if weights_in is None or weights_in == config.unet.in_channels:
+        return
+    latent = config.vae.latent_channels
+
+    def kind(channels: int) -> str:
+        names = {latent: "a text-to-image model", 2 * latent + 1: "an inpainting model"}
+        return names.get(channels, f"a {channels}-channel model")
+
+    fitting = [name for name, preset in PRESETS.items() if preset.unet.in_channels == weights_in]
+    raise CheckpointError(
+        f"{where}: the weights are {kind(weights_in)} (U-Net input channels {weights_in}) but "
+        f"the config is for {kind(config.unet.in_channels)} ({config.unet.in_channels} input channels); "
+        f"pass a config of the weights' kind (presets: {', '.join(fitting) or 'none'}) or none to detect it"
+    )
+
+
+def _file_unet_in_channels(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    conv_in = shapes.get(PREFIXES["unet"] + "input_blocks.0.0.weight")
+    return conv_in[1] if conv_in is not None and len(conv_in) == 4 else None
+
+
 def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickle: bool) -> _Plan:
     file = open_tensor_file(path, allow_pickle=allow_pickle)
     shapes = file.shapes
@@ -169,6 +198,7 @@ def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickl
     detect_family(shapes, where)  # refuses unknown / unsupported files even with a config given
     detected, rule = _detect(file, config, where)
     chosen = _resolve_config(detected, rule, config, prediction_type, path)
+    _check_model_kind(_file_unet_in_channels(shapes), chosen, where)
     _check_architecture(shapes, chosen, where)
     mappings = original_mappings(chosen)
     by_part, ignored, unknown = split_components(shapes)
@@ -183,6 +213,7 @@ def _plan_folder(path: Path, config: Any, prediction_type: str | None, allow_pic
     detected, rule = read_folder_config(path)
     files = {c: find_weights(path, c, allow_pickle=allow_pickle) for c in COMPONENTS}
     chosen = _resolve_config(detected, rule, config, prediction_type, path)
+    _check_model_kind(detected.unet.in_channels, chosen, str(path))
     mappings = diffusers_mappings()
     parts = {c: _Part(files[c], files[c].keys(), "", mappings[c]) for c in COMPONENTS}
     return _Plan(chosen, parts, "diffusers")
@@ -242,7 +273,7 @@ def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> 
         sections.append(KeyReport(unexpected=tuple(plan_.unknown)).format("keys outside every component"))
     if sections:
         raise CheckpointError(
-            f"{source}: the weights do not match the {plan_.config.family} model config "
+            f"{source}: the weights do not match the {model_kind(plan_.config)} model config "
             f"(wrong config, or an incomplete / modified checkpoint):\n" + "\n".join(sections)
         )
     if not_float:
