@@ -18,12 +18,17 @@ or on interruptions:
 
 Only one run writes to a folder at a time (:mod:`ldm.batchlock`; rank 0 holds the
 lock for all ranks of a run), and every line is checked before anything renders:
-its values when the file is read, then what depends on the model (steps against
-its training timesteps, memory for its size) once it is loaded.
+its values when the file is read, then, once the model is loaded, its input pictures
+(:mod:`ldm.batchinputs`: readable, sizes, hashed) and what depends on the model (steps
+against its training timesteps, memory for its size).
+
+Lines that edit pictures share a call only with lines whose inputs have the same size
+and whose strength and mask settings are the same; each image of the call gets its
+line's picture.
 
 A rerun resumes (:mod:`ldm.batchresume`): finished images are kept, missing ones
-rendered; an output folder holding images made with other settings is refused unless
-``overwrite`` (then those images are redone).
+rendered; an output folder holding images made with other settings, or from input
+files that changed since, is refused unless ``overwrite`` (then those images are redone).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any, Callable
 from . import batchlock, manifest
 from .atomicio import append_line, remove_temp_files
 from .batchfile import Job, LineError, Settings, check_settings, check_steps, read_jobs
+from .batchinputs import Inputs, check_inputs, edit_arguments
 from .grid import image_grid
 from .modelref import ModelRef
 from .batchplan import Item, expand, plan_chunks, token_chunks
@@ -116,15 +122,26 @@ def strict_refusal(prompts: Path, errors: list[LineError]) -> int:
     return 2
 
 
-def model_errors(jobs: list[Job], pipe: Any) -> list[LineError]:
-    """The lines the loaded model cannot render, found before rendering starts."""
+def loaded_errors(jobs: list[Job], pipe: Any) -> tuple[Inputs, list[LineError]]:
+    """Once the model is loaded: the input pictures, and the lines that cannot render
+    (an unreadable input, or what :func:`model_errors` finds), in line order."""
+    inputs, errors = check_inputs(jobs, pipe.config.default_size)
+    bad = {e.line for e in errors}
+    errors += model_errors([j for j in jobs if j.line not in bad], pipe, inputs)
+    return inputs, sorted(errors, key=lambda e: e.line)
+
+
+def model_errors(jobs: list[Job], pipe: Any, inputs: Inputs | None = None) -> list[LineError]:
+    """The lines the loaded model cannot render, found before rendering starts
+    (``inputs``: the sizes of the editing lines, see :func:`check_inputs`)."""
     from .limits import available_bytes
 
+    inputs = inputs or Inputs()
     free = available_bytes(pipe.device)  # read once: the same budget for every line
     found: dict[tuple, str | None] = {}
     errors = []
     for job in jobs:
-        width, height = job.size or (pipe.config.default_size,) * 2
+        width, height = inputs.size_of(job, pipe.config.default_size)
         key = (job.sampler, job.schedule, job.steps, width, height, job.guidance > 1)
         if key not in found:
             found[key] = _model_error(pipe, key, free)
@@ -225,7 +242,7 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     if not _take_lock(opts.outdir, state, locks):
         return 2
     pipe, ref = _load(opts, state)
-    bad = _share(state, model_errors(jobs, pipe) if main else None)
+    inputs, bad = _share(state, loaded_errors(jobs, pipe) if main else None)
     if main:
         report_errors(opts.prompts, bad)
     errors = sorted(errors + bad, key=lambda e: e.line)
@@ -234,7 +251,7 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     jobs = [j for j in jobs if j.line not in {e.line for e in bad}]
     if not jobs:
         return _nothing_to_do(opts, errors, main)
-    return _render_into(opts, pipe, ref, jobs, errors, state, print_fn)
+    return _render_into(opts, pipe, ref, jobs, inputs, errors, state, print_fn)
 
 
 def _load(opts: BatchOptions, state: Any) -> tuple[Any, ModelRef]:
@@ -253,16 +270,16 @@ def _nothing_to_do(opts: BatchOptions, errors: list[LineError], main: bool) -> i
     return 1 if errors else 0
 
 
-def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], errors: list[LineError],
-                 state: Any, print_fn: Callable[[str], None]) -> int:
+def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], inputs: Inputs,
+                 errors: list[LineError], state: Any, print_fn: Callable[[str], None]) -> int:
     main = state.is_main_process
-    items = expand(jobs, pipe.config.default_size, ref)
+    items = expand(jobs, pipe.config.default_size, ref, inputs)
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)
-    if rec.conflicts and not opts.overwrite:
+    if (rec.conflicts or rec.changed_inputs) and not opts.overwrite:
         if main:
-            _report_conflicts(opts.outdir, rec.conflicts)
+            _report_conflicts(opts.outdir, rec.conflicts, rec.changed_inputs)
         return 2
     state.wait_for_everyone()
     if main:
@@ -270,7 +287,7 @@ def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], 
     state.wait_for_everyone()
 
     mine = [c for i, c in enumerate(chunks) if i % state.num_processes == state.process_index]
-    rendered = _render(pipe, mine, rec.done, opts.outdir, state)
+    rendered = _render(pipe, mine, rec.done, opts.outdir, inputs, state)
     state.wait_for_everyone()
     if main:
         entries = manifest.merge(opts.outdir)
@@ -285,12 +302,20 @@ def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], 
     return 1 if errors else 0
 
 
-def _report_conflicts(outdir: Path, conflicts: list[str]) -> None:
-    shown = "\n  ".join(conflicts[:5])
-    more = f"\n  ... and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
-    print(f"ldm batch: error: {outdir} holds {len(conflicts)} image(s) made with other "
-          f"settings:\n  {shown}{more}\nuse another output folder, or --overwrite to redo them",
-          file=sys.stderr)
+def _listed(lines: list[str]) -> str:
+    more = f"\n  ... and {len(lines) - 5} more" if len(lines) > 5 else ""
+    return "\n  ".join(lines[:5]) + more
+
+
+def _report_conflicts(outdir: Path, conflicts: list[str], changed_inputs: list[str]) -> None:
+    if conflicts:
+        print(f"ldm batch: error: {outdir} holds {len(conflicts)} image(s) made with other "
+              f"settings:\n  {_listed(conflicts)}\nuse another output folder, or --overwrite to redo them",
+              file=sys.stderr)
+    if changed_inputs:
+        print(f"ldm batch: error: input file(s) changed since their images in {outdir} were made "
+              f"(SHA-256 differs):\n  {_listed(changed_inputs)}\nrestore them, or --overwrite to redo "
+              "those lines' images", file=sys.stderr)
 
 
 def _prepare_folder(outdir: Path, rec: Reconciled) -> None:
@@ -307,7 +332,8 @@ def _prepare_folder(outdir: Path, rec: Reconciled) -> None:
                        "dropped", outdir, rec.adopted, rec.dropped)
 
 
-def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, state: Any) -> int:
+def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, inputs: Inputs,
+            state: Any) -> int:
     from tqdm.auto import tqdm
 
     todo = [c for c in chunks if any(item.key not in done for item in c)]
@@ -323,6 +349,7 @@ def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir
                 seed=[i.seed for i in chunk], steps=first.job.steps, guidance_scale=first.job.guidance,
                 width=first.width, height=first.height, sampler=first.job.sampler,
                 schedule=first.job.schedule, progress=False,
+                **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
             )
             for item, image in zip(chunk, gen.images):
                 if item.key in done:

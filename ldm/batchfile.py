@@ -3,9 +3,11 @@
 Plain text (any suffix but ``.jsonl``/``.ndjson``): each line is a prompt. JSONL:
 each line is an object with ``prompt`` and optionally ``negative_prompt``,
 ``seed``, ``steps``, ``guidance``, ``sampler``, ``schedule``, ``size`` (``"WxH"``,
-``[w, h]`` or one int for a square) and ``n`` (images of this line). In both,
-blank lines and lines starting with ``#`` are skipped; missing values come from
-the command line (:class:`Settings`).
+``[w, h]`` or one int for a square), ``n`` (images of this line) and the
+image-editing keys of :mod:`ldm.batchedit` (``image``, ``mask``, ``strength``,
+``extend``, ``fill``, ``mask_blur``, ``mask_padding``; paths relative to the
+file's folder). In both, blank lines and lines starting with ``#`` are skipped;
+missing values come from the command line (:class:`Settings`).
 
 Seeds: a line without a seed gets ``line_seed(base, line)`` = ``(base + 1000 *
 (line - 1)) mod (2**32 - 1000)``, ``line`` being its 1-based line number in the
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batchedit import EDIT_KEYS, Edit, EditDefaults, check_defaults, edit_from_object
 from .pngmeta import GenerationParams, check_round_trip, normalize_prompt
 from .validation import (
     DEFAULTS, MAX_SEED, SIZE_FACTOR, check_guidance, check_int, check_sampler, check_sampling, check_schedule,
@@ -44,7 +47,8 @@ SEED_MODULUS = 2**32 - SEED_STRIDE
 # next line's seeds, and a line of a million images is a typo, not a plan.
 MAX_IMAGES_PER_LINE = SEED_STRIDE
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n")
+JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n",
+              *EDIT_KEYS)
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
@@ -66,6 +70,7 @@ class Settings:
     size: tuple[int, int] | None = None  # None: the model's native size
     n: int = DEFAULTS.num_images
     seed: int = 0  # the base seed
+    edit: EditDefaults = EditDefaults()  # for lines with an image
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,9 @@ class Job:
     guidance: float
     sampler: str
     schedule: str
-    size: tuple[int, int] | None
+    size: tuple[int, int] | None  # None: the model's native size, or the edited image's
     n: int
+    edit: Edit | None = None
 
 
 @dataclass(frozen=True)
@@ -136,14 +142,14 @@ def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: in
 
 
 def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, steps: int, guidance: float,
-                    size: tuple[int, int] | None, seed: int) -> None:
+                    size: tuple[int, int] | None, seed: int, edit: Edit | None) -> None:
     """Refuse a line whose PNG parameters text would read back as something else
     (e.g. a prompt line starting with ``Negative prompt:``): such an image could not
     be made again from its file. The native size stands in until the model is known."""
     width, height = size or (SIZE_FACTOR, SIZE_FACTOR)
     check_round_trip(GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                                       schedule=schedule, guidance_scale=guidance, seed=seed, width=width,
-                                      height=height))
+                                      height=height, **(edit.params() if edit else {})))
 
 
 def _seed_and_count(obj: dict, line: int, settings: Settings) -> tuple[int, int]:
@@ -154,8 +160,9 @@ def _seed_and_count(obj: dict, line: int, settings: Settings) -> tuple[int, int]
     return seed, n
 
 
-def job_from_object(obj: Any, line: int, text: str, settings: Settings) -> Job:
-    """A job from one JSONL object; ValueError says what is wrong with it."""
+def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Path = Path(".")) -> Job:
+    """A job from one JSONL object, its input paths relative to ``base``; ValueError
+    says what is wrong with it."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object with a 'prompt', got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(JSONL_KEYS))
@@ -172,8 +179,9 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings) -> Job:
     guidance = check_guidance(obj.get("guidance", settings.guidance))
     size = parse_size(obj["size"]) if "size" in obj else settings.size
     seed, n = _seed_and_count(obj, line, settings)
-    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed)
-    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n)
+    edit = edit_from_object(obj, base, settings.edit, steps)
+    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit)
+    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit)
 
 
 def check_settings(settings: Settings) -> None:
@@ -182,6 +190,7 @@ def check_settings(settings: Settings) -> None:
         check_seed(settings.seed, "--seed")
         if settings.size is not None:
             parse_size(settings.size)
+        check_defaults(settings.edit)
         job_from_object({"prompt": ""}, 1, "", settings)
     except ValueError as exc:
         raise ValueError(f"command line: {exc}") from None
@@ -204,8 +213,10 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).suffix.lower() in JSONL_SUFFIXES
 
 
-def parse_lines(lines: list[str], settings: Settings, jsonl: bool) -> tuple[list[Job], list[LineError]]:
-    """Jobs and errors (with 1-based line numbers) of a prompt file's lines."""
+def parse_lines(lines: list[str], settings: Settings, jsonl: bool, base: Path = Path(".")
+                ) -> tuple[list[Job], list[LineError]]:
+    """Jobs and errors (with 1-based line numbers) of a prompt file's lines; input
+    paths are relative to ``base``, the file's folder."""
     jobs: list[Job] = []
     errors: list[LineError] = []
     for number, raw in enumerate(lines, start=1):
@@ -215,7 +226,7 @@ def parse_lines(lines: list[str], settings: Settings, jsonl: bool) -> tuple[list
             continue
         try:
             obj = _json(stripped) if jsonl else {"prompt": stripped}
-            jobs.append(job_from_object(obj, number, text, settings))
+            jobs.append(job_from_object(obj, number, text, settings, base))
         except ValueError as exc:
             errors.append(LineError(number, str(exc), text))
     return jobs, errors
@@ -263,4 +274,4 @@ def read_jobs(path: str | Path, settings: Settings, jsonl: bool | None = None
     lines = decode(path, _read_bytes(path)).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return parse_lines(lines, settings, is_jsonl(path) if jsonl is None else jsonl)
+    return parse_lines(lines, settings, is_jsonl(path) if jsonl is None else jsonl, path.parent)

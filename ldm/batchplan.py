@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import manifest
 from .batchfile import Job
+from .batchinputs import Inputs
 from .modelref import ModelRef
 from .pngmeta import GenerationParams
 from .prompts import count_tokens
@@ -28,6 +29,8 @@ class Item:
     width: int
     height: int
     params: GenerationParams
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)  # see Inputs.records
+    input_size: tuple[int, int] | None = None  # of the picture an editing call receives
 
     @property
     def key(self) -> manifest.Key:
@@ -41,30 +44,55 @@ class Item:
     def file(self) -> str:
         return manifest.image_name(self.job.line, self.index, self.seed)
 
+    @property
+    def outpaint(self) -> dict[str, Any] | None:
+        """How the canvas was made (not in the PNG parameters, but it changes the image)."""
+        edit = self.job.edit
+        if edit is None or edit.extend is None:
+            return None
+        return {"extend": list(edit.extend), "fill": edit.fill}
+
     def entry(self, time: str | None = None) -> dict[str, Any]:
-        return {
+        entry = {
             "line": self.job.line, "input": self.job.text, "index": self.index, "seed": self.seed,
             "file": self.file, "parameters": self.params.to_dict(), "time": time or _now(),
         }
+        if self.inputs:
+            entry["inputs"] = self.inputs
+        if self.outpaint:
+            entry["outpaint"] = self.outpaint
+        return entry
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def expand(jobs: list[Job], native_size: int, model: ModelRef) -> list[Item]:
-    """Every image of every job, with the parameters its PNG will carry."""
+def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None) -> list[Item]:
+    """Every image of every job, with the parameters its PNG will carry (``inputs``:
+    the editing lines' files, see :func:`ldm.batchinputs.check_inputs`)."""
+    inputs = inputs or Inputs()
     items = []
     for job in jobs:
-        width, height = job.size or (native_size, native_size)
+        width, height = inputs.size_of(job, native_size)
+        records = inputs.records(job.edit)
         for k in range(job.n):
             params = GenerationParams(
                 prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                 sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
                 seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
+                **(job.edit.params() if job.edit else {}),
             )
-            items.append(Item(job, k, width, height, params))
+            items.append(Item(job, k, width, height, params, records, inputs.input_sizes.get(job.line)))
     return items
+
+
+def _edit_key(item: Item) -> tuple | None:
+    """What one editing call shares besides the pictures (None: text to image)."""
+    edit = item.job.edit
+    if edit is None:
+        return None
+    return item.input_size, edit.strength, edit.masked, edit.mask_blur, edit.mask_padding
 
 
 def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[Item], int]) -> list[list[Item]]:
@@ -75,7 +103,8 @@ def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[It
     groups: dict[tuple, list[Item]] = {}
     for item in items:
         j = item.job
-        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, context_chunks(item))
+        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, context_chunks(item),
+               _edit_key(item))
         groups.setdefault(key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 

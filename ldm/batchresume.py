@@ -4,6 +4,12 @@ Read-only. An image counts as done when its file exists and its manifest entry (
 a file whose entry was lost to a kill, the parameters stored in its PNG) matches what
 its line asks for now. Only files the plan names are ever judged stale (and so ever
 deleted by ``--overwrite``); a manifest entry cannot point anywhere else.
+
+An image made from input files (``ldm.batchedit``) is done only if its entry records
+the same SHA-256 for each of them as this run read: an input changed since is its own
+refusal (``changed_inputs``), redone like a conflict with ``--overwrite``. Such an
+image's file found without an entry is rendered again, as its PNG cannot tell which
+input made it. The input paths an entry records are never opened.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class Reconciled:
     adopted: int = 0  # files found without an entry, whose PNG parameters matched
     dropped: int = 0  # entries whose file was missing
     conflicts: list[str] = field(default_factory=list)
+    changed_inputs: list[str] = field(default_factory=list)  # "line L: role 'path' (resolved)", once each
     stale_files: list[Path] = field(default_factory=list)  # planned files to delete when overwriting
     unplanned: list[str] = field(default_factory=list)  # files of conflicting entries: never deleted
 
@@ -34,6 +41,29 @@ class Reconciled:
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     diffs = [f"{k} {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diffs[:3]) or "file name"
+
+
+def _settings(made: dict[str, Any] | Item) -> dict[str, Any]:
+    """What an image was (an entry) or is to be (an item) made with, its input files aside."""
+    if isinstance(made, Item):
+        return {**made.params.to_dict(), "outpaint": made.outpaint}
+    return {**made["parameters"], "outpaint": made.get("outpaint")}
+
+
+def _changed_inputs(entry: dict[str, Any], item: Item) -> list[str]:
+    """The inputs of ``item`` whose hash differs from the one its image was made with."""
+    made_with = entry.get("inputs", {})
+    return [f"line {item.job.line}: {role} {now['path']!r:.200} ({now['resolved']})"
+            for role, now in item.inputs.items() if made_with.get(role, {}).get("sha256") != now["sha256"]]
+
+
+def _stale(outdir: Path, entry: dict[str, Any], item: Item, result: Reconciled) -> None:
+    """An entry of another version of ``item``: its file is redone with ``--overwrite``
+    if it is the planned name, else kept and only reported."""
+    if entry["file"] == item.file:
+        result.stale_files.append(outdir / item.file)
+    else:
+        result.unplanned.append(entry["file"])
 
 
 def own_file(path: Path) -> bool:
@@ -46,13 +76,13 @@ def _judge_entry(outdir: Path, entry: dict[str, Any], item: Item | None, result:
         result.dropped += 1  # rendered again if still planned
     elif item is None:  # a line that is now invalid or gone: kept, not ours to judge
         result.entries.append(entry)
-    elif entry["parameters"] != item.params.to_dict() or entry["file"] != item.file:
+    elif _settings(entry) != _settings(item) or entry["file"] != item.file:
         result.conflicts.append(f"{entry['file']} (line {item.job.line}, image {item.index}): "
-                                f"{_differences(entry['parameters'], item.params.to_dict())}")
-        if entry["file"] == item.file:
-            result.stale_files.append(outdir / item.file)
-        else:
-            result.unplanned.append(entry["file"])
+                                f"{_differences(_settings(entry), _settings(item))}")
+        _stale(outdir, entry, item, result)
+    elif changed := _changed_inputs(entry, item):
+        result.changed_inputs += [c for c in changed if c not in result.changed_inputs]
+        _stale(outdir, entry, item, result)
     else:
         result.entries.append(entry)
         result.done.add(item.key)
@@ -67,15 +97,16 @@ def _png_text(path: Path) -> str | None:
 
 def _adopt(path: Path, item: Item, result: Reconciled) -> None:
     """A planned file without an entry (killed between writing it and recording it):
-    kept if its PNG parameters are this image's, else a conflict."""
-    if _png_text(path) == item.params.to_text():
+    kept if its PNG parameters are this image's (and it was made from no input file,
+    which they cannot vouch for), else a conflict."""
+    if _png_text(path) != item.params.to_text():
+        result.conflicts.append(f"{item.file} (line {item.job.line}, image {item.index}): its PNG parameters differ")
+        result.stale_files.append(path)
+    elif not item.inputs:  # else rendered again: the same image if its inputs are as they were
         mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
         result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
         result.done.add(item.key)
         result.adopted += 1
-    else:
-        result.conflicts.append(f"{item.file} (line {item.job.line}, image {item.index}): its PNG parameters differ")
-        result.stale_files.append(path)
 
 
 def reconcile(outdir: Path, items: list[Item]) -> Reconciled:

@@ -24,9 +24,13 @@ class Conditioning:
 
     ``context``: the cross-attention context, ``(B, tokens, width)``, the text
     encoder's hidden states.
+    ``concat``: extra U-Net input channels stacked after the latents, ``(B, C, h, w)``:
+    a 9-channel inpainting model's mask and masked-image latents (diffusers'
+    ``torch.cat([latents, mask, masked_image_latents], dim=1)``); ``None`` otherwise.
     """
 
     context: Tensor
+    concat: Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = {name: t.shape[0] for name, t in self._tensors()}
@@ -73,4 +77,6 @@ class Conditioning:
 def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     """Call the U-Net with what ``cond`` carries, in the U-Net's own dtype and device."""
     cond = cond.to(x.device, x.dtype)
+    if cond.concat is not None:
+        x = torch.cat([x, cond.concat], dim=1)
     return unet(x, t, cond.context)

@@ -12,11 +12,19 @@ An entry::
     {"line": 3, "input": "a red cube", "index": 0, "seed": 2000, "file": "00003-00-2000.png",
      "parameters": {... GenerationParams.to_dict() ...}, "time": "2024-05-01T12:00:00+00:00"}
 
+An image made from input files (a batch line with ``image``/``mask``) also records
+them, and an outpainted one how its canvas was made::
+
+    "inputs": {"image": {"path": "in/cat.png", "resolved": "/data/in/cat.png", "sha256": "9f86..."},
+               "mask": {...}},
+    "outpaint": {"extend": [0, 0, 32, 0], "fill": "edge"}
+
 A manifest is a file anyone can edit, so an entry is trusted only as far as it
 names its own image: ``file`` must be exactly ``image_name(line, index, seed)``,
 a bare name inside the output folder. Any other entry (an absolute path, ``..``,
 a folder, another image's name) is ignored with a warning: never read, deleted or
-put in a grid.
+put in a grid. The input paths an entry records are for people to read: ldm
+compares their hashes, and never opens, writes or deletes what they name.
 """
 
 from __future__ import annotations
@@ -64,6 +72,14 @@ def check_entry(entry: Any) -> None:
         raise ValueError("no parameters")
     if entry.get("file") != image_name(*numbers):
         raise ValueError(f"file {entry.get('file')!r:.80} is not this entry's image {image_name(*numbers)!r}")
+    _check_inputs(entry.get("inputs", {}))
+
+
+def _check_inputs(inputs: Any) -> None:
+    if not isinstance(inputs, dict) or not all(
+        isinstance(record, dict) and isinstance(record.get("sha256"), str) for record in inputs.values()
+    ):
+        raise ValueError("inputs must map each role to a record with its sha256")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

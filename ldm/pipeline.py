@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from .checkpoints import LoadedModel, load_model
 from .conditioning import Conditioning, run_unet
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
 from .dtypes import parse_dtype
+from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
+from .edit_request import EditRequest, plan_edit
 from .limits import plan_batch
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_prompts
-from .samplers import sample
+from .samplers import first_step, sample, sampling_schedule
 
 logger = logging.getLogger("ldm")
 
@@ -150,6 +153,12 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         *,
+        image: Any = None,
+        mask: Any = None,
+        strength: float | None = None,
+        keep_unmasked: bool = True,
+        mask_blur: int = 4,
+        mask_padding: int | None = None,
         steps: int = D.steps,
         guidance_scale: float = D.guidance_scale,
         width: int | None = None,
@@ -174,43 +183,103 @@ class Pipeline:
         values); a batch that does not fit in memory runs the U-Net on fewer images at a
         time, and one image that cannot fit is refused (``MemoryLimitError``). Sampling
         that turns NaN/inf stops with :class:`NonFiniteError` naming the step.
+
+        Editing: ``image`` (a PIL image, a path, an HxWx3 float array in [0, 1], or a
+        list with one per prompt) is varied by ``strength`` in (0, 1]: of the
+        ``steps``-step schedule the last ``int(steps * strength)`` steps run, from the
+        image's latents noised to that level (default 0.75; 1.0 with a mask). ``mask``
+        (white >= 0.5 is repainted; same size as the image) repaints a region: a
+        9-channel inpainting model reads it with the masked image, any other model gets
+        the known region put back after every step. ``keep_unmasked`` then restores the
+        input's pixels outside the mask exactly, joined over a ``mask_blur``-pixel
+        feather (``False``: the raw decode, as diffusers returns it); ``mask_padding``
+        renders only the mask's bounding box plus that many pixels at ``width`` x
+        ``height`` and pastes it back. ``width`` / ``height`` default to the image's
+        size (rounded down to multiples of 8); images of another size are resized to
+        them, with a log line. A 9-channel model called without an image paints a blank
+        image under a full mask (A1111's txt2img with inpainting models).
         """
         prompts = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(prompts))
         steps = check.check_int(steps, "steps", 1)
         num_images = check.check_int(num_images, "num_images", 1)
-        width, height = self._size(width, height)
+        edit = plan_edit(image, mask, strength, count=len(prompts), width=width, height=height,
+                         native=self.config.default_size, inpainting_model=self.config.is_inpainting,
+                         keep_unmasked=keep_unmasked, mask_blur=mask_blur, mask_padding=mask_padding)
+        width, height = (edit.width, edit.height) if edit else self._size(width, height)
         guidance_scale = check.check_guidance(guidance_scale)
         schedule = check.check_schedule(schedule)
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps)
+        start = first_step(steps, edit.strength) if edit else 0
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if edit is not None and latents is not None:
+            raise ValueError("latents cannot be given with an image to edit: the image's latents are the start")
 
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
+        edit = edit.repeat(num_images) if edit else None
         count = len(prompts)
         seeds = self._seeds(seed, count)
         guided = guidance_scale > 1
         per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
                               guided=guided, device=self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        noise = self._noise(latents, generators, count, height, width)
-
         cond, uncond = self.encode_prompts(prompts, negatives if guided else None)
-        results = []
-        for first in range(0, count, per_call):
-            rows = slice(first, first + per_call)
-            denoiser = self._denoiser(cond.select(rows), uncond.select(rows) if guided else None, guidance_scale)
-            results.append(sample(
-                sampler, denoiser, noise[rows], steps, self.schedule, karras=schedule == "karras",
-                generators=generators[rows],
-                callback=_progress(steps, progress, callback, sampler, first),
-            ))
-        result = torch.cat(results)
-        images = result if output == "latent" else self.decode(result, output)
+        if edit is None:
+            start_latents = EditLatents(None, self._noise(latents, generators, count, height, width))
+        else:
+            start_latents = self._edit_latents(edit, generators)
+        run = _Run(sampler, steps, schedule == "karras", start, guidance_scale, progress, callback)
+        result = torch.cat([
+            self._sample(run, cond, uncond, start_latents, generators, slice(first, first + per_call))
+            for first in range(0, count, per_call)
+        ])
+        images = result if output == "latent" else self._finish(result, edit, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                      sampler=sampler, schedule=schedule, seed=seeds[0])
+                      sampler=sampler, schedule=schedule, seed=seeds[0],
+                      **(edit.params() if edit else dict(strength=None, mask_blur=None, mask_padding=None)))
         return Generation(images, seeds, prompts, negatives, params)
+
+    def _edit_latents(self, edit: EditRequest, generators: list[torch.Generator]) -> EditLatents:
+        """Init latents, noise and mask inputs of an edit, per image from its generator."""
+        masks = [None if m is None else binary_mask(m) for m in edit.masks]
+        latents = prepare(
+            self.vae, [to_model_pixels(a) for a in edit.images], masks, generators,
+            scaling_factor=self.config.vae.scaling_factor, latent_channels=self.config.vae.latent_channels,
+            factor=self.config.vae.downsample_factor, inpainting_model=self.config.is_inpainting,
+            from_image=edit.from_image,
+        )
+        encoded = [t for t in (latents.init, latents.known, latents.concat) if t is not None]
+        if not all(torch.isfinite(t).all() for t in encoded):
+            raise NonFiniteError(f"the VAE encoded the input image(s) to NaN/inf in {self.vae.dtype}; "
+                                 "nothing was sampled (try dtype float32)")
+        return latents
+
+    def _sample(self, run: "_Run", cond: Conditioning, uncond: Conditioning | None, start: EditLatents,
+                generators: list[torch.Generator], rows: slice) -> torch.Tensor:
+        """Sample the images ``rows`` of the call (a sub-batch that fits in memory)."""
+        part = start.rows(rows)
+        cond = _with_concat(cond.select(rows), part.concat)
+        uncond = _with_concat(uncond.select(rows), part.concat) if uncond is not None else None
+        denoiser = self._denoiser(cond, uncond, run.guidance_scale)
+        on_step = _progress(run.steps - run.start, run.progress, run.callback, run.sampler, rows.start)
+        if part.known is not None:
+            plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras)
+            on_step = _chain(blend_callback(part, plan.sigmas[run.start:]), on_step)
+        return sample(
+            run.sampler, denoiser, part.noise, run.steps, self.schedule, karras=run.karras,
+            generators=generators[rows], callback=on_step, start=run.start, init=part.init,
+        )
+
+    def _finish(self, latents: torch.Tensor, edit: EditRequest | None, output: str) -> Any:
+        """Decode, then (for an edit) keep the unmasked pixels / paste crops back."""
+        if edit is None:
+            return self.decode(latents, output)
+        arrays = edit.finish(self.decode(latents, "np"))
+        if output == "np":
+            return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
+        return [_to_pil(a) for a in arrays]
 
     def _negatives(self, negative: str | Sequence[str] | None, n: int) -> list[str]:
         if negative is None:
@@ -255,7 +324,7 @@ class Pipeline:
     def _noise(self, latents: torch.Tensor | None, generators: list[torch.Generator],
                count: int, height: int, width: int) -> torch.Tensor:
         factor = self.config.vae.downsample_factor
-        shape = (self.config.unet.in_channels, height // factor, width // factor)
+        shape = (self.config.vae.latent_channels, height // factor, width // factor)
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != (count, *shape):
                 raise ValueError(
@@ -296,7 +365,7 @@ class Pipeline:
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         if output == "np":
             return array
-        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        return [_to_pil(a) for a in array]
 
     def _decode_one(self, z: torch.Tensor, index: int) -> torch.Tensor:
         # One image at a time bounds the decoder's memory, which dominates at 512+.
@@ -309,6 +378,42 @@ class Pipeline:
         if not torch.isfinite(image).all():
             raise NonFiniteError(f"image {index}: the VAE decoded NaN/inf even in float32; no image was made")
         return (image / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The sampling settings of one call, shared by its sub-batches."""
+
+    sampler: str
+    steps: int
+    karras: bool
+    start: int
+    guidance_scale: float
+    progress: bool
+    callback: Callable | None
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray((array * 255).round().astype(np.uint8))
+
+
+def _with_concat(cond: Conditioning | None, concat: torch.Tensor | None) -> Conditioning | None:
+    """``cond`` carrying a 9-channel model's extra input channels (the same for the
+    unconditional half, as diffusers stacks ``[mask] * 2``)."""
+    if cond is None or concat is None:
+        return cond
+    return dataclasses.replace(cond, concat=concat)
+
+
+def _chain(first: Callable, then: Callable) -> Callable:
+    """Per-step hooks in turn: ``first`` may replace the latents, ``then`` sees the result."""
+
+    def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        x = first(i, total, x, denoised)
+        then(i, total, x, denoised)
+        return x
+
+    return on_step
 
 
 def _progress(steps: int, enabled: bool, callback: Callable | None, sampler: str, first: int) -> Callable:

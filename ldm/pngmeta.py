@@ -12,8 +12,11 @@ prompt:`` (which may span lines too), then one line of ``Key: value`` pairs; a
 value containing ``,``, ``:`` or a newline is written as a JSON string, as the
 web UI does. Sampler names are the web UI's, with a `` Karras`` suffix for the
 Karras schedule; the web UI's newer ``Schedule type: Karras`` key is read too.
-Keys ``ldm`` has no use for (``Clip skip``, ``Denoising strength``, ``VAE hash``
-...) are kept in :attr:`GenerationParams.extra`.
+Image edits carry the web UI's keys too: ``Denoising strength`` (img2img), ``Mask blur``
+(inpainting), ``Inpaint area: Only masked`` with ``Masked area padding`` (only the masked
+region rendered). The input image and mask are not in the text (the web UI does not write
+them), so an edited image is made again with its inputs given anew. Keys ``ldm`` has no
+use for (``Clip skip``, ``VAE hash`` ...) are kept in :attr:`GenerationParams.extra`.
 
 The format has no escape for a prompt line that starts with ``Negative prompt:``
 (the web UI reads it as the start of the negative prompt), and readers strip the
@@ -35,13 +38,16 @@ import os
 import re
 import stat
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image, PngImagePlugin
 
 from .atomicio import atomic_write
-from .validation import A1111_SAMPLERS, check_finite, check_guidance, check_int, check_seed, check_side
+from .validation import (
+    A1111_SAMPLERS, check_finite, check_guidance, check_int, check_seed, check_side, check_strength,
+)
 
 PNG_KEY = "parameters"
 
@@ -56,8 +62,17 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
 _ASCII_SPACE = " \t\r\n\x0b\x0c"
+# The web UI's editing keys (modules/processing.py): "Denoising strength" for every img2img,
+# "Mask blur" with a mask, and the two keys of "inpaint only masked".
+STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING = "Denoising strength", "Mask blur", "Inpaint area", "Masked area padding"
+ONLY_MASKED = "Only masked"
+# The web UI's default padding when an image says "Only masked" without one (infotext_utils).
+DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
-_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model")
+_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+          STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING)
+# A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
+_HIRES_PREFIX = "Hires "
 
 # Caps on what an image's text may ask (it comes from any file a user is given):
 # above them a PNG would size the work, not the user. Flags are not capped.
@@ -72,6 +87,8 @@ class GenerationParams:
 
     ``sampler`` and ``schedule`` are ldm's names; ``sampler`` is None when the
     text names a sampler ldm does not have (the text is then in ``extra["Sampler"]``).
+    ``strength`` is set for an image made from an input image, ``mask_blur`` when a mask
+    was used too, ``mask_padding`` when only the masked region was rendered.
     """
 
     prompt: str
@@ -85,6 +102,9 @@ class GenerationParams:
     height: int | None = None
     model: str | None = None
     model_hash: str | None = None
+    strength: float | None = None
+    mask_blur: int | None = None
+    mask_padding: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -102,9 +122,20 @@ class GenerationParams:
         kwargs: dict[str, Any] = dict(
             prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
             guidance_scale=self.guidance_scale, width=self.width, height=self.height,
-            seed=self.seed, sampler=self.sampler, schedule=self.schedule,
+            seed=self.seed, sampler=self.sampler, schedule=self.schedule, strength=self.strength,
+            mask_blur=self.mask_blur, mask_padding=self.mask_padding,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    @property
+    def edit_inputs(self) -> str | None:
+        """What an edited image was made from besides its text, with the keys that say so
+        (``"an input image (Denoising strength: 0.6)"``); None for one made from the prompt alone."""
+        keys = [(STRENGTH, self.strength), (MASK_BLUR, self.mask_blur)]
+        if not any(v is not None for _, v in keys):
+            return None
+        what = "an input image and a mask" if self.mask_blur is not None else "an input image"
+        return f"{what} ({', '.join(f'{k}: {_quote(v)}' for k, v in keys if v is not None)})"
 
     def replace(self, **changes: Any) -> "GenerationParams":
         """A copy with ``changes``; a new sampler or schedule drops an unsupported one's text."""
@@ -157,6 +188,10 @@ def format_parameters(p: GenerationParams) -> str:
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model hash", p.model_hash),
         ("Model", p.model),
+        (STRENGTH, p.strength),
+        (MASK_BLUR, p.mask_blur),
+        (INPAINT_AREA, ONLY_MASKED if p.mask_padding is not None else None),
+        (PADDING, p.mask_padding),
     ]
     pairs += [(k, v) for k, v in p.extra.items() if k != "Sampler"]
     lines = [p.prompt]
@@ -242,8 +277,25 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["model_hash"] = pairs["Model hash"]
     if "Model" in pairs:
         fields["model"] = pairs["Model"]
+    _parse_edit(pairs, fields, extra)
     return GenerationParams(prompt="\n".join(prompt), negative_prompt="\n".join(negative),
                             extra=extra, **fields)
+
+
+def _parse_edit(pairs: dict[str, str], fields: dict[str, Any], extra: dict[str, str]) -> None:
+    """The editing keys into ``fields``; the ones that do not describe an ldm edit into ``extra``."""
+    if STRENGTH in pairs:
+        if any(k.startswith(_HIRES_PREFIX) for k in pairs):  # the hires pass's, not an input image's
+            extra[STRENGTH] = pairs[STRENGTH]
+        else:
+            fields["strength"] = _float(STRENGTH, pairs[STRENGTH])
+    if MASK_BLUR in pairs:
+        fields["mask_blur"] = _int(MASK_BLUR, pairs[MASK_BLUR])
+    area = pairs.get(INPAINT_AREA)
+    if area == ONLY_MASKED:
+        fields["mask_padding"] = _int(PADDING, pairs[PADDING]) if PADDING in pairs else DEFAULT_PADDING
+    elif area is not None and area != "Whole picture":
+        extra[INPAINT_AREA] = area
 
 
 def normalize_prompt(text: str) -> str:
@@ -302,6 +354,9 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
         "height": lambda v: _check_side(v, "Size height"),
         "prompt": lambda v: _check_length(v, "prompt"),
         "negative_prompt": lambda v: _check_length(v, "Negative prompt"),
+        "strength": lambda v: check_strength(v, STRENGTH),
+        "mask_blur": lambda v: check_int(v, MASK_BLUR, 0, MAX_SIDE),
+        "mask_padding": lambda v: check_int(v, PADDING, 0, MAX_SIDE),
     }
     for name, check in checks.items():
         value = getattr(p, name)
@@ -347,20 +402,28 @@ def _open_regular(path: str | os.PathLike) -> Any:
 _READ_ERRORS = (OSError, SyntaxError, EOFError, ValueError, zlib.error, Image.DecompressionBombError)
 
 
-def read_text(path: str | os.PathLike) -> str | None:
-    """The raw ``parameters`` text of an image, or None if it has none.
+@contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``path`` opened as a PIL image, for reading inside the ``with`` block.
 
-    A missing path raises OSError; a folder, a FIFO, a file that is not an image
-    or a damaged one raises ValueError naming ``path``.
+    A missing path raises OSError; a folder, a FIFO (without blocking), a file that is
+    not an image, or a damaged one (found on opening or while reading in the block)
+    raises ValueError whose message starts with ``path``.
     """
     with _open_regular(path) as f:
         try:
             with Image.open(f) as image:
-                return _parameters_text(image)
+                yield image
         except Image.UnidentifiedImageError:
             raise ValueError(f"{path}: not an image (or not one Pillow can read)") from None
         except _READ_ERRORS as exc:
-            raise ValueError(f"{path}: damaged image, cannot read its metadata: {exc}") from None
+            raise ValueError(f"{path}: damaged image, cannot read it: {exc}") from None
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """The raw ``parameters`` text of an image, or None if it has none (errors: :func:`open_image`)."""
+    with open_image(path) as image:
+        return _parameters_text(image)
 
 
 def _parameters_text(image: Image.Image) -> str | None:

@@ -127,8 +127,8 @@ def test_parse_a1111_written_text():
     assert p.negative_prompt == "(worst quality:1.4),\nblurry"
     assert (p.steps, p.sampler, p.schedule, p.guidance_scale, p.seed) == (30, "dpmpp_2m", "karras", 7.0, 2179987202)
     assert (p.width, p.height, p.model, p.model_hash) == (768, 512, "anything-v4.5", "93b79e09ed")
-    assert p.extra == {"Clip skip": "2", "Denoising strength": "0.7",
-                       "Lora hashes": "detail: 1a2b3c, style: 4d5e6f", "Version": "v1.6.0"}
+    assert p.strength == 0.7  # an img2img's: a field, as ldm makes such images too
+    assert p.extra == {"Clip skip": "2", "Lora hashes": "detail: 1a2b3c, style: 4d5e6f", "Version": "v1.6.0"}
     assert p.to_kwargs()["sampler"] == "dpmpp_2m"
 
     # Web UI >= 1.9 writes the schedule as its own key.

@@ -12,6 +12,7 @@ import random
 import time
 
 import pytest
+from PIL import Image
 
 from ldm.batchfile import Job, LineError, PromptFileError, Settings, read_jobs
 
@@ -24,6 +25,9 @@ JSONL = "\n".join(json.dumps(o) for o in [
     {"prompt": "a green ball", "negative_prompt": "blurry", "seed": 7, "steps": 3, "guidance": 5.5},
     {"prompt": "a blue cone", "sampler": "euler", "schedule": "karras", "size": "64x32", "n": 2},
     {"prompt": "a star", "size": [64, 64], "sampler": "ddim", "steps": 20},
+    {"prompt": "a cat", "image": "in.png", "strength": 0.5},
+    {"prompt": "a hat", "image": "in.png", "mask": "mask.png", "mask_blur": 2, "mask_padding": 16},
+    {"prompt": "more", "image": "in.png", "extend": "0,0,32,0", "fill": "blur"},
 ]) + "\n"
 
 # Values that are valid JSON but wrong for some key, or at the edges of what is allowed.
@@ -31,9 +35,12 @@ ODD_VALUES = [
     "NaN", "Infinity", "-Infinity", "1e308", "1e400", "-0.0", "2.5", "true", "null", '"7"', "[]", "{}",
     '{"a": {"b": [1, {"c": null}]}}', "[64, 64, 64]", '"64x"', "-1", "0", str(2**32), str(2**64),
     "9" * 5000, '"\\u0000"', '"\\ud800"', '"Negative prompt: x"', '"a\\nNegative prompt: b"',
-    "[" * 3000 + "]" * 3000,
+    "[" * 3000 + "]" * 3000, '"in.png"', '"mask.png"', '"/"', '"."', '"../in.png"',
+    '"' + "a" * 5000 + '"', '"in.png\\u0000"', '"0,0,32,0"', '"1,2,3"', "[0, 0, 0, 0]", "[8, 8, 8, 8]",
+    "[1e9, 0, 0, 0]", '"edge"', '"noise"',
 ]
-KEYS = ["prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n", "extra"]
+KEYS = ["prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n", "extra",
+        "image", "mask", "strength", "extend", "fill", "mask_blur", "mask_padding"]
 INSERTS = [b"\x00", b"\xef\xbb\xbf", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\r", b"\r\n", b"\x1b[31m", b"\x0c",
            b"\xe2\x80\xae", b"{", b"}", b'"', b"\\", b"\n", b"#", b"\t", b"\x85"]
 
@@ -56,7 +63,8 @@ def _truncate(data: bytes, rng: random.Random) -> bytes:
 
 def _odd_line(data: bytes, rng: random.Random) -> bytes:
     key = rng.choice(KEYS)
-    line = '{"prompt": "p", "%s": %s}' % (key, rng.choice(ODD_VALUES))
+    image = rng.choice(['', ', "image": "in.png"'])  # editing keys mostly need an image to be judged
+    line = '{"prompt": "p"%s, "%s": %s}' % (image, key, rng.choice(ODD_VALUES))
     return data + line.encode() + b"\n"
 
 
@@ -82,6 +90,8 @@ def _case(rng: random.Random) -> tuple[str, bytes]:
 
 def test_any_bytes_give_jobs_line_errors_or_a_prompt_file_error(tmp_path):
     rng = random.Random(SEED)
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")  # the inputs the JSONL lines name
+    Image.new("L", (64, 64)).save(tmp_path / "mask.png")
     start = time.monotonic()
     outcomes = {"parsed": 0, "refused": 0}
     for number in range(CASES):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
-from .common import positive_int, add_generation_options, settings_from_args
+from ..batchedit import EditDefaults
+from ..batchfile import Settings
+from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
+from .common import add_generation_options, pixels_int, positive_int, settings_from_args, strength_float
 
 FORMATS = {"auto": None, "text": False, "jsonl": True}
 
@@ -15,8 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch", help="render every line of a prompt file (text or JSONL), resumably",
         description="Render PROMPTS (one prompt per line, or JSONL objects with prompt, "
-        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n) into DIR as "
-        "LLLLL-KK-SEED.png plus manifest.jsonl. A rerun skips finished images. Several processes "
+        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, and for editing image, "
+        "mask, strength, extend, fill, mask_blur, mask_padding, paths relative to PROMPTS' folder) into "
+        "DIR as LLLLL-KK-SEED.png plus manifest.jsonl. A rerun skips finished images. Several processes "
         "(--num-processes N, or `accelerate launch -m ldm batch ...`) split the work and give the "
         "same files as one process.",
     )
@@ -26,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p, seed_help="base seed: a line without a seed gets base + 1000 * (line - 1), its images "
         "that + 0, 1, ... (default 0)",
     )
+    _add_editing_defaults(p)
     p.add_argument("--batch-size", type=positive_int, default=4,
                    help="images per pipeline call, among lines with the same size/steps/sampler/"
                    "guidance (default 4); keep it when resuming for bit-identical images")
@@ -40,6 +46,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_editing_defaults(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image editing", "defaults for the lines that give an 'image'")
+    g.add_argument("--strength", type=strength_float, default=None, metavar="S",
+                   help="denoising strength in (0, 1] (default 0.75, 1.0 with a mask or extend)")
+    g.add_argument("--mask-blur", type=pixels_int, default=DEFAULT_MASK_BLUR, metavar="PX",
+                   help=f"feather of the seam around a mask, in pixels (default {DEFAULT_MASK_BLUR})")
+    g.add_argument("--mask-padding", type=pixels_int, default=None, metavar="PX",
+                   help="render only the masked region plus PX pixels around it (default: the whole picture)")
+    g.add_argument("--fill", choices=FILLS, default=DEFAULT_FILL,
+                   help=f"what the margins of 'extend' start from (default {DEFAULT_FILL})")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    edit = EditDefaults(strength=args.strength, mask_blur=args.mask_blur, mask_padding=args.mask_padding,
+                        fill=args.fill)
+    return dataclasses.replace(settings_from_args(args), edit=edit)
+
+
 def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -48,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from ..batch import BatchOptions, launch, report_errors, run_batch, strict_refusal
     from ..batchfile import check_settings, read_jobs
 
-    settings = settings_from_args(args)
+    settings = _settings(args)
     jsonl = FORMATS[args.format]
     if args.num_processes > 1 and not _launched():
         # Checked once here, before starting any process: the flags, and with --strict every line.

@@ -17,8 +17,10 @@ from typing import Any, Callable
 
 from ..batchfile import Settings, parse_size
 from ..dtypes import DTYPE_NAMES, canonical_dtype_name
+from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
 from ..validation import (
-    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_guidance, check_int, check_seed,
+    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_guidance, check_int, check_margins, check_seed,
+    check_strength,
 )
 
 # Option name -> field of validation.DEFAULTS where the names differ.
@@ -80,6 +82,23 @@ positive_int = _option_type(_whole_number, lambda v: check_int(v, "value", 1), "
 seed_int = _option_type(_whole_number, check_seed, f"a whole number from 0 to {MAX_SEED}")
 guidance_float = _option_type(float, check_guidance, "a number such as 7.5")
 dtype_name = _option_type(str, canonical_dtype_name, "a dtype name")
+strength_float = _option_type(float, check_strength, "a number in (0, 1] such as 0.6")
+pixels_int = _option_type(_whole_number, lambda v: check_int(v, "value", 0), "a whole number of pixels >= 0")
+
+
+def margins_arg(text: str) -> tuple[int, int, int, int]:
+    """``L,T,R,B``: outpainting margins in pixels (the side is named when one is refused)."""
+    try:
+        values = tuple(_whole_number(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError("expected four whole numbers L,T,R,B (pixels added left, top, right, "
+                                         f"bottom) such as 0,0,256,0, got {text!r}")
+    try:
+        return check_margins(*values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -170,6 +189,31 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
     p.add_argument("--grid", action="store_true", help="also write a grid of the images")
     p.add_argument("--grid-rows", type=positive_int, default=None, metavar="R",
                    help="grid rows (default: round(sqrt(images)), as the web UI does)")
+
+
+def add_editing_options(p: argparse.ArgumentParser) -> None:
+    """Image-editing options (img2img, inpainting, outpainting); all default to None or False."""
+    g = p.add_argument_group("image editing (img2img, inpainting, outpainting)")
+    g.add_argument("--image", type=Path, default=None, metavar="IN.png",
+                   help="start from this image (img2img); the size defaults to its own, rounded down to "
+                   "multiples of 8")
+    g.add_argument("--mask", type=Path, default=None, metavar="MASK.png",
+                   help="repaint where this mask is white (inpainting); the size of --image")
+    g.add_argument("--strength", type=strength_float, default=None, metavar="S",
+                   help="denoising strength in (0, 1]: the share of the steps that run; lower keeps more "
+                   "of the image (default 0.75, 1.0 with a mask)")
+    g.add_argument("--mask-blur", type=pixels_int, default=None, metavar="PX",
+                   help=f"feather the seam over about PX pixels outside the mask (default {DEFAULT_MASK_BLUR})")
+    g.add_argument("--mask-padding", type=pixels_int, default=None, metavar="PX",
+                   help="render only the masked region plus PX pixels around it, at the full size, and "
+                   "paste it back (small edits in big pictures)")
+    g.add_argument("--raw-decode", action="store_true",
+                   help="keep the decoded picture as it is: do not put the input's pixels back outside the mask")
+    g.add_argument("--extend", type=margins_arg, default=None, metavar="L,T,R,B",
+                   help="outpaint: add this many pixels left, top, right and bottom of --image (rounded up to "
+                   "multiples of 8) and paint them")
+    g.add_argument("--fill", choices=FILLS, default=None,
+                   help=f"what the new area of --extend starts from (default {DEFAULT_FILL})")
 
 
 def value(args: argparse.Namespace, name: str) -> Any:

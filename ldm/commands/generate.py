@@ -1,4 +1,5 @@
-"""`ldm generate`: images for one prompt, or again from an image's parameters."""
+"""`ldm generate`: images for one prompt, or again from an image's parameters; with
+--image, an edit of that image (img2img, --mask inpainting, --extend outpainting)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Any
 from ..pngmeta import (
     GenerationParams, check_params, check_round_trip, normalize_prompt, read_parameters, save_png,
 )
+from ..editing import DEFAULT_FILL, default_size, extend, load_image, load_mask
 from ..validation import DEFAULTS, check_sampling
-from .common import add_generation_options, check_output_dir, printable, resolve_model, value
+from .common import add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, value
 
 logger = logging.getLogger("ldm")
 
@@ -30,7 +32,11 @@ _NUMBERED = re.compile(r"^(\d+)-")
 # Option -> GenerationParams field, for the options that override an image's parameters.
 _OVERRIDES = (("prompt", "prompt"), ("negative", "negative_prompt"), ("steps", "steps"),
               ("sampler", "sampler"), ("schedule", "schedule"), ("guidance", "guidance_scale"),
-              ("seed", "seed"))
+              ("seed", "seed"), ("strength", "strength"), ("mask_blur", "mask_blur"),
+              ("mask_padding", "mask_padding"))
+# Options that need --image, and those that need a mask (--mask or --extend).
+_NEED_IMAGE = ("mask", "extend", "strength", "mask_blur", "mask_padding", "raw_decode", "fill")
+_NEED_MASK = ("mask_blur", "mask_padding", "raw_decode")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="take every parameter (and the model, by name or hash) from this image")
     add_generation_options(p, seed_help="seed of the first image; image k gets seed + k (default: random)",
                            default_output=DEFAULT_OUTPUT)
+    add_editing_options(p)
     p.set_defaults(func=run)
 
 
@@ -66,7 +73,8 @@ def _params_from_args(args: argparse.Namespace) -> GenerationParams:
         prompt=args.prompt, negative_prompt=args.negative or "", steps=value(args, "steps"),
         sampler=value(args, "sampler"), schedule=value(args, "schedule"),
         guidance_scale=value(args, "guidance"), seed=_random_seed() if args.seed is None else args.seed,
-        width=width, height=height,
+        width=width, height=height, strength=args.strength, mask_blur=args.mask_blur,
+        mask_padding=args.mask_padding,
     )
 
 
@@ -135,14 +143,77 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_edit_flags(args: argparse.Namespace) -> None:
+    """Editing options that cannot go together, refused before anything is read."""
+    given = [name for name in _NEED_IMAGE if getattr(args, name) not in (None, False)]
+    if args.image is None and given:
+        raise ValueError(f"{_flag(given[0])} needs --image (the picture to edit)")
+    if args.mask is not None and args.extend is not None:
+        raise ValueError("--mask and --extend cannot go together: --extend makes the mask of the new area")
+    if args.fill is not None and args.extend is None:
+        raise ValueError("--fill needs --extend (it fills the new area)")
+    if args.mask is None and args.extend is None:
+        for name in _NEED_MASK:
+            if getattr(args, name) not in (None, False):
+                raise ValueError(f"{_flag(name)} needs --mask or --extend (it applies to the masked area)")
+
+
+def edit_inputs(args: argparse.Namespace, p: GenerationParams, seed: int) -> dict[str, Any]:
+    """``image``/``mask`` keywords for the pipeline, read and checked before any model loads.
+
+    An image made by an edit needs its inputs again with ``--from``: its text does not hold them.
+    """
+    if args.image is None:
+        if p.edit_inputs:
+            raise ValueError(f"{args.from_image}: this image was made from {p.edit_inputs}: give "
+                             + ("them with --image and --mask (or --extend)" if p.mask_blur is not None
+                                else "it with --image"))
+        return {}
+    if p.mask_blur is not None and args.mask is None and args.extend is None:
+        raise ValueError(f"{args.from_image}: this image was made from {p.edit_inputs}: give --mask "
+                         "(or --extend) with --image")
+    image = load_image(args.image, "--image")
+    if args.extend is not None:
+        canvas, mask = extend(image, *args.extend, fill=args.fill or DEFAULT_FILL, seed=seed)
+        edit: dict[str, Any] = {"image": canvas, "mask": mask}
+        size = canvas.size
+    else:
+        size = (image.shape[1], image.shape[0])
+        edit = {"image": image}
+        if args.mask is not None:
+            edit["mask"] = load_mask(args.mask, size, "--mask")
+    default_size(*size)  # refuses an image too small to render
+    if args.raw_decode:
+        edit["keep_unmasked"] = False
+    return edit
+
+
+def _edit_record(gen: Any, edit: dict[str, Any]) -> dict[str, Any]:
+    """The editing fields of an output's parameters: what the pipeline used."""
+    if not edit:
+        return {}
+    record: dict[str, Any] = {"strength": gen.params["strength"]}
+    if "mask" in edit:
+        record["mask_blur"] = gen.params["mask_blur"]
+        record["mask_padding"] = gen.params.get("mask_padding")
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
+    check_edit_flags(args)
     out = _output_dir(args)
     p = _params(args)
+    batch = _batch_of(p, args) if args.from_image else None
+    edit = edit_inputs(args, p, p.seed - batch[1] if batch else p.seed)
     if args.output is None:
         logger.info("no -o given: writing to %s", out.resolve())
     written: list[tuple[Any, GenerationParams]] = []
     try:
-        _render(args, p, out, written)
+        _render(args, p, out, written, batch, edit)
     except KeyboardInterrupt:
         # Every image written so far is complete (atomic writes); say where they are.
         print(f"ldm generate: stopped; {len(written)} image(s) kept in {out}", file=sys.stderr)
@@ -150,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: list) -> None:
+def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: list,
+            batch: tuple[int, int] | None, edit: dict[str, Any]) -> None:
     from ..modelref import model_ref
     from ..pipeline import Pipeline
 
@@ -162,12 +234,12 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
         logger.warning("model hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ",
                        args.from_image, printable(p.model or "?"), printable(p.model_hash), model_path, ref.hash)
 
-    batch = _batch_of(p, args) if args.from_image else None
     n = batch[0] if batch else value(args, "n")
     kwargs = p.to_kwargs()
     if batch:
         kwargs["seed"] = p.seed - batch[1]
-    gen = pipe.generate(**kwargs, num_images=n)
+    gen = pipe.generate(**kwargs, **edit, num_images=n)
+    record = _edit_record(gen, edit)
     keep = [batch[1]] if batch else list(range(n))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +247,7 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
     for i, k in enumerate(keep):
         extra = {BATCH_SIZE: str(n), BATCH_POS: str(k)} if n > 1 else {}
         params = p.replace(seed=gen.seeds[k], width=gen.params["width"], height=gen.params["height"],
-                           model=ref.name, model_hash=ref.hash, extra=extra)
+                           model=ref.name, model_hash=ref.hash, extra=extra, **record)
         path = out / f"{first + i:05d}-{gen.seeds[k]}.png"
         save_png(gen.images[k], path, params)
         written.append((gen.images[k], params))

@@ -122,6 +122,21 @@ class _Scheduled:
         return self.denoiser(x, sigma, t=t)
 
 
+def first_step(steps: int, strength: float) -> int:
+    """Index of the first step an edit of ``strength`` runs in a ``steps``-step schedule.
+
+    diffusers' ``get_timesteps``: the last ``int(steps * strength)`` steps run (the same
+    float product, so the same count). Refuses a strength that would run no step.
+    """
+    runs = min(int(steps * strength), steps)
+    if runs < 1:
+        raise ValueError(
+            f"strength {strength:g} of {steps} steps runs no step (int(steps * strength) = 0); "
+            f"raise strength to at least {1 / steps:.3g} or use more steps"
+        )
+    return steps - runs
+
+
 @torch.no_grad()
 def sample(
     name: str,
@@ -133,6 +148,8 @@ def sample(
     karras: bool = False,
     generators: Generators = None,
     callback: Callback | None = None,
+    start: int = 0,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Run sampler ``name`` for ``steps`` steps from unit Gaussian ``noise``.
 
@@ -143,11 +160,26 @@ def sample(
     ``generators``: one CPU generator per image for the stochastic samplers (see
     :mod:`ldm.samplers.noise`). Returns latents in the model's (VP) scaling, the
     same numbers diffusers' pipeline hands to the VAE for the same noise and seeds.
+
+    Editing (img2img, inpainting) starts part-way: ``init`` is the clean latent of
+    the input image and only steps ``start ..`` of the ``steps``-step schedule run,
+    from ``init + sigma_start * noise`` (diffusers' ``scheduler.add_noise`` at the
+    first timestep that runs, written in VE scaling); see :func:`first_step`. Every
+    sampler then runs on the remaining levels as if they were a whole schedule
+    (k-diffusion's and A1111's img2img). That equals diffusers' img2img for ddim, ddpm,
+    euler, euler_a, heun, dpmpp_2m and dpmpp_2m_sde; diffusers' LMS counts the skipped
+    steps in its order (weights for slopes it never computed) and its PNDM slices a
+    timestep list that repeats one step, so lms and plms differ from it there.
     """
     plan = sampling_schedule(name, schedule, steps, karras=karras)
-    x = noise * plan.init_sigma
+    if not 0 <= start < plan.steps:
+        raise ValueError(f"start must be a step index in [0, {plan.steps}), got {start}")
+    if init is None and start:
+        raise ValueError("starting part-way through the schedule needs the init latents")
+    sigmas = plan.sigmas[start:]
+    x = noise * plan.init_sigma if init is None else init + noise * sigmas[0]
     x = get_sampler(name)(
-        _Scheduled(denoiser, plan), x, plan.sigmas, generators=generators, callback=callback
+        _Scheduled(denoiser, plan), x, sigmas, generators=generators, callback=callback
     )
     return x / (plan.sigmas[-1] ** 2 + 1) ** 0.5
 
@@ -156,6 +188,7 @@ __all__ = [
     "SAMPLERS",
     "KARRAS_SAMPLERS",
     "Callback",
+    "first_step",
     "SamplingSchedule",
     "get_sampler",
     "karras_sigmas",

@@ -9,7 +9,9 @@ any device, as in diffusers' schedulers.
 
 ``callback(step, total, x, denoised)``, if given, runs after each of the ``total``
 steps with the 0-based step index, the new ``x`` (VE scaling) and the ``x0``
-prediction made during that step.
+prediction made during that step. It may return a tensor that replaces ``x`` before
+the next step (how inpainting puts the known region back after every step, as
+diffusers' inpainting pipeline does between scheduler steps); ``None`` keeps ``x``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from .noise import Generators, randn_like
 
-Callback = Callable[[int, int, Tensor, Tensor], None]
+Callback = Callable[[int, int, Tensor, Tensor], Tensor | None]
 
 
 class DenoiseFn(Protocol):
@@ -71,9 +73,12 @@ def ancestral_step(
     return x + randn_like(x, generators) * sigma_up
 
 
-def report(callback: Callback | None, step: int, total: int, x: Tensor, denoised: Tensor) -> None:
-    if callback is not None:
-        callback(step, total, x, denoised)
+def report(callback: Callback | None, step: int, total: int, x: Tensor, denoised: Tensor) -> Tensor:
+    """Run the callback; its tensor, if it returns one, is the ``x`` the next step starts from."""
+    if callback is None:
+        return x
+    replaced = callback(step, total, x, denoised)
+    return x if replaced is None else replaced
 
 
 def num_steps(sigmas: Tensor) -> int:

@@ -61,7 +61,7 @@ def _run(
             else:
                 x = (sigma_next / sigma) * x - math.expm1(-h) * x0
         old, h_last = denoised, h
-        report(callback, i, total, x, denoised)
+        x = report(callback, i, total, x, denoised)
     return x
 
 

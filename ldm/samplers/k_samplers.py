@@ -27,7 +27,7 @@ def sample_euler(
     for i in range(total):
         denoised = denoiser(x, sigmas[i])
         x = euler_step(x, sigmas[i], sigmas[i + 1], denoised)
-        report(callback, i, total, x, denoised)
+        x = report(callback, i, total, x, denoised)
     return x
 
 
@@ -45,7 +45,7 @@ def sample_euler_ancestral(
     for i in range(total):
         denoised = denoiser(x, sigmas[i])
         x = ancestral_step(x, sigmas[i], sigmas[i + 1], denoised, generators)
-        report(callback, i, total, x, denoised)
+        x = report(callback, i, total, x, denoised)
     return x
 
 
@@ -71,7 +71,7 @@ def sample_heun(
             x_2 = x + d * dt
             d_2 = to_d(x_2, sigma_next, denoiser(x_2, sigma_next))
             x = x + (d + d_2) / 2 * dt
-        report(callback, i, total, x, denoised)
+        x = report(callback, i, total, x, denoised)
     return x
 
 
@@ -119,7 +119,7 @@ def sample_lms(
         order = min(i + 1, LMS_ORDER)
         coeffs = [lms_coefficient(levels, i, order, j) for j in range(order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(slopes)))
-        report(callback, i, total, x, denoised)
+        x = report(callback, i, total, x, denoised)
     return x
 
 

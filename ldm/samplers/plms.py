@@ -74,5 +74,5 @@ def sample_plms(
             combined = _combine(outputs[-3:] + [output])
         outputs = outputs[-3:] + [output]
         x = x + _slope(x, sigma, combined, kind) * (sigma_next - sigma)
-        report(callback, i, total, x, denoised)
+        x = report(callback, i, total, x, denoised)
     return x
