@@ -15,7 +15,6 @@ inode, length and modification time): an input edited during the run stops it wi
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
@@ -25,7 +24,7 @@ from typing import Any, Callable
 
 from .batchedit import Edit, InputPath
 from .batchfile import Job, LineError
-from .editing import default_size, extend
+from .editing import default_size, extend, rounded_margins
 
 
 class InputChangedError(ValueError):
@@ -119,16 +118,10 @@ def _input_size(edit: Edit, read: Callable[[InputPath, str], InputFile]) -> tupl
         if mask != (width, height):
             raise ValueError(f"mask {edit.mask.given!r:.200} is {mask[0]}x{mask[1]}, its image "
                              f"{edit.image.given!r:.200} {width}x{height}: they must be the same size")
-    return _canvas_size((width, height), edit.extend) if edit.extend is not None else (width, height)
-
-
-@functools.lru_cache(maxsize=64)
-def _canvas_size(size: tuple[int, int], margins: tuple[int, int, int, int]) -> tuple[int, int]:
-    """The size of :func:`ldm.editing.extend`'s canvas (it rounds margins to the latent
-    grid), found by extending a blank picture of that size: the rule stays in one place."""
-    from PIL import Image
-
-    return extend(Image.new("RGB", size), *margins, fill="color")[0].size
+    if edit.extend is None:
+        return width, height
+    left, top, right, bottom = rounded_margins((width, height), edit.extend)
+    return width + left + right, height + top + bottom
 
 
 def _render_size(job: Job, input_size: tuple[int, int], native_size: int) -> tuple[int, int]:

@@ -39,7 +39,7 @@ class EditRequest:
     width: int
     height: int
     keep_unmasked: bool = True
-    mask_blur: int = 4
+    mask_blur: int = editing.DEFAULT_MASK_BLUR
     mask_padding: int | None = None
     user_mask: bool = True
     txt2img: bool = False
@@ -59,10 +59,13 @@ class EditRequest:
         return dataclasses.replace(self, **{name: _repeat(getattr(self, name), times) for name in lists})
 
     def params(self) -> dict[str, Any]:
-        """What Generation.params records (``None`` for a 9-channel model's txt2img)."""
+        """What Generation.params records (``None`` for a 9-channel model's txt2img); the mask
+        settings only when the user gave a mask, as A1111 writes them only for inpainting."""
         if self.txt2img:
             return dict(strength=None, mask_blur=None, mask_padding=None)
-        return dict(strength=self.strength, mask_blur=self.mask_blur, mask_padding=self.mask_padding)
+        masked = self.user_mask and any(m is not None for m in self.masks)
+        return dict(strength=self.strength, mask_blur=self.mask_blur if masked else None,
+                    mask_padding=self.mask_padding if masked else None)
 
     def finish(self, arrays: np.ndarray) -> list[np.ndarray]:
         """Decoded pictures (N x H x W x 3 in [0, 1]) as the call returns them."""
@@ -80,7 +83,7 @@ class EditRequest:
 
 def plan_edit(
     image: Any, mask: Any, strength: Any, *, count: int, width: int | None, height: int | None,
-    native: int, inpainting_model: bool, keep_unmasked: bool = True, mask_blur: Any = 4,
+    native: int, inpainting_model: bool, keep_unmasked: bool = True, mask_blur: Any = editing.DEFAULT_MASK_BLUR,
     mask_padding: Any = None,
 ) -> EditRequest | None:
     """Check and load an edit's inputs for ``count`` prompts; ``None`` for plain txt2img.

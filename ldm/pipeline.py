@@ -20,6 +20,7 @@ from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
 from .dtypes import parse_dtype
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
 from .edit_request import EditRequest, plan_edit
+from .editing import DEFAULT_MASK_BLUR
 from .limits import plan_batch
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_prompts
@@ -157,7 +158,7 @@ class Pipeline:
         mask: Any = None,
         strength: float | None = None,
         keep_unmasked: bool = True,
-        mask_blur: int = 4,
+        mask_blur: int = DEFAULT_MASK_BLUR,
         mask_padding: int | None = None,
         steps: int = D.steps,
         guidance_scale: float = D.guidance_scale,
@@ -359,6 +360,7 @@ class Pipeline:
         # The sampler works in float32; the U-Net runs in the pipeline's dtype.
         return run_unet(self.unet, x.to(self.device, self.dtype), t.to(self.device), cond).float()
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output: Literal["pil", "np"] = "pil") -> Any:
         """Latents (VP scaled, as samplers return them) to images in [0, 1]."""
         pixels = torch.cat([self._decode_one(z[None], k) for k, z in enumerate(latents)])

@@ -30,8 +30,7 @@ def measure(size: int) -> str:
     latents = pipe.generate("a cat", steps=1, width=size, height=size, seed=0, progress=False,
                             output="latent").images
     after_unet = _peak()
-    with torch.inference_mode():
-        pipe.decode(latents)
+    pipe.decode(latents)
     after_decode = _peak()
     mib = 2**20
     unet = 2 * unet_bytes_per_row(pipe.config, size, size, 4)

@@ -225,3 +225,9 @@ def test_the_unet_sees_the_conditioning_the_pipeline_built(pipe, monkeypatch):
     _run(pipe, prompt="a cat", negative_prompt="a dog", guidance_scale=5.0)
     cond, uncond = pipe.encode_prompts(["a cat"], ["a dog"])
     torch.testing.assert_close(seen[0], Conditioning.cat([uncond, cond]).context)
+
+
+def test_decode_is_callable_on_its_own(pipe):
+    latents = pipe.generate("a cat", steps=2, seed=0, output="latent", progress=False).images
+    direct = pipe.decode(latents, "np")
+    np.testing.assert_array_equal(direct, _run(pipe, steps=2, seed=0))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..batchedit import EditDefaults
 from ..batchfile import Settings
-from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
-from .common import add_generation_options, pixels_int, positive_int, settings_from_args, strength_float
+from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR
+from .common import add_editing_options, add_generation_options, positive_int, settings_from_args
 
 FORMATS = {"auto": None, "text": False, "jsonl": True}
 
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p, seed_help="base seed: a line without a seed gets base + 1000 * (line - 1), its images "
         "that + 0, 1, ... (default 0)",
     )
-    _add_editing_defaults(p)
+    add_editing_options(p, per_line=True)
     p.add_argument("--batch-size", type=positive_int, default=4,
                    help="images per pipeline call, among lines with the same size/steps/sampler/"
                    "guidance (default 4); keep it when resuming for bit-identical images")
@@ -46,21 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_editing_defaults(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image editing", "defaults for the lines that give an 'image'")
-    g.add_argument("--strength", type=strength_float, default=None, metavar="S",
-                   help="denoising strength in (0, 1] (default 0.75, 1.0 with a mask or extend)")
-    g.add_argument("--mask-blur", type=pixels_int, default=DEFAULT_MASK_BLUR, metavar="PX",
-                   help=f"feather of the seam around a mask, in pixels (default {DEFAULT_MASK_BLUR})")
-    g.add_argument("--mask-padding", type=pixels_int, default=None, metavar="PX",
-                   help="render only the masked region plus PX pixels around it (default: the whole picture)")
-    g.add_argument("--fill", choices=FILLS, default=DEFAULT_FILL,
-                   help=f"what the margins of 'extend' start from (default {DEFAULT_FILL})")
-
-
 def _settings(args: argparse.Namespace) -> Settings:
-    edit = EditDefaults(strength=args.strength, mask_blur=args.mask_blur, mask_padding=args.mask_padding,
-                        fill=args.fill)
+    edit = EditDefaults(strength=args.strength, mask_padding=args.mask_padding,
+                        mask_blur=DEFAULT_MASK_BLUR if args.mask_blur is None else args.mask_blur,
+                        fill=args.fill or DEFAULT_FILL)
     return dataclasses.replace(settings_from_args(args), edit=edit)
 
 

@@ -191,14 +191,21 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
                    help="grid rows (default: round(sqrt(images)), as the web UI does)")
 
 
-def add_editing_options(p: argparse.ArgumentParser) -> None:
-    """Image-editing options (img2img, inpainting, outpainting); all default to None or False."""
-    g = p.add_argument_group("image editing (img2img, inpainting, outpainting)")
-    g.add_argument("--image", type=Path, default=None, metavar="IN.png",
-                   help="start from this image (img2img); the size defaults to its own, rounded down to "
-                   "multiples of 8")
-    g.add_argument("--mask", type=Path, default=None, metavar="MASK.png",
-                   help="repaint where this mask is white (inpainting); the size of --image")
+def add_editing_options(p: argparse.ArgumentParser, *, per_line: bool = False) -> None:
+    """Image-editing options (img2img, inpainting, outpainting); all default to None or False.
+
+    ``per_line`` (``ldm batch``): only the settings that can default every line's; each line
+    names its own image, mask and margins.
+    """
+    title = "image editing (defaults for the lines that give an 'image')" if per_line else \
+        "image editing (img2img, inpainting, outpainting)"
+    g = p.add_argument_group(title)
+    if not per_line:
+        g.add_argument("--image", type=Path, default=None, metavar="IN.png",
+                       help="start from this image (img2img); the size defaults to its own, rounded down to "
+                       "multiples of 8")
+        g.add_argument("--mask", type=Path, default=None, metavar="MASK.png",
+                       help="repaint where this mask is white (inpainting); the size of --image")
     g.add_argument("--strength", type=strength_float, default=None, metavar="S",
                    help="denoising strength in (0, 1]: the share of the steps that run; lower keeps more "
                    "of the image (default 0.75, 1.0 with a mask)")
@@ -207,13 +214,15 @@ def add_editing_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-padding", type=pixels_int, default=None, metavar="PX",
                    help="render only the masked region plus PX pixels around it, at the full size, and "
                    "paste it back (small edits in big pictures)")
-    g.add_argument("--raw-decode", action="store_true",
-                   help="keep the decoded picture as it is: do not put the input's pixels back outside the mask")
-    g.add_argument("--extend", type=margins_arg, default=None, metavar="L,T,R,B",
-                   help="outpaint: add this many pixels left, top, right and bottom of --image (rounded up to "
-                   "multiples of 8) and paint them")
+    if not per_line:
+        g.add_argument("--raw-decode", action="store_true",
+                       help="keep the decoded picture as it is: do not put the input's pixels back outside the "
+                       "mask")
+        g.add_argument("--extend", type=margins_arg, default=None, metavar="L,T,R,B",
+                       help="outpaint: add this many pixels left, top, right and bottom of --image (rounded up "
+                       "to multiples of 8) and paint them")
     g.add_argument("--fill", choices=FILLS, default=None,
-                   help=f"what the new area of --extend starts from (default {DEFAULT_FILL})")
+                   help=f"what the new area of an outpainting starts from (default {DEFAULT_FILL})")
 
 
 def value(args: argparse.Namespace, name: str) -> Any:
