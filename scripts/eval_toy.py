@@ -409,9 +409,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path, log: Log = _print) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    md = atomic_write_bytes(out / "eval_toy.md", markdown(report).encode())
-    js = atomic_write_bytes(out / "eval_toy.json", (json.dumps(report, indent=1) + "\n").encode())
+    return write_files(report, markdown(report), out / "eval_toy", log)
+
+
+def write_files(report: dict[str, Any], text: str, stem: Path, log: Log = _print) -> tuple[Path, Path]:
+    """``<stem>.md`` (``text``) and ``<stem>.json`` (``report``), written atomically."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md = atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    js = atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
     log(f"wrote {md} and {js}")
     return md, js
 
@@ -419,24 +424,30 @@ def write_report(report: dict[str, Any], out: Path, log: Log = _print) -> tuple[
 # --- command line ----------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def common_arguments(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options every toy evaluation script shares (model, sampling, seeds, device)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint (default: the shipped weights/ldm-toy.safetensors, or $LDM_WEIGHTS)")
-    p.add_argument("--n", type=int, default=N, help=f"held-out prompts (default {N})")
     p.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
     p.add_argument("--sampler", default=SAMPLER, help=f"default {SAMPLER}")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help=f"main guidance scale (default {GUIDANCE})")
-    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
-                   help="guidance scales to compare (default 1 3 7.5)")
-    p.add_argument("--negative-seeds", type=int, default=NEGATIVE_SEEDS,
-                   help=f"pictures per negative-prompt condition (default {NEGATIVE_SEEDS})")
     p.add_argument("--seed", type=int, default=SEED, help="first seed (default 0)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"pictures per call (default {BATCH_SIZE})")
     p.add_argument("--device", default="cpu", help="default cpu (float32)")
     p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     p.add_argument("--classifier", type=Path, default=None, help="toy classifier (default: weights/)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_arguments(__doc__)
+    p.add_argument("--n", type=int, default=N, help=f"held-out prompts (default {N})")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help=f"main guidance scale (default {GUIDANCE})")
+    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
+                   help="guidance scales to compare (default 1 3 7.5)")
+    p.add_argument("--negative-seeds", type=int, default=NEGATIVE_SEEDS,
+                   help=f"pictures per negative-prompt condition (default {NEGATIVE_SEEDS})")
     p.add_argument("--out", type=Path, default=OUT, help="folder for eval_toy.md/.json (default .cache/eval)")
     p.add_argument("--grid", type=Path, default=None, help="grid PNG (default <out>/grid.png)")
     p.add_argument("--no-grid", action="store_true", help="skip the picture grid")
@@ -449,17 +460,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_and_print(lambda: evaluate(
+        args.model, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scales=args.scales,
+        negative_seeds=args.negative_seeds, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        classifier=args.classifier, grid_prompts=() if args.no_grid else GRID_PROMPTS, out=args.out,
+        grid=args.grid, threads=args.threads), markdown)
+
+
+def run_and_print(run: Callable[[], dict[str, Any]], tables: Callable[[dict[str, Any]], str]) -> int:
+    """A script's exit code: run the evaluation, print its tables; a missing file is one line, exit 1."""
     try:
-        report = evaluate(args.model, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                          scales=args.scales, negative_seeds=args.negative_seeds, seed=args.seed,
-                          batch_size=args.batch_size, device=args.device, classifier=args.classifier,
-                          grid_prompts=() if args.no_grid else GRID_PROMPTS, out=args.out, grid=args.grid,
-                          threads=args.threads)
+        report = run()
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print()
-    print(markdown(report))
+    print(tables(report))
     return 0
 
 

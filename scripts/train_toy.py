@@ -11,6 +11,11 @@
         --decoder-steps 600 --workdir runs/dec/w --out runs/dec/ldm-toy.safetensors \
         --clip-out runs/dec/toy-clip-vision.safetensors
                                                  # fine-tune a release's VAE decoder only (this release's)
+    python scripts/train_toy.py --unet-from weights/ldm-toy.safetensors --unet-steps 0 \
+        --inpaint-steps 2000 --workdir runs/inpaint --out runs/inpaint/ldm-toy.safetensors \
+        --clip-out runs/inpaint/toy-clip-vision.safetensors \
+        --inpaint-out runs/inpaint/ldm-toy-inpaint.safetensors
+                                                 # a toy inpainting model from the shipped one (~70 min on 2 cores)
     python scripts/train_toy.py --smoke          # every stage, 2 steps, tiny sizes (~5 s)
     accelerate launch scripts/train_toy.py --bf16 all          # one or several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc-per-node 2 scripts/train_toy.py --workdir W ...
@@ -31,7 +36,13 @@ the same command resumes where it stopped and skips finished stages):
    state, 10% empty captions (classifier-free guidance), EMA of the weights.
 5. ``decoder`` (only with ``--decoder-steps``): SD's decoder fine-tune (as its ft-EMA
    VAE): the encoder frozen, so latents and U-Net stay valid, the decoder trained on L1.
-6. export: one original-layout safetensors file (fp16, config in the metadata), which
+6. ``inpaint`` (only with ``--inpaint-steps``): an inpainting U-Net made as SD's
+   sd-v1-5-inpainting was made from SD 1.5: the U-Net above with 5 zero-initialised
+   input channels in ``conv_in`` (the mask at latent size and the latents of the picture
+   with the masked pixels set to grey), fine-tuned on random masks (boxes, strokes,
+   borders for outpainting, 25% everything: ``ldm.training.masks``), eps loss, 10% empty
+   captions, EMA. Exported beside the main file as a ``toy-inpaint`` model (``--inpaint-out``).
+7. export: one original-layout safetensors file (fp16, config in the metadata), which
    is then loaded back through ``ldm.checkpoints.load_model`` as a check, and a JSON of
    model-card numbers (``--card``).
 
@@ -70,7 +81,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from ldm.atomicio import atomic_write_bytes  # noqa: E402
 from ldm.checkpoints import LoadedModel, load_model  # noqa: E402
-from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset, with_changes  # noqa: E402
+from ldm.config import (  # noqa: E402
+    ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, inpainting_variant, preset, with_changes,
+)
 from ldm.models.text import TextEncoder  # noqa: E402
 from ldm.models.tokenizer import EOS_ID, Tokenizer  # noqa: E402
 from ldm.models.unet import UNet  # noqa: E402
@@ -85,6 +98,8 @@ from ldm.training import (  # noqa: E402
     ClipTask,
     DatasetFactory,
     DecoderTask,
+    InpaintPairs,
+    InpaintTask,
     LatentPairs,
     LatentSet,
     NoiseSchedule,
@@ -103,7 +118,9 @@ from ldm.training import (  # noqa: E402
     export_clip_scorer,
     generator_for,
     given_weights,
+    inpainting_unet,
     load_checkpoint,
+    mask_settings,
     param_count,
     plain,
     save_checkpoint,
@@ -120,9 +137,10 @@ from ldm.training import (  # noqa: E402
 logger = logging.getLogger("train_toy")
 
 # Stage ids keep the random streams of the stages apart (see derive_seed).
-STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5, "decoder": 6}
-STAGES = ("clip", "vae", "unet", "decoder")
+STAGE_IDS = {"clip": 1, "vae": 2, "latents": 3, "unet": 4, "eval": 5, "decoder": 6, "inpaint": 7}
+STAGES = ("clip", "vae", "unet", "decoder", "inpaint")
 CLIP_SCORER = "toy-clip-vision.safetensors"  # beside the checkpoint it pairs with
+INPAINT_MODEL = "ldm-toy-inpaint.safetensors"
 
 
 # --- settings ---------------------------------------------------------------------
@@ -166,6 +184,11 @@ FULL = Sizes(
         # past the 90-minute budget of the CPU recipe. The shipped release ran it.
         "decoder": StageSpec("decoder", steps=0, batch_size=32, lr=2e-4, warmup=50, weight_decay=0.0,
                              ema_decay=0.999, schedule="cosine", use_ema=False),
+        # Off unless asked for (--inpaint-steps). A fine-tune of a trained U-Net: a lower rate
+        # than from scratch, and a smaller batch, since every sample's masked picture is
+        # encoded by the VAE during the step (the CPU's largest cost here).
+        "inpaint": StageSpec("inpaint", steps=0, batch_size=64, lr=1e-4, warmup=100, weight_decay=0.01,
+                             ema_decay=0.999, schedule="cosine", use_ema=True),
     },
     latent_images=32768,
     save_every=250,
@@ -224,6 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exported checkpoint (default weights/ldm-toy.safetensors; --smoke: in the workdir)")
     p.add_argument("--clip-out", type=Path, default=None,
                    help="toy CLIP scorer (default weights/toy-clip-vision.safetensors; --smoke: in the workdir)")
+    p.add_argument("--inpaint-out", type=Path, default=None,
+                   help=f"the inpainting model of --inpaint-steps (default weights/{INPAINT_MODEL}; --smoke: "
+                        "in the workdir)")
     p.add_argument("--card", type=Path, default=None,
                    help="model-card numbers as JSON (default <workdir>/model_card.json)")
     p.add_argument("--seed", type=int, default=0)
@@ -279,6 +305,7 @@ def resolve(args: argparse.Namespace) -> Sizes:
     weights = args.workdir if args.smoke else ROOT / "weights"
     args.out = args.out or weights / "ldm-toy.safetensors"
     args.clip_out = args.clip_out or weights / CLIP_SCORER
+    args.inpaint_out = args.inpaint_out or weights / INPAINT_MODEL
     args.card = args.card or args.workdir / "model_card.json"
     return sizes
 
@@ -451,13 +478,47 @@ def train_unet(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, config:
     if init is not None:
         unet.load_state_dict(init.state, strict=True)
     task = UNetTask(unet, text_encoder, NoiseSchedule(config))
-    fingerprint = {"unet": plain(config.unet), "p_empty": args.p_empty,
-                   "schedule": [config.num_train_timesteps, config.beta_start, config.beta_end,
-                                config.beta_schedule, config.prediction_type]}
     return run_stage(acc, args, sizes, "unet", task, unet,
                      lambda first, count: LatentPairs(latents, args.seed, STAGE_IDS["unet"], first, count,
                                                       args.p_empty, tokenizer),
-                     fingerprint, upstream)
+                     diffusion_fingerprint(args, config), upstream)
+
+
+def diffusion_fingerprint(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
+    """What a U-Net stage's checkpoint must share to be continued."""
+    return {"unet": plain(config.unet), "p_empty": args.p_empty,
+            "schedule": [config.num_train_timesteps, config.beta_start, config.beta_end,
+                         config.beta_schedule, config.prediction_type]}
+
+
+def train_inpaint(acc: Accelerator, args: argparse.Namespace, sizes: Sizes, config: ModelConfig,
+                  text_encoder: TextEncoder, vae_state: dict[str, Tensor], latents: LatentSet, unet: StageResult,
+                  upstream: dict[str, Any], tokenizer: Tokenizer) -> StageResult:
+    """The inpainting fine-tune (``InpaintTask``) of the text-to-image U-Net ``unet``
+    (trained at ``config``'s scaling factor); its EMA starts at that U-Net too."""
+    stage_init(args, "inpaint")
+    model = inpainting_unet(config, unet.state)
+    vae = vae_from_state(config.vae, vae_state)
+    task = InpaintTask(model, text_encoder, NoiseSchedule(config), vae, config.vae.scaling_factor)
+    fingerprint = {**diffusion_fingerprint(args, inpainting_variant(config)), "masks": plain(mask_settings())}
+    size = config.vae.sample_size
+    return run_stage(acc, args, sizes, "inpaint", task, model,
+                     lambda first, count: InpaintPairs(latents, args.seed, STAGE_IDS["inpaint"], first, count,
+                                                       args.p_empty, tokenizer, size),
+                     fingerprint, {**upstream, "unet": unet.identity()})
+
+
+def export_inpainting(args: argparse.Namespace, sizes: Sizes, config: ModelConfig, states: dict[str, Any],
+                      unet: StageResult, inpaint: StageResult) -> dict[str, Any]:
+    """Write the inpainting model (``states`` with the inpainting U-Net) and check it loads
+    back as a toy-inpaint model; its model-card entry."""
+    inpaint_config = inpainting_variant(config)
+    inpaint_states = {**states, "unet": inpaint.state}
+    size = export_checkpoint(inpaint_config, inpaint_states, args.inpaint_out)
+    check_export(args.inpaint_out, inpaint_config, inpaint_states)
+    given = unet if "from" in unet.record else None  # the U-Net it started from, if not trained here
+    return {**stage_card(sizes.specs["inpaint"], inpaint, param_count(inpaint.state), given),
+            "checkpoint": str(args.inpaint_out), "checkpoint_bytes": size}
 
 
 # --- evaluation numbers for the card ----------------------------------------------------------
@@ -526,21 +587,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vae = given_vae or train_vae(acc, args, sizes)
     text_encoder = text_encoder_from_clip(text_config, clip.state)
     init = release.unet if release else None
-    if init is not None and sizes.specs["unet"].steps == 0:  # e.g. only the decoder is fine-tuned
-        unet, latent_stats, config = init, {}, scaled_config(sizes, release.scaling_factor)
-    else:
+    inpainting = sizes.specs["inpaint"].steps > 0
+    latents, latent_stats = None, {}
+    if init is None or sizes.specs["unet"].steps or inpainting:  # not when only the decoder is fine-tuned
         latents = encode_latents(acc, args, sizes, vae.state, vae.identity())
         if release:  # its U-Net learned at its own scale; the new pictures' std is only recorded
             latents = dataclasses.replace(latents, scaling_factor=release.scaling_factor)
-        latent_stats, config = latents.stats, scaled_config(sizes, latents.scaling_factor)
-        upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
-                    "scaling_factor": latents.scaling_factor, **kinds_input(args)}
-        if init is not None:
-            upstream.update(clip=clip.identity(), unet_from=init.identity())
+        latent_stats = latents.stats
+    config = scaled_config(sizes, release.scaling_factor if release else latents.scaling_factor)
+    upstream = {"clip_step": clip.step, "vae": vae.identity(), "latents": sizes.latent_images,
+                "scaling_factor": config.vae.scaling_factor, **kinds_input(args)}
+    if init is not None:
+        upstream.update(clip=clip.identity(), unet_from=init.identity())
+    if init is not None and sizes.specs["unet"].steps == 0:  # the given U-Net as it is
+        unet = init
+    else:
         unet = train_unet(acc, args, sizes, config, text_encoder, latents, upstream, tokenizer, init)
     # After the U-Net, which never sees the decoder; the encoder the latents came from is frozen.
     decoder = train_decoder(acc, args, sizes, vae) if sizes.specs["decoder"].steps else None
     final_vae = decoder.state if decoder else vae.state
+    inpaint = (train_inpaint(acc, args, sizes, config, text_encoder, final_vae, latents, unet, upstream, tokenizer)
+               if inpainting else None)
 
     card: dict[str, Any] = {}
     if acc.is_main_process:
@@ -565,9 +632,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             frozen = tuple(f"{name}." for name in DECODER_FROZEN)
             trained = {k: v for k, v in decoder.state.items() if not k.startswith(frozen)}
             card["stages"]["decoder"] = stage_card(sizes.specs["decoder"], decoder, param_count(trained))
+        if inpaint:
+            card["stages"]["inpaint"] = export_inpainting(args, sizes, config, states, unet, inpaint)
         args.card.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.card, (json.dumps(card, indent=2) + "\n").encode())
-        acc.print(f"wrote {args.out} ({size / 2**20:.1f} MiB), {args.clip_out} ({clip_size / 2**20:.1f} MiB), "
+        extra = f", {args.inpaint_out}" if inpaint else ""
+        acc.print(f"wrote {args.out} ({size / 2**20:.1f} MiB), {args.clip_out} ({clip_size / 2**20:.1f} MiB){extra}, "
                   f"{args.card}")
     acc.wait_for_everyone()
     acc.end_training()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from scriptload import load_script
 
 from ldm.config import PRESETS, ModelConfig
 from ldm.training import (
@@ -30,26 +29,24 @@ from ldm.training import (
     warmup_cosine_lr,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 MB = 10**6
-
-
-def _load_script():
-    """The recipe and its command line (the library pieces come from ldm.training)."""
-    spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_toy"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def train_toy():
-    return _load_script()
+    """The recipe and its command line (the library pieces come from ldm.training)."""
+    return load_script("train_toy")
 
 
 def _smoke(train_toy, workdir: Path, *extra: str) -> dict:
     return train_toy.main(["--smoke", "--workdir", str(workdir), *extra])
+
+
+def _smoke_log(train_toy, capsys, workdir: Path, *extra: str) -> tuple[dict, str]:
+    """A smoke run's model card and what it printed."""
+    capsys.readouterr()
+    card = _smoke(train_toy, workdir, *extra)
+    return card, capsys.readouterr().out
 
 
 def _load_model():
@@ -215,9 +212,9 @@ def test_toy_preset_fits_the_size_budget():
 
 @pytest.fixture(scope="module")
 def straight_run(train_toy, tmp_path_factory):
-    """An uninterrupted smoke run with 4 U-Net steps: (workdir, model card)."""
+    """An uninterrupted smoke run with 4 U-Net and 4 inpainting steps: (workdir, model card)."""
     workdir = tmp_path_factory.mktemp("straight")
-    return workdir, _smoke(train_toy, workdir, "--unet-steps", "4")
+    return workdir, _smoke(train_toy, workdir, "--unet-steps", "4", "--inpaint-steps", "4")
 
 
 def test_smoke_run_exports_a_loadable_checkpoint(straight_run):
@@ -232,7 +229,7 @@ def test_smoke_run_exports_a_loadable_checkpoint(straight_run):
     model = load_model(out)
     assert model.config.family == "toy"
     assert model.config.vae.scaling_factor == pytest.approx(card["latents"]["scaling_factor"])
-    assert set(card["stages"]) == {"clip", "vae", "unet"}
+    assert set(card["stages"]) == {"clip", "vae", "unet", "inpaint"}
     scorer = load_file(workdir / "toy-clip-vision.safetensors")
     assert "visual.attnpool.c_proj.weight" in scorer and "text_projection.weight" in scorer
     assert not any(k.startswith("text_model.") for k in scorer)  # the text tower is in the checkpoint
@@ -296,9 +293,8 @@ def test_unet_from_refuses_what_it_cannot_continue(train_toy, straight_run, tmp_
 def test_decoder_fine_tune_changes_the_decoder_only(train_toy, straight_run, tmp_path, capsys):
     load_model = _load_model()
     source = straight_run[0] / "ldm-toy.safetensors"
-    capsys.readouterr()
-    card = _smoke(train_toy, tmp_path, "--unet-from", str(source), "--unet-steps", "0", "--decoder-steps", "2")
-    log = capsys.readouterr().out
+    card, log = _smoke_log(train_toy, capsys, tmp_path, "--unet-from", str(source), "--unet-steps", "0",
+                           "--decoder-steps", "2", "--inpaint-steps", "0")
     assert "[decoder] step 2/2" in log
     assert "[unet]" not in log and "[latents]" not in log  # the U-Net is kept, nothing to encode
     before, after = load_model(source), load_model(tmp_path / "ldm-toy.safetensors")
@@ -393,3 +389,86 @@ def test_trimming_after_the_end_token_keeps_clip_text_embeddings_exact():
     with torch.no_grad():
         full, short = model(input_ids=ids).text_embeds, model(input_ids=trimmed).text_embeds
     assert torch.allclose(full, short, atol=1e-5)
+
+
+# --- the inpainting stage --------------------------------------------------------------------
+
+
+def test_random_masks_are_binary_deterministic_and_of_every_kind():
+    import numpy as np
+
+    from ldm.training import masks
+
+    draws = [masks.random_mask(np.random.default_rng(i), 32) for i in range(200)]
+    again = [masks.random_mask(np.random.default_rng(i), 32) for i in range(200)]
+    assert all(np.array_equal(a, b) for a, b in zip(draws, again))
+    assert all(m.shape == (32, 32) and m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0} for m in draws)
+    full = sum(bool(m.all()) for m in draws)
+    assert 0.15 < full / len(draws) < 0.35 and not any((m == 0).all() for m in draws)
+    rng = np.random.default_rng(0)
+    border = masks.border_mask(rng, 32)
+    assert border.any() and any(line.all() for line in (border[:, 0], border[0], border[:, -1], border[-1]))
+    assert 0 < masks.box_mask(rng, 32).mean() < 1 and 0 < masks.stroke_mask(rng, 32).mean() < 1
+    with pytest.raises(ValueError, match="size"):
+        masks.random_mask(rng, 4)
+
+
+def test_inpainting_unet_starts_as_the_given_unet_with_zero_extra_channels():
+    from ldm.models.unet import UNet
+    from ldm.training import inpainting_unet
+    from ldm.config import with_changes
+
+    config = PRESETS["toy"]
+    config = with_changes(config, unet=with_changes(config.unet, block_out_channels=(16, 32),
+                                                     num_attention_heads=(1, 2), norm_num_groups=8))
+    torch.manual_seed(0)
+    source = UNet(config.unet).state_dict()
+    unet = inpainting_unet(config, source)
+    state = unet.state_dict()
+    assert unet.config.in_channels == 9
+    assert torch.equal(state["conv_in.weight"][:, :4], source["conv_in.weight"])
+    assert not state["conv_in.weight"][:, 4:].any()
+    assert all(torch.equal(state[k], v) for k, v in source.items() if k != "conv_in.weight")
+    with pytest.raises(ValueError, match="input channels"):
+        inpainting_unet(config, state)
+
+
+def test_inpaint_stage_exports_a_toy_inpainting_model(straight_run):
+    load_model = _load_model()
+    workdir, card = straight_run
+    stage = card["stages"]["inpaint"]
+    assert stage["steps"] == 4 and stage["checkpoint"] == str(workdir / "ldm-toy-inpaint.safetensors")
+    model, base = load_model(workdir / "ldm-toy-inpaint.safetensors"), load_model(workdir / "ldm-toy.safetensors")
+    assert model.config.is_inpainting and model.config.unet.in_channels == 9
+    assert model.config.vae == base.config.vae and model.config.text == base.config.text
+    a, b = model.vae.state_dict(), base.vae.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same VAE: the masked picture's latents match
+    assert model.unet.state_dict()["conv_in.weight"][:, 4:].any()  # the new channels learned
+
+
+def test_inpaint_stage_from_a_release_with_rate_zero_keeps_its_unet(train_toy, straight_run, tmp_path, capsys):
+    load_model = _load_model()
+    source = straight_run[0] / "ldm-toy.safetensors"
+    card, log = _smoke_log(train_toy, capsys, tmp_path, "--unet-from", str(source), "--unet-steps", "0",
+                           "--inpaint-steps", "2", "--inpaint-lr", "0")
+    assert "[unet]" not in log and "[inpaint] step 2/2" in log
+    given, made = load_model(source).unet.state_dict(), load_model(tmp_path / "ldm-toy-inpaint.safetensors")
+    state = made.unet.state_dict()
+    assert torch.equal(state["conv_in.weight"][:, :4], given["conv_in.weight"])
+    assert not state["conv_in.weight"][:, 4:].any()  # zero-initialised, as SD's inpainting model began
+    assert all(torch.equal(state[k], v) for k, v in given.items() if k != "conv_in.weight")
+    assert card["stages"]["inpaint"]["init"]["from"] == str(source)
+
+
+def test_inpaint_stage_resumes_bit_exact(train_toy, straight_run, tmp_path, capsys):
+    _smoke(train_toy, tmp_path, "--unet-steps", "4", "--inpaint-steps", "2")
+    _, log = _smoke_log(train_toy, capsys, tmp_path, "--unet-steps", "4", "--inpaint-steps", "4")
+    assert "[unet] done earlier" in log and "[inpaint] resuming at step 2/4" in log
+    resumed, straight = (load_checkpoint(d / "inpaint.pt") for d in (tmp_path, straight_run[0]))
+    for key in ("model", "ema"):
+        a, b = resumed[key], straight[key]
+        a, b = (a["shadow"], b["shadow"]) if key == "ema" else (a, b)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+    exported = [load_file(d / "ldm-toy-inpaint.safetensors") for d in (tmp_path, straight_run[0])]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..models.tokenizer import Tokenizer
 from ..models.vae import DiagonalGaussian
 from ..toy.world import Scene, caption, kind_twin, render, sample_scene
+from .masks import random_mask
 from .seeding import derive_seed
 
 
@@ -82,6 +83,10 @@ class LatentPairs(Dataset):
         return self.count
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self._draw(i)[0]
+
+    def _draw(self, i: int) -> tuple[dict[str, Tensor], int, np.random.Generator]:
+        """The item, the index of its picture in the set, and its generator (to draw more from)."""
         rng = np.random.default_rng(derive_seed(self.seed, self.stream, self.first + i))
         j = int(rng.integers(len(self.latents.scenes)))
         text = caption(self.latents.scenes[j], rng)
@@ -89,4 +94,21 @@ class LatentPairs(Dataset):
             text = ""
         noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
         z = DiagonalGaussian(self.latents.moments[j : j + 1].float()).sample(noise)[0]
-        return {"latents": z * self.latents.scaling_factor, "ids": self.tokenizer([text])[0]}
+        return {"latents": z * self.latents.scaling_factor, "ids": self.tokenizer([text])[0]}, j, rng
+
+
+class InpaintPairs(LatentPairs):
+    """``LatentPairs`` items with what an inpainting model learns from besides: the
+    picture itself (``images``, uint8 ``(3, size, size)``, drawn again from its scene; the
+    task encodes it with the mask applied) and a random mask (``masks``, ``(1, size,
+    size)``, 1 = repainted; :func:`ldm.training.masks.random_mask`)."""
+
+    def __init__(self, latents: LatentSet, seed: int, stream: int, first: int, count: int, p_empty: float,
+                 tokenizer: Tokenizer, size: int) -> None:
+        super().__init__(latents, seed, stream, first, count, p_empty, tokenizer)
+        self.size = size
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item, j, rng = self._draw(i)
+        mask = torch.from_numpy(random_mask(rng, self.size))[None]
+        return {**item, "images": chw(render(self.latents.scenes[j], self.size)), "masks": mask}

@@ -92,10 +92,15 @@ class NoiseSchedule:
 
 
 def diffusion_loss(unet: nn.Module, latents: Tensor, context: Tensor, schedule: NoiseSchedule,
-                   generator: torch.Generator | None) -> Tensor:
-    """DDPM's simple loss (Ho et al. 2020, eq. 14), unweighted MSE on eps (or v)."""
+                   generator: torch.Generator | None, extra: Tensor | None = None) -> Tensor:
+    """DDPM's simple loss (Ho et al. 2020, eq. 14), unweighted MSE on eps (or v).
+
+    ``extra``: more input channels stacked after the noisy latents (an inpainting
+    U-Net's mask and masked-image latents), never noised."""
     latents = latents.float()
     t, noise = schedule.draw(latents, generator)
     noisy = schedule.add_noise(latents, noise, t)
+    if extra is not None:
+        noisy = torch.cat([noisy, extra.to(noisy.dtype)], dim=1)
     prediction = unet(noisy, t, context)
     return F.mse_loss(prediction.float(), schedule.target(latents, noise, t))

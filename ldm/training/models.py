@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import CLIPTextConfig
 
-from ..config import TextEncoderConfig, VAEConfig, text_to_transformers
+from ..config import ModelConfig, TextEncoderConfig, VAEConfig, inpainting_variant, text_to_transformers
 from ..models.text import TextEncoder
+from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..toy.clip import ToyCLIP
 
@@ -35,3 +37,22 @@ def vae_from_state(config: VAEConfig, state: dict[str, Tensor]) -> AutoencoderKL
     vae = AutoencoderKL(config)
     vae.load_state_dict(state, strict=True)
     return vae
+
+
+CONV_IN = "conv_in.weight"
+
+
+def inpainting_unet(config: ModelConfig, state: dict[str, Tensor]) -> UNet:
+    """The inpainting U-Net of ``config`` (``inpainting_variant``) started from the
+    4-channel U-Net weights ``state``, as SD's inpainting model was made from SD: the first
+    conv's new input channels (mask, masked-image latents) start at zero, so the model
+    begins as the text-to-image one and learns to read them."""
+    unet = UNet(inpainting_variant(config).unet)
+    weight = state[CONV_IN]
+    extra = unet.config.in_channels - weight.shape[1]
+    if extra <= 0:
+        raise ValueError(f"{CONV_IN} already has {weight.shape[1]} input channels; expected "
+                         f"{config.unet.in_channels} (a text-to-image U-Net)")
+    zeros = torch.zeros(weight.shape[0], extra, *weight.shape[2:], dtype=weight.dtype)
+    unet.load_state_dict({**state, CONV_IN: torch.cat([weight, zeros], dim=1)}, strict=True)
+    return unet

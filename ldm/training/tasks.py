@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..models.text import TextEncoder
 from ..models.tokenizer import EOS_ID
 from ..models.unet import UNet
+from ..edit_latents import latent_mask
 from ..models.vae import AutoencoderKL
 from ..toy.clip import ToyCLIP
 from .losses import NoiseSchedule, clip_contrastive_loss, diffusion_loss, to_pixels, trim_after_first_eos, vae_loss
@@ -81,3 +82,31 @@ class UNetTask(nn.Module):
         with torch.no_grad():
             context = self.text_encoder(batch["ids"])
         return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator), {}
+
+
+class InpaintTask(UNetTask):
+    """A 9-channel inpainting U-Net (SD's sd-v1-5-inpainting recipe) on the diffusion loss:
+    its input is the noisy latents, the mask at latent resolution and the latents of the
+    picture with the mask's pixels set to 0 (grey), stacked, exactly as the pipeline
+    feeds it (:mod:`ldm.edit_latents`: the same latent mask and masked picture). The VAE
+    that encodes the masked picture is frozen."""
+
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, schedule: NoiseSchedule, vae: AutoencoderKL,
+                 scaling_factor: float) -> None:
+        super().__init__(unet, text_encoder, schedule)
+        self.vae, self.scaling_factor = vae.requires_grad_(False).eval(), scaling_factor
+
+    def train(self, mode: bool = True) -> "InpaintTask":
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
+        masks = (batch["masks"] >= 0.5).float()
+        with torch.no_grad():
+            context = self.text_encoder(batch["ids"])
+            masked = to_pixels(batch["images"]) * (1 - masks)
+            masked_latents = self.vae.encode(masked).sample(generator).float() * self.scaling_factor
+        small = latent_mask(masks, self.vae.config.downsample_factor)
+        extra = torch.cat([small.to(masked_latents), masked_latents], dim=1)
+        return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator, extra), {}
