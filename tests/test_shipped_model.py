@@ -129,3 +129,39 @@ def test_same_seed_same_picture(pipe):
     c = _render(pipe, "a green triangle on a white background", [8])
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+INPAINT_WEIGHTS = WEIGHTS_DIR / "ldm-toy-inpaint.safetensors"
+
+
+@pytest.mark.skipif(not INPAINT_WEIGHTS.is_file(), reason=f"{INPAINT_WEIGHTS} is not there")
+def test_shipped_inpainting_model_repaints_the_mask_and_keeps_the_rest():
+    """The 9-channel toy model (scripts/train_toy.py --inpaint-steps): the new object's colour
+    inside the mask as the prompt says, every pixel outside it the input's."""
+    from ldm.editing import feather_alpha
+    from ldm.toy.edits import box_mask, edit_scenes, object_box, rekinded
+    from ldm.toy.world import caption, render
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = Pipeline.from_pretrained(INPAINT_WEIGHTS, device="cpu", dtype="float32")
+        assert pipe.config.is_inpainting
+        rng = np.random.default_rng(1)
+        scenes = edit_scenes(len(SEEDS), seed=0)
+        targets = [rekinded(s, rng) for s in scenes]
+        images = [render(s, 64) for s in scenes]
+        masks = [box_mask(object_box(s, 64, 3), 64) for s in scenes]
+        prompts = [caption(t, np.random.default_rng(i), "train", full=True) for i, t in enumerate(targets)]
+        out = pipe.generate(prompts,
+                            image=images, mask=masks, seed=list(SEEDS), sampler="euler", steps=20,
+                            output="pil", progress=False).images
+        out = [np.asarray(im) for im in out]
+    finally:
+        torch.set_num_threads(before)
+    for picture, original, mask in zip(out, images, masks):
+        outside = feather_alpha(mask.astype(np.float32), 4) == 0  # beyond the 4-pixel feather
+        assert outside.any()
+        np.testing.assert_array_equal(picture[outside], original[outside])
+    scores = score_images(out, [{"color": t.color, "kind": t.kind} for t in targets])
+    assert sum(s["color"] for s in scores) >= NEEDED, (prompts, scores)
