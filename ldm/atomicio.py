@@ -67,16 +67,8 @@ def non_regular_reason(path: str | os.PathLike) -> str | None:
 
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Persist a rename in ``folder`` (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):
+        _fsync_file(folder)
 
 
 def _temp_prefix(path: Path) -> str:
@@ -174,7 +166,7 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(folder)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -203,11 +195,13 @@ def atomic_path(dst: str | os.PathLike, *, folder: bool = False) -> Iterator[Pat
     Which existing ``dst`` may be replaced is the caller's decision, made before.
     """
     dst = Path(dst)
-    make = tempfile.mkdtemp if folder else tempfile.mkstemp
-    made = make(prefix=_temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent)
-    if not folder:
-        os.close(made[0])
-    tmp = Path(made if folder else made[1])
+    names = {"prefix": _temp_prefix(dst), "suffix": TEMP_SUFFIX, "dir": dst.parent}
+    if folder:
+        tmp = Path(tempfile.mkdtemp(**names))
+    else:
+        fd, name = tempfile.mkstemp(**names)
+        os.close(fd)
+        tmp = Path(name)
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -75,6 +75,11 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     """
     path = Path(path)
     check_regular_file(path)
+    return _read_header(path)
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """:func:`read_safetensors_header` of a path already checked to be a regular file."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
@@ -215,7 +220,7 @@ def open_tensor_file(path: str | Path, *, allow_pickle: bool = False) -> TensorF
             f"{path}: unknown weight file type {suffix!r}; expected .safetensors "
             f"(or, with allow_pickle=True, one of {list(PICKLE_SUFFIXES)})"
         )
-    header, metadata = read_safetensors_header(path)
+    header, metadata = _read_header(path)  # checked above
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types

@@ -333,7 +333,7 @@ def _log_ignored(plan_: _Plan, source: Path) -> None:
 
 def _check_memory(config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype | None) -> None:
     """Refuse, before any module is built, a config whose native size cannot run here."""
-    dtype_bytes = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    dtype_bytes = dtype.itemsize if dtype is not None else 4
     check_native_size(config, str(path), dtype_bytes=dtype_bytes, device=device)
 
 
