@@ -248,7 +248,8 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     errors = sorted(errors + bad, key=lambda e: e.line)
     if bad and opts.strict:
         return strict_refusal(opts.prompts, errors) if main else 2
-    jobs = [j for j in jobs if j.line not in {e.line for e in bad}]
+    bad_lines = {e.line for e in bad}
+    jobs = [j for j in jobs if j.line not in bad_lines]
     if not jobs:
         return _nothing_to_do(opts, errors, main)
     return _render_into(opts, pipe, ref, jobs, inputs, errors, state, print_fn)

@@ -25,9 +25,7 @@ folder or a pipe is refused as a whole with :class:`PromptFileError`.
 from __future__ import annotations
 
 import codecs
-import functools
 import json
-import os
 import re
 import stat
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .batchedit import EDIT_KEYS, Edit, EditDefaults, check_defaults, edit_from_object
-from .pngmeta import GenerationParams, check_round_trip, normalize_prompt
+from .pngmeta import GenerationParams, check_round_trip, normalize_prompt, open_regular
 from .validation import (
     DEFAULTS, MAX_SEED, SIZE_FACTOR, check_guidance, check_int, check_sampler, check_sampling, check_schedule,
     check_seed, check_side,
@@ -127,17 +125,11 @@ def _str(obj: dict, key: str, default: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=256)
-def _check_sampling(sampler: str, schedule: str, steps: int, num_train_timesteps: int) -> None:
-    # Cached: a file of thousands of lines has a handful of combinations.
-    check_sampling(sampler, schedule, steps, num_train_timesteps)
-
-
 def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000) -> tuple[str, str, int]:
     """Sampler, schedule and steps checked together, as sampling will build them."""
     sampler, schedule = check_sampler(sampler), check_schedule(schedule)
     steps = check_int(steps, "steps", 1)
-    _check_sampling(sampler, schedule, steps, num_train_timesteps)
+    check_sampling(sampler, schedule, steps, num_train_timesteps)
     return sampler, schedule, steps
 
 
@@ -232,20 +224,15 @@ def parse_lines(lines: list[str], settings: Settings, jsonl: bool, base: Path = 
     return jobs, errors
 
 
+def _not_a_prompt_file(path: Path, mode: int) -> PromptFileError:
+    if stat.S_ISDIR(mode):
+        return PromptFileError(f"{path}: is a folder; give a prompt file (text or JSONL)")
+    return PromptFileError(f"{path}: not a regular file (a pipe or a device?); give a prompt file")
+
+
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes; a folder, pipe or device is refused without blocking on it."""
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        mode = os.fstat(fd).st_mode  # of what was opened: no race with a swapped path
-        if stat.S_ISDIR(mode):
-            raise PromptFileError(f"{path}: is a folder; give a prompt file (text or JSONL)")
-        if not stat.S_ISREG(mode):
-            raise PromptFileError(f"{path}: not a regular file (a pipe or a device?); give a prompt file")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
+    with open_regular(path, lambda mode: _not_a_prompt_file(path, mode)) as f:
         return f.read()
 
 

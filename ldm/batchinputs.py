@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .batchedit import Edit, InputPath
 from .batchfile import Job, LineError
 from .editing import default_size, extend, rounded_margins
+from .pngmeta import open_regular
 
 
 class InputChangedError(ValueError):
@@ -66,12 +66,9 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
 
 def _read(path: str) -> tuple[bytes, tuple[int, int, int]]:
     """The bytes of a regular file and its stamp, from one open (no race with a swapped path)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{path}: not a regular file")
-        return f.read(), _stamp(st)
+    with open_regular(path, lambda mode: OSError(f"{path}: not a regular file")) as f:
+        stamp = _stamp(os.fstat(f.fileno()))
+        return f.read(), stamp
 
 
 def _decode(data: bytes) -> Any:

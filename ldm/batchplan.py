@@ -8,6 +8,7 @@ run and every rank computes the same one (see :mod:`ldm.batch`).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -114,6 +115,7 @@ def token_chunks(tokenizer: Any) -> Callable[[Item], int]:
     (see :func:`ldm.prompts.encode_prompts`)."""
     size = tokenizer.max_length - 2
 
+    @functools.lru_cache(maxsize=None)  # a line's n images share its texts: tokenized once
     def count(text: str) -> int:
         return max(1, math.ceil(count_tokens(tokenizer, text) / size))
 

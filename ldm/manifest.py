@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .atomicio import atomic_write_bytes
+from .validation import is_int
 
 logger = logging.getLogger("ldm")
 
@@ -57,16 +58,12 @@ def entry_key(entry: dict[str, Any]) -> Key:
     return int(entry["line"]), int(entry["index"])
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def check_entry(entry: Any) -> None:
     """ValueError unless ``entry`` is a dict naming its own image file (see module docstring)."""
     if not isinstance(entry, dict):
         raise ValueError("not a JSON object")
     numbers = [entry.get(k) for k in ("line", "index", "seed")]
-    if not all(_is_int(v) for v in numbers):
+    if not all(is_int(v) and v >= 0 for v in numbers):
         raise ValueError("line, index and seed must be integers >= 0")
     if not isinstance(entry.get("parameters"), dict):
         raise ValueError("no parameters")

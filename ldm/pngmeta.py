@@ -40,7 +40,7 @@ import stat
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from PIL import Image, PngImagePlugin
 
@@ -379,22 +379,30 @@ def _check_length(text: str, name: str) -> None:
                          f"parameters, got {len(text)}")
 
 
-def _open_regular(path: str | os.PathLike) -> Any:
-    """``path`` opened for reading if it is a regular file; a folder or a FIFO is
-    refused without blocking (opened non-blocking, then checked on the open file)."""
+def open_regular(path: str | os.PathLike, refuse: Callable[[int], BaseException]) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, else ``refuse(st_mode)`` raised.
+
+    A folder or a FIFO is refused without blocking: opened non-blocking, then checked
+    on the open file (so a path swapped meanwhile is no race). The readers of input
+    files (images, prompt files, a batch's input pictures) all open through here.
+    """
     nonblocking = getattr(os, "O_NONBLOCK", 0)
     fd = os.open(path, os.O_RDONLY | nonblocking)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
-            raise ValueError(f"{path}: is {kind}, not an image file")
+            raise refuse(mode)
         if nonblocking:
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _not_an_image(path: str | os.PathLike, mode: int) -> ValueError:
+    kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+    return ValueError(f"{path}: is {kind}, not an image file")
 
 
 # What Pillow raises on a damaged file: bad chunks (SyntaxError), cut-off data,
@@ -410,7 +418,7 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
     not an image, or a damaged one (found on opening or while reading in the block)
     raises ValueError whose message starts with ``path``.
     """
-    with _open_regular(path) as f:
+    with open_regular(path, lambda mode: _not_an_image(path, mode)) as f:
         try:
             with Image.open(f) as image:
                 yield image

@@ -8,6 +8,7 @@ anything renders. Torch is imported only by :func:`check_sampling`.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -124,21 +125,22 @@ def check_side(value: Any, name: str, example: int = 512) -> int:
 def check_sampling(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000) -> None:
     """Everything about sampler, schedule and step count that can fail later, checked now:
     the combination is built exactly as sampling builds it (e.g. Karras sigmas only for
-    the k-samplers, at most 999 DDIM steps over 1000 training steps)."""
+    the k-samplers, at most 999 DDIM steps over 1000 training steps). A combination that
+    passed is not built again (a batch of thousands of lines has a handful of them)."""
     check_sampler(sampler)
     karras = check_schedule(schedule) == "karras"
-    steps = check_int(steps, "steps", 1)
+    _check_built(sampler, karras, check_int(steps, "steps", 1), num_train_timesteps)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_built(sampler: str, karras: bool, steps: int, num_train_timesteps: int) -> None:
     from .samplers import sampling_schedule
 
     sampling_schedule(sampler, _schedule(num_train_timesteps), steps, karras=karras)
 
 
-_SCHEDULE_CACHE: dict[int, Any] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _schedule(num_train_timesteps: int) -> Any:
     from .denoisers import DiscreteSchedule
 
-    if num_train_timesteps not in _SCHEDULE_CACHE:
-        _SCHEDULE_CACHE[num_train_timesteps] = DiscreteSchedule(num_train_timesteps)
-    return _SCHEDULE_CACHE[num_train_timesteps]
+    return DiscreteSchedule(num_train_timesteps)
