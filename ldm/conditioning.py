@@ -75,8 +75,8 @@ class Conditioning:
 
 
 def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-    """Call the U-Net with what ``cond`` carries, in the U-Net's own dtype and device."""
-    cond = cond.to(x.device, x.dtype)
+    """Call the U-Net with what ``cond`` carries; ``cond`` is already in the U-Net's dtype
+    and on its device (cast once per call with :meth:`Conditioning.to`, not per step)."""
     if cond.concat is not None:
         x = torch.cat([x, cond.concat], dim=1)
     return unet(x, t, cond.context)

@@ -97,7 +97,6 @@ class DiscreteSchedule:
         return ((1 - w) * low + w * (low + 1)).to(out_dtype)
 
 
-
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:
     """Broadcast a scalar or per-batch-row value against ``x`` of shape (B, C, ...)."""
     value = value.to(device=x.device, dtype=x.dtype)

@@ -143,10 +143,12 @@ def blend_callback(edit: EditLatents, sigmas: Tensor) -> Callback:
     plms's first) are blended once per step; diffusers' Heun also blends its half steps.
     """
     known, noise, mask = edit.known, edit.noise, edit.blend
+    keep = 1 - mask  # made once: the same at every step
+    sigmas = sigmas.to(known.device)
 
     def on_step(i: int, total: int, x: Tensor, denoised: Tensor) -> Tensor:
-        sigma = sigmas[i + 1].to(x.device)
+        sigma = sigmas[i + 1]
         proper = known * (sigma**2 + 1) ** 0.5 if i == total - 1 else known + sigma * noise
-        return (1 - mask) * proper + mask * x
+        return keep * proper + mask * x
 
     return on_step

@@ -353,6 +353,9 @@ class Pipeline:
         return Conditioning(cond), Conditioning(uncond)
 
     def _denoiser(self, cond: Conditioning, uncond: Conditioning | None, scale: float) -> CFGDenoiser:
+        # Cast once here: the U-Net sees the same conditioning at every step.
+        cond = cond.to(self.device, self.dtype)
+        uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
         denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction_type)
         return CFGDenoiser(denoiser, cond, uncond, scale)
 

@@ -94,12 +94,6 @@ def read_colors(img: np.ndarray) -> dict[str, str | None]:
     return {"background": COLORS[bg], "color": _name(obj), "hat_color": _name(_hat(labels, inner, obj))}
 
 
-
-
-
-
-
-
 def score_images(images, attributes: list[dict], classifier=None) -> list[dict[str, bool]]:
     """For each image, whether each stated attribute is visible: ``{name: bool}``.
 
@@ -128,6 +122,3 @@ def score_images(images, attributes: list[dict], classifier=None) -> list[dict[s
             out["hat"] = pred["hat"] == attrs["hat"]
         results.append(out)
     return results
-
-
-
