@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 from . import batchlock, manifest
 from .atomicio import append_line, remove_temp_files
+from .adapters.prompt_loras import file_hash, resolve_tags, split_tags
 from .batchfile import Job, LineError, Settings, check_settings, check_steps, read_jobs
 from .batchinputs import Inputs, check_inputs, edit_arguments
 from .grid import image_grid
@@ -73,6 +74,8 @@ class BatchOptions:
     grid_rows: int | None = None
     jsonl: bool | None = None
     allow_pickle: bool = False
+    lora_dirs: tuple[Path, ...] = ()
+    embedding_dirs: tuple[Path, ...] | None = None
 
 
 def _distributed_state(device: str | None):
@@ -128,7 +131,26 @@ def loaded_errors(jobs: list[Job], pipe: Any) -> tuple[Inputs, list[LineError]]:
     inputs, errors = check_inputs(jobs, pipe.config.default_size)
     bad = {e.line for e in errors}
     errors += model_errors([j for j in jobs if j.line not in bad], pipe, inputs)
+    bad = {e.line for e in errors}
+    for job in jobs:
+        if job.line in bad:
+            continue
+        try:
+            inputs.networks[job.line] = network_fields(pipe, job)
+        except (ValueError, OSError) as exc:
+            errors.append(LineError(job.line, str(exc), job.text))
     return inputs, sorted(errors, key=lambda e: e.line)
+
+
+def network_fields(pipe: Any, job: Job) -> dict[str, dict[str, str]]:
+    """The ``Lora hashes`` and ``TI hashes`` a line's images record: its ``<lora:...>`` tags'
+    files (found now, so a missing one is a bad line, not a stopped batch) and the
+    embeddings its texts use, as ``Pipeline.generate`` reports them."""
+    (text,), tags = split_tags([job.prompt], [job.negative_prompt])
+    files = resolve_tags(tags, pipe.lora_dirs)
+    texts = [text, job.negative_prompt] if job.guidance > 1 else [text]
+    return {"lora_hashes": {name: file_hash(path) for name, path in files.items()},
+            "ti_hashes": pipe.embeddings.ti_hashes(texts)}
 
 
 def model_errors(jobs: list[Job], pipe: Any, inputs: Inputs | None = None) -> list[LineError]:
@@ -261,7 +283,8 @@ def _load(opts: BatchOptions, state: Any) -> tuple[Any, ModelRef]:
 
     model_path = Path(opts.model) if opts.model else default_weights_path()
     pipe = Pipeline.from_pretrained(model_path, device=_rank_device(opts.device, state), dtype=opts.dtype,
-                                    allow_pickle=opts.allow_pickle)
+                                    allow_pickle=opts.allow_pickle, lora_dirs=opts.lora_dirs,
+                                    embedding_dirs=opts.embedding_dirs)
     return pipe, model_ref(model_path)
 
 
@@ -275,7 +298,7 @@ def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], 
                  errors: list[LineError], state: Any, print_fn: Callable[[str], None]) -> int:
     main = state.is_main_process
     items = expand(jobs, pipe.config.default_size, ref, inputs)
-    chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer))
+    chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)
     if (rec.conflicts or rec.changed_inputs) and not opts.overwrite:
@@ -349,7 +372,7 @@ def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir
                 [i.job.prompt for i in chunk], [i.job.negative_prompt for i in chunk],
                 seed=[i.seed for i in chunk], steps=first.job.steps, guidance_scale=first.job.guidance,
                 width=first.width, height=first.height, sampler=first.job.sampler,
-                schedule=first.job.schedule, progress=False,
+                schedule=first.job.schedule, clip_skip=first.job.clip_skip, progress=False,
                 **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
             )
             for item, image in zip(chunk, gen.images):

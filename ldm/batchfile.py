@@ -3,7 +3,7 @@
 Plain text (any suffix but ``.jsonl``/``.ndjson``): each line is a prompt. JSONL:
 each line is an object with ``prompt`` and optionally ``negative_prompt``,
 ``seed``, ``steps``, ``guidance``, ``sampler``, ``schedule``, ``size`` (``"WxH"``,
-``[w, h]`` or one int for a square), ``n`` (images of this line) and the
+``[w, h]`` or one int for a square), ``n`` (images of this line), ``clip_skip`` and the
 image-editing keys of :mod:`ldm.batchedit` (``image``, ``mask``, ``strength``,
 ``extend``, ``fill``, ``mask_blur``, ``mask_padding``; paths relative to the
 file's folder). In both, blank lines and lines starting with ``#`` are skipped;
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .batchedit import EDIT_KEYS, Edit, EditDefaults, check_defaults, edit_from_object
-from .pngmeta import GenerationParams, check_round_trip, normalize_prompt, open_regular
+from .pngmeta import MAX_CLIP_SKIP, GenerationParams, check_round_trip, normalize_prompt, open_regular
 from .validation import (
     DEFAULTS, MAX_SEED, SIZE_FACTOR, check_guidance, check_int, check_sampler, check_sampling, check_schedule,
     check_seed, check_side,
@@ -46,7 +46,7 @@ SEED_MODULUS = 2**32 - SEED_STRIDE
 MAX_IMAGES_PER_LINE = SEED_STRIDE
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n",
-              *EDIT_KEYS)
+              "clip_skip", *EDIT_KEYS)
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
@@ -69,6 +69,7 @@ class Settings:
     n: int = DEFAULTS.num_images
     seed: int = 0  # the base seed
     edit: EditDefaults = EditDefaults()  # for lines with an image
+    clip_skip: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Job:
     size: tuple[int, int] | None  # None: the model's native size, or the edited image's
     n: int
     edit: Edit | None = None
+    clip_skip: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,14 +136,20 @@ def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: in
 
 
 def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, steps: int, guidance: float,
-                    size: tuple[int, int] | None, seed: int, edit: Edit | None) -> None:
+                    size: tuple[int, int] | None, seed: int, edit: Edit | None, clip_skip: int) -> None:
     """Refuse a line whose PNG parameters text would read back as something else
     (e.g. a prompt line starting with ``Negative prompt:``): such an image could not
     be made again from its file. The native size stands in until the model is known."""
     width, height = size or (SIZE_FACTOR, SIZE_FACTOR)
     check_round_trip(GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                                       schedule=schedule, guidance_scale=guidance, seed=seed, width=width,
-                                      height=height, **(edit.params() if edit else {})))
+                                      height=height, clip_skip=recorded_clip_skip(clip_skip),
+                                      **(edit.params() if edit else {})))
+
+
+def recorded_clip_skip(clip_skip: int) -> int | None:
+    """``Clip skip`` as the PNG text records it: left out at the default 1, as the web UI does."""
+    return clip_skip if clip_skip > 1 else None
 
 
 def _seed_and_count(obj: dict, line: int, settings: Settings) -> tuple[int, int]:
@@ -172,8 +180,9 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Pa
     size = parse_size(obj["size"]) if "size" in obj else settings.size
     seed, n = _seed_and_count(obj, line, settings)
     edit = edit_from_object(obj, base, settings.edit, steps)
-    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit)
-    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit)
+    clip_skip = check_int(obj.get("clip_skip", settings.clip_skip), "clip_skip", 1, MAX_CLIP_SKIP)
+    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip)
+    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit, clip_skip)
 
 
 def check_settings(settings: Settings) -> None:

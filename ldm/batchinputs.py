@@ -47,6 +47,8 @@ class Inputs:
     files: dict[str, InputFile] = field(default_factory=dict)
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # line -> (width, height)
     input_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # line -> what the pipeline receives
+    # line -> the "lora_hashes" / "ti_hashes" its PNG text records (see ldm.batch.network_fields)
+    networks: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
 
     def size_of(self, job: Job, native_size: int) -> tuple[int, int]:
         """The size ``job`` renders at (see :func:`check_inputs`), by default the model's native size."""

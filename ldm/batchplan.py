@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import manifest
-from .batchfile import Job
+from .adapters.lora_files import extract_lora_tags
+from .batchfile import Job, recorded_clip_skip
 from .batchinputs import Inputs
 from .modelref import ModelRef
 from .pngmeta import GenerationParams
-from .prompts import count_tokens
+from .prompts import count_chunks
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | 
                 prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                 sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
                 seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
+                clip_skip=recorded_clip_skip(job.clip_skip), **inputs.networks.get(job.line, {}),
                 **(job.edit.params() if job.edit else {}),
             )
             items.append(Item(job, k, width, height, params, records, inputs.input_sizes.get(job.line)))
@@ -96,6 +97,11 @@ def _edit_key(item: Item) -> tuple | None:
     return item.input_size, edit.strength, edit.masked, edit.mask_blur, edit.mask_padding
 
 
+@functools.lru_cache(maxsize=None)
+def _tag_settings(prompt: str) -> tuple:
+    return tuple((t.name, t.text_encoder, t.unet) for t in extract_lora_tags(prompt)[1])
+
+
 def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[Item], int]) -> list[list[Item]]:
     """Items grouped by what one pipeline call must share, in line order, cut into
     chunks of ``batch_size``; groups ordered by their first line."""
@@ -104,24 +110,24 @@ def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[It
     groups: dict[tuple, list[Item]] = {}
     for item in items:
         j = item.job
-        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, context_chunks(item),
-               _edit_key(item))
+        # A call applies one set of <lora:...> tags: lines with other tags (or weights) go apart.
+        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, j.clip_skip,
+               _tag_settings(j.prompt), context_chunks(item), _edit_key(item))
         groups.setdefault(key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def token_chunks(tokenizer: Any) -> Callable[[Item], int]:
+def token_chunks(tokenizer: Any, embeddings: Any = None) -> Callable[[Item], int]:
     """The number of 77-token rows an item's text context has in a single call
-    (see :func:`ldm.prompts.encode_prompts`)."""
-    size = tokenizer.max_length - 2
+    (see :func:`ldm.prompts.count_chunks`: weights, BREAK, commas, prompt editing)."""
 
     @functools.lru_cache(maxsize=None)  # a line's n images share its texts: tokenized once
-    def count(text: str) -> int:
-        return max(1, math.ceil(count_tokens(tokenizer, text) / size))
+    def count(text: str, steps: int) -> int:
+        return count_chunks(tokenizer, text, steps=steps, embeddings=embeddings)
 
     def chunks(item: Item) -> int:
         j = item.job
-        n = count(j.prompt)
-        return max(n, count(j.negative_prompt)) if j.guidance > 1 else n
+        n = count(extract_lora_tags(j.prompt)[0], j.steps)  # the text the pipeline encodes
+        return max(n, count(j.negative_prompt, j.steps)) if j.guidance > 1 else n
 
     return chunks

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from bisect import bisect_left
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -55,6 +56,10 @@ class Conditioning:
         """The rows ``rows`` of every field (a sub-batch)."""
         return self._map(lambda t: t[rows])
 
+    def replace(self, **fields: Any) -> "Conditioning":
+        """A copy with ``fields`` replaced (e.g. ``concat`` for a 9-channel model)."""
+        return dataclasses.replace(self, **fields)
+
     @classmethod
     def cat(cls, parts: Sequence["Conditioning"]) -> "Conditioning":
         """Rows of ``parts`` stacked field by field (CFG's ``[uncond, cond]`` batch)."""
@@ -72,6 +77,80 @@ class Conditioning:
             else:
                 fields[f.name] = values[0]
         return dataclasses.replace(first, **fields)
+
+
+@dataclass(frozen=True)
+class ScheduledConditioning:
+    """Conditioning that changes with the sampling step (prompt editing, alternation).
+
+    ``segments[k]`` is the batch's :class:`Conditioning` for the sampling steps ``s``
+    (0-based, over the steps a call runs) with ``ends[k - 1] < s <= ends[k]``:
+    AUTOMATIC1111's rule (``reconstruct_cond_batch``: the first entry whose
+    ``end_at_step`` is at or after the step). Steps past the last end use the last
+    segment. Every segment has the same batch size and field shapes, so the guidance
+    batch can be built for each segment once. The methods of :class:`Conditioning`
+    that transform a batch apply to every segment; segments that are the same
+    object stay shared.
+    """
+
+    segments: tuple[Conditioning, ...]
+    ends: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.segments or len(self.segments) != len(self.ends):
+            raise ValueError(
+                f"a scheduled conditioning needs one end step per segment, got {len(self.segments)} "
+                f"segments and {len(self.ends)} ends"
+            )
+        if any(not isinstance(s, Conditioning) for s in self.segments):
+            raise TypeError("segments must all be Conditioning")
+        if any(b <= a for a, b in zip(self.ends, self.ends[1:])):
+            raise ValueError(f"segment end steps must increase, got {self.ends}")
+        shapes = {tuple((name, tuple(t.shape)) for name, t in s._tensors()) for s in self.segments}
+        if len(shapes) > 1:
+            raise ValueError(f"segments differ in field shapes: {sorted(shapes)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.segments[0].batch_size
+
+    def at(self, step: int) -> Conditioning:
+        """The conditioning of sampling step ``step`` (0-based)."""
+        return self.segments[min(bisect_left(self.ends, step), len(self.ends) - 1)]
+
+    def _each(self, fn: Callable[[Conditioning], Conditioning]) -> "ScheduledConditioning":
+        done: dict[int, Conditioning] = {}
+        for s in self.segments:
+            if id(s) not in done:
+                done[id(s)] = fn(s)
+        return ScheduledConditioning(tuple(done[id(s)] for s in self.segments), self.ends)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> "ScheduledConditioning":
+        return self._each(lambda s: s.to(device, dtype))
+
+    def select(self, rows: slice) -> "ScheduledConditioning":
+        return self._each(lambda s: s.select(rows))
+
+    def replace(self, **fields: Any) -> "ScheduledConditioning":
+        return self._each(lambda s: s.replace(**fields))
+
+    @classmethod
+    def cat(cls, parts: Sequence["Conditioning | ScheduledConditioning"]) -> "ScheduledConditioning":
+        """Rows of ``parts`` stacked at every step (a plain :class:`Conditioning` part is
+        the same at every step); one segment per run of steps on which no part changes."""
+        ends = sorted({e for p in parts if isinstance(p, ScheduledConditioning) for e in p.ends})
+        if not ends:
+            raise ValueError("ScheduledConditioning.cat needs at least one scheduled part")
+        built: dict[tuple[int, ...], Conditioning] = {}
+        segments = []
+        for end in ends:
+            picked = [p.at(end) if isinstance(p, ScheduledConditioning) else p for p in parts]
+            key = tuple(id(c) for c in picked)
+            if key not in built:
+                built[key] = Conditioning.cat(picked)
+            segments.append(built[key])
+        return cls(tuple(segments), tuple(ends))
 
 
 def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .conditioning import Conditioning
+from .conditioning import Conditioning, ScheduledConditioning
 from .config import PREDICTION_TYPES, ModelConfig
 
 # The U-Net: model(sample, timestep, conditioning) -> epsilon or v.
@@ -155,6 +155,24 @@ class Denoiser:
         return out * (-s / (s**2 + 1) ** 0.5) + (x / (s**2 + 1))
 
 
+def step_index(sigmas: Tensor, sigma: Tensor) -> int:
+    """The sampling step (0-based) whose level range holds ``sigma``.
+
+    ``sigmas`` are the decreasing levels of the steps that run (``steps + 1`` of them);
+    step ``i`` covers ``sigmas[i + 1] < sigma <= sigmas[i]``, a level above the first
+    is step 0 and one at or below the last is the last step. A pure function of the
+    level, so every evaluation at a level gets the same step whatever the sampler or
+    the call order: a midpoint evaluation inside a step belongs to that step, while
+    Heun's corrector, evaluated exactly at the next level, belongs to the next step.
+    ``sigma`` is 0-d or one equal value per batch row.
+    """
+    sigma = torch.as_tensor(sigma).detach().flatten().double().cpu()
+    if sigma.numel() == 0 or not bool((sigma == sigma[0]).all()):
+        raise ValueError(f"a step needs one noise level for the whole batch, got {sigma.tolist()}")
+    inner = sigmas.detach().double().cpu()[1:-1]
+    return int((inner >= sigma[0]).sum())
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): ``denoiser(x, sigma) -> x0``.
 
@@ -165,35 +183,62 @@ class CFGDenoiser:
     since x0 is affine in the model output with the same coefficients for both
     halves. With ``scale <= 1`` only the conditional pass runs (diffusers skips
     guidance then too).
+
+    ``cond`` / ``uncond`` may be a :class:`~ldm.conditioning.ScheduledConditioning`
+    (prompt editing): each evaluation then uses the segment of the step its level
+    falls in (:func:`step_index` over ``sigmas``, the levels of the steps that run),
+    so the samplers stay unchanged and hold no step counter.
     """
 
     def __init__(
-        self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float
+        self,
+        denoiser: Denoiser,
+        cond: Conditioning | ScheduledConditioning,
+        uncond: Conditioning | ScheduledConditioning | None,
+        scale: float,
+        *,
+        sigmas: Tensor | None = None,
     ) -> None:
+        kinds = (Conditioning, ScheduledConditioning)
         for name, value in (("cond", cond), ("uncond", uncond)):
-            if value is not None and not isinstance(value, Conditioning):
-                raise TypeError(f"{name} must be a Conditioning, got {type(value).__name__}")
+            if value is not None and not isinstance(value, kinds):
+                raise TypeError(f"{name} must be a Conditioning or ScheduledConditioning, got {type(value).__name__}")
         if scale > 1 and uncond is None:
             raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding")
+        scheduled = any(isinstance(v, ScheduledConditioning) for v in (cond, uncond))
+        if scheduled and (sigmas is None or torch.as_tensor(sigmas).ndim != 1 or len(sigmas) < 2):
+            raise ValueError(
+                "a scheduled conditioning needs sigmas, the 1-d levels of the steps that run, "
+                f"to find each step; got {None if sigmas is None else tuple(torch.as_tensor(sigmas).shape)}"
+            )
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
         self.scale = scale
-        # Built once: the guided batch's conditioning is the same at every step.
-        self._both = Conditioning.cat([uncond, cond]) if scale > 1 else None
+        self.sigmas = sigmas
+        # Built once: the guided batch's conditioning (for each segment of a schedule).
+        self._both = None
+        if scale > 1:
+            self._both = (ScheduledConditioning.cat if scheduled else Conditioning.cat)([uncond, cond])
 
     @property
     def prediction_type(self) -> str:
         return self.denoiser.prediction_type
 
+    def _at(self, cond: Conditioning | ScheduledConditioning | None, sigma: Tensor) -> Conditioning | None:
+        if not isinstance(cond, ScheduledConditioning):
+            return cond
+        return cond.at(step_index(self.sigmas, sigma))
+
     def __call__(self, x: Tensor, sigma: Tensor, *, t: Tensor | None = None) -> Tensor:
         if self._both is None:
-            return self.denoiser(x, sigma, self.cond, t=t)
+            return self.denoiser(x, sigma, self._at(self.cond, sigma), t=t)
+        both = self._at(self._both, sigma)
         sigma = torch.as_tensor(sigma)
         if sigma.ndim:
             sigma = torch.cat([sigma, sigma])
         if t is not None and torch.as_tensor(t).ndim:
             t = torch.cat([t, t])
-        x0 = self.denoiser(torch.cat([x, x]), sigma, self._both, t=t)
+        x0 = self.denoiser(torch.cat([x, x]), sigma, both, t=t)
         uncond, cond = x0.chunk(2)
         return uncond + self.scale * (cond - uncond)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -14,8 +13,11 @@ import torch
 from PIL import Image
 
 from . import validation as check
+from .adapters.embeddings import EmbeddingTable
+from .adapters.lora import LoraSet
+from .adapters.prompt_loras import split_tags, tagged_loras
 from .checkpoints import LoadedModel, load_model
-from .conditioning import Conditioning, run_unet
+from .conditioning import Conditioning, ScheduledConditioning, run_unet
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
 from .dtypes import parse_dtype
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
@@ -23,7 +25,7 @@ from .edit_request import EditRequest, plan_edit
 from .editing import DEFAULT_MASK_BLUR
 from .limits import plan_batch
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
-from .prompts import encode_prompts
+from .prompts import encode_conditioning
 from .samplers import first_step, sample, sampling_schedule
 
 logger = logging.getLogger("ldm")
@@ -31,6 +33,7 @@ logger = logging.getLogger("ldm")
 __all__ = ["Pipeline", "Generation", "NonFiniteError", "default_weights_path", "WEIGHTS_DIR", "DEFAULT_WEIGHTS"]
 
 OUTPUTS = ("pil", "np", "latent")
+Cond = Conditioning | ScheduledConditioning
 D = check.DEFAULTS
 
 
@@ -91,7 +94,8 @@ class Pipeline:
     >>> pipe("a cat wearing a hat", negative_prompt="blurry", steps=20, seed=42)[0].save("cat.png")
     """
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, *, lora_dirs: Sequence[str | Path] = (),
+                 embedding_dirs: Sequence[str | Path] | None = None, allow_pickle: bool = False) -> None:
         self.model = model
         self.config = model.config
         self.unet = model.unet.eval()
@@ -99,6 +103,13 @@ class Pipeline:
         self.text_encoder = model.text_encoder.eval()
         self.tokenizer = model.tokenizer
         self.schedule = DiscreteSchedule.from_config(model.config)
+        self.embeddings = EmbeddingTable(self.text_encoder, self.tokenizer, dirs=embedding_dirs,
+                                         allow_pickle=allow_pickle)
+        self.loras = LoraSet(self.unet, self.text_encoder, self.config)
+        # Where <lora:name:weight> tags are looked up (then $LDM_LORA_DIR), and whether
+        # pickle files found there (and in the embedding folders) may load.
+        self.lora_dirs = [Path(d) for d in lora_dirs]
+        self.allow_pickle = allow_pickle
 
     @classmethod
     def from_pretrained(
@@ -110,9 +121,16 @@ class Pipeline:
         prediction_type: str | None = None,
         config: Any = None,
         allow_pickle: bool = False,
+        lora_dirs: Sequence[str | Path] = (),
+        embedding_dirs: Sequence[str | Path] | None = None,
     ) -> "Pipeline":
         """Load a single-file checkpoint (original layout), a diffusers folder, or,
-        with no path, the model shipped in weights/."""
+        with no path, the model shipped in weights/.
+
+        ``lora_dirs``: folders for the prompts' ``<lora:name:weight>`` tags (searched before
+        ``LDM_LORA_DIR``); ``embedding_dirs``: textual-inversion embeddings that load when a
+        prompt names their file's stem (default ``LDM_EMBEDDING_DIR``). ``allow_pickle``
+        lets ``.ckpt``/``.pt`` files load (``weights_only=True``), checkpoints and those alike."""
         device = resolve_device(device)  # before the (slow) load: a bad device fails at once
         dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
         if path is None:
@@ -126,7 +144,7 @@ class Pipeline:
             path, device=device, dtype=dtype, config=config,
             prediction_type=prediction_type, allow_pickle=allow_pickle,
         )
-        return cls(model)
+        return cls(model, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, allow_pickle=allow_pickle)
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +160,47 @@ class Pipeline:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
+
+    @property
+    def embedding_dirs(self) -> list[Path]:
+        """Folders of textual-inversion embeddings: a file loads when a prompt contains its
+        stem, as in A1111's embeddings/ folder (default: ``LDM_EMBEDDING_DIR``)."""
+        return self.embeddings.dirs
+
+    @embedding_dirs.setter
+    def embedding_dirs(self, dirs: Sequence[str | Path]) -> None:
+        self.embeddings.dirs = dirs
+
+    def load_embedding(self, path: str | Path, token: str | None = None, *, allow_pickle: bool = False) -> str:
+        """Load a textual-inversion embedding (A1111 ``.pt`` / ``.safetensors``, diffusers
+        ``learned_embeds``); returns its trigger word: ``token``, else the file's stem.
+        Pickle files need ``allow_pickle=True``. See :mod:`ldm.adapters.embeddings`."""
+        return self.embeddings.load(path, token, allow_pickle=allow_pickle)
+
+    def unload_embedding(self, token: str | None = None) -> None:
+        """Unload one embedding, or all of them (``None``)."""
+        self.embeddings.unload(token)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, *,
+                  text_encoder_scale: float | None = None, allow_pickle: bool = False) -> str:
+        """Apply a LoRA-family file (kohya-ss/A1111 LoRA and LoCon, LyCORIS LoHa and LoKr,
+        diffusers/PEFT); returns the name it is known by: ``name``, else the file's stem.
+
+        ``scale`` multiplies its U-Net layers and, unless ``text_encoder_scale`` is given, its
+        text-encoder layers. Several files can be loaded, each with its own scales. The
+        file is checked whole before any weight changes (one error naming the path and
+        the entries). Pickle files need ``allow_pickle=True``. See :mod:`ldm.adapters.lora`."""
+        return self.loras.load(path, scale, name, text_encoder_scale=text_encoder_scale,
+                               allow_pickle=allow_pickle)
+
+    def set_lora_scale(self, name: str, scale: float, *, text_encoder_scale: float | None = None) -> None:
+        """Change a loaded LoRA's multipliers (as :meth:`load_lora` takes them)."""
+        self.loras.set_scale(name, scale, text_encoder_scale=text_encoder_scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all of them (``None``): every weight they changed gets its
+        original value back, bit for bit."""
+        self.loras.unload(name)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  **kwargs: Any) -> Any:
@@ -172,6 +231,7 @@ class Pipeline:
         output: Literal["pil", "np", "latent"] = "pil",
         progress: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        clip_skip: int = D.clip_skip,
     ) -> Generation:
         """Like ``__call__`` but returns a :class:`Generation` with the seed of every image.
 
@@ -199,9 +259,16 @@ class Pipeline:
         size (rounded down to multiples of 8); images of another size are resized to
         them, with a log line. A 9-channel model called without an image paints a blank
         image under a full mask (A1111's txt2img with inpainting models).
+
+        Prompts use AUTOMATIC1111's prompt language (see :mod:`ldm.prompts` and
+        :mod:`ldm.prompt_schedule`): ``(word:1.3)`` weights, ``BREAK``, ``[from:to:when]``
+        editing and ``[a|b]`` alternation over the ``steps`` steps. ``clip_skip`` (A1111's
+        numbering: 1 = the text encoder's last layer, 2 = the penultimate, ...; diffusers'
+        ``clip_skip=k`` is ``k + 1`` here) picks the layer the U-Net is conditioned on.
         """
-        prompts = _as_list(prompt, "prompt")
-        negatives = self._negatives(negative_prompt, len(prompts))
+        tagged = _as_list(prompt, "prompt")
+        negatives = self._negatives(negative_prompt, len(tagged))
+        prompts, lora_tags = split_tags(tagged, negatives)
         steps = check.check_int(steps, "steps", 1)
         num_images = check.check_int(num_images, "num_images", 1)
         edit = plan_edit(image, mask, strength, count=len(prompts), width=width, height=height,
@@ -209,6 +276,7 @@ class Pipeline:
                          keep_unmasked=keep_unmasked, mask_blur=mask_blur, mask_padding=mask_padding)
         width, height = (edit.width, edit.height) if edit else self._size(width, height)
         guidance_scale = check.check_guidance(guidance_scale)
+        clip_skip = check.check_clip_skip(clip_skip, self.config.text.num_hidden_layers)
         schedule = check.check_schedule(schedule)
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps)
         start = first_step(steps, edit.strength) if edit else 0
@@ -217,6 +285,7 @@ class Pipeline:
         if edit is not None and latents is not None:
             raise ValueError("latents cannot be given with an image to edit: the image's latents are the start")
 
+        tagged = [p for p in tagged for _ in range(num_images)]
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         edit = edit.repeat(num_images) if edit else None
@@ -226,21 +295,25 @@ class Pipeline:
         per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
                               guided=guided, device=self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        cond, uncond = self.encode_prompts(prompts, negatives if guided else None)
-        if edit is None:
-            start_latents = EditLatents(None, self._noise(latents, generators, count, height, width))
-        else:
-            start_latents = self._edit_latents(edit, generators)
-        run = _Run(sampler, steps, schedule == "karras", start, guidance_scale, progress, callback)
-        result = torch.cat([
-            self._sample(run, cond, uncond, start_latents, generators, slice(first, first + per_call))
-            for first in range(0, count, per_call)
-        ])
+        with tagged_loras(self.loras, lora_tags, self.lora_dirs, allow_pickle=self.allow_pickle) as lora_hashes:
+            cond, uncond = self.encode_prompts(prompts, negatives if guided else None, steps=steps,
+                                               clip_skip=clip_skip)
+            if edit is None:
+                start_latents = EditLatents(None, self._noise(latents, generators, count, height, width))
+            else:
+                start_latents = self._edit_latents(edit, generators)
+            run = _Run(sampler, steps, schedule == "karras", start, guidance_scale, progress, callback)
+            result = torch.cat([
+                self._sample(run, cond, uncond, start_latents, generators, slice(first, first + per_call))
+                for first in range(0, count, per_call)
+            ])
         images = result if output == "latent" else self._finish(result, edit, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                      sampler=sampler, schedule=schedule, seed=seeds[0],
+                      sampler=sampler, schedule=schedule, seed=seeds[0], clip_skip=clip_skip,
+                      lora_hashes=lora_hashes,
+                      ti_hashes=self.embeddings.ti_hashes(prompts + (negatives if guided else [])),
                       **(edit.params() if edit else dict(strength=None, mask_blur=None, mask_padding=None)))
-        return Generation(images, seeds, prompts, negatives, params)
+        return Generation(images, seeds, tagged, negatives, params)
 
     def _edit_latents(self, edit: EditRequest, generators: list[torch.Generator]) -> EditLatents:
         """Init latents, noise and mask inputs of an edit, per image from its generator."""
@@ -257,16 +330,17 @@ class Pipeline:
                                  "nothing was sampled (try dtype float32)")
         return latents
 
-    def _sample(self, run: "_Run", cond: Conditioning, uncond: Conditioning | None, start: EditLatents,
+    def _sample(self, run: "_Run", cond: Cond, uncond: Cond | None, start: EditLatents,
                 generators: list[torch.Generator], rows: slice) -> torch.Tensor:
         """Sample the images ``rows`` of the call (a sub-batch that fits in memory)."""
         part = start.rows(rows)
         cond = _with_concat(cond.select(rows), part.concat)
         uncond = _with_concat(uncond.select(rows), part.concat) if uncond is not None else None
-        denoiser = self._denoiser(cond, uncond, run.guidance_scale)
+        # A scheduled conditioning finds each step from the levels of the steps that run.
+        plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras)
+        denoiser = self._denoiser(cond, uncond, run.guidance_scale, plan.sigmas[run.start:])
         on_step = _progress(run.steps - run.start, run.progress, run.callback, run.sampler, rows.start)
         if part.known is not None:
-            plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras)
             on_step = _chain(blend_callback(part, plan.sigmas[run.start:]), on_step)
         return sample(
             run.sampler, denoiser, part.noise, run.steps, self.schedule, karras=run.karras,
@@ -340,24 +414,24 @@ class Pipeline:
         noise = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(noise).to(self.device)
 
-    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None
-                       ) -> tuple[Conditioning, Conditioning | None]:
-        """Conditioning for prompts (and negatives, padded to the same context length)."""
-        window = self.config.text.max_position_embeddings
-        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts)
-        if negatives is None:
-            return Conditioning(cond), None
-        uncond = encode_prompts(self.text_encoder, self.tokenizer, negatives, min_chunks=cond.shape[1] // window)
-        if uncond.shape[1] > cond.shape[1]:
-            cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, min_chunks=uncond.shape[1] // window)
-        return Conditioning(cond), Conditioning(uncond)
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None, *,
+                       steps: int | None = None, clip_skip: int = D.clip_skip) -> tuple[Cond, Cond | None]:
+        """Conditioning for prompts (and negatives, padded to the same context length), in
+        AUTOMATIC1111's prompt language (:func:`ldm.prompts.encode_conditioning`).
 
-    def _denoiser(self, cond: Conditioning, uncond: Conditioning | None, scale: float) -> CFGDenoiser:
-        # Cast once here: the U-Net sees the same conditioning at every step.
+        Prompt editing and alternation need ``steps``; a side with them is a
+        :class:`~ldm.conditioning.ScheduledConditioning`, otherwise a :class:`Conditioning`.
+        """
+        return encode_conditioning(self.text_encoder, self.tokenizer, prompts, negatives, steps=steps,
+                                   clip_skip=clip_skip, embeddings=self.embeddings)
+
+    def _denoiser(self, cond: Cond, uncond: Cond | None, scale: float,
+                  sigmas: torch.Tensor | None = None) -> CFGDenoiser:
+        # Cast once here, not per step (for a schedule, each segment once).
         cond = cond.to(self.device, self.dtype)
         uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
         denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction_type)
-        return CFGDenoiser(denoiser, cond, uncond, scale)
+        return CFGDenoiser(denoiser, cond, uncond, scale, sigmas=sigmas)
 
     def _unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # The sampler works in float32; the U-Net runs in the pipeline's dtype.
@@ -402,12 +476,12 @@ def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray((array * 255).round().astype(np.uint8))
 
 
-def _with_concat(cond: Conditioning | None, concat: torch.Tensor | None) -> Conditioning | None:
+def _with_concat(cond: Cond | None, concat: torch.Tensor | None) -> Cond | None:
     """``cond`` carrying a 9-channel model's extra input channels (the same for the
     unconditional half, as diffusers stacks ``[mask] * 2``)."""
     if cond is None or concat is None:
         return cond
-    return dataclasses.replace(cond, concat=concat)
+    return cond.replace(concat=concat)
 
 
 def _chain(first: Callable, then: Callable) -> Callable:

@@ -15,8 +15,11 @@ Karras schedule; the web UI's newer ``Schedule type: Karras`` key is read too.
 Image edits carry the web UI's keys too: ``Denoising strength`` (img2img), ``Mask blur``
 (inpainting), ``Inpaint area: Only masked`` with ``Masked area padding`` (only the masked
 region rendered). The input image and mask are not in the text (the web UI does not write
-them), so an edited image is made again with its inputs given anew. Keys ``ldm`` has no
-use for (``Clip skip``, ``VAE hash`` ...) are kept in :attr:`GenerationParams.extra`.
+them), so an edited image is made again with its inputs given anew. ``Clip skip`` (written
+when above 1, as the web UI does), ``Lora hashes`` and ``TI hashes`` (``"name: hash, ..."``:
+the LoRAs of the prompt's ``<lora:...>`` tags and the embeddings it used, so ``--from`` can
+tell when a file differs) are fields too. Keys ``ldm`` has no use for (``VAE hash`` ...)
+are kept in :attr:`GenerationParams.extra`.
 
 The format has no escape for a prompt line that starts with ``Negative prompt:``
 (the web UI reads it as the start of the negative prompt), and readers strip the
@@ -65,12 +68,13 @@ _ASCII_SPACE = " \t\r\n\x0b\x0c"
 # The web UI's editing keys (modules/processing.py): "Denoising strength" for every img2img,
 # "Mask blur" with a mask, and the two keys of "inpaint only masked".
 STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING = "Denoising strength", "Mask blur", "Inpaint area", "Masked area padding"
+CLIP_SKIP, LORA_HASHES, TI_HASHES = "Clip skip", "Lora hashes", "TI hashes"
 ONLY_MASKED = "Only masked"
 # The web UI's default padding when an image says "Only masked" without one (infotext_utils).
 DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-          STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING)
+          STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
 
@@ -79,6 +83,7 @@ _HIRES_PREFIX = "Hires "
 MAX_STEPS = 1000  # as many as the model's training timesteps; the web UI's slider stops at 150
 MAX_SIDE = 4096  # pixels per side; the web UI's slider stops at 2048
 MAX_PROMPT_CHARS = 20_000  # ~70 CLIP chunks; PNG text chunks may hold megabytes
+MAX_CLIP_SKIP = 48  # more than any CLIP text tower has layers (bigG: 32)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class GenerationParams:
     strength: float | None = None
     mask_blur: int | None = None
     mask_padding: int | None = None
+    clip_skip: int | None = None
+    lora_hashes: dict[str, str] = field(default_factory=dict)
+    ti_hashes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -123,7 +131,7 @@ class GenerationParams:
             prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
             guidance_scale=self.guidance_scale, width=self.width, height=self.height,
             seed=self.seed, sampler=self.sampler, schedule=self.schedule, strength=self.strength,
-            mask_blur=self.mask_blur, mask_padding=self.mask_padding,
+            mask_blur=self.mask_blur, mask_padding=self.mask_padding, clip_skip=self.clip_skip,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -192,6 +200,9 @@ def format_parameters(p: GenerationParams) -> str:
         (MASK_BLUR, p.mask_blur),
         (INPAINT_AREA, ONLY_MASKED if p.mask_padding is not None else None),
         (PADDING, p.mask_padding),
+        (CLIP_SKIP, p.clip_skip),  # the caller leaves out 1, as the web UI does
+        (LORA_HASHES, _format_hashes(p.lora_hashes)),
+        (TI_HASHES, _format_hashes(p.ti_hashes)),
     ]
     pairs += [(k, v) for k, v in p.extra.items() if k != "Sampler"]
     lines = [p.prompt]
@@ -199,6 +210,22 @@ def format_parameters(p: GenerationParams) -> str:
         lines.append(f"{_NEGATIVE} {p.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs if v is not None))
     return "\n".join(lines)
+
+
+def _format_hashes(hashes: dict[str, str]) -> str | None:
+    # The web UI drops ":" and "," from the names so the list reads back (extra_networks_lora.py).
+    items = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items()]
+    return ", ".join(items) or None
+
+
+def _parse_hashes(key: str, value: str) -> dict[str, str]:
+    hashes = {}
+    for item in value.split(","):
+        name, sep, digest = item.rpartition(":")
+        if not sep or not name.strip() or not digest.strip():
+            raise ValueError(f"parameters: {key!r} must be 'name: hash, ...', got {value!r}")
+        hashes[name.strip()] = digest.strip()
+    return hashes
 
 
 def _unquote(text: str) -> str:
@@ -277,6 +304,11 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["model_hash"] = pairs["Model hash"]
     if "Model" in pairs:
         fields["model"] = pairs["Model"]
+    if CLIP_SKIP in pairs:
+        fields["clip_skip"] = _int(CLIP_SKIP, pairs[CLIP_SKIP])
+    for key, name in ((LORA_HASHES, "lora_hashes"), (TI_HASHES, "ti_hashes")):
+        if key in pairs:
+            fields[name] = _parse_hashes(key, pairs[key])
     _parse_edit(pairs, fields, extra)
     return GenerationParams(prompt="\n".join(prompt), negative_prompt="\n".join(negative),
                             extra=extra, **fields)
@@ -357,6 +389,7 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
         "strength": lambda v: check_strength(v, STRENGTH),
         "mask_blur": lambda v: check_int(v, MASK_BLUR, 0, MAX_SIDE),
         "mask_padding": lambda v: check_int(v, PADDING, 0, MAX_SIDE),
+        "clip_skip": lambda v: check_int(v, CLIP_SKIP, 1, MAX_CLIP_SKIP),
     }
     for name, check in checks.items():
         value = getattr(p, name)

@@ -44,6 +44,7 @@ class GenerationDefaults:
     sampler: str = "dpmpp_2m"
     schedule: str = "default"
     num_images: int = 1
+    clip_skip: int = 1
 
 
 DEFAULTS = GenerationDefaults()
@@ -96,6 +97,15 @@ def check_margins(left: Any, top: Any, right: Any, bottom: Any) -> tuple[int, in
     if not any(margins):
         raise ValueError("extend needs at least one margin > 0 (left, top, right, bottom), got all zero")
     return margins  # type: ignore[return-value]
+
+
+def check_clip_skip(value: Any, layers: int | None = None, name: str = "clip_skip") -> int:
+    """CLIP skip in AUTOMATIC1111's numbering: 1 conditions on the text encoder's last layer
+    (no skip), 2 on the penultimate, ...; at most ``layers``, the encoder's layer count."""
+    if not is_int(value) or value < 1 or (layers is not None and value > layers):
+        upper = f" to {layers} (the text encoder's layers)" if layers is not None else " or more"
+        raise ValueError(f"{name} must be an integer from 1 (the last layer, no skip){upper}, got {value!r}")
+    return int(value)
 
 
 def check_seed(value: Any, name: str = "seed") -> int:

@@ -35,3 +35,22 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture(scope="module")
+def sd1_pipe(sd1_folder):
+    """The tiny SD1 pipeline, loaded once per test module."""
+    from ldm import Pipeline
+
+    return Pipeline.from_pretrained(sd1_folder, device="cpu")
+
+
+@pytest.fixture
+def sd1(sd1_pipe):
+    """The tiny SD1 pipeline; every LoRA is unloaded after the test, which must restore it."""
+    from test_lora_formats import changed, snapshot
+
+    before = snapshot(sd1_pipe)
+    yield sd1_pipe
+    sd1_pipe.unload_lora()
+    assert changed(sd1_pipe, before) == []

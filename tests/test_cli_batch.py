@@ -128,7 +128,8 @@ def test_parse_a1111_written_text():
     assert (p.steps, p.sampler, p.schedule, p.guidance_scale, p.seed) == (30, "dpmpp_2m", "karras", 7.0, 2179987202)
     assert (p.width, p.height, p.model, p.model_hash) == (768, 512, "anything-v4.5", "93b79e09ed")
     assert p.strength == 0.7  # an img2img's: a field, as ldm makes such images too
-    assert p.extra == {"Clip skip": "2", "Lora hashes": "detail: 1a2b3c, style: 4d5e6f", "Version": "v1.6.0"}
+    assert (p.clip_skip, p.lora_hashes) == (2, {"detail": "1a2b3c", "style": "4d5e6f"})
+    assert p.extra == {"Version": "v1.6.0"}
     assert p.to_kwargs()["sampler"] == "dpmpp_2m"
 
     # Web UI >= 1.9 writes the schedule as its own key.
@@ -285,12 +286,12 @@ def test_generate_info_and_regenerate_from_png(sd1_folder, tmp_path, capsys, mon
         pipe.generate(["a", "b"], seed=[5], steps=1, output="latent", progress=False)
 
     # A different model hash is warned about; overrides apply.
-    params = read_parameters(single).replace(model_hash="0123456789", extra={"Clip skip": "2"})
+    params = read_parameters(single).replace(model_hash="0123456789", extra={"VAE hash": "0a1b2c3d"})
     tampered = tmp_path / "tampered.png"
     save_png(Image.open(single), tampered, params)
     assert main(["generate", "--from", str(tampered), "--model", str(sd1_folder), "--steps", "2",
                  "--device", "cpu", "-o", str(again)]) == 0
-    assert "model hash differs" in caplog.text and "Clip skip: 2" in caplog.text
+    assert "model hash differs" in caplog.text and "VAE hash: 0a1b2c3d" in caplog.text
     assert read_parameters(again / "00002-42.png").steps == 2
 
 

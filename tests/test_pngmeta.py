@@ -115,6 +115,8 @@ def test_normalize_prompt_keeps_the_tokens_and_makes_text_round_trip():
     ("CFG scale: inf", "CFG scale"), ("CFG scale: nan", "CFG scale"), ("CFG scale: 1e308", "CFG scale"),
     ("Steps: 99999999", "Steps"), ("Steps: 0", "Steps"), ("Seed: -1", "Seed"), (f"Seed: {2**32}", "Seed"),
     ("Size: 0x0", "Size width"), ("Size: 99999x99999", "Size width"), ("Size: 64x7", "Size height"),
+    ("Clip skip: 0", "Clip skip"), ("Clip skip: 1000", "Clip skip"), ("Clip skip: two", "Clip skip"),
+    ('Lora hashes: "no hash here"', "Lora hashes"), ('TI hashes: ": abc"', "TI hashes"),
 ])
 def test_values_read_from_an_image_are_validated_and_capped(tmp_path, line, field):
     path = tmp_path / "bad.png"
@@ -158,3 +160,28 @@ def test_printable_escapes_terminal_controls_but_keeps_the_layout():
     encoded = printable_json(json.dumps({"p": text}, ensure_ascii=False))
     assert json.loads(encoded) == {"p": text}
     assert not any(c in encoded for c in "\x1b\x9b\u202e\x7f")
+
+
+A1111_WITH_NETWORKS = (
+    "masterpiece, <lora:add_detail:0.6>, (a cat:1.2) BREAK hat, my-style\n"
+    "Negative prompt: easynegative, blurry\n"
+    'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, Size: 512x768, Model hash: 6ce0161689, '
+    'Model: v1-5, Clip skip: 2, Lora hashes: "add_detail: 7c6bad76eb54, other: 0123456789ab", '
+    'TI hashes: "easynegative: c74b4e810b03, my-style: deadbeef0001", Version: v1.10.1'
+)
+
+
+def test_clip_skip_and_network_hashes_are_fields_and_read_back():
+    # Text as the web UI writes it (modules/processing.py, extra_networks_lora.py, textual_inversion.py).
+    p = parse_parameters(A1111_WITH_NETWORKS)
+    assert p.clip_skip == 2
+    assert p.lora_hashes == {"add_detail": "7c6bad76eb54", "other": "0123456789ab"}
+    assert p.ti_hashes == {"easynegative": "c74b4e810b03", "my-style": "deadbeef0001"}
+    assert p.extra == {"Version": "v1.10.1"}
+    assert p.to_kwargs()["clip_skip"] == 2
+    assert "<lora:add_detail:0.6>" in p.prompt  # the tags stay in the prompt: --from reapplies them
+    check_round_trip(p)
+    assert parse_parameters(format_parameters(p)) == p
+    # Names with ":" or "," cannot read back, so they are written without them, as the web UI does.
+    text = format_parameters(BASE.replace(lora_hashes={"a:b,c": "0123"}))
+    assert 'Lora hashes: "abc: 0123"' in text

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts, outdir=args.output, settings=settings, model=args.model,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, strict=args.strict,
         overwrite=args.overwrite, grid=args.grid, grid_rows=args.grid_rows, jsonl=jsonl,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, lora_dirs=tuple(args.lora_dirs or ()),
+        embedding_dirs=tuple(args.embedding_dirs) if args.embedding_dirs else None,
     )
     return run_batch(opts)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..batchfile import Settings, parse_size
 from ..dtypes import DTYPE_NAMES, canonical_dtype_name
 from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
+from ..pngmeta import MAX_CLIP_SKIP
 from ..validation import (
     A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_guidance, check_int, check_margins, check_seed,
     check_strength,
@@ -84,6 +85,8 @@ guidance_float = _option_type(float, check_guidance, "a number such as 7.5")
 dtype_name = _option_type(str, canonical_dtype_name, "a dtype name")
 strength_float = _option_type(float, check_strength, "a number in (0, 1] such as 0.6")
 pixels_int = _option_type(_whole_number, lambda v: check_int(v, "value", 0), "a whole number of pixels >= 0")
+clip_skip_int = _option_type(_whole_number, lambda v: check_int(v, "value", 1, MAX_CLIP_SKIP),
+                             "a whole number >= 1 (1: the last layer, 2: the penultimate)")
 
 
 def margins_arg(text: str) -> tuple[int, int, int, int]:
@@ -163,7 +166,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default=None,
                    help="default: float16 on GPU, float32 on CPU (fp16, bf16 ... accepted)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="allow .ckpt/.pt checkpoints (loaded with weights_only=True)")
+                   help="allow .ckpt/.pt checkpoints, LoRAs and embeddings (loaded with weights_only=True)")
+    p.add_argument("--lora-dir", dest="lora_dirs", type=Path, action="append", default=None, metavar="DIR",
+                   help="folder of LoRA files for <lora:name:weight> in prompts (repeatable; searched before "
+                   "$LDM_LORA_DIR)")
+    p.add_argument("--embedding-dir", dest="embedding_dirs", type=Path, action="append", default=None,
+                   metavar="DIR", help="folder of textual-inversion embeddings, used when a prompt names a file's "
+                   "stem (repeatable; searched before $LDM_EMBEDDING_DIR)")
 
 
 def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, default_output: str | None = None) -> None:
@@ -180,6 +189,9 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
     p.add_argument("--n", type=positive_int, default=None, help=f"images per prompt (default {d.num_images})")
     p.add_argument("--size", type=size_arg, default=None, metavar="WxH",
                    help="image size, multiples of 8 (default: the model's native size)")
+    p.add_argument("--clip-skip", type=clip_skip_int, default=None, metavar="N",
+                   help="condition on the text encoder's N-th layer from the end, as the web UI counts: "
+                   "1 the last (default), 2 the penultimate")
     add_model_options(p)
     if default_output is None:
         p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
@@ -235,7 +247,7 @@ def settings_from_args(args: argparse.Namespace, base_seed: int = 0) -> Settings
     return Settings(
         negative_prompt=args.negative or "", steps=value(args, "steps"), guidance=value(args, "guidance"),
         sampler=value(args, "sampler"), schedule=value(args, "schedule"), size=args.size,
-        n=value(args, "n"), seed=base_seed if args.seed is None else args.seed,
+        n=value(args, "n"), seed=base_seed if args.seed is None else args.seed, clip_skip=args.clip_skip or 1,
     )
 
 

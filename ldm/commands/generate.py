@@ -33,7 +33,7 @@ _NUMBERED = re.compile(r"^(\d+)-")
 _OVERRIDES = (("prompt", "prompt"), ("negative", "negative_prompt"), ("steps", "steps"),
               ("sampler", "sampler"), ("schedule", "schedule"), ("guidance", "guidance_scale"),
               ("seed", "seed"), ("strength", "strength"), ("mask_blur", "mask_blur"),
-              ("mask_padding", "mask_padding"))
+              ("mask_padding", "mask_padding"), ("clip_skip", "clip_skip"))
 # Options that need --image, and those that need a mask (--mask or --extend).
 _NEED_IMAGE = ("mask", "extend", "strength", "mask_blur", "mask_padding", "raw_decode", "fill")
 _NEED_MASK = ("mask_blur", "mask_padding", "raw_decode")
@@ -74,7 +74,7 @@ def _params_from_args(args: argparse.Namespace) -> GenerationParams:
         sampler=value(args, "sampler"), schedule=value(args, "schedule"),
         guidance_scale=value(args, "guidance"), seed=_random_seed() if args.seed is None else args.seed,
         width=width, height=height, strength=args.strength, mask_blur=args.mask_blur,
-        mask_padding=args.mask_padding,
+        mask_padding=args.mask_padding, clip_skip=args.clip_skip,
     )
 
 
@@ -102,6 +102,8 @@ def _params(args: argparse.Namespace) -> GenerationParams:
     """The parameters to render, checked before any model loads."""
     p = _params_from_image(args) if args.from_image else _params_from_args(args)
     p = p.replace(prompt=normalize_prompt(p.prompt), negative_prompt=normalize_prompt(p.negative_prompt))
+    if p.clip_skip == 1:  # the default: not written, as the web UI leaves it out
+        p = p.replace(clip_skip=None)
     p.to_kwargs()  # refuses a sampler or schedule from the image that ldm lacks
     check_sampling(p.sampler, p.schedule, p.steps)
     check_round_trip(p.replace(extra={}))  # as written: the image's other keys are not
@@ -203,6 +205,19 @@ def _edit_record(gen: Any, edit: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _warn_changed_files(source: Path, p: GenerationParams, used: dict[str, Any]) -> None:
+    """Say when a LoRA or embedding the image names is another file now (or was not used)."""
+    for what, field in (("LoRA", "lora_hashes"), ("embedding", "ti_hashes")):
+        then, now = getattr(p, field), used[field]
+        for name, digest in then.items():
+            if name not in now:
+                logger.warning("%s: made with %s %r [%s], which this render did not use; the image will differ",
+                               source, what, printable(name), printable(digest))
+            elif now[name] != digest.lower():
+                logger.warning("%s: %s %r was [%s], the file found now is [%s]; the image will differ",
+                               source, what, printable(name), printable(digest), now[name])
+
+
 def run(args: argparse.Namespace) -> int:
     check_edit_flags(args)
     out = _output_dir(args)
@@ -228,7 +243,8 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
 
     model_path = _model_for(args, p if args.from_image else None)
     pipe = Pipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype,
-                                    allow_pickle=args.allow_pickle)
+                                    allow_pickle=args.allow_pickle, lora_dirs=args.lora_dirs or (),
+                                    embedding_dirs=args.embedding_dirs)
     ref = model_ref(model_path)
     if args.from_image and p.model_hash and p.model_hash.lower() != ref.hash:
         logger.warning("model hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ",
@@ -240,6 +256,9 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
         kwargs["seed"] = p.seed - batch[1]
     gen = pipe.generate(**kwargs, **edit, num_images=n)
     record = _edit_record(gen, edit)
+    record.update(lora_hashes=gen.params["lora_hashes"], ti_hashes=gen.params["ti_hashes"])
+    if args.from_image:
+        _warn_changed_files(args.from_image, p, record)
     keep = [batch[1]] if batch else list(range(n))
 
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,15 @@ last block removed (as diffusers' SD2 ``text_encoder`` already is, and as
 :mod:`ldm.checkpoints.keymap_text` does for original files) that is exactly
 CLIPTextModel's ``last_hidden_state`` with gelu and ``num_hidden_layers - 1``
 layers. So one module serves both, and its output is what the U-Net is fed.
+
+CLIP skip counts back from that output in AUTOMATIC1111's numbering: ``clip_skip=N``
+is the output of the N-th block from the end, through the final LayerNorm
+(``hidden_states[-N]``, as the web UI's ``encode_with_transformers``); 1 is the
+model's own conditioning, 2 skips one more block. diffusers' ``clip_skip=k``
+(``hidden_states[-(k + 1)]``) is ldm's ``k + 1``. For SD2, 1 is OpenCLIP's
+penultimate block (what SD2 was trained on) and 2 the block before it; the web UI
+ignores its CLIP-skip setting for SD2 (sd_hijack_open_clip.py), so its SD2 images
+correspond to ``clip_skip=1``.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..config import TextEncoderConfig, text_to_transformers
+from ..validation import check_clip_skip
 
 
 class TextEncoder(nn.Module):
@@ -57,8 +67,14 @@ class TextEncoder(nn.Module):
     def context_length(self) -> int:
         return self.config.max_position_embeddings
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Last hidden state after the final LayerNorm, ``(B, L, hidden_size)``."""
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Hidden state of block ``-clip_skip`` after the final LayerNorm, ``(B, L, hidden_size)``
+        (``clip_skip=1``: the last block, the model's conditioning; see the module docstring)."""
+        clip_skip = check_clip_skip(clip_skip, self.num_layers)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -71,5 +87,7 @@ class TextEncoder(nn.Module):
             )
         input_ids = input_ids.to(self.device, torch.long)
         position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
-        out = self.text_model(input_ids=input_ids, position_ids=position_ids)
-        return out.last_hidden_state
+        if clip_skip == 1:
+            return self.text_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        out = self.text_model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True)
+        return self.text_model.final_layer_norm(out.hidden_states[-clip_skip])
