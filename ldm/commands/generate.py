@@ -256,7 +256,7 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
         kwargs["seed"] = p.seed - batch[1]
     gen = pipe.generate(**kwargs, **edit, num_images=n)
     record = _edit_record(gen, edit)
-    record.update(lora_hashes=gen.params["lora_hashes"], ti_hashes=gen.params["ti_hashes"])
+    record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}))
     if args.from_image:
         _warn_changed_files(args.from_image, p, record)
     keep = [batch[1]] if batch else list(range(n))

@@ -25,7 +25,6 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..config import TextEncoderConfig, text_to_transformers
-from ..validation import check_clip_skip
 
 
 class TextEncoder(nn.Module):
@@ -74,7 +73,9 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """Hidden state of block ``-clip_skip`` after the final LayerNorm, ``(B, L, hidden_size)``
         (``clip_skip=1``: the last block, the model's conditioning; see the module docstring)."""
-        clip_skip = check_clip_skip(clip_skip, self.num_layers)
+        # ldm.validation.check_clip_skip words this for users; models depend on their config only.
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= self.num_layers:
+            raise ValueError(f"clip_skip must be an integer from 1 to {self.num_layers}, got {clip_skip!r}")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
