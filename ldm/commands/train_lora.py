@@ -53,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ".txt file of the same name (kohya-ss's convention), and write it to --out in kohya's format "
         "(lora_unet_* / lora_te_* with ss_* metadata), which ldm, AUTOMATIC1111, ComfyUI and diffusers "
         "load. Rerun the same command to continue an interrupted run (or to train to more --steps); "
-        "its state is in --workdir. Runs on several GPUs with `accelerate launch -m ldm train-lora ...`.",
+        "its state is in --workdir. Several GPUs: `accelerate launch -m ldm train-lora ...`; several CPU "
+        "processes: `ACCELERATE_USE_CPU=1 torchrun --nproc-per-node N -m ldm train-lora ...` (a run repeats "
+        "bit for bit with the same number of processes).",
     )
     p.add_argument("images", type=Path, metavar="IMAGES_DIR", help="folder of NAME.png + NAME.txt pairs")
     p.add_argument("--out", type=Path, required=True, metavar="LORA.safetensors",
@@ -125,5 +127,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(settings.out.parent, "--out")
     check_output_dir(settings.state_dir, "--workdir")
     result = train_lora(settings)
-    print(f"wrote {result.out} ({result.steps} steps on {result.pictures} pictures)")
+    if result.written:
+        print(f"wrote {result.out} ({result.steps} steps on {result.pictures} pictures)")
     return 0

@@ -12,7 +12,9 @@ U-Net's transformer blocks (``Transformer2DModel``: ``proj_in``, ``proj_out``,
 ``ff.net.2``); with ``conv_rank`` also the layers of the ResNet blocks and the
 down/up-samplers (kohya's ``conv_dim``: 3x3 convs at ``conv_rank``, their Linear and 1x1
 layers at ``rank``); with a text encoder, every Linear of its attention and MLP blocks
-(``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``).
+(``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``), at their own alpha if
+given. :class:`LoRASpec` ``layers`` narrows the U-Net's layers (e.g. to the cross-attention
+keys and values, ``attn2.to_k`` and ``attn2.to_v``).
 
 Names: ``lora_unet_<module>`` / ``lora_te_<module>``, the diffusers module name with
 every ``.`` replaced by ``_``; the file holds ``<name>.lora_down.weight``,
@@ -155,8 +157,16 @@ def lora_targets(model: nn.Module, prefix: str, blocks: tuple[type[nn.Module], .
                 yield f"{prefix}.{block_name}.{layer_name}".replace(".", "_"), layer
 
 
-def _is_3x3(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+def _rank_alpha(spec: LoRASpec, name: str, layer: nn.Module) -> tuple[int, float] | None:
+    """The rank and alpha of the branch of the layer ``name``, None if ``spec`` leaves it out."""
+    conv = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+    if (conv and spec.conv_rank is None) or not spec.wants(name):
+        return None
+    if conv:
+        return spec.conv_rank, spec.resolved_conv_alpha
+    if name.startswith(TEXT_PREFIX) and spec.text_alpha is not None:
+        return spec.rank, spec.text_alpha
+    return spec.rank, spec.resolved_alpha
 
 
 class LoRANetwork(nn.Module):
@@ -183,18 +193,10 @@ class LoRANetwork(nn.Module):
         if spec.text_encoder:
             found += list(lora_targets(text_encoder, TEXT_PREFIX, TEXT_BLOCKS))
         for name, layer in found:
-            if name in self._bases:  # a layer reached through two target blocks
+            settings = _rank_alpha(spec, name, layer)
+            if settings is None or name in self._bases:  # left out, or reached through two blocks
                 continue
-            conv = _is_3x3(layer)
-            if (conv and spec.conv_rank is None) or not spec.wants(name):
-                continue
-            if conv:
-                rank, alpha = spec.conv_rank, spec.resolved_conv_alpha
-            elif name.startswith(TEXT_PREFIX) and spec.text_alpha is not None:
-                rank, alpha = spec.rank, spec.text_alpha
-            else:
-                rank, alpha = spec.rank, spec.resolved_alpha
-            self.add_module(name, LoRAModule(layer, rank, alpha, generator))
+            self.add_module(name, LoRAModule(layer, *settings, generator))
             self._bases[name] = layer
         for prefix, part in ((UNET_PREFIX, "U-Net"), (TEXT_PREFIX, "text encoder")):
             if (prefix == UNET_PREFIX or spec.text_encoder) and not any(n.startswith(prefix) for n in self._bases):

@@ -133,6 +133,7 @@ class LoRAResult:
     losses: list  # [step, mean loss] at each progress line
     pictures: int
     metadata: dict[str, str]
+    written: bool  # this process wrote the file (the main one, with several processes)
 
 
 def check_out(out: Path) -> None:
@@ -320,7 +321,8 @@ def metadata_fields(settings: LoRATraining, run: Prepared, steps: int, processes
         "ss_optimizer": f"torch.optim.AdamW(weight_decay={WEIGHT_DECAY})", "ss_max_grad_norm": MAX_GRAD_NORM,
         "ss_max_train_steps": settings.steps, "ss_steps": steps, "ss_seed": settings.seed,
         "ss_caption_dropout_rate": settings.caption_dropout, "ss_cache_latents": True,
-        "ss_mixed_precision": "bf16" if settings.bf16 else "no", "ss_ema_decay": settings.ema_decay, "ss_output_name": settings.out.stem,
+        "ss_mixed_precision": "bf16" if settings.bf16 else "no", "ss_ema_decay": settings.ema_decay,
+        "ss_output_name": settings.out.stem,
         "ss_tag_frequency": _tag_frequency(settings.images, examples),
         "ss_dataset_dirs": _dataset_dirs(settings.images, examples), "ss_training_finished_at": time.time(),
     }
@@ -365,4 +367,4 @@ def train_lora(settings: LoRATraining, accelerator: Accelerator | None = None) -
         logger.info("wrote %s (%d LoRA layers, %d steps)", settings.out, len(list(network.children())), result.step)
     acc.wait_for_everyone()
     return LoRAResult(settings.out, result.step, result.record["seconds"], result.record["losses"],
-                      len(examples), metadata)
+                      len(examples), metadata, acc.is_main_process)
