@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch", help="render every line of a prompt file (text or JSONL), resumably",
         description="Render PROMPTS (one prompt per line, or JSONL objects with prompt, "
-        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, and for editing image, "
+        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, clip_skip, and for editing image, "
         "mask, strength, extend, fill, mask_blur, mask_padding, paths relative to PROMPTS' folder) into "
         "DIR as LLLLL-KK-SEED.png plus manifest.jsonl. A rerun skips finished images. Several processes "
         "(--num-processes N, or `accelerate launch -m ldm batch ...`) split the work and give the "
