@@ -44,7 +44,10 @@ class UNetConfig:
     # SD1: 8 heads everywhere; SD2: 64-channel heads, i.e. (5, 10, 20, 20).
     num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
     cross_attention_dim: int = 768
-    transformer_layers_per_block: int = 1
+    # Transformer blocks per attention module: one number for every level, or one per
+    # level (SDXL base: (1, 2, 10); the mid block uses the last level's, the up path
+    # mirrors the down path, as diffusers builds it).
+    transformer_layers_per_block: int | tuple[int, ...] = 1
     # SD1 projects in/out of the transformer with 1x1 convs, SD2 with linears.
     use_linear_projection: bool = False
     upcast_attention: bool = False
@@ -52,9 +55,37 @@ class UNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # SDXL's extra embedding added to the timestep's (diffusers' addition_embed_type
+    # "text_time"): the pooled text embedding concatenated with the sinusoidal
+    # embeddings (addition_time_embed_dim wide each) of the size / crop / aesthetic
+    # ids, projection_class_embeddings_input_dim inputs in all (base: 1280 + 6 x 256,
+    # refiner: 1280 + 5 x 256). None for SD1/SD2.
+    addition_embed_type: Literal["text_time"] | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks per attention module at down level ``level`` (and its mirror)."""
+        layers = self.transformer_layers_per_block
+        return layers if isinstance(layers, int) else layers[level]
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
+        layers = self.transformer_layers_per_block
+        if isinstance(layers, int):
+            if layers < 1:
+                raise ValueError(f"UNetConfig: transformer_layers_per_block must be >= 1, got {layers}")
+        elif len(layers) != n or any(not isinstance(d, int) or d < 1 for d in layers):
+            raise ValueError(f"UNetConfig: transformer_layers_per_block {layers} must be one number >= 1 or "
+                             f"{n} of them (one per level)")
+        added = (self.addition_embed_type, self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNetConfig: addition_embed_type {self.addition_embed_type!r} is not supported "
+                             "(only SDXL's 'text_time')")
+        if (added[0] is None) != (added[1] is None) or (added[0] is None) != (added[2] is None):
+            raise ValueError("UNetConfig: addition_embed_type, addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim are set together (SDXL) or not at all, "
+                             f"got {added}")
         for name in ("down_block_types", "up_block_types", "num_attention_heads"):
             if len(getattr(self, name)) != n:
                 raise ValueError(
@@ -102,6 +133,13 @@ class TextEncoderConfig:
 
     ``pad_token`` follows the original models: SD1 pads with the end token,
     SD2 (OpenCLIP) pads with id 0.
+    ``hidden_layer``: what the U-Net is fed: ``"last"``, the last layer through the
+    final LayerNorm (SD1; SD2, whose last OpenCLIP block is dropped); ``"penultimate"``,
+    the output of the next-to-last layer without the final LayerNorm (SDXL's both
+    encoders, SGM's ``layer="penultimate"`` / ``"hidden"`` with ``layer_idx=11``).
+    ``projection_dim``: set for an encoder that also gives a pooled embedding (SDXL's
+    OpenCLIP ViT-bigG: the final LayerNorm of the last layer at the end token, times
+    ``text_projection``; transformers' CLIPTextModelWithProjection), else None.
     """
 
     vocab_size: int = 49408
@@ -113,9 +151,16 @@ class TextEncoderConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     pad_token: Literal["eos", "zero"] = "eos"
+    hidden_layer: Literal["last", "penultimate"] = "last"
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_heads("TextEncoderConfig", self.hidden_size, self.num_attention_heads)
+        if self.hidden_layer not in ("last", "penultimate"):
+            raise ValueError(f"TextEncoderConfig: hidden_layer must be 'last' or 'penultimate', "
+                             f"got {self.hidden_layer!r}")
+        if self.hidden_layer == "penultimate" and self.num_hidden_layers < 2:
+            raise ValueError("TextEncoderConfig: hidden_layer 'penultimate' needs at least 2 layers")
 
 
 def _check_heads(where: str, channels: int, heads: int) -> None:
@@ -145,19 +190,25 @@ def text_to_transformers(config: TextEncoderConfig) -> dict[str, Any]:
         "bos_token_id": 49406,
         "eos_token_id": 49407,
         "pad_token_id": 49407 if config.pad_token == "eos" else 0,
-        "projection_dim": config.hidden_size,
-    }
+        "projection_dim": config.projection_dim or config.hidden_size,
+    } | ({"architectures": ["CLIPTextModelWithProjection"]} if config.projection_dim else {})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A whole latent diffusion model: components plus its training noise schedule."""
+    """A whole latent diffusion model: components plus its training noise schedule.
+
+    ``text_2``: SDXL base's second text encoder (OpenCLIP ViT-bigG); the U-Net's context
+    is ``text``'s hidden states and ``text_2``'s concatenated on the width (768 + 1280).
+    The SDXL refiner has one encoder, bigG, as ``text``.
+    """
 
     family: str = "sd1"
     prediction_type: PredictionType = "epsilon"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_2: TextEncoderConfig | None = None
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -168,11 +219,45 @@ class ModelConfig:
             raise ValueError(
                 f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}"
             )
-        if self.text.hidden_size != self.unet.cross_attention_dim:
+        widths = [t.hidden_size for t in self.text_encoders]
+        if sum(widths) != self.unet.cross_attention_dim:
             raise ValueError(
-                f"text hidden_size {self.text.hidden_size} != unet cross_attention_dim "
+                f"text hidden_size {' + '.join(map(str, widths))} != unet cross_attention_dim "
                 f"{self.unet.cross_attention_dim}"
             )
+        if self.unet.addition_embed_type is not None:
+            pooled = self.pooled_dim
+            if pooled is None:
+                raise ValueError("a U-Net with addition_embed_type 'text_time' needs a text encoder with "
+                                 "projection_dim (the pooled embedding)")
+            ids, rest = divmod(self.unet.projection_class_embeddings_input_dim - pooled,
+                               self.unet.addition_time_embed_dim)
+            if rest or ids not in (5, 6):
+                raise ValueError(
+                    f"U-Net projection_class_embeddings_input_dim {self.unet.projection_class_embeddings_input_dim} "
+                    f"is not the pooled width {pooled} + 6 (size ids) or 5 (refiner: aesthetic score) x "
+                    f"addition_time_embed_dim {self.unet.addition_time_embed_dim}")
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
+        """The text encoders, in the order their hidden states are concatenated."""
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of the pooled text embedding SDXL's U-Net takes (the last encoder with a projection)."""
+        dims = [t.projection_dim for t in self.text_encoders if t.projection_dim]
+        return dims[-1] if dims else None
+
+    @property
+    def size_conditioning(self) -> Literal["size", "aesthetic"] | None:
+        """SDXL's micro-conditioning: ``"size"`` (base: original size, crop top-left,
+        target size; 6 ids), ``"aesthetic"`` (refiner: original size, crop top-left,
+        aesthetic score; 5 ids), None for SD1/SD2."""
+        if self.unet.addition_embed_type is None:
+            return None
+        ids = (self.unet.projection_class_embeddings_input_dim - self.pooled_dim) // self.unet.addition_time_embed_dim
+        return "size" if ids == 6 else "aesthetic"
 
     @property
     def default_size(self) -> int:
@@ -193,7 +278,7 @@ class ModelConfig:
         return _build(cls, data, "ModelConfig")
 
 
-_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
+_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig, "text_2": TextEncoderConfig}
 
 
 def _to_plain(obj: Any) -> Any:
@@ -214,7 +299,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
-        if cls is ModelConfig and key in _NESTED:
+        if cls is ModelConfig and key in _NESTED and value is not None:
             value = _build(_NESTED[key], value, f"{where}.{key}")
         elif isinstance(value, list):
             value = tuple(value)
@@ -303,9 +388,67 @@ SD1_INPAINT = inpainting_variant(SD1)
 SD2_INPAINT = inpainting_variant(SD2)  # sd-2-inpainting: 512 px, epsilon
 TOY_INPAINT = inpainting_variant(TOY)
 
+# SDXL 1.0 (sgm's sd_xl_base.yaml / diffusers' stable-diffusion-xl-base-1.0): 1024 px,
+# no attention at the first level, 64-channel heads, 2 and 10 transformer blocks at
+# the deeper levels; the context is CLIP ViT-L's and OpenCLIP ViT-bigG's penultimate
+# hidden states side by side (768 + 1280), and bigG's pooled embedding plus the six
+# size ids enter through the "text_time" embedding.
+CLIP_L_PENULTIMATE = TextEncoderConfig(hidden_layer="penultimate")
+OPENCLIP_BIGG = TextEncoderConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    pad_token="zero",
+    hidden_layer="penultimate",
+    projection_dim=1280,
+)
+SDXL = ModelConfig(
+    family="sdxl",
+    unet=UNetConfig(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        num_attention_heads=(5, 10, 20),
+        cross_attention_dim=2048,
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    vae=VAEConfig(sample_size=1024, scaling_factor=0.13025),
+    text=CLIP_L_PENULTIMATE,
+    text_2=OPENCLIP_BIGG,
+)
+# The SDXL 1.0 refiner: bigG alone, 4 levels of 384..1536 channels, 4 transformer
+# blocks per attention module, and an aesthetic score in place of the target size.
+SDXL_REFINER = ModelConfig(
+    family="sdxl-refiner",
+    unet=UNetConfig(
+        sample_size=128,
+        block_out_channels=(384, 768, 1536, 1536),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        num_attention_heads=(6, 12, 24, 24),
+        cross_attention_dim=1280,
+        transformer_layers_per_block=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
+    ),
+    vae=VAEConfig(sample_size=1024, scaling_factor=0.13025),
+    text=OPENCLIP_BIGG,
+)
+SDXL_INPAINT = inpainting_variant(SDXL)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "toy": TOY,
     "sd1-inpaint": SD1_INPAINT, "sd2-inpaint": SD2_INPAINT, "toy-inpaint": TOY_INPAINT,
+    "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sdxl-inpaint": SDXL_INPAINT,
 }
 
 
