@@ -54,3 +54,24 @@ def sd1(sd1_pipe):
     yield sd1_pipe
     sd1_pipe.unload_lora()
     assert changed(sd1_pipe, before) == []
+
+
+def _sdxl_folder_fixture(name: str, spec: str, seed: int, doc: str):
+    """A session fixture that saves ``reference_sdxl``'s tiny spec ``spec`` once, as a diffusers folder."""
+
+    def folder(tmp_path_factory):
+        import reference_sdxl
+
+        return reference_sdxl.save_sdxl_folder(getattr(reference_sdxl, spec), tmp_path_factory.mktemp(name) / "model",
+                                               seed=seed)
+
+    folder.__doc__ = doc
+    return pytest.fixture(folder, scope="session", name=name)
+
+
+sdxl_folder = _sdxl_folder_fixture(
+    "sdxl_folder", "SDXL_TINY", 4,
+    "A tiny SDXL base diffusers folder (two text encoders, text_time U-Net) with random weights.")
+sdxl_refiner_folder = _sdxl_folder_fixture(
+    "sdxl_refiner_folder", "SDXL_REFINER_TINY", 5,
+    "A tiny SDXL refiner diffusers folder (bigG alone, aesthetic-score ids) with random weights.")

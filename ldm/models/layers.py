@@ -40,6 +40,20 @@ def timestep_embedding(
     return emb
 
 
+class Timesteps(nn.Module):
+    """:func:`timestep_embedding` as a module without parameters (diffusers' ``Timesteps``;
+    SDXL's ``add_time_proj`` embeds the size and crop ids with it)."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+
+    def forward(self, timesteps: Tensor) -> Tensor:
+        return timestep_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.downscale_freq_shift)
+
+
 class TimestepEmbedding(nn.Module):
     """MLP from the sinusoidal embedding to the vector added in every resnet."""
 

@@ -16,6 +16,14 @@ model's own conditioning, 2 skips one more block. diffusers' ``clip_skip=k``
 penultimate block (what SD2 was trained on) and 2 the block before it; the web UI
 ignores its CLIP-skip setting for SD2 (sd_hijack_open_clip.py), so its SD2 images
 correspond to ``clip_skip=1``.
+
+SDXL's encoders (CLIP ViT-L and OpenCLIP ViT-bigG) are ``hidden_layer="penultimate"``:
+the U-Net is fed the next-to-last layer's output as it is, without the final
+LayerNorm (``hidden_states[-2]``); ``clip_skip=N`` is ``hidden_states[-(N + 1)]``,
+also raw (diffusers' SDXL ``clip_skip=k`` is ``hidden_states[-(k + 2)]``, ldm's
+``k + 1``). bigG also gives a pooled embedding (``projection_dim``): the last layer
+through the final LayerNorm at the end token, times ``text_projection``
+(transformers' CLIPTextModelWithProjection ``text_embeds``), whatever the clip skip.
 """
 
 from __future__ import annotations
@@ -28,13 +36,16 @@ from ..config import TextEncoderConfig, text_to_transformers
 
 
 class TextEncoder(nn.Module):
-    """Token ids ``(B, L)`` -> per-token embeddings ``(B, L, hidden_size)``.
+    """Token ids ``(B, L)`` -> per-token embeddings ``(B, L, hidden_size)``, and with
+    ``projection_dim`` a pooled embedding ``(B, projection_dim)`` (:meth:`encode`).
 
     ``state_dict()`` keys are diffusers' ``text_encoder`` keys
     (``text_model.embeddings.token_embedding.weight``, ...,
-    ``text_model.final_layer_norm.bias``), so no renaming is needed for
-    diffusers folders saved by transformers < 5 (newer transformers drop the
-    ``text_model.`` level when saving; see ``keymap_text.text_diffusers_to_internal``).
+    ``text_model.final_layer_norm.bias``, and ``text_projection.weight`` with a
+    projection: the keys of transformers' CLIPTextModelWithProjection, SDXL's
+    ``text_encoder_2``), so no renaming is needed for diffusers folders saved by
+    transformers < 5 (newer transformers drop the ``text_model.`` level when saving
+    a CLIPTextModel; see ``keymap_text.text_diffusers_to_internal``).
     """
 
     def __init__(self, config: TextEncoderConfig) -> None:
@@ -53,6 +64,10 @@ class TextEncoder(nn.Module):
         # the key maps simply drop ``position_ids`` from every source, so both
         # diffusers and original weights load with ``strict=True``.
         del self.text_model.embeddings.position_ids
+        # CLIPTextModelWithProjection's head, under its name: applied to the pooled output.
+        self.text_projection = (
+            nn.Linear(config.hidden_size, config.projection_dim, bias=False) if config.projection_dim else None
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,12 +85,34 @@ class TextEncoder(nn.Module):
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def penultimate(self) -> bool:
+        """Conditions on the next-to-last layer, raw (SDXL), rather than the last, normed."""
+        return self.config.hidden_layer == "penultimate"
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip: the one that conditions on the first layer's output."""
+        return self.num_layers - 1 if self.penultimate else self.num_layers
+
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """Hidden state of block ``-clip_skip`` after the final LayerNorm, ``(B, L, hidden_size)``
-        (``clip_skip=1``: the last block, the model's conditioning; see the module docstring)."""
+        """The hidden states the U-Net is fed, ``(B, L, hidden_size)``: for a "last" encoder
+        block ``-clip_skip`` after the final LayerNorm, for a "penultimate" one block
+        ``-(clip_skip + 1)`` as it is (``clip_skip=1``: the model's own conditioning; see the
+        module docstring)."""
+        return self._run(input_ids, clip_skip, pooled=False)[0]
+
+    def encode(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden states as forward gives them, pooled embedding (B, projection_dim))``;
+        the pooled one is None without ``projection_dim`` and is always taken from the last
+        layer (diffusers' ``text_embeds``), whatever ``clip_skip``."""
+        return self._run(input_ids, clip_skip, pooled=self.text_projection is not None)
+
+    def _run(self, input_ids: torch.Tensor, clip_skip: int, pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # ldm.validation.check_clip_skip words this for users; models depend on their config only.
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= self.num_layers:
-            raise ValueError(f"clip_skip must be an integer from 1 to {self.num_layers}, got {clip_skip!r}")
+        top = self.max_clip_skip
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= top:
+            raise ValueError(f"clip_skip must be an integer from 1 to {top}, got {clip_skip!r}")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -88,7 +125,14 @@ class TextEncoder(nn.Module):
             )
         input_ids = input_ids.to(self.device, torch.long)
         position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
-        if clip_skip == 1:
-            return self.text_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-        out = self.text_model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True)
-        return self.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+        every_layer = self.penultimate or clip_skip > 1
+        out = self.text_model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=every_layer)
+        if self.penultimate:
+            hidden = out.hidden_states[-(clip_skip + 1)]
+        elif clip_skip > 1:
+            hidden = self.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+        else:
+            hidden = out.last_hidden_state
+        # pooler_output: the last layer, normed, at the first end token (transformers' rule
+        # for eos_token_id 49407, which text_to_transformers sets).
+        return hidden, self.text_projection(out.pooler_output) if pooled else None

@@ -1,8 +1,11 @@
-"""The cross-attention U-Net of Stable Diffusion 1.x/2.x, built from a UNetConfig.
+"""The cross-attention U-Net of Stable Diffusion 1.x/2.x and SDXL, built from a UNetConfig.
 
 Module names equal diffusers' ``UNet2DConditionModel`` for the same config, so
 its ``state_dict`` keys and shapes match one to one. The down/mid/up blocks are
 generic (optional attention after each resnet) and are reused by the VAE.
+SDXL adds a transformer depth per level and the ``text_time`` embedding: the
+pooled text embedding and the sinusoidal embeddings of the size / crop (or
+aesthetic score) ids, through an MLP, added to the timestep embedding.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .layers import (
     Downsample2D,
     ResnetBlock2D,
     TimestepEmbedding,
+    Timesteps,
     Transformer2D,
     Upsample2D,
     timestep_embedding,
@@ -177,6 +181,11 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if config.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
+        else:
+            self.add_time_proj = self.add_embedding = None
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(config.down_block_types):
@@ -186,14 +195,14 @@ class UNet(nn.Module):
                     channels[i],
                     config.layers_per_block,
                     add_downsample=i < levels - 1,
-                    attention=self._transformer(config.num_attention_heads[i], kind.startswith("CrossAttn")),
+                    attention=self._transformer(i, kind.startswith("CrossAttn")),
                     **common,
                 )
             )
 
         self.mid_block = MidBlock2D(
             channels[-1],
-            attention=self._transformer(config.num_attention_heads[-1], True),
+            attention=self._transformer(levels - 1, True),
             **common,
         )
 
@@ -202,7 +211,6 @@ class UNet(nn.Module):
         # output, or conv_in's output for the last block); so its last resnet
         # takes a skip of the next-shallower width.
         rev = channels[::-1]
-        heads = config.num_attention_heads[::-1]
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(config.up_block_types):
             prev, out, shallower = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, levels - 1)]
@@ -213,7 +221,7 @@ class UNet(nn.Module):
                     in_channels,
                     out,
                     add_upsample=i < levels - 1,
-                    attention=self._transformer(heads[i], kind.startswith("CrossAttn")),
+                    attention=self._transformer(levels - 1 - i, kind.startswith("CrossAttn")),
                     **common,
                 )
             )
@@ -221,15 +229,18 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def _transformer(self, heads: int, enabled: bool) -> AttentionFactory | None:
+    def _transformer(self, level: int, enabled: bool) -> AttentionFactory | None:
+        """The attention modules of down level ``level`` (the mid block: the last level's;
+        up block ``i``: those of the level it mirrors, ``levels - 1 - i``, as diffusers
+        reverses heads and depths for the up path)."""
         if not enabled:
             return None
         c = self.config
         return partial(
             Transformer2D,
-            heads=heads,
+            heads=c.num_attention_heads[level],
             context_dim=c.cross_attention_dim,
-            depth=c.transformer_layers_per_block,
+            depth=c.depth(level),
             groups=c.norm_num_groups,
             linear_projection=c.use_linear_projection,
             upcast_attention=c.upcast_attention,
@@ -256,13 +267,54 @@ class UNet(nn.Module):
         )
         return self.time_embedding(emb.to(dtype))
 
+    def text_time_embed(self, text_embeds: Tensor | None, time_ids: Tensor | None, batch: int,
+                        dtype: torch.dtype) -> Tensor | None:
+        """SDXL's extra embedding (diffusers' ``addition_embed_type="text_time"``), added to
+        the timestep vector: ``text_embeds`` [batch, pooled] and the sinusoidal embeddings of
+        ``time_ids`` [batch, n] side by side, through ``add_embedding``. None for a U-Net
+        without it (SD1/SD2), which takes neither input."""
+        if self.add_embedding is None:
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError("text_embeds and time_ids are SDXL's added conditioning; this U-Net has no "
+                                 "text_time embedding (addition_embed_type is None), so pass neither")
+            return None
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if value is None:
+                raise ValueError(f"this U-Net (addition_embed_type 'text_time', SDXL) needs {name}: "
+                                 "text_embeds (batch, pooled width) and time_ids (batch, 6 or 5 ids)")
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+            if value.ndim != 2 or value.shape[0] != batch:
+                raise ValueError(f"{name} must have shape ({batch}, n) for a batch of {batch} samples, "
+                                 f"got {tuple(value.shape)}")
+        inputs = self.add_embedding.linear_1.in_features
+        width = self.add_time_proj.dim
+        if text_embeds.shape[1] + time_ids.shape[1] * width != inputs:
+            raise ValueError(
+                f"text_embeds width {text_embeds.shape[1]} + {time_ids.shape[1]} time_ids x {width} != "
+                f"{inputs}, the width add_embedding takes (pooled width + 6 size ids, or 5 for the refiner, "
+                f"x addition_time_embed_dim {width})")
+        time_embeds = self.add_time_proj(time_ids.flatten().to(text_embeds.device)).reshape(batch, -1)
+        # torch.cat promotes to the wider dtype before the cast, as diffusers' concat does.
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
     def forward(
-        self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        *,
+        text_embeds: Tensor | None = None,
+        time_ids: Tensor | None = None,
     ) -> Tensor:
         """Predict noise (or v) for ``sample`` [B, C, H, W] at ``timestep`` ([B] or scalar),
-        conditioned on ``encoder_hidden_states`` [B, L, D] (any L)."""
+        conditioned on ``encoder_hidden_states`` [B, L, D] (any L); an SDXL U-Net also on
+        ``text_embeds`` [B, pooled] and ``time_ids`` [B, 6 or 5] (see :meth:`text_time_embed`)."""
         context = encoder_hidden_states
+        added = self.text_time_embed(text_embeds, time_ids, sample.shape[0], sample.dtype)
         temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
+        if added is not None:
+            temb = temb + added
 
         x = self.conv_in(sample)
         skips = [x]
