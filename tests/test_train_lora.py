@@ -24,7 +24,10 @@ from ldm.toy.concept import (
 )
 from ldm.toy.world import PALETTE, SUPERSAMPLE, Scene, render, sample_scene
 from ldm.training.lora import LoRANetwork, LoRASpec, load_network_state
+from ldm.models.tokenizer import Tokenizer
+from ldm.training.losses import NoiseSchedule, noised
 from ldm.training.lora_data import CaptionedLatents, scan_folder
+from ldm.training.lora_train import REG_TARGETS, LoRATask, Regularisation
 from ldm.training.stage import SCHEDULES
 
 TRAIN = ["--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--save-dtype", "float32", "-q"]
@@ -345,6 +348,74 @@ def test_bad_flags_and_a_users_file_are_refused(capsys, no_model, pictures, sd1_
     folder.mkdir()
     _one_line_error(capsys, [*base, "--out", str(folder)], "exists and is not a file")
     assert command.LR_SCHEDULERS == SCHEDULES  # the command's list is the library's
+    assert command.REG_TARGETS == REG_TARGETS
+    _one_line_error(capsys, [*base, "--out", str(out), "--reg-target", "base"], "--reg-target needs --reg-dir")
+    _one_line_error(capsys, [*base, "--out", str(out), "--prior-loss-weight", "2"],
+                    "--prior-loss-weight needs --reg-dir")
+    _one_line_error(capsys, [*base, "--out", str(tmp_path / "y.safetensors"), "--reg-dir", str(pictures)],
+                    "is IMAGES_DIR itself")
+    _one_line_error(capsys, [*base, "--out", str(tmp_path / "y.safetensors"), "--reg-dir", str(tmp_path / "no")],
+                    "not found")
+
+
+# --- regularisation pictures ---------------------------------------------------------------------
+
+
+def _reg_task(sd1_folder: Path, target: str, weight: float, reg: list[bool]):
+    model = load_model(sd1_folder)
+    network = LoRANetwork(model.unet, model.text_encoder, LoRASpec(rank=2, text_encoder=True),
+                          generator=torch.Generator().manual_seed(0)).attach()
+    ids = Tokenizer("eos", 77)(["a red circle", "a blue square", ""])
+    task = LoRATask(model.unet, model.text_encoder, NoiseSchedule(model.config), network, ids,
+                    Regularisation(torch.tensor(reg), weight, target))
+    return model, network, task
+
+
+def test_output_preservation_trains_ordinary_pictures_towards_the_base_model(sd1_folder):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    batch = {"latents": latents, "caption": torch.tensor([0, 1]), "picture": torch.tensor([0, 1])}
+    model, network, task = _reg_task(sd1_folder, "base", 1.0, [True, True])
+    # The LoRA starts as a no-op (its up weights are zero): the model is the base model,
+    # so every regularisation picture's loss is exactly 0 ...
+    assert float(task(batch, torch.Generator().manual_seed(3))[0].detach()) == 0.0
+    for _, branch, _ in network.branches():
+        torch.nn.init.normal_(branch.lora_up.weight, std=0.05)
+    # ... and once the LoRA changes the model, it is the mean squared distance to the
+    # base model's own prediction for the same noisy latent, timestep and caption.
+    loss = task(batch, torch.Generator().manual_seed(3))[0].detach()
+    noisy, t, _ = noised(latents, NoiseSchedule(model.config), torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ctx = model.text_encoder(task.ids[:2])
+        adapted = model.unet(noisy, t, ctx)
+        network.detach()
+        base = model.unet(noisy, t, model.text_encoder(task.ids[:2]))
+        network.attach()
+    assert float(loss) > 0
+    assert abs(float(loss) - float((adapted - base).square().mean())) < 1e-6 * max(1.0, float(loss))
+
+
+def test_prior_loss_weight_weighs_the_regularisation_pictures(sd1_folder):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    batch = {"latents": latents, "caption": torch.tensor([0, 2]), "picture": torch.tensor([0, 1])}
+    model, _, task = _reg_task(sd1_folder, "pictures", 3.0, [False, True])
+    loss = task(batch, torch.Generator().manual_seed(5))[0].detach()
+    noisy, t, target = noised(latents, NoiseSchedule(model.config), torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        prediction = model.unet(noisy, t, model.text_encoder(task.ids[[0, 2]]))
+    per = (prediction - target).square().mean(dim=(1, 2, 3))
+    assert abs(float(loss) - float((per[0] + 3.0 * per[1]) / 2)) < 1e-6
+
+
+def test_reg_dir_pictures_train_and_are_counted_apart(pictures, sd1_folder, tmp_path):
+    reg = tmp_path / "reg"
+    write_picture_set(tmp_path / "unused", rings=1, others=2, seed=4, reg_folder=reg)
+    out = tmp_path / "reg.safetensors"
+    assert _train(pictures, sd1_folder, out, "--reg-dir", str(reg), "--reg-target", "base",
+                  "--prior-loss-weight", "0.5") == 0
+    _, meta = read_safetensors_header(out)
+    assert meta["ss_num_reg_images"] == "2" and meta["ss_num_train_images"] == str(3 * 1 + 1)
+    assert meta["ss_reg_target"] == "base" and float(meta["ss_prior_loss_weight"]) == 0.5
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_world": {"n_repeats": 1, "img_count": 2}}
 
 
 # --- the dataset ------------------------------------------------------------------------------

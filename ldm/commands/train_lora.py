@@ -13,6 +13,7 @@ from .common import _option_type, check_output_dir, dtype_name, positive_int, se
 
 # ldm.training.stage.SCHEDULES, named here so that parsing the command line does not import torch.
 LR_SCHEDULERS = ("constant", "cosine")
+REG_TARGETS = ("pictures", "base")  # ldm.training.lora_train.REG_TARGETS
 
 
 def _positive(value: float) -> float:
@@ -103,6 +104,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=fraction_float, default=None, metavar="D",
                    help="save the moving average of the weights (decay D, e.g. 0.99) rather than the last "
                    "ones (default)")
+    p.add_argument("--reg-dir", type=Path, default=None, metavar="DIR",
+                   help="regularisation pictures, laid out as IMAGES_DIR (kohya's --reg_data_dir): ordinary "
+                   "pictures of what the LoRA must leave as it was")
+    p.add_argument("--prior-loss-weight", type=positive_float, default=1.0, metavar="W",
+                   help="loss weight of the --reg-dir pictures (kohya's; default 1)")
+    p.add_argument("--reg-target", choices=REG_TARGETS, default="pictures",
+                   help="train the --reg-dir pictures towards the pictures (kohya's prior preservation, the "
+                   "default) or towards the base model's own prediction for them ('base': output "
+                   "preservation, which keeps ordinary prompts closer to the base model; one more forward "
+                   "pass per regularisation picture)")
     p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (GPUs, AMX CPUs)")
     p.set_defaults(func=run)
 
@@ -112,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
     from ..training.lora_train import LoRATraining, train_lora
 
     for flag, given, needs, present in (("--conv-alpha", args.conv_alpha, "--conv-rank", args.conv_rank),
-                                        ("--te-alpha", args.te_alpha, "--train-text-encoder", args.train_text_encoder)):
+                                        ("--te-alpha", args.te_alpha, "--train-text-encoder", args.train_text_encoder),
+                                        ("--reg-target", args.reg_target != "pictures" or None, "--reg-dir",
+                                         args.reg_dir),
+                                        ("--prior-loss-weight", args.prior_loss_weight != 1.0 or None, "--reg-dir",
+                                         args.reg_dir)):
         if given is not None and not present:
             raise ValueError(f"{flag} needs {needs}")
     spec = LoRASpec(rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
@@ -122,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         network=spec, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_scheduler=args.lr_scheduler,
         warmup=args.warmup, resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         log_every=args.log_every, caption_dropout=args.caption_dropout, caption_suffix=args.caption_extension,
-        save_dtype=args.save_dtype, bf16=args.bf16, ema_decay=args.ema_decay,
+        save_dtype=args.save_dtype, bf16=args.bf16, ema_decay=args.ema_decay, reg_images=args.reg_dir,
+        prior_loss_weight=args.prior_loss_weight, reg_target=args.reg_target,
     )
     check_output_dir(settings.out.parent, "--out")
     check_output_dir(settings.state_dir, "--workdir")

@@ -143,12 +143,13 @@ def ring_prompts(n: int, seed: int = 0) -> list[ConceptPrompt]:
 
 
 def write_picture_set(folder: str | Path, rings: int, others: int = 0, seed: int = 0, size: int = 64,
-                      ring_repeats: int = 1) -> list[Path]:
+                      ring_repeats: int = 1, reg_folder: str | Path | None = None) -> list[Path]:
     """Write a LoRA training folder in kohya-ss's layout: ``rings`` ring pictures of the
     train pairs in ``<ring_repeats>_ring/`` (each shown ``ring_repeats`` times per epoch)
     and ``others`` ordinary world pictures in ``1_world/`` (kohya-ss's regularisation
-    pictures: they keep the other kinds as they were), each ``NNNN.png`` with its world
-    caption in ``NNNN.txt``. Returns the picture paths."""
+    pictures: they keep the other kinds as they were) of ``reg_folder`` (default:
+    ``folder``), each ``NNNN.png`` with its world caption in ``NNNN.txt``. Returns the
+    picture paths."""
     if rings < 0 or others < 0 or rings + others == 0 or ring_repeats < 1:
         raise ValueError(f"need at least one picture and ring_repeats >= 1, got rings={rings}, others={others}, "
                          f"ring_repeats={ring_repeats}")
@@ -158,7 +159,7 @@ def write_picture_set(folder: str | Path, rings: int, others: int = 0, seed: int
     batch = make_batch(int(rng.integers(2**31)), others, size)
     groups = ((folder / f"{ring_repeats}_{CONCEPT}", [render_ring(s, size) for s in scenes],
                [caption(s, rng) for s in scenes]),
-              (folder / "1_world", list(batch.images), batch.captions))
+              (Path(reg_folder or folder) / "1_world", list(batch.images), batch.captions))
     paths = []
     for sub, pictures, texts in groups:
         for i, (picture, text) in enumerate(zip(pictures, texts)):

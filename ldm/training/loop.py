@@ -45,18 +45,31 @@ class RunSettings:
 
 
 class Progress:
-    """Periodic log lines: running loss, seconds per step and the remaining time."""
+    """A progress bar on a terminal (the main process's; tqdm leaves it out when stderr is
+    not a terminal, as in CI logs) and periodic log lines: running loss, seconds per step
+    and the remaining time. Use as a context manager (the bar is closed on exit)."""
 
     def __init__(self, acc: Accelerator, spec: StageSpec, start: int, every: int) -> None:
+        from tqdm.auto import tqdm
+
         self.acc, self.spec, self.every = acc, spec, every
         self.window: list[Tensor] = []
         self.extra: dict[str, Tensor] = {}
         self.t0, self.last_step = time.perf_counter(), start
+        self.bar = tqdm(total=spec.steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True,
+                        disable=None if acc.is_main_process else True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
 
     def update(self, step: int, loss: Tensor, stats: dict[str, Tensor]) -> float | None:
         """Record a step (1-based ``step``); every ``every`` steps log and return the mean loss."""
         self.window.append(loss.detach())  # this process's loss (its slice of the batch)
         self.extra = stats
+        self.bar.update(1)
         if step % self.every and step != self.spec.steps:
             return None
         now = time.perf_counter()
@@ -64,8 +77,13 @@ class Progress:
         mean = float(torch.stack(self.window).float().mean())
         extra = " ".join(f"{k} {float(v):.4g}" for k, v in self.extra.items())
         eta = (self.spec.steps - step) * sps
-        self.acc.print(f"[{self.spec.name}] step {step}/{self.spec.steps} loss {mean:.4f} {extra} "
-                       f"{sps:.2f} s/step, ETA {eta / 60:.1f} min", flush=True)
+        line = (f"[{self.spec.name}] step {step}/{self.spec.steps} loss {mean:.4f} {extra} "
+                f"{sps:.2f} s/step, ETA {eta / 60:.1f} min")
+        if self.bar.disable:
+            self.acc.print(line, flush=True)
+        else:  # above the bar, which stays at the bottom
+            self.bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+            self.bar.write(line)
         self.window, self.t0, self.last_step = [], now, step
         return mean
 
@@ -159,24 +177,24 @@ def train_stage(acc: Accelerator, run: RunSettings, spec: StageSpec, task: nn.Mo
         acc.wait_for_everyone()
 
     task.train()
-    progress = Progress(acc, spec, start, run.log_every)
-    t_start, step = time.perf_counter(), start
-    for step, batch in enumerate(loader, start=start + 1):
-        set_lr(optimizer, spec.lr_at(step - 1))
-        generator = generator_for(run.seed, stream, step, acc.process_index)
-        with autocast(acc, spec.name in run.bf16):
-            loss, stats = task(batch, generator)
-        acc.backward(loss)
-        acc.clip_grad_norm_(trained.parameters(), spec.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(trained)
-        mean = progress.update(step, loss, stats)
-        if mean is not None:
-            record["losses"].append([step, mean])
-        if step % run.save_every == 0 or step == spec.steps:
-            record["seconds"] += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            save(step)
+    with Progress(acc, spec, start, run.log_every) as progress:
+        t_start, step = time.perf_counter(), start
+        for step, batch in enumerate(loader, start=start + 1):
+            set_lr(optimizer, spec.lr_at(step - 1))
+            generator = generator_for(run.seed, stream, step, acc.process_index)
+            with autocast(acc, spec.name in run.bf16):
+                loss, stats = task(batch, generator)
+            acc.backward(loss)
+            acc.clip_grad_norm_(trained.parameters(), spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(trained)
+            mean = progress.update(step, loss, stats)
+            if mean is not None:
+                record["losses"].append([step, mean])
+            if step % run.save_every == 0 or step == spec.steps:
+                record["seconds"] += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                save(step)
     acc.free_memory()  # drop accelerate's references to this stage's objects
     return StageResult(result_state(spec, ema, trained), step, record)

@@ -43,12 +43,14 @@ _REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 @dataclass(frozen=True)
 class Example:
-    """One training picture, its caption (the caption file's first non-empty line) and how
-    many times an epoch shows it."""
+    """One training picture, its caption (the caption file's first non-empty line), how
+    many times an epoch shows it, and whether it is a regularisation picture (kohya-ss's
+    ``--reg_data_dir``: an ordinary picture that keeps the rest of the model as it was)."""
 
     image: Path
     caption: str
     repeats: int = 1
+    reg: bool = False
 
 
 def name_files(paths: list[Path], root: Path | None = None) -> str:
@@ -86,13 +88,14 @@ def picture_groups(folder: Path) -> list[tuple[Path, int]]:
     return groups
 
 
-def scan_folder(folder: str | Path, caption_suffix: str = CAPTION_SUFFIX) -> list[Example]:
+def scan_folder(folder: str | Path, caption_suffix: str = CAPTION_SUFFIX, *, reg: bool = False) -> list[Example]:
     """The captioned pictures of ``folder``: those directly in it and those of its
     ``<repeats>_<name>`` subfolders (:func:`picture_groups`), sorted by name in each.
 
     Raises FileNotFoundError if ``folder`` does not exist, ValueError if it is not a
     folder, holds no pictures (``IMAGE_SUFFIXES``), or has pictures whose caption file
-    is missing, empty or not UTF-8 (all of them listed).
+    is missing, empty or not UTF-8 (all of them listed). ``reg``: the folder holds
+    regularisation pictures (every example is marked so).
     """
     folder = Path(folder)
     if not isinstance(caption_suffix, str) or not caption_suffix.startswith("."):
@@ -116,7 +119,7 @@ def scan_folder(folder: str | Path, caption_suffix: str = CAPTION_SUFFIX) -> lis
             if caption is None:
                 empty.append(caption_path)
                 continue
-            examples.append(Example(image, caption, repeats))
+            examples.append(Example(image, caption, repeats, reg))
     problems = [f"{len(files)} {what}: {name_files(files, folder)}" for files, what in (
         (uncaptioned, f"picture(s) without a caption file (NAME{caption_suffix} beside NAME.png)"),
         (empty, "empty caption file(s)"), (undecodable, "caption file(s) not in UTF-8")) if files]
@@ -169,7 +172,7 @@ def dataset_digest(pictures: np.ndarray, examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for picture, ex in zip(pictures, examples, strict=True):
         digest.update(np.ascontiguousarray(picture).tobytes())
-        digest.update(f"{ex.repeats}\0{ex.caption}\0".encode("utf-8"))
+        digest.update(f"{ex.repeats}\0{ex.caption}\0{'reg' if ex.reg else ''}".encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -188,8 +191,9 @@ def encode_pictures(vae: torch.nn.Module, pictures: np.ndarray, device: torch.de
 
 
 class CaptionedLatents(Dataset):
-    """``{"latents", "caption"}`` samples: a latent drawn from a picture's posterior, scaled
-    by the VAE's ``scaling_factor``, and the index of its caption, or ``len(moments)``
+    """``{"latents", "caption", "picture"}`` samples: a latent drawn from a picture's
+    posterior, scaled by the VAE's ``scaling_factor``, the picture's index, and the index
+    of its caption, or ``len(moments)``
     (the empty caption) for a fraction ``caption_dropout`` of samples (kohya-ss's
     ``caption_dropout_rate``, which keeps the unconditional prediction of guidance in
     step with the new weights). An epoch shows picture ``j`` ``repeats[j]`` times
@@ -227,4 +231,4 @@ class CaptionedLatents(Dataset):
         noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
         z = DiagonalGaussian(self.moments[j : j + 1]).sample(noise)[0]
         caption = len(self.moments) if rng.random() < self.caption_dropout else j
-        return {"latents": z * self.scaling_factor, "caption": torch.tensor(caption)}
+        return {"latents": z * self.scaling_factor, "caption": torch.tensor(caption), "picture": torch.tensor(j)}

@@ -16,12 +16,13 @@ file there is only replaced if ``ldm train-lora`` wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -44,7 +45,7 @@ from .lora_data import (
     CAPTION_SUFFIX, CaptionedLatents, Example, dataset_digest, encode_pictures, load_pictures, name_files,
     scan_folder,
 )
-from .losses import NoiseSchedule, diffusion_loss
+from .losses import NoiseSchedule, diffusion_loss, noised
 from .seeding import generator_for
 from .stage import SCHEDULES, StageSpec
 
@@ -56,6 +57,7 @@ INIT_STREAM, DATA_STREAM, NOISE_STREAM = 1, 2, 3
 WEIGHT_DECAY = 1e-2  # AdamW's usual default, as kohya-ss and diffusers' LoRA scripts use
 MAX_GRAD_NORM = 1.0  # kohya-ss's default
 SUFFIX = ".safetensors"
+REG_TARGETS = ("pictures", "base")
 # Fingerprint entries named as the command's flags, for the "other settings" message.
 _FLAGS = {"base": "--base", "images": "IMAGES_DIR (its pictures or captions)", "schedule": "--lr-scheduler"}
 
@@ -68,6 +70,13 @@ class LoRATraining:
     state (None: ``<out without .safetensors>.train-lora/`` beside ``out``).
     ``resolution``: square training size (None: the model's native size).
     ``log_every``: steps between progress lines (None: about 20 lines in all).
+    ``reg_images``: a folder of regularisation pictures (kohya-ss's ``--reg_data_dir``,
+    the same layout as ``images``), trained with the loss weight ``prior_loss_weight``.
+    ``reg_target``: what they are trained towards: ``"pictures"``, the pictures
+    themselves (kohya-ss, DreamBooth's prior preservation), or ``"base"``, the base
+    model's own prediction for the same noisy latent and caption (output
+    preservation): the LoRA learns to leave ordinary prompts as the base model draws
+    them rather than to redraw them, which keeps more of what it knew.
     """
 
     images: Path
@@ -89,9 +98,12 @@ class LoRATraining:
     save_dtype: str = "float16"
     bf16: bool = False
     ema_decay: float | None = None  # None: the last weights; else their exponential moving average
+    reg_images: Path | None = None
+    prior_loss_weight: float = 1.0
+    reg_target: str = "pictures"
 
     def __post_init__(self) -> None:
-        for name in ("images", "out"):
+        for name in ("images", "out") + (("reg_images",) if self.reg_images is not None else ()):
             if not isinstance(getattr(self, name), Path):
                 raise TypeError(f"{name} must be a pathlib.Path, got {type(getattr(self, name)).__name__}")
         if self.out.suffix != SUFFIX:
@@ -113,6 +125,13 @@ class LoRATraining:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; valid: {', '.join(SCHEDULES)}")
         if self.ema_decay is not None and not 0 < check_finite(self.ema_decay, "ema_decay") < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if check_finite(self.prior_loss_weight, "prior_loss_weight") <= 0:
+            raise ValueError(f"prior_loss_weight must be > 0, got {self.prior_loss_weight!r}")
+        if self.reg_target not in REG_TARGETS:
+            raise ValueError(f"unknown reg_target {self.reg_target!r}; valid: {', '.join(REG_TARGETS)}")
+        if self.reg_images is None and (self.reg_target != "pictures" or self.prior_loss_weight != 1.0):
+            raise ValueError("reg_target and prior_loss_weight need reg_images (a folder of regularisation "
+                             "pictures)")
         if self.save_dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown save_dtype {self.save_dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
 
@@ -186,26 +205,55 @@ def resume_check(path: Path, fingerprint: dict[str, Any], steps: int) -> int:
     return int(ckpt["step"])
 
 
+@dataclass(frozen=True)
+class Regularisation:
+    """Which pictures are regularisation pictures (``mask``, one per picture), their loss
+    weight, and their target (see :class:`LoRATraining`)."""
+
+    mask: Tensor
+    weight: float = 1.0
+    target: str = "pictures"
+
+
 class LoRATask(nn.Module):
     """The frozen model plus the LoRA branches; ``forward(batch, generator)`` returns the
     diffusion loss (the contract of :func:`~ldm.training.loop.train_stage`).
 
     ``ids``: the captions' token rows, then the empty caption's. With a frozen text
     encoder their embeddings are computed once here (kohya-ss's
-    ``cache_text_encoder_outputs``); otherwise every step encodes its captions.
+    ``cache_text_encoder_outputs``); otherwise every step encodes its captions. With
+    ``reg`` targets from the base model, the base model's embeddings are kept too.
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, schedule: NoiseSchedule,
-                 network: LoRANetwork, ids: Tensor) -> None:
+                 network: LoRANetwork, ids: Tensor, reg: Regularisation | None = None) -> None:
         super().__init__()
         self.unet = unet.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.network, self.schedule = network, schedule
+        self.network, self.schedule, self.reg = network, schedule, reg
         self.train_text_encoder = network.spec.text_encoder
         self.register_buffer("ids", ids, persistent=False)
+        with torch.no_grad(), self.base_model():
+            base = text_encoder(ids) if (not self.train_text_encoder or self.to_base) else None
         if not self.train_text_encoder:
-            with torch.no_grad():
-                self.register_buffer("contexts", text_encoder(ids), persistent=False)
+            self.register_buffer("contexts", base, persistent=False)
+        if self.to_base:
+            self.register_buffer("base_contexts", base, persistent=False)
+
+    @property
+    def to_base(self) -> bool:
+        return self.reg is not None and self.reg.target == "base"
+
+    @contextlib.contextmanager
+    def base_model(self) -> Iterator[None]:
+        """The model without the LoRA for the ``with`` block."""
+        attached = self.network.attached
+        self.network.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self.network.attach()
 
     def train(self, mode: bool = True) -> "LoRATask":
         super().train(mode)
@@ -216,7 +264,18 @@ class LoRATask(nn.Module):
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
         caption = batch["caption"]
         context = self.text_encoder(self.ids[caption]) if self.train_text_encoder else self.contexts[caption]
-        return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator), {}
+        if self.reg is None:
+            return diffusion_loss(self.unet, batch["latents"], context, self.schedule, generator), {}
+        noisy, t, target = noised(batch["latents"], self.schedule, generator)
+        prediction = self.unet(noisy, t, context).float()
+        reg = self.reg.mask.to(caption.device)[batch["picture"]]
+        if self.to_base and bool(reg.any()):
+            with torch.no_grad(), self.base_model():
+                kept = self.unet(noisy[reg], t[reg], self.base_contexts[caption[reg]]).float()
+            target = target.index_put((reg.nonzero()[:, 0],), kept)
+        per_picture = (prediction - target).square().flatten(1).mean(1)
+        weights = torch.where(reg, self.reg.weight, 1.0)
+        return (per_picture * weights).mean(), {}
 
 
 def base_model_version(config: ModelConfig) -> str:
@@ -256,7 +315,9 @@ def _fingerprint(settings: LoRATraining, base_hash: str, data: str, resolution: 
             "train_text_encoder": net.text_encoder, "te_alpha": net.text_alpha, "layers": list(net.layers),
             "lr": settings.lr,
             "lr_scheduler": settings.lr_scheduler, "warmup": settings.warmup,
-            "caption_dropout": settings.caption_dropout, "bf16": settings.bf16, "ema_decay": settings.ema_decay}
+            "caption_dropout": settings.caption_dropout, "bf16": settings.bf16, "ema_decay": settings.ema_decay,
+            } | ({"reg_target": settings.reg_target, "prior_loss_weight": settings.prior_loss_weight}
+                 if settings.reg_images is not None else {})
 
 
 def stage_spec(settings: LoRATraining) -> StageSpec:
@@ -289,6 +350,10 @@ def prepare(settings: LoRATraining) -> Prepared:
     if not isinstance(settings, LoRATraining):
         raise TypeError(f"settings must be a LoRATraining, got {type(settings).__name__}")
     examples = scan_folder(settings.images, settings.caption_suffix)
+    if settings.reg_images is not None:
+        if settings.reg_images.resolve() == settings.images.resolve():
+            raise ValueError(f"--reg-dir {settings.reg_images} is IMAGES_DIR itself; give a separate folder")
+        examples += scan_folder(settings.reg_images, settings.caption_suffix, reg=True)
     check_out(settings.out)
     base = settings.base_path
     config = plan(base).config  # from the headers: the weights load once the inputs are all checked
@@ -313,7 +378,10 @@ def metadata_fields(settings: LoRATraining, run: Prepared, steps: int, processes
     return {
         "ss_sd_model_name": model_name(base), "ss_sd_model_hash": run.base_hash,
         "ss_base_model_version": base_model_version(run.config), "ss_v2": run.config.family == "sd2",
-        "ss_resolution": f"({size}, {size})", "ss_num_train_images": sum(ex.repeats for ex in examples),
+        "ss_resolution": f"({size}, {size})",
+        "ss_num_train_images": sum(ex.repeats for ex in examples if not ex.reg),
+        "ss_num_reg_images": sum(ex.repeats for ex in examples if ex.reg),
+        "ss_prior_loss_weight": settings.prior_loss_weight, "ss_reg_target": settings.reg_target,
         "ss_batch_size_per_device": settings.batch_size // processes, "ss_total_batch_size": settings.batch_size,
         "ss_learning_rate": settings.lr, "ss_unet_lr": settings.lr,
         "ss_text_encoder_lr": settings.lr if settings.network.text_encoder else None,
@@ -323,8 +391,11 @@ def metadata_fields(settings: LoRATraining, run: Prepared, steps: int, processes
         "ss_caption_dropout_rate": settings.caption_dropout, "ss_cache_latents": True,
         "ss_mixed_precision": "bf16" if settings.bf16 else "no", "ss_ema_decay": settings.ema_decay,
         "ss_output_name": settings.out.stem,
-        "ss_tag_frequency": _tag_frequency(settings.images, examples),
-        "ss_dataset_dirs": _dataset_dirs(settings.images, examples), "ss_training_finished_at": time.time(),
+        "ss_tag_frequency": _tag_frequency(settings.images, [ex for ex in examples if not ex.reg]),
+        "ss_dataset_dirs": _dataset_dirs(settings.images, [ex for ex in examples if not ex.reg]),
+        "ss_reg_dataset_dirs": (_dataset_dirs(settings.reg_images, [ex for ex in examples if ex.reg])
+                                if settings.reg_images is not None else {}),
+        "ss_training_finished_at": time.time(),
     }
 
 
@@ -347,7 +418,9 @@ def train_lora(settings: LoRATraining, accelerator: Accelerator | None = None) -
     network = LoRANetwork(model.unet, model.text_encoder, settings.network,
                           generator_for(settings.seed, INIT_STREAM)).attach()
     ids = run.tokenizer([ex.caption for ex in examples] + [""])
-    task = LoRATask(model.unet, model.text_encoder, NoiseSchedule(run.config), network, ids)
+    reg = (Regularisation(torch.tensor([ex.reg for ex in examples]), settings.prior_loss_weight, settings.reg_target)
+           if settings.reg_images is not None else None)
+    task = LoRATask(model.unet, model.text_encoder, NoiseSchedule(run.config), network, ids, reg)
     loop = RunSettings(workdir=settings.state_dir, seed=settings.seed, save_every=settings.save_every,
                        log_every=settings.log_every or max(1, settings.steps // 20),
                        bf16=(STAGE,) if settings.bf16 else ())

@@ -97,10 +97,16 @@ def diffusion_loss(unet: nn.Module, latents: Tensor, context: Tensor, schedule: 
 
     ``extra``: more input channels stacked after the noisy latents (an inpainting
     U-Net's mask and masked-image latents), never noised."""
-    latents = latents.float()
-    t, noise = schedule.draw(latents, generator)
-    noisy = schedule.add_noise(latents, noise, t)
+    noisy, t, target = noised(latents, schedule, generator)
     if extra is not None:
         noisy = torch.cat([noisy, extra.to(noisy.dtype)], dim=1)
     prediction = unet(noisy, t, context)
-    return F.mse_loss(prediction.float(), schedule.target(latents, noise, t))
+    return F.mse_loss(prediction.float(), target)
+
+
+def noised(latents: Tensor, schedule: NoiseSchedule, generator: torch.Generator | None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """One training draw for float ``latents``: ``(noisy latents, timesteps, target)``."""
+    latents = latents.float()
+    t, noise = schedule.draw(latents, generator)
+    return schedule.add_noise(latents, noise, t), t, schedule.target(latents, noise, t)
