@@ -33,8 +33,6 @@ _UNET_INERT = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -46,7 +44,6 @@ _UNET_INERT = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -59,7 +56,6 @@ _VAE_INERT = {
     "shift_factor": None,
     "latents_mean": None,
     "latents_std": None,
-    "force_upcast": True,
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
@@ -102,33 +98,32 @@ _UNET_MAPPED = {
     "up_block_types", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
     "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
     "flip_sin_to_cos", "freq_shift", "attention_head_dim", "num_attention_heads",
+    "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
 }
+# SDXL's head count of its (unused) "text" addition embedding: inert for "text_time".
+_UNET_IGNORED = {"addition_embed_type_num_heads"}
 
 
 def unet_from_diffusers(data: dict[str, Any]) -> UNetConfig:
     """UNetConfig from a diffusers ``unet/config.json`` dict."""
     where = "unet config.json"
-    _reject_unknown(data, _UNET_MAPPED | set(_UNET_INERT), where)
+    _reject_unknown(data, _UNET_MAPPED | _UNET_IGNORED | set(_UNET_INERT), where)
     _check_inert(data, _UNET_INERT, where)
     n = len(data.get("block_out_channels", UNetConfig.block_out_channels))
-    # diffusers' historical naming: for SD1/SD2, "attention_head_dim" holds the
+    # diffusers' historical naming: for SD1/SD2/SDXL, "attention_head_dim" holds the
     # number of heads; "num_attention_heads", when set, takes precedence.
     heads = data.get("num_attention_heads") or data.get("attention_head_dim", 8)
-    layers = data.get("transformer_layers_per_block", 1)
-    if not isinstance(layers, int):
-        if len(set(layers)) != 1:
-            raise ValueError(f"{where}: per-block transformer_layers_per_block {layers} not supported")
-        layers = layers[0]
     if isinstance(data.get("cross_attention_dim"), (list, tuple)):
         raise ValueError(f"{where}: per-block cross_attention_dim is not supported")
     kwargs: dict[str, Any] = {
         "num_attention_heads": _per_block(heads, n),
-        "transformer_layers_per_block": int(layers),
+        "transformer_layers_per_block": _depths(data.get("transformer_layers_per_block", 1), where),
     }
     for key in (
         "sample_size", "in_channels", "out_channels", "layers_per_block", "cross_attention_dim",
         "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
-        "flip_sin_to_cos", "freq_shift",
+        "flip_sin_to_cos", "freq_shift", "addition_embed_type", "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
     ):
         if data.get(key) is not None:
             kwargs[key] = data[key]
@@ -138,8 +133,26 @@ def unet_from_diffusers(data: dict[str, Any]) -> UNetConfig:
     return UNetConfig(**kwargs)
 
 
+def _depths(value: Any, where: str) -> int | tuple[int, ...]:
+    """transformer_layers_per_block: one number, or one per level (SDXL: [1, 2, 10]);
+    a per-level list of equal numbers is that number. Nested per-resnet lists
+    (diffusers' custom U-Nets) are refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{where}: transformer_layers_per_block {value!r} must be an integer or a list of "
+                         "integers, one per level")
+    return value[0] if len(set(value)) == 1 else tuple(value)
+
+
 def unet_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     """The diffusers ``unet/config.json`` dict for a UNetConfig."""
+    layers = config.transformer_layers_per_block
+    added = {
+        "addition_embed_type": config.addition_embed_type,
+        "addition_time_embed_dim": config.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": config.projection_class_embeddings_input_dim,
+    } if config.addition_embed_type is not None else {}
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": config.sample_size,
@@ -151,13 +164,14 @@ def unet_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "layers_per_block": config.layers_per_block,
         "attention_head_dim": list(config.num_attention_heads),
         "cross_attention_dim": config.cross_attention_dim,
-        "transformer_layers_per_block": config.transformer_layers_per_block,
+        "transformer_layers_per_block": layers if isinstance(layers, int) else list(layers),
         "use_linear_projection": config.use_linear_projection,
         "upcast_attention": config.upcast_attention,
         "norm_num_groups": config.norm_num_groups,
         "norm_eps": config.norm_eps,
         "flip_sin_to_cos": config.flip_sin_to_cos,
         "freq_shift": config.freq_shift,
+        **added,
     }
 
 
@@ -165,13 +179,20 @@ _VAE_MAPPED = {
     "sample_size", "in_channels", "out_channels", "latent_channels", "block_out_channels",
     "layers_per_block", "norm_num_groups", "scaling_factor", "down_block_types", "up_block_types",
 }
+# A hint to diffusers' pipelines to decode in float32 (SDXL's VAE overflows float16; the
+# "fp16-fix" VAEs set it False); it changes no weight, and ldm redoes a decode that
+# overflowed in float32 whatever it says.
+_VAE_HINTS = ("force_upcast",)
 
 
 def vae_from_diffusers(data: dict[str, Any]) -> VAEConfig:
     """VAEConfig from a diffusers ``vae/config.json`` dict."""
     where = "vae config.json"
-    _reject_unknown(data, _VAE_MAPPED | set(_VAE_INERT), where)
+    _reject_unknown(data, _VAE_MAPPED | set(_VAE_HINTS) | set(_VAE_INERT), where)
     _check_inert(data, _VAE_INERT, where)
+    for key in _VAE_HINTS:
+        if not isinstance(data.get(key, True), bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {data[key]!r}")
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if any(t != block for t in data.get(key, ())):
             raise ValueError(f"{where}: {key} must all be {block}, got {data[key]}")
@@ -210,11 +231,30 @@ _TEXT_MAPPED = {
 }
 
 
-def text_from_transformers(data: dict[str, Any], pad_token: str = "eos") -> TextEncoderConfig:
-    """TextEncoderConfig from a transformers ``text_encoder/config.json`` dict."""
-    _reject_unknown(data, _TEXT_MAPPED | _TEXT_IGNORED, "text_encoder config.json")
+_WITH_PROJECTION = "CLIPTextModelWithProjection"
+
+
+def text_from_transformers(data: dict[str, Any], pad_token: str = "eos", *,
+                           hidden_layer: str = "last") -> TextEncoderConfig:
+    """TextEncoderConfig from a transformers ``text_encoder/config.json`` dict.
+
+    ``projection_dim`` is kept only for a CLIPTextModelWithProjection (``architectures``;
+    SDXL's ``text_encoder_2``): every CLIPTextConfig has the field, and a plain
+    CLIPTextModel has no projection. ``pad_token`` (from the tokenizer) and
+    ``hidden_layer`` (SDXL pipelines feed the penultimate layer) are not in the file.
+    """
+    where = "text_encoder config.json"
+    _reject_unknown(data, _TEXT_MAPPED | _TEXT_IGNORED, where)
+    architectures = data.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ValueError(f"{where}: architectures must be a list, got {architectures!r}")
     kwargs = {k: data[k] for k in _TEXT_MAPPED if data.get(k) is not None}
-    return TextEncoderConfig(pad_token=pad_token, **kwargs)
+    if _WITH_PROJECTION in architectures:
+        if not isinstance(data.get("projection_dim"), int):
+            raise ValueError(f"{where}: a {_WITH_PROJECTION} needs an integer projection_dim, "
+                             f"got {data.get('projection_dim')!r}")
+        kwargs["projection_dim"] = data["projection_dim"]
+    return TextEncoderConfig(pad_token=pad_token, hidden_layer=hidden_layer, **kwargs)
 
 
 def schedule_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:

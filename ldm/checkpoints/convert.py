@@ -23,10 +23,11 @@ import torch
 
 from ..atomicio import atomic_path, remove_temp_siblings
 from ..config import ModelConfig
-from .detect import METADATA_CONFIG_KEY, PREFIXES, keymap_family
+from .detect import METADATA_CONFIG_KEY
 from .diffusers_folder import is_model_folder, write_folder
 from .files import SAFETENSORS_SUFFIX, CheckpointError, read_safetensors_header, save_safetensors
 from .keymap import UnmappedKeyError, add_prefix, apply_mapping
+from .layouts import UNET_PREFIX, VAE_PREFIX, layout_of, text_parts
 from .loading import LoadedModel, check_prediction_type, is_finite, load_parts, nonfinite_error, parse_dtype
 
 logger = logging.getLogger("ldm")
@@ -36,33 +37,33 @@ LAYOUTS = ("original", "diffusers")
 
 def internal_states(model: LoadedModel) -> dict[str, dict[str, torch.Tensor]]:
     """The modules' state dicts: already in diffusers key names (convention 2)."""
-    return {
-        "unet": model.unet.state_dict(),
-        "vae": model.vae.state_dict(),
-        "text_encoder": model.text_encoder.state_dict(),
-    }
+    return {name: module.state_dict() for name, module in model.modules().items()}
 
 
 def original_state(config: ModelConfig, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One original-layout state dict (``model.diffusion_model.*``, ...) from internal ones."""
+    """One original-layout state dict (``model.diffusion_model.*``, ...) from internal ones
+    (``states`` by component: unet, vae, text_encoder[, text_encoder_2])."""
     from .keymap_text import text_internal_to_original
     from .keymap_unet import unet_internal_to_original
     from .keymap_vae import vae_internal_to_original
 
+    parts = text_parts(layout_of(config))
+    expected = {"unet", "vae", *(part.component for part in parts)}
+    if set(states) != expected:
+        raise ValueError(f"states for a {layout_of(config)} model must be {sorted(expected)}, got {sorted(states)}")
     unet = apply_mapping(states["unet"], unet_internal_to_original(config.unet))
     vae = apply_mapping(states["vae"], vae_internal_to_original(config.vae))
-    try:
-        text = text_internal_to_original(config.text, keymap_family(config))(states["text_encoder"])
-    except UnmappedKeyError as exc:
-        raise CheckpointError(f"internal text_encoder key without an original name: {exc}") from None
     for name, mapped in (("unet", unet), ("vae", vae)):
         if mapped.unmapped:
             raise CheckpointError(f"internal {name} keys without an original name: {list(mapped.unmapped)[:5]}")
-    return {
-        **add_prefix(unet, PREFIXES["unet"]),
-        **add_prefix(vae, PREFIXES["vae"]),
-        **add_prefix(text, PREFIXES["text"]),
-    }
+    out = {**add_prefix(unet, UNET_PREFIX), **add_prefix(vae, VAE_PREFIX)}
+    for part in parts:
+        try:
+            text = text_internal_to_original(part.config(config), part.keys)(states[part.component])
+        except UnmappedKeyError as exc:
+            raise CheckpointError(f"internal {part.component} key without an original name: {exc}") from None
+        out.update(add_prefix(text, part.prefix))
+    return out
 
 
 def original_metadata(config: ModelConfig) -> dict[str, str]:
@@ -98,7 +99,7 @@ def _replaceable(dst: Path, layout: str) -> str | None:
     if layout == "diffusers":
         if is_model_folder(dst) or (dst.is_dir() and not any(dst.iterdir())):
             return None
-        return "it is not a diffusers model folder (model_index.json, unet/, vae/, text_encoder/)"
+        return "it is not a diffusers model folder (model_index.json, unet/, vae/, text_encoder/ or text_encoder_2/)"
     if dst.is_dir():
         return "it is a folder"
     try:

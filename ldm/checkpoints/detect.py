@@ -1,16 +1,22 @@
 """Detect what an original-layout (single-file) checkpoint is, from keys and shapes.
 
 Nothing here reads tensor data except the one tensor of the SD2 prediction-type
-rule. Key layouts (keys without data):
+rule. Layouts (see :mod:`ldm.checkpoints.layouts`), from key names:
 
 - ``sd1``: text encoder ``cond_stage_model.transformer.*`` (OpenAI CLIP ViT-L/14,
   hidden 768, quick_gelu, pads with the end token), U-Net proj_in a 1x1 conv.
 - ``sd2``: text encoder ``cond_stage_model.model.*`` (OpenCLIP ViT-H/14, hidden
   1024, gelu, pads with 0), U-Net proj_in linear. SD2 conditions on the
   penultimate block, so the internal text encoder has one block fewer than the file.
-- inpainting (``sd1-inpaint``, ``sd2-inpaint``, ``toy-inpaint``): the same layouts with
-  a first U-Net conv (``input_blocks.0.0.weight``) of 2 * latent + 1 = 9 input channels.
-  Other extra inputs (8: InstructPix2Pix, 5: depth) are refused by name.
+- ``sdxl``: SGM's ``conditioner.embedders.0.transformer.*`` (CLIP ViT-L) and
+  ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, every block and its
+  projection), a U-Net with ``label_emb`` (pooled text + size ids; context 2048,
+  ``label_emb.0.0`` input 2816 for SDXL 1.0).
+- ``sdxl-refiner``: ``conditioner.embedders.0.model.*`` (bigG) alone (context 1280,
+  ``label_emb.0.0`` input 2560: an aesthetic score in place of the target size).
+- inpainting (``sd1-inpaint``, ``sd2-inpaint``, ``sdxl-inpaint``, ``toy-inpaint``): the
+  same layouts with a first U-Net conv (``input_blocks.0.0.weight``) of 2 * latent + 1 =
+  9 input channels. Other extra inputs (8: InstructPix2Pix, 5: depth) are refused by name.
 
 The config is ldm's ``ldm.config`` metadata when the file has it. Otherwise the
 architecture is read from the shapes (see DERIVABLE) and must equal a preset's in
@@ -22,7 +28,10 @@ not say), in order:
 
 1. ``ldm.config`` in the safetensors metadata (written by ldm), if present;
 2. ``sd1`` -> ``epsilon`` (no SD1 v-model was ever released);
-3. ``sd2`` -> ComfyUI's rule: the std of
+3. ``sdxl`` / ``sdxl-refiner`` -> ``v_prediction`` if the file has a ``v_pred`` key (the
+   empty marker v-prediction SDXL fine-tunes carry; ComfyUI's rule), else ``epsilon``
+   (SDXL 1.0 base and refiner);
+4. ``sd2`` -> ComfyUI's rule: the std of
    ``model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias``
    is > 0.09 for the 768-v models and below for the 512 eps base model.
 
@@ -41,65 +50,19 @@ import torch
 
 from ..config import PRESETS, ModelConfig, with_changes
 from .files import CheckpointError
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model."
-PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX}
+from .layouts import (
+    SD_TEXT_PREFIX, SGM_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, TextPart, is_ignored, layout_of, text_parts,
+)
 
 METADATA_CONFIG_KEY = "ldm.config"
 
 # ComfyUI's v-prediction rule for SD2 (comfy/model_detection.py, "v_pred").
 V_RULE_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_RULE_THRESHOLD = 0.09
-
-# Keys that original checkpoints carry but that no ldm module uses. Ignored on
-# purpose, never silently loaded:
-# - model_ema.*: EMA shadow weights of the training run. In "-ema" / "pruned"
-#   releases the EMA weights were already copied into model.diffusion_model.*;
-#   in full training checkpoints they are a second copy we do not need.
-# - the DDPM schedule buffers (betas, alphas_cumprod, posterior_*, ...): derived
-#   from the beta schedule, which ldm rebuilds from ModelConfig.
-# - logvar, lvlb_weights: training-loss weights.
-# - the OpenCLIP text projection and logit scale: only used for CLIP's
-#   image-text contrastive score, not for conditioning.
-# - position_ids: the text encoder makes positions 0..L-1 itself (and some merged
-#   SD1 files carry corrupted float position ids).
-# - first_stage_model.loss.*: the VAE's training loss (LPIPS / discriminator).
-IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
-IGNORED_KEYS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights",
-    "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale",
-    "cond_stage_model.model.attn_mask",
-})
-_IGNORED_SUFFIXES = ("embeddings.position_ids",)
-
-
-def is_ignored(key: str) -> bool:
-    """True for keys that original checkpoints carry but ldm does not use (see above)."""
-    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES)
-
-
-def split_components(keys) -> tuple[dict[str, list[str]], list[str], list[str]]:
-    """Group full keys by component; return ``(by_component, ignored, unknown)``."""
-    parts: dict[str, list[str]] = {name: [] for name in PREFIXES}
-    ignored: list[str] = []
-    unknown: list[str] = []
-    for key in keys:
-        if is_ignored(key):
-            ignored.append(key)
-            continue
-        for name, prefix in PREFIXES.items():
-            if key.startswith(prefix):
-                parts[name].append(key)
-                break
-        else:
-            unknown.append(key)
-    return parts, ignored, unknown
+# ComfyUI's rule for SDXL (comfy/supported_models.py, SDXL.model_type): a marker key.
+SDXL_V_MARKER = "v_pred"
+# A marker of a zero-terminal-SNR noise schedule (ComfyUI: "ztsnr"), which ldm lacks.
+ZTSNR_MARKER = "ztsnr"
 
 
 def strip(shapes: Mapping[str, tuple], prefix: str) -> dict[str, tuple]:
@@ -127,15 +90,19 @@ def key_prefixes(keys, n: int = 6) -> list[str]:
 def _refuse_unsupported(shapes: Mapping[str, tuple], where: str) -> None:
     """Known model kinds ldm does not implement: say which, not 'unknown'."""
     keys = list(shapes)
-    if any(k.startswith("conditioner.embedders") for k in keys):
-        raise CheckpointError(f"{where}: this is an SDXL checkpoint (conditioner.embedders.*); SDXL is not supported yet")
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) or ".lora_down." in k or ".lora_A." in k
            for k in keys):
         raise CheckpointError(f"{where}: this is a LoRA file, not a full checkpoint; LoRA is not supported yet")
-    if UNET_PREFIX + "label_emb.0.0.weight" in shapes:
+    sgm = any(k.startswith(SGM_TEXT_PREFIX) for k in keys)
+    if UNET_PREFIX + "label_emb.0.0.weight" in shapes and not sgm:
         raise CheckpointError(
-            f"{where}: the U-Net has a class/image embedding (label_emb: SDXL, SD2 unCLIP or "
-            "similar); this variant is not supported"
+            f"{where}: the U-Net has a class/image embedding (label_emb) but the text encoder is SD's "
+            "(cond_stage_model): SD2 unCLIP or similar; this variant is not supported"
+        )
+    if ZTSNR_MARKER in shapes:
+        raise CheckpointError(
+            f"{where}: the file marks a zero-terminal-SNR noise schedule (key {ZTSNR_MARKER!r}), "
+            "which ldm does not implement"
         )
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     latent = shapes.get(VAE_PREFIX + "decoder.conv_in.weight", (0, 4))[1]
@@ -166,23 +133,49 @@ def _describe_unknown(shapes: Mapping[str, tuple], where: str, missing: str) -> 
         hint = " It looks like a standalone VAE file, not a full model."
     return CheckpointError(
         f"{where}: unknown model family: {missing}. Found {len(keys)} tensors, key prefixes "
-        f"{key_prefixes(keys)}. Expected an SD 1.x/2.x original-layout checkpoint "
-        f"({UNET_PREFIX}*, {VAE_PREFIX}*, {TEXT_PREFIX}*).{hint}"
+        f"{key_prefixes(keys)}. Expected an SD 1.x/2.x or SDXL original-layout checkpoint "
+        f"({UNET_PREFIX}*, {VAE_PREFIX}*, and {SD_TEXT_PREFIX}* or {SGM_TEXT_PREFIX}*).{hint}"
     )
 
 
+def _text_heads(keys: list[str], n: int) -> list[str]:
+    """The distinct key heads of ``n`` dotted parts, e.g. ``conditioner.embedders.0.model``."""
+    return sorted({".".join(k.split(".")[:n]) for k in keys})
+
+
+def _sgm_layout(text: list[str], shapes: Mapping[str, tuple], where: str) -> str:
+    heads = _text_heads(text, 4)
+    for layout in ("sdxl", "sdxl-refiner"):
+        expected = sorted(p.prefix + ("transformer" if p.keys == "sd1" else "model") for p in text_parts(layout))
+        if heads == expected:
+            return layout
+    raise _describe_unknown(
+        shapes, where, f"SDXL-style text encoders {heads}; ldm knows SDXL base "
+        f"({SGM_TEXT_PREFIX}0.transformer + {SGM_TEXT_PREFIX}1.model) and the refiner ({SGM_TEXT_PREFIX}0.model)")
+
+
 def detect_family(shapes: Mapping[str, tuple], where: str = "checkpoint") -> str:
-    """``sd1`` or ``sd2`` from key names; raises CheckpointError naming what was found."""
+    """The file's layout (``sd1``, ``sd2``, ``sdxl`` or ``sdxl-refiner``) from key names;
+    raises CheckpointError naming what was found."""
     _refuse_unsupported(shapes, where)
     has_unet = any(k.startswith(UNET_PREFIX) for k in shapes)
     has_vae = any(k.startswith(VAE_PREFIX) for k in shapes)
-    text = [k for k in shapes if k.startswith(TEXT_PREFIX) and not is_ignored(k)]
+    sd_text = [k for k in shapes if k.startswith(SD_TEXT_PREFIX) and not is_ignored(k)]
+    sgm_text = [k for k in shapes if k.startswith(SGM_TEXT_PREFIX) and not is_ignored(k)]
+    if sd_text and sgm_text:
+        raise CheckpointError(
+            f"{where}: holds text encoders of two layouts, SD's ({SD_TEXT_PREFIX}*) and SDXL's "
+            f"({SGM_TEXT_PREFIX}*); a file of one model has one. It is a broken merge or not a model checkpoint"
+        )
+    text = sd_text or sgm_text
     if not (has_unet and has_vae and text):
         absent = [n for n, ok in (("U-Net", has_unet), ("VAE", has_vae), ("text encoder", bool(text))) if not ok]
         raise _describe_unknown(shapes, where, f"no {', '.join(absent)} weights")
-    if any(k.startswith(TEXT_PREFIX + "transformer.") for k in text):
+    if sgm_text:
+        return _sgm_layout(sgm_text, shapes, where)
+    if any(k.startswith(SD_TEXT_PREFIX + "transformer.") for k in text):
         return "sd1"
-    if any(k.startswith(TEXT_PREFIX + "model.") for k in text):
+    if any(k.startswith(SD_TEXT_PREFIX + "model.") for k in text):
         return "sd2"
     raise _describe_unknown(shapes, where, f"unrecognised text encoder keys {key_prefixes(text, 3)}")
 
@@ -195,17 +188,23 @@ def _count_layers(keys) -> int:
     return max(found) + 1 if found else 0
 
 
-def text_architecture(shapes: Mapping[str, tuple], family: str, where: str) -> dict[str, Any]:
-    """The TextEncoderConfig fields that stripped ``cond_stage_model.`` shapes determine.
+_OPENCLIP_FIXED_BLOCKS = {"sd2": 1, "openclip": 0}  # blocks in the file that the model does not run
+
+
+def text_architecture(shapes: Mapping[str, tuple], part: TextPart, where: str) -> dict[str, Any]:
+    """The TextEncoderConfig fields that one text encoder's shapes (``part.prefix``
+    stripped) determine.
 
     Heads are not among them (q/k/v are [C, C] whatever the split into heads). For
-    the OpenCLIP layout the last block is never run (penultimate-layer conditioning),
-    so it is not counted.
+    SD2's OpenCLIP layout the last block is never run (penultimate-layer conditioning),
+    so it is not counted. ``projection_dim`` is the width of SDXL bigG's
+    ``text_projection``; None for the layouts that do not load one.
     """
     from .keymap_text import count_openclip_blocks
 
+    projection = None
     try:
-        if family == "sd1":
+        if part.keys == "sd1":
             base = "transformer.text_model." if any(k.startswith("transformer.text_model.") for k in shapes) else "transformer."
             vocab, hidden = shapes[base + "embeddings.token_embedding.weight"]
             positions = shapes[base + "embeddings.position_embedding.weight"][0]
@@ -214,48 +213,53 @@ def text_architecture(shapes: Mapping[str, tuple], family: str, where: str) -> d
         else:
             vocab, hidden = shapes["model.token_embedding.weight"]
             positions = shapes["model.positional_embedding"][0]
-            layers = count_openclip_blocks(shapes) - 1
+            layers = count_openclip_blocks(shapes) - _OPENCLIP_FIXED_BLOCKS[part.keys]
             inter = shapes["model.transformer.resblocks.0.mlp.c_fc.weight"][0]
+            if part.keys == "openclip":
+                projection = shapes["model.text_projection"][1]
     except KeyError as exc:
-        raise CheckpointError(f"{where}: text encoder weights incomplete (no {TEXT_PREFIX}{exc.args[0]})") from None
+        raise CheckpointError(f"{where}: text encoder weights incomplete (no {part.prefix}{exc.args[0]})") from None
     except (ValueError, IndexError):
-        raise CheckpointError(f"{where}: text encoder embedding weights have unexpected shapes") from None
+        raise CheckpointError(f"{where}: text encoder embedding or projection weights have unexpected shapes") from None
     return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
-            "num_hidden_layers": layers, "max_position_embeddings": positions}
+            "num_hidden_layers": layers, "max_position_embeddings": positions, "projection_dim": projection}
 
 
 # --- architecture: what the weights determine, and the presets it matches --------
 
 # Fields of each component config that an original-layout file's keys and shapes
-# determine, plus ``layout`` (the text encoder's key layout, which fixes its
-# activation and padding by convention). Everything else (heads, sample sizes, the
-# VAE scaling factor, norm groups) is not in the weights: it comes from the preset
-# whose architecture the weights match, from ldm's metadata, or from the caller.
+# determine, plus ``layout`` (the text encoders' key layout, which fixes their
+# activation, padding and conditioning layer by convention). Everything else (heads,
+# sample sizes, the VAE scaling factor, norm groups, SDXL's addition_time_embed_dim) is
+# not in the weights: it comes from the preset whose architecture the weights match,
+# from ldm's metadata, or from the caller. ``text_2`` fields are None without a second
+# text encoder; ``unet.transformer_layers_per_block`` is compared as
+# :func:`~ldm.checkpoints.keymap_unet.attention_depths` gives it.
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "max_position_embeddings", "projection_dim")
 DERIVABLE = {
     "unet": ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
              "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-             "use_linear_projection"),
+             "use_linear_projection", "addition_embed_type", "projection_class_embeddings_input_dim"),
     "vae": ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block"),
-    "text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "max_position_embeddings"),
+    "text": _TEXT_FIELDS,
+    "text_2": _TEXT_FIELDS,
 }
 _LAYOUT_NAMES = {"sd1": "sd1 (OpenAI CLIP, cond_stage_model.transformer)",
-                 "sd2": "sd2 (OpenCLIP, cond_stage_model.model)"}
-
-
-def keymap_family(config: ModelConfig) -> str:
-    """The text-encoder key layout of a config: ``sd1`` (CLIP) or ``sd2`` (OpenCLIP)."""
-    if config.family in ("sd1", "sd2"):
-        return config.family
-    return "sd2" if config.text.hidden_act == "gelu" else "sd1"
+                 "sd2": "sd2 (OpenCLIP, cond_stage_model.model)",
+                 "sdxl": "sdxl (CLIP ViT-L conditioner.embedders.0.transformer, OpenCLIP bigG .1.model)",
+                 "sdxl-refiner": "sdxl-refiner (OpenCLIP bigG, conditioner.embedders.0.model)"}
 
 
 def architecture_of(config: ModelConfig) -> dict[str, Any]:
     """The derivable part of a config, in the form :func:`derive_architecture` returns."""
-    arch: dict[str, Any] = {"layout": keymap_family(config)}
+    from .keymap_unet import attention_depths
+
+    arch: dict[str, Any] = {"layout": layout_of(config)}
     for component, fields in DERIVABLE.items():
         part = getattr(config, component)
-        arch.update({f"{component}.{name}": getattr(part, name) for name in fields})
+        arch.update({f"{component}.{name}": getattr(part, name) if part is not None else None for name in fields})
+    arch["unet.transformer_layers_per_block"] = attention_depths(config.unet)
     return arch
 
 
@@ -272,12 +276,22 @@ def derive_architecture(shapes: Mapping[str, tuple], where: str = "checkpoint") 
     parts = {
         "unet": unet_architecture(strip(shapes, UNET_PREFIX)),
         "vae": vae_architecture(strip(shapes, VAE_PREFIX)),
-        "text": text_architecture(strip(shapes, TEXT_PREFIX), layout, where),
+        "text_2": dict.fromkeys(_TEXT_FIELDS),
     }
+    for part in text_parts(layout):
+        parts[part.field] = text_architecture(strip(shapes, part.prefix), part, where)
     arch: dict[str, Any] = {"layout": layout}
     for component, fields in parts.items():
         arch.update({f"{component}.{name}": value for name, value in fields.items()})
     return arch
+
+
+def _describe_text(get: Callable[[str], Any], field: str) -> str:
+    projection = get(f"{field}.projection_dim")
+    return (f"width {get(f'{field}.hidden_size')}, {get(f'{field}.num_hidden_layers')} layers, MLP "
+            f"{get(f'{field}.intermediate_size')}, vocab {get(f'{field}.vocab_size')}, "
+            f"{get(f'{field}.max_position_embeddings')} positions"
+            + (f", projection {projection}" if projection else ""))
 
 
 def describe_architecture(arch: Mapping[str, Any]) -> str:
@@ -287,16 +301,19 @@ def describe_architecture(arch: Mapping[str, Any]) -> str:
         return tuple(value) if isinstance(value, (list, tuple)) else value
 
     attention = tuple("CrossAttn" in t for t in get("unet.down_block_types"))
+    added = get("unet.projection_class_embeddings_input_dim")
+    text = f"text encoder {_LAYOUT_NAMES[get('layout')]} {_describe_text(get, 'text')}"
+    if get("text_2.hidden_size") is not None:
+        text += f"; second text encoder {_describe_text(get, 'text_2')}"
     return (
         f"U-Net channels {get('unet.block_out_channels')}, attention at levels {attention}, "
         f"{get('unet.layers_per_block')} layers per block, context width {get('unet.cross_attention_dim')}, "
         f"transformer depth {get('unet.transformer_layers_per_block')}, in/out channels "
         f"{get('unet.in_channels')}/{get('unet.out_channels')}, proj_in "
-        f"{'linear' if get('unet.use_linear_projection') else 'conv'}; VAE channels "
-        f"{get('vae.block_out_channels')}, {get('vae.layers_per_block')} layers per block, latent channels "
-        f"{get('vae.latent_channels')}; text encoder {_LAYOUT_NAMES[get('layout')]} width "
-        f"{get('text.hidden_size')}, {get('text.num_hidden_layers')} layers, MLP {get('text.intermediate_size')}, "
-        f"vocab {get('text.vocab_size')}, {get('text.max_position_embeddings')} positions"
+        f"{'linear' if get('unet.use_linear_projection') else 'conv'}"
+        + (f", added embedding input {added}" if added else "")
+        + f"; VAE channels {get('vae.block_out_channels')}, {get('vae.layers_per_block')} layers per block, "
+        f"latent channels {get('vae.latent_channels')}; {text}"
     )
 
 
@@ -343,6 +360,10 @@ def _prediction_type(layout: str, shapes: Mapping[str, tuple],
                      get_tensor: Callable[[str], torch.Tensor] | None) -> tuple[str, str]:
     if layout == "sd1":
         return "epsilon", "sd1 text encoder (cond_stage_model.transformer), SD1 is always epsilon"
+    if layout in ("sdxl", "sdxl-refiner"):
+        if SDXL_V_MARKER in shapes:
+            return "v_prediction", f"{layout} text encoders (conditioner.embedders), {SDXL_V_MARKER!r} marker key"
+        return "epsilon", f"{layout} text encoders (conditioner.embedders), no {SDXL_V_MARKER!r} marker key"
     if get_tensor is None or V_RULE_KEY not in shapes:
         return "epsilon", "sd2 text encoder (cond_stage_model.model), v-rule not applied"
     pred, rule = v_prediction_rule(get_tensor)

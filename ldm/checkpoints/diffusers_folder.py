@@ -2,7 +2,11 @@
 
 Internal module keys are diffusers' own (DESIGN.md convention 2), so weights load
 with at most the small fix-ups of :func:`diffusers_mappings`. Configs are
-translated in :mod:`ldm.foreign_config`.
+translated in :mod:`ldm.foreign_config`. Which subfolder holds which text encoder
+and tokenizer is the layout's (:mod:`ldm.checkpoints.layouts`): SDXL base has
+``text_encoder/`` + ``tokenizer/`` (CLIP ViT-L) and ``text_encoder_2/`` +
+``tokenizer_2/`` (OpenCLIP ViT-bigG, with its projection); the refiner has only the
+latter (``model_index.json`` lists ``text_encoder`` as null), which is ldm's ``text``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, UNetConfig
 from ..foreign_config import (
     schedule_from_diffusers, text_from_transformers, text_to_transformers, unet_from_diffusers,
     unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
@@ -24,15 +28,20 @@ from .detect import check_input_channels
 from .files import (
     CheckpointError, TensorFile, check_regular_file, merge_tensor_files, open_tensor_file, save_safetensors,
 )
+from .layouts import TextPart, layout_of, text_parts
 
 logger = logging.getLogger("ldm")
 
-# component folder -> weight file stem (diffusers for unet/vae, transformers for the text encoder)
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# component folder -> weight file stem (diffusers for unet/vae, transformers for the text encoders)
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 _PICKLE_NAMES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                 "text_encoder": ("pytorch_model", "model")}
+                 "text_encoder": ("pytorch_model", "model"), "text_encoder_2": ("pytorch_model", "model")}
 TEXT_TO_IMAGE_PIPELINE = "StableDiffusionPipeline"
 INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
+XL_PIPELINE = "StableDiffusionXLPipeline"
+XL_IMG2IMG_PIPELINE = "StableDiffusionXLImg2ImgPipeline"  # the refiner's
+XL_INPAINT_PIPELINE = "StableDiffusionXLInpaintPipeline"
 # Written into configs we save; diffusers reads it to decide on legacy behaviour only.
 DIFFUSERS_VERSION = "0.30.0"
 
@@ -42,10 +51,12 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def is_model_folder(path: Path) -> bool:
-    """A complete diffusers model folder (what ``convert`` writes): model_index.json
-    and the unet/, vae/ and text_encoder/ subfolders."""
+    """A complete diffusers model folder (what ``convert`` writes): model_index.json,
+    the unet/ and vae/ subfolders and a text encoder's (text_encoder/, or the SDXL
+    refiner's text_encoder_2/)."""
     return (path.is_dir() and not path.is_symlink() and (path / "model_index.json").is_file()
-            and all((path / c).is_dir() for c in WEIGHT_STEMS))
+            and all((path / c).is_dir() for c in ("unet", "vae"))
+            and any((path / c).is_dir() for c in ("text_encoder", "text_encoder_2")))
 
 
 def _present(path: Path) -> bool:
@@ -68,9 +79,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _translate(fn: Callable, data: dict, path: Path, *args: Any):
+def _translate(fn: Callable, data: dict, path: Path, *args: Any, **kwargs: Any):
     try:
-        return fn(data, *args)
+        return fn(data, *args, **kwargs)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -112,36 +123,103 @@ def _open_sharded(index: Path, allow_pickle: bool) -> TensorFile:
     return merge_tensor_files(index, shards)
 
 
-def _refuse_pipeline(folder: Path, index: dict[str, Any]) -> None:
-    name = str(index.get("_class_name", ""))
-    if "XL" in name or "text_encoder_2" in index:
-        raise CheckpointError(f"{folder}: this is an SDXL pipeline ({name or 'text_encoder_2'}); SDXL is not supported yet")
-    for component in ("unet", "vae", "text_encoder"):
-        entry = index.get(component)
-        if component in index and (not isinstance(entry, list) or entry[-1] is None):
-            raise CheckpointError(f"{folder}: model_index.json has no {component} ({entry!r})")
+def _check_index(folder: Path, index: dict[str, Any]) -> None:
+    for component in ("unet", "vae"):
+        if component in index and _listed(index, component) is None:
+            raise CheckpointError(f"{folder}: model_index.json has no {component} ({index[component]!r})")
+
+
+def _listed(index: dict[str, Any], component: str) -> bool | None:
+    """model_index.json's word on a component: True (a class), False (null), None (malformed);
+    absent: None as well, see :func:`_declared`."""
+    entry = index.get(component)
+    if not isinstance(entry, list) or not entry:
+        return None
+    return entry[-1] is not None
+
+
+def _declared(folder: Path, index: dict[str, Any], component: str) -> bool:
+    """Whether a folder has ``component``: model_index.json's entry when it has one
+    (a null entry: no), else whether the subfolder exists."""
+    if component in index:
+        listed = _listed(index, component)
+        if listed is None:
+            raise CheckpointError(f"{folder}: model_index.json entry {component} is {index[component]!r}, "
+                                  "expected [library, class] or [null, null]")
+        return listed
+    return _present(folder / component)
 
 
 def text_family(hidden_act: str) -> str:
-    """Family of a diffusers folder, from its text encoder: OpenCLIP (SD2) uses gelu,
-    OpenAI CLIP (SD1) quick_gelu. It selects the original-layout text key map."""
+    """Family of an SD1/SD2 diffusers folder, from its text encoder: OpenCLIP (SD2) uses
+    gelu, OpenAI CLIP (SD1) quick_gelu. It selects the original-layout text key map."""
     return "sd2" if hidden_act == "gelu" else "sd1"
+
+
+def _sdxl_layout(folder: Path, index: dict[str, Any]) -> str:
+    """``sdxl`` (base: text_encoder/ and text_encoder_2/) or ``sdxl-refiner`` (only
+    text_encoder_2/) for a folder whose U-Net takes a pooled text embedding."""
+    first, second = (_declared(folder, index, c) for c in ("text_encoder", "text_encoder_2"))
+    if not (first or second):
+        raise CheckpointError(f"{folder}: an SDXL folder (its U-Net takes a pooled text embedding) with no "
+                              "text encoder: neither text_encoder/ nor text_encoder_2/")
+    layout = "sdxl" if first else "sdxl-refiner"
+    for part in text_parts(layout):
+        if not (folder / part.folder).is_dir():
+            model = "an SDXL base model (it has text_encoder/)" if layout == "sdxl" else "an SDXL refiner"
+            raise CheckpointError(
+                f"{folder}: is {model} but has no {part.folder}/ folder; SDXL needs its OpenCLIP "
+                f"ViT-bigG encoder there (with {part.tokenizer}/). Copy it from the model's release"
+            )
+    return layout
+
+
+def _sd_layout(folder: Path, index: dict[str, Any]) -> str:
+    if _declared(folder, index, "text_encoder_2"):
+        raise CheckpointError(
+            f"{folder}: has a second text encoder (text_encoder_2) but its U-Net takes no pooled text "
+            "embedding (unet/config.json has no addition_embed_type 'text_time'): the folder mixes "
+            "SDXL and SD 1.x/2.x parts"
+        )
+    if "text_encoder" in index and not _listed(index, "text_encoder"):
+        raise CheckpointError(f"{folder}: model_index.json has no text_encoder ({index['text_encoder']!r})")
+    text_path = folder / "text_encoder" / "config.json"
+    return text_family(str(_read_json(text_path).get("hidden_act", "quick_gelu")))
+
+
+def _read_text(folder: Path, part: TextPart):
+    path = folder / part.folder / "config.json"
+    data = _read_json(path)
+    tokenizer = folder / part.tokenizer
+    default = "zero" if data.get("hidden_act") == "gelu" else "eos"  # OpenCLIP pads with 0
+    pad = pad_token_from_hf(tokenizer) if tokenizer.is_dir() else default
+    return _translate(text_from_transformers, data, path, pad, hidden_layer=part.hidden_layer)
+
+
+def _check_aesthetics(folder: Path, index: dict[str, Any], config: ModelConfig) -> None:
+    """diffusers' SDXL pipelines build 5 size ids with an aesthetic score when
+    ``requires_aesthetics_score`` is set, else 6: it must agree with the U-Net."""
+    flag = index.get("requires_aesthetics_score")
+    if not isinstance(flag, bool) or config.size_conditioning is None:
+        return
+    if flag != (config.size_conditioning == "aesthetic"):
+        ids = 5 if config.size_conditioning == "aesthetic" else 6
+        raise CheckpointError(
+            f"{folder}: model_index.json has requires_aesthetics_score={flag} but the U-Net's added "
+            f"embedding takes {ids} ids ({config.size_conditioning} conditioning)"
+        )
 
 
 def read_folder_config(folder: Path) -> tuple[ModelConfig, str]:
     """ModelConfig of a diffusers folder and the rule for its prediction type."""
     index_path = folder / "model_index.json"
-    if _present(index_path):
-        _refuse_pipeline(folder, _read_json(index_path))
+    index = _read_json(index_path) if _present(index_path) else {}
+    _check_index(folder, index)
     unet_path, vae_path = folder / "unet" / "config.json", folder / "vae" / "config.json"
-    text_path = folder / "text_encoder" / "config.json"
-    unet = _translate(unet_from_diffusers, _read_json(unet_path), unet_path)
+    unet: UNetConfig = _translate(unet_from_diffusers, _read_json(unet_path), unet_path)
     vae = _translate(vae_from_diffusers, _read_json(vae_path), vae_path)
-    text_data = _read_json(text_path)
-    family = text_family(str(text_data.get("hidden_act", "quick_gelu")))
-    tokenizer = folder / "tokenizer"
-    pad = pad_token_from_hf(tokenizer) if tokenizer.is_dir() else ("zero" if family == "sd2" else "eos")
-    text = _translate(text_from_transformers, text_data, text_path, pad)
+    layout = _sd_layout(folder, index) if unet.addition_embed_type is None else _sdxl_layout(folder, index)
+    texts = {part.field: _read_text(folder, part) for part in text_parts(layout)}
     check_input_channels(unet.in_channels, vae.latent_channels, str(unet_path))
     sched_path = folder / "scheduler" / "scheduler_config.json"
     schedule: dict[str, Any] = {}
@@ -152,9 +230,10 @@ def read_folder_config(folder: Path) -> tuple[ModelConfig, str]:
     else:
         rule = "no prediction_type in scheduler config: diffusers' default epsilon"
     try:
-        config = ModelConfig(family=family, unet=unet, vae=vae, text=text, **schedule)
+        config = ModelConfig(family=layout, unet=unet, vae=vae, **texts, **schedule)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{folder}: inconsistent configs: {exc}") from None
+    _check_aesthetics(folder, index, config)
     return config, rule
 
 
@@ -180,24 +259,51 @@ def scheduler_config(config: ModelConfig) -> dict[str, Any]:
 
 def pipeline_class(config: ModelConfig) -> str:
     """The diffusers pipeline class a folder of this model names: an inpainting
-    U-Net needs the pipeline that feeds it the mask and the masked image."""
-    return INPAINT_PIPELINE if config.is_inpainting else TEXT_TO_IMAGE_PIPELINE
+    U-Net needs the pipeline that feeds it the mask and the masked image, the SDXL
+    refiner the one that feeds it an image and an aesthetic score."""
+    layout = layout_of(config)
+    if layout in ("sd1", "sd2"):
+        return INPAINT_PIPELINE if config.is_inpainting else TEXT_TO_IMAGE_PIPELINE
+    if config.is_inpainting:
+        return XL_INPAINT_PIPELINE
+    return XL_IMG2IMG_PIPELINE if layout == "sdxl-refiner" else XL_PIPELINE
 
 
-def model_index(scheduler_class: str = "DDIMScheduler", pipeline: str = TEXT_TO_IMAGE_PIPELINE) -> dict[str, Any]:
-    """model_index.json of a text-to-image or inpainting folder (no safety checker)."""
-    return {
+def _text_class(config: ModelConfig, part: TextPart) -> str:
+    return "CLIPTextModelWithProjection" if part.config(config).projection_dim else "CLIPTextModel"
+
+
+def model_index(scheduler_class: str = "DDIMScheduler", pipeline: str = TEXT_TO_IMAGE_PIPELINE,
+                config: ModelConfig | None = None) -> dict[str, Any]:
+    """model_index.json of a folder (no safety checker); ``config`` None: an SD 1.x/2.x one.
+
+    SDXL folders list ``text_encoder_2`` / ``tokenizer_2`` (the refiner lists
+    ``text_encoder`` / ``tokenizer`` as null) and the flags diffusers' SDXL pipelines
+    take: ``force_zeros_for_empty_prompt`` (the base's release: an empty negative
+    prompt is all zeros) and ``requires_aesthetics_score`` (the refiner's 5 ids).
+    """
+    index: dict[str, Any] = {
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
     }
+    layout = "sd1" if config is None else layout_of(config)
+    if layout in ("sd1", "sd2"):
+        return {**index, "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
+                "feature_extractor": [None, None], "requires_safety_checker": False}
+    assert config is not None
+    index.update({"text_encoder": [None, None], "tokenizer": [None, None]})
+    for part in text_parts(layout):
+        index[part.folder] = ["transformers", _text_class(config, part)]
+        index[part.tokenizer] = ["transformers", "CLIPTokenizer"]
+    refiner = config.size_conditioning == "aesthetic"
+    index["force_zeros_for_empty_prompt"] = not refiner
+    if pipeline != XL_PIPELINE:  # the text-to-image pipeline has no such argument
+        index["requires_aesthetics_score"] = refiner
+    return index
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -206,17 +312,28 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_folder(folder: Path, config: ModelConfig, states: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Write a complete diffusers folder into ``folder`` (a fresh, temporary path)."""
-    _write_json(folder / "model_index.json", model_index(pipeline=pipeline_class(config)))
+    """Write a complete diffusers folder into ``folder`` (a fresh, temporary path).
+
+    ``states``: the internal state dicts by component (unet, vae, text_encoder[, _2]).
+    """
+    parts = text_parts(layout_of(config))
+    folders = folder_of(config)
+    unknown = sorted(set(states) - set(folders))
+    if unknown:
+        raise ValueError(f"components {unknown} have no place in a {layout_of(config)} folder; "
+                         f"expected {sorted(folders)}")
+    _write_json(folder / "model_index.json", model_index(pipeline=pipeline_class(config), config=config))
     _write_json(folder / "unet" / "config.json",
                 {**unet_to_diffusers(config.unet), "_diffusers_version": DIFFUSERS_VERSION})
     _write_json(folder / "vae" / "config.json",
                 {**vae_to_diffusers(config.vae), "_diffusers_version": DIFFUSERS_VERSION})
-    _write_json(folder / "text_encoder" / "config.json", text_to_transformers(config.text))
+    for part in parts:
+        _write_json(folder / part.folder / "config.json", text_to_transformers(part.config(config)))
+        save_hf_tokenizer(folder / part.tokenizer, part.config(config).pad_token)
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(config))
-    save_hf_tokenizer(folder / "tokenizer", config.text.pad_token)
     for component, state in states.items():
-        save_safetensors(state, folder / component / f"{WEIGHT_STEMS[component]}.safetensors")
+        sub = folders[component]
+        save_safetensors(state, folder / sub / f"{WEIGHT_STEMS[sub]}.safetensors")
 
 
 # --- key fix-ups -----------------------------------------------------------------
@@ -242,4 +359,10 @@ def diffusers_mappings() -> dict[str, Callable]:
     """Per-component key maps from diffusers folders to internal keys."""
     from .keymap_text import text_diffusers_to_internal
 
-    return {"unet": _same, "vae": _vae_diffusers_to_internal, "text_encoder": text_diffusers_to_internal}
+    return {"unet": _same, "vae": _vae_diffusers_to_internal, "text_encoder": text_diffusers_to_internal,
+            "text_encoder_2": text_diffusers_to_internal}
+
+
+def folder_of(config: ModelConfig) -> dict[str, str]:
+    """Internal component -> the subfolder of a diffusers folder that holds it."""
+    return {"unet": "unet", "vae": "vae", **{p.component: p.folder for p in text_parts(layout_of(config))}}

@@ -1,22 +1,32 @@
 """Text-encoder key maps: original single-file layout <-> internal (= diffusers) keys.
 
-Keys here are those under ``cond_stage_model.`` in an original checkpoint, with
-that prefix already removed. Internal keys are :class:`ldm.models.text.TextEncoder`'s
-(``text_model.embeddings.token_embedding.weight``, ...).
+Keys here are those below a text encoder's prefix in an original checkpoint
+(``cond_stage_model.``, SDXL's ``conditioner.embedders.N.``; see
+:mod:`ldm.checkpoints.layouts`), with that prefix already removed. Internal keys are
+:class:`ldm.models.text.TextEncoder`'s (``text_model.embeddings.token_embedding.weight``,
+..., and ``text_projection.weight`` for an encoder with a projection).
 
-* SD1 (OpenAI CLIP through transformers): the layout below ``text_model.`` is
-  already CLIPTextModel's; files differ only in the prefix (``transformer.text_model.``,
-  or ``transformer.`` in files written by transformers < 4.17).
-* SD2 (OpenCLIP text tower): renamed, the fused attention ``in_proj`` split into
-  q/k/v, and the last resblock dropped: SD2 conditions on the penultimate block,
+Key families (the ``family`` argument):
+
+* ``sd1`` (OpenAI CLIP through transformers; SD1, and SDXL's CLIP ViT-L): the layout
+  below ``text_model.`` is already CLIPTextModel's; files differ only in the prefix
+  (``transformer.text_model.``, or ``transformer.`` in files written by transformers < 4.17).
+* ``sd2`` (OpenCLIP text tower, SD2): renamed, the fused attention ``in_proj`` split
+  into q/k/v, and the last resblock dropped: SD2 conditions on the penultimate block,
   so our config has ``num_hidden_layers = resblocks - 1`` (as diffusers' SD2
-  ``text_encoder`` does).
+  ``text_encoder`` does). ``text_projection`` is not used (ignored before the map).
+* ``openclip`` (OpenCLIP text tower kept whole, SDXL's ViT-bigG): the same renames
+  and split, every block kept, and ``text_projection`` (stored ``(width, projection)``,
+  applied as ``x @ P``) transposed to and from ``text_projection.weight`` (an
+  ``nn.Linear``'s ``(projection, width)``), as diffusers' ``convert_open_clip_checkpoint``.
 
 Every source's ``position_ids`` is dropped: :class:`TextEncoder` computes positions
-per call (see the comment there). A key these maps do not know raises
-:class:`~ldm.checkpoints.keymap.UnmappedKeyError`, the rule of every key map
-(see :mod:`ldm.checkpoints.keymap`): the strict load reports it as unexpected under
-its source name, and it is never passed on, where it could collide with a real name.
+per call (see the comment there), as are OpenCLIP's ``logit_scale`` and ``attn_mask``
+(the contrastive temperature and the causal mask, which the model rebuilds). A key
+these maps do not know raises :class:`~ldm.checkpoints.keymap.UnmappedKeyError`, the
+rule of every key map (see :mod:`ldm.checkpoints.keymap`): the strict load reports it
+as unexpected under its source name, and it is never passed on, where it could
+collide with a real name.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from .keymap import UnmappedKeyError
 KeyMap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 StateMap = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "openclip")
 
 _INTERNAL = "text_model."
 # What transformers >= 5 saves below CLIPTextModel when it drops the text_model level.
@@ -54,14 +64,15 @@ _OPENCLIP_TOP = {
     "model.ln_final.weight": "text_model.final_layer_norm.weight",
     "model.ln_final.bias": "text_model.final_layer_norm.bias",
 }
-# Used only for the contrastive loss / pooled embedding, never for conditioning;
-# ``attn_mask`` is the causal mask, rebuilt by the model.
-_OPENCLIP_DROPPED = ("model.text_projection", "model.logit_scale", "model.attn_mask")
+# The contrastive loss' temperature, and the causal mask (rebuilt by the model).
+_OPENCLIP_DROPPED = ("model.logit_scale", "model.attn_mask")
+# Used only for the contrastive score in SD2, never for its conditioning.
+_SD2_DROPPED = ("model.text_projection",)
+_PROJECTION, _PROJECTION_INTERNAL = "model.text_projection", "text_projection.weight"
 _RESBLOCK = re.compile(r"^model\.transformer\.resblocks\.(\d+)\.(.+)$")
 _LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
 _COUNT = re.compile(r"(?:^|\.)model\.transformer\.resblocks\.(\d+)\.")
 _QKV = ("q_proj", "k_proj", "v_proj")
-_SD2_IN, _SD2_OUT = "text sd2 original->internal", "text sd2 internal->original"
 
 
 def _check(config: TextEncoderConfig, family: str) -> None:
@@ -79,16 +90,17 @@ def _is_position_ids(key: str) -> bool:
 
 
 def text_diffusers_to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """A diffusers ``text_encoder`` key to ours.
+    """A diffusers ``text_encoder`` (or SDXL ``text_encoder_2``) key to ours.
 
     transformers < 5 saved ``text_model.*`` (all published SD folders); transformers
     >= 5 saves CLIPTextModel without that level (``embeddings.*``); both map here.
+    CLIPTextModelWithProjection keeps ``text_model.*`` beside ``text_projection.weight``.
     """
     if _is_position_ids(key):
         return []
     if key.startswith(_TEXT_MODEL_PARTS):
         return [(_INTERNAL + key, tensor)]
-    if key.startswith(_INTERNAL):
+    if key.startswith(_INTERNAL) or key == _PROJECTION_INTERNAL:
         return [(key, tensor)]
     raise UnmappedKeyError(key, "text_encoder diffusers->internal")
 
@@ -116,10 +128,20 @@ def _sd1_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-# --- SD2 (OpenCLIP) ----------------------------------------------------------
+# --- OpenCLIP (SD2, SDXL's bigG) ------------------------------------------------
 
 
-def _sd2_block_to_internal(i: int, rest: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def _where(family: str, direction: str) -> str:
+    return f"text {family} {direction}"
+
+
+def _transposed(tensor: torch.Tensor) -> torch.Tensor:
+    """OpenCLIP's ``x @ P`` projection <-> nn.Linear's weight (a copy: a transposed view
+    could not be saved). Other shapes pass for the loader to report as mis-shaped."""
+    return tensor.t().contiguous() if tensor.ndim == 2 else tensor
+
+
+def _openclip_block_to_internal(i: int, rest: str, tensor: torch.Tensor, where: str) -> list[tuple[str, torch.Tensor]]:
     layer = f"text_model.encoder.layers.{i}."
     if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
         if tensor.shape[0] % 3:
@@ -135,27 +157,31 @@ def _sd2_block_to_internal(i: int, rest: str, tensor: torch.Tensor) -> list[tupl
     module, _, param = rest.rpartition(".")
     if module in _OPENCLIP_BLOCK:
         return [(f"{layer}{_OPENCLIP_BLOCK[module]}.{param}", tensor)]
-    raise UnmappedKeyError(f"model.transformer.resblocks.{i}.{rest}", _SD2_IN)
+    raise UnmappedKeyError(f"model.transformer.resblocks.{i}.{rest}", where)
 
 
-def _sd2_to_internal_factory(config: TextEncoderConfig) -> KeyMap:
-    # The original tower has one block more than we run: index num_hidden_layers.
-    last = config.num_hidden_layers
+def _openclip_to_internal_factory(config: TextEncoderConfig, family: str) -> KeyMap:
+    # SD2: the original tower has one block more than we run, index num_hidden_layers.
+    unused_block = config.num_hidden_layers if family == "sd2" else None
+    dropped = _OPENCLIP_DROPPED + (_SD2_DROPPED if family == "sd2" else ())
+    where = _where(family, "original->internal")
 
     def to_internal(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if key in _OPENCLIP_TOP:
             return [(_OPENCLIP_TOP[key], tensor)]
-        if key in _OPENCLIP_DROPPED or _is_position_ids(key):
+        if key in dropped or _is_position_ids(key):
             return []
+        if key == _PROJECTION:
+            return [(_PROJECTION_INTERNAL, _transposed(tensor))]
         match = _RESBLOCK.match(key)
         if match is None:
-            raise UnmappedKeyError(key, _SD2_IN)
+            raise UnmappedKeyError(key, where)
         i, rest = int(match.group(1)), match.group(2)
-        if i == last:
+        if i == unused_block:
             return []
         # Blocks past the last one are mapped anyway: the strict load then reports
         # them as unexpected layers, which says the config has too few layers.
-        return _sd2_block_to_internal(i, rest, tensor)
+        return _openclip_block_to_internal(i, rest, tensor, where)
 
     return to_internal
 
@@ -164,7 +190,9 @@ _OPENCLIP_BLOCK_INV = {v: k for k, v in _OPENCLIP_BLOCK.items()}
 _OPENCLIP_TOP_INV = {v: k for k, v in _OPENCLIP_TOP.items()}
 
 
-def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
+def _openclip_to_original_factory(config: TextEncoderConfig, family: str) -> StateMap:
+    where = _where(family, "internal->original")
+
     def to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -174,9 +202,12 @@ def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
             if key in _OPENCLIP_TOP_INV:
                 out[_OPENCLIP_TOP_INV[key]] = tensor
                 continue
+            if key == _PROJECTION_INTERNAL and family == "openclip":
+                out[_PROJECTION] = _transposed(tensor)
+                continue
             match = _LAYER.match(key)
             if match is None:
-                raise UnmappedKeyError(key, _SD2_OUT)
+                raise UnmappedKeyError(key, where)
             i, rest = int(match.group(1)), match.group(2)
             module, _, param = rest.rpartition(".")
             block = f"model.transformer.resblocks.{i}."
@@ -185,7 +216,7 @@ def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
             elif module in _OPENCLIP_BLOCK_INV:
                 out[f"{block}{_OPENCLIP_BLOCK_INV[module]}.{param}"] = tensor
             else:
-                raise UnmappedKeyError(key, _SD2_OUT)
+                raise UnmappedKeyError(key, where)
         for (i, param), parts in sorted(qkv.items()):
             missing = [n for n in _QKV if n not in parts]
             if missing:
@@ -193,7 +224,8 @@ def _sd2_to_original_factory(config: TextEncoderConfig) -> StateMap:
             out[f"model.transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(
                 [parts[n] for n in _QKV], dim=0
             )
-        out.update(_zero_resblock(config, _like(state)))
+        if family == "sd2":
+            out.update(_zero_resblock(config, _like(state)))
         return out
 
     return to_original
@@ -241,22 +273,22 @@ def text_original_to_internal(config: TextEncoderConfig, family: str) -> KeyMap:
     _check(config, family)
     if family == "sd1":
         return _sd1_to_internal
-    return _sd2_to_internal_factory(config)
+    return _openclip_to_internal_factory(config, family)
 
 
 def text_internal_to_original(config: TextEncoderConfig, family: str) -> StateMap:
     """Whole-state map from our keys to the original layout.
 
-    It takes the whole state dict, not one key, because for SD2 it is not per
-    key: q/k/v are fused back into ``in_proj`` (three keys to one) and one
+    It takes the whole state dict, not one key, because for OpenCLIP it is not per
+    key: q/k/v are fused back into ``in_proj`` (three keys to one) and, for SD2, one
     all-zeros final resblock is appended (see :func:`_zero_resblock`), so that
-    internal -> original -> internal is exact. ``text_projection`` and
-    ``logit_scale`` are not written: we never had them.
+    internal -> original -> internal is exact. ``logit_scale`` is not written (we
+    never had it), nor, for SD2, ``text_projection``; SDXL's is, transposed back.
     """
     _check(config, family)
     if family == "sd1":
         return _sd1_to_original
-    return _sd2_to_original_factory(config)
+    return _openclip_to_original_factory(config, family)
 
 
 def count_openclip_blocks(keys: Iterable[str]) -> int:

@@ -15,19 +15,24 @@ middle_block.0 / .1 / .2               mid_block.resnets.0 / attentions.0 / resn
 output_blocks.{(L+1)k+j}.0 / .1        up_blocks.k.resnets.j / attentions.j  (j <= L)
 output_blocks.{(L+1)k+L}.{1|2}.conv    up_blocks.k.upsamplers.0.conv  (.2 if the level has attention)
 out.0 / out.2                          conv_norm_out / conv_out
+label_emb.0.0 / .2                     add_embedding.linear_1 / linear_2  (SDXL)
 =====================================  =========================================
 
 Up block ``k`` is the level ``n-1-k`` (lowest resolution first), in both layouts.
 Resnet parameters are renamed (``in_layers.0`` -> ``norm1`` ...); transformer
 parameters have the same names in both layouts, and no tensor is reshaped:
-``proj_in``/``proj_out`` are 1x1 convs in both for SD1, linears in both for SD2.
-Class-conditioned U-Nets (``label_emb.*``: SDXL, the x4 upscaler) are not supported:
-their keys are unmapped and reported.
+``proj_in``/``proj_out`` are 1x1 convs in both for SD1, linears in both for SD2/SDXL.
+A level's transformers have ``config.depth(level)`` blocks, on the down path and on
+its mirror in the up path; the mid block has the last level's (as diffusers builds it).
+``label_emb`` is SGM's name for SDXL's pooled-text / size embedding (diffusers'
+``addition_embed_type="text_time"``); other class-conditioned U-Nets (SD2 unCLIP, the
+x4 upscaler) are not supported: their keys are unmapped and reported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping as MappingABC
+from functools import lru_cache
 from typing import Any
 
 from ..config import UNetConfig
@@ -51,6 +56,7 @@ _CROSS_ATTN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
 _PLAIN_BLOCKS = ("DownBlock2D", "UpBlock2D")
 
 
+@lru_cache(maxsize=None)
 def transformer_kind(depth: int) -> Kind:
     """SpatialTransformer == diffusers Transformer2DModel: same parameter names."""
     names = params("norm", "proj_in", "proj_out")
@@ -81,24 +87,26 @@ def unet_table(config: UNetConfig) -> ModuleTable:
     table = ModuleTable(where)
     L = config.layers_per_block
     n_levels = len(config.block_out_channels)
-    transformer = transformer_kind(config.transformer_layers_per_block)
     down_attn = [_has_attention(t, where) for t in config.down_block_types]
     up_attn = [_has_attention(t, where) for t in config.up_block_types]
 
     table.add("time_embed.0", "time_embedding.linear_1")
     table.add("time_embed.2", "time_embedding.linear_2")
+    if config.addition_embed_type == "text_time":
+        table.add("label_emb.0.0", "add_embedding.linear_1")
+        table.add("label_emb.0.2", "add_embedding.linear_2")
     table.add("input_blocks.0.0", "conv_in")
     for i in range(n_levels):
         for j in range(L):
             n = 1 + (L + 1) * i + j
             table.add(f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}", RESNET)
             if down_attn[i]:
-                table.add(f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", transformer)
+                table.add(f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", transformer_kind(config.depth(i)))
         if i < n_levels - 1:
             table.add(f"input_blocks.{(L + 1) * (i + 1)}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
 
     table.add("middle_block.0", "mid_block.resnets.0", RESNET)
-    table.add("middle_block.1", "mid_block.attentions.0", transformer)
+    table.add("middle_block.1", "mid_block.attentions.0", transformer_kind(config.depth(n_levels - 1)))
     table.add("middle_block.2", "mid_block.resnets.1", RESNET)
 
     for k in range(n_levels):
@@ -106,7 +114,8 @@ def unet_table(config: UNetConfig) -> ModuleTable:
             n = (L + 1) * k + j
             table.add(f"output_blocks.{n}.0", f"up_blocks.{k}.resnets.{j}", RESNET)
             if up_attn[k]:
-                table.add(f"output_blocks.{n}.1", f"up_blocks.{k}.attentions.{j}", transformer)
+                table.add(f"output_blocks.{n}.1", f"up_blocks.{k}.attentions.{j}",
+                          transformer_kind(config.depth(n_levels - 1 - k)))
         if k < n_levels - 1:
             # the upsampler follows the last resnet (and its transformer, if any)
             slot = 2 if up_attn[k] else 1
@@ -132,31 +141,64 @@ def unet_internal_to_original(config: UNetConfig) -> Mapping:
 # --- architecture from shapes ------------------------------------------------
 
 
+def attention_depths(config: UNetConfig) -> int | tuple[int, ...]:
+    """``transformer_layers_per_block`` as the weights can tell it: per level, the depth of
+    its transformers, or for a level without attention 1 (a filler, which no weight can
+    show), except at the last level, whose value also sets the mid block's depth; one
+    number when every level agrees. Two configs with equal values build equal weights."""
+    n = len(config.block_out_channels)
+    where = "unet config"
+    attn = [_has_attention(t, where) for t in config.down_block_types]
+    depths = tuple(config.depth(i) if attn[i] or i == n - 1 else 1 for i in range(n))
+    return depths[0] if len(set(depths)) == 1 else depths
+
+
+def _depth(shapes: MappingABC[str, Any], prefix: str) -> int:
+    return len(indices(shapes, prefix + "transformer_blocks."))
+
+
+def _addition_embedding(shapes: MappingABC[str, Any], what: str) -> tuple[str | None, int | None]:
+    """SDXL's ``label_emb.0.0`` / ``label_emb.0.2`` (pooled text + size ids -> time embedding):
+    ``("text_time", its input width)``; ``(None, None)`` without one."""
+    label = sorted(k for k in shapes if k.startswith("label_emb."))
+    if not label:
+        return None, None
+    if "label_emb.0.0.weight" not in shapes:
+        raise ValueError(f"class-conditioned U-Net ({label[0]}: e.g. the x4 upscaler) is not supported")
+    shape_of(shapes, "label_emb.0.2.weight", what)
+    return "text_time", shape_of(shapes, "label_emb.0.0.weight", what)[1]
+
+
 def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
     """The UNetConfig fields that original-layout key shapes determine (keys without
     prefix; values shapes or tensors): in/out channels, block_out_channels,
     layers_per_block, which levels have attention (the block types),
-    cross_attention_dim (``attn2.to_k`` in-features), transformer depth and
-    use_linear_projection (``proj_in`` is 2-D).
+    cross_attention_dim (``attn2.to_k`` in-features), the transformer depths (as
+    :func:`attention_depths` gives them), use_linear_projection (``proj_in`` is 2-D),
+    and SDXL's added embedding (its type and input width; None for SD1/SD2).
 
-    Heads are not among them: q/k/v are [C, C] whatever the split into heads.
+    Heads are not among them (q/k/v are [C, C] whatever the split into heads), nor
+    SDXL's ``addition_time_embed_dim`` (only its product with the number of ids is).
     """
     what = "Stable Diffusion U-Net"
-    if any(k.startswith("label_emb.") for k in shapes):
-        raise ValueError("class-conditioned U-Net (label_emb.*: SDXL, upscaler) is not supported")
     inputs = indices(shapes, "input_blocks.")
     n_inputs = max(inputs, default=-1) + 1
     n_levels = len({i for i in inputs if f"input_blocks.{i}.0.op.weight" in shapes}) + 1
     if n_inputs < 2 or n_inputs % n_levels:
         raise ValueError(f"U-Net has {n_inputs} input blocks, which does not fit {n_levels} levels")
     L = n_inputs // n_levels - 1
-    channels, down_attn, up_attn = [], [], []
+    channels, down_attn, up_attn, depths = [], [], [], []
+    mid = "middle_block.1."
     for i in range(n_levels):
         first = 1 + (L + 1) * i
         channels.append(shape_of(shapes, f"input_blocks.{first}.0.out_layers.3.weight", what)[0])
         down_attn.append(f"input_blocks.{first}.1.proj_in.weight" in shapes)
         up_attn.append(f"output_blocks.{(L + 1) * i}.1.proj_in.weight" in shapes)
-    mid = "middle_block.1."
+        if down_attn[i]:
+            depths.append(_depth(shapes, f"input_blocks.{first}.1."))
+        else:
+            depths.append(_depth(shapes, mid) if i == n_levels - 1 else 1)
+    added, added_width = _addition_embedding(shapes, what)
     return {
         "in_channels": shape_of(shapes, "input_blocks.0.0.weight", what)[1],
         "out_channels": shape_of(shapes, "out.2.weight", what)[0],
@@ -165,6 +207,8 @@ def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
         "up_block_types": tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
         "layers_per_block": L,
         "cross_attention_dim": shape_of(shapes, mid + "transformer_blocks.0.attn2.to_k.weight", what)[1],
-        "transformer_layers_per_block": len(indices(shapes, mid + "transformer_blocks.")),
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else tuple(depths),
         "use_linear_projection": len(shape_of(shapes, mid + "proj_in.weight", what)) == 2,
+        "addition_embed_type": added,
+        "projection_class_embeddings_input_dim": added_width,
     }

@@ -23,25 +23,28 @@ from ..config import PREDICTION_TYPES, PRESETS, ModelConfig, load_config, with_c
 from ..dtypes import parse_dtype  # also imported from here by ldm.pipeline
 from ..limits import check_native_size
 from ..models.tokenizer import Tokenizer
-from .detect import (
-    PREFIXES, architecture_differences, derive_architecture, detect_config, detect_family, keymap_family,
-    split_components,
-)
-from .diffusers_folder import diffusers_mappings, find_weights, is_diffusers_folder, read_folder_config
+from .detect import architecture_differences, derive_architecture, detect_config, detect_family
+from .diffusers_folder import diffusers_mappings, find_weights, folder_of, is_diffusers_folder, read_folder_config
 from .files import FLOAT_DTYPES, CheckpointError, TensorFile, open_tensor_file
 from .keymap import KeyReport, apply_mapping, check_keys
+from .layouts import (
+    SD_TEXT_PREFIX, SGM_TEXT_PREFIX, UNET_PREFIX, layout_of, prefixes, split_components, text_parts,
+)
 
 logger = logging.getLogger("ldm")
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-_ORIGINAL_PREFIX = {"unet": PREFIXES["unet"], "vae": PREFIXES["vae"], "text_encoder": PREFIXES["text"]}
 # How many offending tensor names an error lists before "... (N in all)".
 _LIST_LIMIT = 5
 
 
 @dataclass
 class LoadedModel:
-    """Modules, config and tokenizer of one loaded checkpoint."""
+    """Modules, config and tokenizers of one loaded checkpoint.
+
+    ``text_encoder`` / ``tokenizer`` are ``config.text``'s; ``text_encoder_2`` /
+    ``tokenizer_2`` ``config.text_2``'s (SDXL base's OpenCLIP ViT-bigG), None for models
+    with one text encoder (the SDXL refiner's bigG is ``text_encoder``).
+    """
 
     config: ModelConfig
     unet: nn.Module
@@ -50,6 +53,14 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: str
     layout: Literal["original", "diffusers"]
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Tokenizer | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The model's modules by component name (unet, vae, text_encoder[, text_encoder_2])."""
+        found = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in found.items() if module is not None}
 
 
 @dataclass
@@ -83,6 +94,7 @@ def name_some(keys: list[str]) -> str:
 
 
 def original_mappings(config: ModelConfig) -> dict[str, Callable]:
+    """Per-component key maps from an original single file (prefixes stripped) to ours."""
     from .keymap_text import text_original_to_internal
     from .keymap_unet import unet_original_to_internal
     from .keymap_vae import vae_original_to_internal
@@ -90,7 +102,8 @@ def original_mappings(config: ModelConfig) -> dict[str, Callable]:
     return {
         "unet": unet_original_to_internal(config.unet),
         "vae": vae_original_to_internal(config.vae),
-        "text_encoder": text_original_to_internal(config.text, keymap_family(config)),
+        **{part.component: text_original_to_internal(part.config(config), part.keys)
+           for part in text_parts(layout_of(config))},
     }
 
 
@@ -187,7 +200,7 @@ def _check_model_kind(weights_in: int | None, config: ModelConfig, where: str) -
 
 
 def _file_unet_in_channels(shapes: dict[str, tuple[int, ...]]) -> int | None:
-    conv_in = shapes.get(PREFIXES["unet"] + "input_blocks.0.0.weight")
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     return conv_in[1] if conv_in is not None and len(conv_in) == 4 else None
 
 
@@ -200,23 +213,32 @@ def _plan_file(path: Path, config: Any, prediction_type: str | None, allow_pickl
     chosen = _resolve_config(detected, rule, config, prediction_type, path)
     _check_model_kind(_file_unet_in_channels(shapes), chosen, where)
     _check_architecture(shapes, chosen, where)
+    layout = layout_of(chosen)
     mappings = original_mappings(chosen)
-    by_part, ignored, unknown = split_components(shapes)
-    names = {"unet": "unet", "vae": "vae", "text_encoder": "text"}
-    parts = {
-        c: _Part(file, by_part[names[c]], _ORIGINAL_PREFIX[c], mappings[c]) for c in COMPONENTS
-    }
+    by_part, ignored, unknown = split_components(shapes, layout)
+    parts = {c: _Part(file, by_part[c], prefix, mappings[c]) for c, prefix in prefixes(layout).items()}
     return _Plan(chosen, parts, "original", ignored, unknown)
 
 
 def _plan_folder(path: Path, config: Any, prediction_type: str | None, allow_pickle: bool) -> _Plan:
     detected, rule = read_folder_config(path)
-    files = {c: find_weights(path, c, allow_pickle=allow_pickle) for c in COMPONENTS}
+    files = {c: find_weights(path, sub, allow_pickle=allow_pickle) for c, sub in folder_of(detected).items()}
     chosen = _resolve_config(detected, rule, config, prediction_type, path)
     _check_model_kind(detected.unet.in_channels, chosen, str(path))
+    _check_folder_layout(detected, chosen, path)
     mappings = diffusers_mappings()
-    parts = {c: _Part(files[c], files[c].keys(), "", mappings[c]) for c in COMPONENTS}
+    parts = {c: _Part(files[c], files[c].keys(), "", mappings[c]) for c in files}
     return _Plan(chosen, parts, "diffusers")
+
+
+def _check_folder_layout(detected: ModelConfig, chosen: ModelConfig, path: Path) -> None:
+    """A config given for a folder must have its text encoders (which subfolders are read)."""
+    found, wanted = layout_of(detected), layout_of(chosen)
+    if found != wanted:
+        raise CheckpointError(
+            f"{path}: the folder holds a {found} model ({', '.join(folder_of(detected).values())}) but the "
+            f"config given is for a {wanted} model; pass a config of the folder's kind or none to detect it"
+        )
 
 
 def plan(path: str | Path, *, config: Any = None, prediction_type: str | None = None,
@@ -237,17 +259,17 @@ def plan(path: str | Path, *, config: Any = None, prediction_type: str | None = 
 
 
 def build_modules(config: ModelConfig) -> dict[str, nn.Module]:
-    """The three modules, on the meta device (no memory for weights)."""
+    """The modules (unet, vae, text_encoder[, text_encoder_2]), on the meta device (no
+    memory for weights)."""
     from ..models.text import TextEncoder
     from ..models.unet import UNet
     from ..models.vae import AutoencoderKL
 
     with torch.device("meta"):
-        return {
-            "unet": UNet(config.unet),
-            "vae": AutoencoderKL(config.vae),
-            "text_encoder": TextEncoder(config.text),
-        }
+        modules = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae)}
+        for part in text_parts(layout_of(config)):
+            modules[part.component] = TextEncoder(part.config(config))
+    return modules
 
 
 def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> None:
@@ -255,8 +277,7 @@ def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> 
     Then refuse weights stored as integers or bool (a corrupt or foreign file)."""
     sections: list[str] = []
     not_float: list[str] = []
-    for name in COMPONENTS:
-        part = plan_.parts[name]
+    for name, part in plan_.parts.items():
         n = len(part.prefix)
         shapes = {k[n:]: part.file.shapes[k] for k in part.keys}
         try:
@@ -325,10 +346,10 @@ def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torc
 def _log_ignored(plan_: _Plan, source: Path) -> None:
     if not plan_.ignored:
         return
-    groups = Counter("model_ema.*" if k.startswith("model_ema.") else "cond_stage_model.*"
-                     if k.startswith("cond_stage_model.") else "other" for k in plan_.ignored)
+    groups = Counter("model_ema.*" if k.startswith("model_ema.") else "text encoders"
+                     if k.startswith((SD_TEXT_PREFIX, SGM_TEXT_PREFIX)) else "other" for k in plan_.ignored)
     logger.info("ignored %d unused keys in %s on purpose (EMA copies, DDPM schedule buffers, "
-                "CLIP projection/position ids): %s", len(plan_.ignored), source, dict(groups))
+                "CLIP projection/logit scale/position ids): %s", len(plan_.ignored), source, dict(groups))
 
 
 def _check_memory(config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -357,14 +378,15 @@ def load_parts(source: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: cannot build the model from its config: {exc}") from None
     _check_shapes(plan_, modules, path)
     _log_ignored(plan_, path)
-    bad = [key for name in COMPONENTS for key in _load_part(modules[name], plan_.parts[name], device, dtype)]
+    bad = [key for name, part in plan_.parts.items() for key in _load_part(modules[name], part, device, dtype)]
     if bad:
         raise nonfinite_error(str(path), bad, dtype)
-    text = plan_.config.text
+    text, text_2 = plan_.config.text, plan_.config.text_2
     return LoadedModel(
         config=plan_.config, unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
         tokenizer=Tokenizer(text.pad_token, text.max_position_embeddings),
-        source=str(path), layout=plan_.layout,
+        source=str(path), layout=plan_.layout, text_encoder_2=modules.get("text_encoder_2"),
+        tokenizer_2=None if text_2 is None else Tokenizer(text_2.pad_token, text_2.max_position_embeddings),
     )
 
 
