@@ -26,6 +26,11 @@ Lines that edit pictures share a call only with lines whose inputs have the same
 and whose strength and mask settings are the same; each image of the call gets its
 line's picture.
 
+A refiner (``--refiner``, SDXL's) serves the whole batch: it is loaded once next to the
+model, every image names it (``Refiner: name [hash]`` in its PNG text, so a changed refiner
+file is a conflict on resume), and lines share a call only with lines of the same
+``refiner_start`` and SDXL size conditioning.
+
 A rerun resumes (:mod:`ldm.batchresume`): finished images are kept, missing ones
 rendered; an output folder holding images made with other settings, or from input
 files that changed since, is refused unless ``overwrite`` (then those images are redone).
@@ -76,6 +81,17 @@ class BatchOptions:
     allow_pickle: bool = False
     lora_dirs: tuple[Path, ...] = ()
     embedding_dirs: tuple[Path, ...] | None = None
+    refiner: str | None = None
+
+
+@dataclass(frozen=True)
+class Models:
+    """The loaded model and (``--refiner``) the refiner, each with its name and hash."""
+
+    pipe: Any
+    ref: ModelRef
+    refiner: Any = None
+    refiner_ref: ModelRef | None = None
 
 
 def _distributed_state(device: str | None):
@@ -125,12 +141,13 @@ def strict_refusal(prompts: Path, errors: list[LineError]) -> int:
     return 2
 
 
-def loaded_errors(jobs: list[Job], pipe: Any) -> tuple[Inputs, list[LineError]]:
-    """Once the model is loaded: the input pictures, and the lines that cannot render
-    (an unreadable input, or what :func:`model_errors` finds), in line order."""
+def loaded_errors(jobs: list[Job], pipe: Any, refiner: Any = None) -> tuple[Inputs, list[LineError]]:
+    """Once the model (and the ``refiner`` Pipeline, if any) is loaded: the input pictures,
+    and the lines that cannot render (an unreadable input, or what :func:`model_errors`
+    finds), in line order."""
     inputs, errors = check_inputs(jobs, pipe.config.default_size)
     bad = {e.line for e in errors}
-    errors += model_errors([j for j in jobs if j.line not in bad], pipe, inputs)
+    errors += model_errors([j for j in jobs if j.line not in bad], pipe, inputs, refiner)
     bad = {e.line for e in errors}
     for job in jobs:
         if job.line in bad:
@@ -153,23 +170,45 @@ def network_fields(pipe: Any, job: Job) -> dict[str, dict[str, str]]:
             "ti_hashes": pipe.embeddings.ti_hashes(texts)}
 
 
-def model_errors(jobs: list[Job], pipe: Any, inputs: Inputs | None = None) -> list[LineError]:
-    """The lines the loaded model cannot render, found before rendering starts
-    (``inputs``: the sizes of the editing lines, see :func:`check_inputs`)."""
+def model_errors(jobs: list[Job], pipe: Any, inputs: Inputs | None = None, refiner: Any = None) -> list[LineError]:
+    """The lines the loaded model (and ``refiner``) cannot render, found before rendering
+    starts (``inputs``: the sizes of the editing lines, see :func:`check_inputs`)."""
     from .limits import available_bytes
 
     inputs = inputs or Inputs()
     free = available_bytes(pipe.device)  # read once: the same budget for every line
     found: dict[tuple, str | None] = {}
+    found_sdxl: dict[tuple, str | None] = {}
     errors = []
     for job in jobs:
         width, height = inputs.size_of(job, pipe.config.default_size)
         key = (job.sampler, job.schedule, job.steps, width, height, job.guidance > 1)
         if key not in found:
             found[key] = _model_error(pipe, key, free)
-        if found[key]:
-            errors.append(LineError(job.line, found[key], job.text))
+        edit = job.edit and (job.edit.strength, job.edit.masked)
+        sdxl_key = (*key, job.sdxl, job.refiner_start, edit)
+        if sdxl_key not in found_sdxl:
+            found_sdxl[sdxl_key] = _sdxl_error(pipe, refiner, job, width, height)
+        message = found[key] or found_sdxl[sdxl_key]
+        if message:
+            errors.append(LineError(job.line, message, job.text))
     return errors
+
+
+def _sdxl_error(pipe: Any, refiner: Any, job: Job, width: int, height: int) -> str | None:
+    """SDXL's size conditioning against the model (and the refiner) that reads it, and
+    where the refiner takes over: the checks ``Pipeline.generate`` makes, with its words."""
+    from .samplers import first_step
+
+    try:
+        start = first_step(job.steps, job.edit.strength) if job.edit is not None else 0
+        pipe.plan_sdxl(height, width, **job.sdxl.kwargs(), refiner=refiner,
+                       refiner_start=job.refiner_start if refiner is not None else None, sampler=job.sampler,
+                       steps=job.steps, schedule=job.schedule, start=start,
+                       masked=job.edit is not None and job.edit.masked)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _model_error(pipe: Any, key: tuple, free: int | None) -> str | None:
@@ -263,8 +302,8 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     opts.outdir.mkdir(parents=True, exist_ok=True)
     if not _take_lock(opts.outdir, state, locks):
         return 2
-    pipe, ref = _load(opts, state)
-    inputs, bad = _share(state, loaded_errors(jobs, pipe) if main else None)
+    models = _load(opts, state)
+    inputs, bad = _share(state, loaded_errors(jobs, models.pipe, models.refiner) if main else None)
     if main:
         report_errors(opts.prompts, bad)
     errors = sorted(errors + bad, key=lambda e: e.line)
@@ -274,18 +313,23 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     jobs = [j for j in jobs if j.line not in bad_lines]
     if not jobs:
         return _nothing_to_do(opts, errors, main)
-    return _render_into(opts, pipe, ref, jobs, inputs, errors, state, print_fn)
+    return _render_into(opts, models, jobs, inputs, errors, state, print_fn)
 
 
-def _load(opts: BatchOptions, state: Any) -> tuple[Any, ModelRef]:
+def _load(opts: BatchOptions, state: Any) -> Models:
     from .modelref import model_ref
     from .pipeline import Pipeline, default_weights_path
 
+    def load(path: Path) -> Any:
+        return Pipeline.from_pretrained(path, device=_rank_device(opts.device, state), dtype=opts.dtype,
+                                        allow_pickle=opts.allow_pickle, lora_dirs=opts.lora_dirs,
+                                        embedding_dirs=opts.embedding_dirs)
+
     model_path = Path(opts.model) if opts.model else default_weights_path()
-    pipe = Pipeline.from_pretrained(model_path, device=_rank_device(opts.device, state), dtype=opts.dtype,
-                                    allow_pickle=opts.allow_pickle, lora_dirs=opts.lora_dirs,
-                                    embedding_dirs=opts.embedding_dirs)
-    return pipe, model_ref(model_path)
+    pipe, ref = load(model_path), model_ref(model_path)
+    if opts.refiner is None:
+        return Models(pipe, ref)
+    return Models(pipe, ref, load(Path(opts.refiner)), model_ref(opts.refiner))
 
 
 def _nothing_to_do(opts: BatchOptions, errors: list[LineError], main: bool) -> int:
@@ -294,10 +338,11 @@ def _nothing_to_do(opts: BatchOptions, errors: list[LineError], main: bool) -> i
     return 1 if errors else 0
 
 
-def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], inputs: Inputs,
+def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: Inputs,
                  errors: list[LineError], state: Any, print_fn: Callable[[str], None]) -> int:
     main = state.is_main_process
-    items = expand(jobs, pipe.config.default_size, ref, inputs)
+    pipe = models.pipe
+    items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref)
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)
@@ -311,7 +356,7 @@ def _render_into(opts: BatchOptions, pipe: Any, ref: ModelRef, jobs: list[Job], 
     state.wait_for_everyone()
 
     mine = [c for i, c in enumerate(chunks) if i % state.num_processes == state.process_index]
-    rendered = _render(pipe, mine, rec.done, opts.outdir, inputs, state)
+    rendered = _render(models, mine, rec.done, opts.outdir, inputs, state)
     state.wait_for_everyone()
     if main:
         entries = manifest.merge(opts.outdir)
@@ -356,7 +401,7 @@ def _prepare_folder(outdir: Path, rec: Reconciled) -> None:
                        "dropped", outdir, rec.adopted, rec.dropped)
 
 
-def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, inputs: Inputs,
+def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, inputs: Inputs,
             state: Any) -> int:
     from tqdm.auto import tqdm
 
@@ -368,12 +413,15 @@ def _render(pipe: Any, chunks: list[list[Item]], done: set[manifest.Key], outdir
     with tqdm(total=total, desc=desc, position=state.process_index, unit="img") as bar:
         for chunk in todo:
             first = chunk[0]
-            gen = pipe.generate(
+            refiner = {} if models.refiner is None else {"refiner": models.refiner,
+                                                         "refiner_start": first.job.refiner_start}
+            gen = models.pipe.generate(
                 [i.job.prompt for i in chunk], [i.job.negative_prompt for i in chunk],
                 seed=[i.seed for i in chunk], steps=first.job.steps, guidance_scale=first.job.guidance,
                 width=first.width, height=first.height, sampler=first.job.sampler,
                 schedule=first.job.schedule, clip_skip=first.job.clip_skip, progress=False,
                 **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
+                **first.job.sdxl.kwargs(), **refiner,
             )
             for item, image in zip(chunk, gen.images):
                 if item.key in done:

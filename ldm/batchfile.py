@@ -3,11 +3,14 @@
 Plain text (any suffix but ``.jsonl``/``.ndjson``): each line is a prompt. JSONL:
 each line is an object with ``prompt`` and optionally ``negative_prompt``,
 ``seed``, ``steps``, ``guidance``, ``sampler``, ``schedule``, ``size`` (``"WxH"``,
-``[w, h]`` or one int for a square), ``n`` (images of this line), ``clip_skip`` and the
+``[w, h]`` or one int for a square), ``n`` (images of this line), ``clip_skip``, the
 image-editing keys of :mod:`ldm.batchedit` (``image``, ``mask``, ``strength``,
 ``extend``, ``fill``, ``mask_blur``, ``mask_padding``; paths relative to the
-file's folder). In both, blank lines and lines starting with ``#`` are skipped;
-missing values come from the command line (:class:`Settings`).
+file's folder) and SDXL's (:class:`SDXLValues`): ``original_size`` and ``target_size``
+(like ``size``, any whole numbers), ``crop_offset`` (``"XxY"`` or ``[x, y]``: pixels from
+the left, from the top), ``aesthetic_score``, ``negative_aesthetic_score`` and
+``refiner_start`` (with ``ldm batch --refiner MODEL``). In both, blank lines and lines
+starting with ``#`` are skipped; missing values come from the command line (:class:`Settings`).
 
 Seeds: a line without a seed gets ``line_seed(base, line)`` = ``(base + 1000 *
 (line - 1)) mod (2**32 - 1000)``, ``line`` being its 1-based line number in the
@@ -26,17 +29,18 @@ from __future__ import annotations
 
 import codecs
 import json
-import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .batchedit import EDIT_KEYS, Edit, EditDefaults, check_defaults, edit_from_object
-from .pngmeta import MAX_CLIP_SKIP, GenerationParams, check_round_trip, normalize_prompt, open_regular
+from .pngmeta import (
+    MAX_CLIP_SKIP, GenerationParams, check_round_trip, normalize_prompt, open_regular, parse_pair, read_pair,
+)
 from .validation import (
-    DEFAULTS, MAX_SEED, SIZE_FACTOR, check_guidance, check_int, check_sampler, check_sampling, check_schedule,
-    check_seed, check_side,
+    DEFAULTS, MAX_SEED, SIZE_FACTOR, check_finite, check_fraction, check_guidance, check_int, check_sampler,
+    check_sampling, check_schedule, check_seed, check_side,
 )
 
 SEED_STRIDE = 1000
@@ -45,15 +49,34 @@ SEED_MODULUS = 2**32 - SEED_STRIDE
 # next line's seeds, and a line of a million images is a typo, not a plan.
 MAX_IMAGES_PER_LINE = SEED_STRIDE
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# SDXL's JSONL keys -> Pipeline.generate's arguments; the pairs are "WxH" / "XxY" as ``size``.
+PAIR_KEYS = {"original_size": "original_size", "crop_offset": "crops_coords_top_left",
+             "target_size": "target_size"}
+SCORE_KEYS = ("aesthetic_score", "negative_aesthetic_score")
 JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n",
-              "clip_skip", *EDIT_KEYS)
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+              "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 class PromptFileError(ValueError):
     """A prompt file that cannot be read as a whole (binary, not UTF-8, a folder, a pipe);
     the message names the file."""
+
+
+@dataclass(frozen=True)
+class SDXLValues:
+    """SDXL's size conditioning of a line, as :meth:`ldm.Pipeline.generate` takes it:
+    ``(height, width)``, ``(top, left)``; None for the pipeline's default."""
+
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The values that are set, as keyword arguments of ``Pipeline.generate``."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,9 @@ class Settings:
     seed: int = 0  # the base seed
     edit: EditDefaults = EditDefaults()  # for lines with an image
     clip_skip: int = 1
+    sdxl: SDXLValues = SDXLValues()
+    refiner: bool = False  # a refiner is given (ldm batch --refiner): lines may set refiner_start
+    refiner_start: float = DEFAULTS.refiner_start
 
 
 @dataclass(frozen=True)
@@ -89,6 +115,8 @@ class Job:
     n: int
     edit: Edit | None = None
     clip_skip: int = 1
+    sdxl: SDXLValues = SDXLValues()
+    refiner_start: float | None = None  # None: the batch has no refiner
 
 
 @dataclass(frozen=True)
@@ -108,16 +136,8 @@ def line_seed(base: int, line: int) -> int:
 
 def parse_size(value: Any) -> tuple[int, int]:
     """``"512x768"``, ``[512, 768]`` or ``512`` -> (width, height), multiples of 8."""
-    m = _SIZE.match(value) if isinstance(value, str) else None
-    if m:
-        size = (int(m[1]), int(m[2]))
-    elif isinstance(value, (list, tuple)) and len(value) == 2:
-        size = (value[0], value[1])
-    elif not isinstance(value, (str, list, tuple, dict)):
-        size = (value, value)
-    else:
-        raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512'), got {value!r:.80}")
-    return check_side(size[0], "width"), check_side(size[1], "height")
+    width, height = read_pair(value, "size", "'WIDTHxHEIGHT' (e.g. '512x512')")
+    return check_side(width, "width"), check_side(height, "height")
 
 
 def _str(obj: dict, key: str, default: str) -> str:
@@ -136,7 +156,8 @@ def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: in
 
 
 def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, steps: int, guidance: float,
-                    size: tuple[int, int] | None, seed: int, edit: Edit | None, clip_skip: int) -> None:
+                    size: tuple[int, int] | None, seed: int, edit: Edit | None, clip_skip: int,
+                    sdxl: SDXLValues) -> None:
     """Refuse a line whose PNG parameters text would read back as something else
     (e.g. a prompt line starting with ``Negative prompt:``): such an image could not
     be made again from its file. The native size stands in until the model is known."""
@@ -144,12 +165,28 @@ def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, ste
     check_round_trip(GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                                       schedule=schedule, guidance_scale=guidance, seed=seed, width=width,
                                       height=height, clip_skip=recorded_clip_skip(clip_skip),
-                                      **(edit.params() if edit else {})))
+                                      **(edit.params() if edit else {}), **sdxl.kwargs()))
 
 
 def recorded_clip_skip(clip_skip: int) -> int | None:
     """``Clip skip`` as the PNG text records it: left out at the default 1, as the web UI does."""
     return clip_skip if clip_skip > 1 else None
+
+
+def _sdxl_values(obj: dict, defaults: SDXLValues) -> SDXLValues:
+    """A line's SDXL keys over the command line's values."""
+    values = {name: parse_pair(obj[key], key, 0 if key == "crop_offset" else 1)
+              for key, name in PAIR_KEYS.items() if key in obj}
+    values.update({key: check_finite(obj[key], key) for key in SCORE_KEYS if key in obj})
+    return replace(defaults, **values)
+
+
+def _refiner_start(obj: dict, settings: Settings) -> float | None:
+    if not settings.refiner:
+        if "refiner_start" in obj:
+            raise ValueError("refiner_start needs a refiner: give one with --refiner MODEL on the command line")
+        return None
+    return check_fraction(obj.get("refiner_start", settings.refiner_start), "refiner_start")
 
 
 def _seed_and_count(obj: dict, line: int, settings: Settings) -> tuple[int, int]:
@@ -181,8 +218,10 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Pa
     seed, n = _seed_and_count(obj, line, settings)
     edit = edit_from_object(obj, base, settings.edit, steps)
     clip_skip = check_int(obj.get("clip_skip", settings.clip_skip), "clip_skip", 1, MAX_CLIP_SKIP)
-    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip)
-    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit, clip_skip)
+    sdxl = _sdxl_values(obj, settings.sdxl)
+    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip, sdxl)
+    return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit, clip_skip,
+               sdxl, _refiner_start(obj, settings))
 
 
 def check_settings(settings: Settings) -> None:

@@ -17,7 +17,7 @@ from .adapters.lora_files import extract_lora_tags
 from .batchfile import Job, recorded_clip_skip
 from .batchinputs import Inputs
 from .modelref import ModelRef
-from .pngmeta import GenerationParams
+from .pngmeta import GenerationParams, recorded_size_fields
 from .prompts import count_chunks
 
 
@@ -69,21 +69,26 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None) -> list[Item]:
+def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None,
+           refiner: ModelRef | None = None) -> list[Item]:
     """Every image of every job, with the parameters its PNG will carry (``inputs``:
-    the editing lines' files, see :func:`ldm.batchinputs.check_inputs`)."""
+    the editing lines' files, see :func:`ldm.batchinputs.check_inputs`; ``refiner``:
+    the batch's refiner, named in every image)."""
     inputs = inputs or Inputs()
     items = []
+    named = {"refiner": refiner.name, "refiner_hash": refiner.hash} if refiner is not None else {}
     for job in jobs:
         width, height = inputs.size_of(job, native_size)
         records = inputs.records(job.edit)
+        sdxl = recorded_size_fields(job.sdxl.kwargs(), width, height)
         for k in range(job.n):
             params = GenerationParams(
                 prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                 sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
                 seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
                 clip_skip=recorded_clip_skip(job.clip_skip), **inputs.networks.get(job.line, {}),
-                **(job.edit.params() if job.edit else {}),
+                **(job.edit.params() if job.edit else {}), **sdxl, **named,
+                refiner_start=job.refiner_start if refiner is not None else None,
             )
             items.append(Item(job, k, width, height, params, records, inputs.input_sizes.get(job.line)))
     return items
@@ -111,8 +116,8 @@ def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[It
     for item in items:
         j = item.job
         # A call applies one set of <lora:...> tags: lines with other tags (or weights) go apart.
-        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, j.clip_skip,
-               _tag_settings(j.prompt), context_chunks(item), _edit_key(item))
+        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, j.clip_skip, j.sdxl,
+               j.refiner_start, _tag_settings(j.prompt), context_chunks(item), _edit_key(item))
         groups.setdefault(key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 

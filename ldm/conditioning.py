@@ -28,10 +28,15 @@ class Conditioning:
     ``concat``: extra U-Net input channels stacked after the latents, ``(B, C, h, w)``:
     a 9-channel inpainting model's mask and masked-image latents (diffusers'
     ``torch.cat([latents, mask, masked_image_latents], dim=1)``); ``None`` otherwise.
+    ``pooled`` / ``time_ids``: SDXL's pooled text embedding ``(B, dim)`` and its size,
+    crop and aesthetic ids ``(B, 6 or 5)`` (diffusers' ``added_cond_kwargs``
+    ``text_embeds`` / ``time_ids``); ``None`` for SD1/SD2.
     """
 
     context: Tensor
     concat: Tensor | None = None
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = {name: t.shape[0] for name, t in self._tensors()}
@@ -55,6 +60,10 @@ class Conditioning:
     def select(self, rows: slice) -> "Conditioning":
         """The rows ``rows`` of every field (a sub-batch)."""
         return self._map(lambda t: t[rows])
+
+    def zeros(self) -> "Conditioning":
+        """The same shapes, all zeros (SDXL's empty negative prompt); ``time_ids`` are kept."""
+        return self.replace(**{name: torch.zeros_like(t) for name, t in self._tensors() if name in ("context", "pooled")})
 
     def replace(self, **fields: Any) -> "Conditioning":
         """A copy with ``fields`` replaced (e.g. ``concat`` for a 9-channel model)."""
@@ -158,4 +167,6 @@ def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     and on its device (cast once per call with :meth:`Conditioning.to`, not per step)."""
     if cond.concat is not None:
         x = torch.cat([x, cond.concat], dim=1)
-    return unet(x, t, cond.context)
+    if cond.pooled is None:
+        return unet(x, t, cond.context)
+    return unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.time_ids)

@@ -17,6 +17,15 @@ from .atomicio import non_regular_reason
 
 PredictionType = Literal["epsilon", "v_prediction"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+TimestepSpacing = Literal["leading", "linspace", "trailing"]
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
+
+
+def check_timestep_spacing(value: Any, name: str = "timestep_spacing") -> str | None:
+    """A diffusers ``timestep_spacing`` name, or None (each sampler's own default)."""
+    if value is not None and value not in TIMESTEP_SPACINGS:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(TIMESTEP_SPACINGS)} (or None)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -213,12 +222,16 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    # diffusers' scheduler ``timestep_spacing`` the model ships with (SDXL: "leading");
+    # None: each sampler's own diffusers default (the SD 1.x / 2.x configs set none).
+    timestep_spacing: TimestepSpacing | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}"
             )
+        check_timestep_spacing(self.timestep_spacing)
         widths = [t.hidden_size for t in self.text_encoders]
         if sum(widths) != self.unet.cross_attention_dim:
             raise ValueError(
@@ -422,6 +435,7 @@ SDXL = ModelConfig(
     vae=VAEConfig(sample_size=1024, scaling_factor=0.13025),
     text=CLIP_L_PENULTIMATE,
     text_2=OPENCLIP_BIGG,
+    timestep_spacing="leading",  # stabilityai's scheduler_config.json (steps_offset 1)
 )
 # The SDXL 1.0 refiner: bigG alone, 4 levels of 384..1536 channels, 4 transformer
 # blocks per attention module, and an aesthetic score in place of the target size.
@@ -442,6 +456,7 @@ SDXL_REFINER = ModelConfig(
     ),
     vae=VAEConfig(sample_size=1024, scaling_factor=0.13025),
     text=OPENCLIP_BIGG,
+    timestep_spacing="leading",
 )
 SDXL_INPAINT = inpainting_variant(SDXL)
 

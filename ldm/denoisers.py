@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import Conditioning, ScheduledConditioning
-from .config import PREDICTION_TYPES, ModelConfig
+from .config import PREDICTION_TYPES, ModelConfig, check_timestep_spacing
 
 # The U-Net: model(sample, timestep, conditioning) -> epsilon or v.
 Model = Callable[[Tensor, Tensor, Any], Tensor]
@@ -33,6 +33,10 @@ class DiscreteSchedule:
 
     ``alphas_cumprod[t]`` is the VP signal level of timestep ``t``; ``sigmas[t]`` is the
     matching VE noise level. Both are float32, computed exactly as diffusers does.
+
+    ``timestep_spacing``: the spacing of sampling timesteps the model's scheduler config
+    sets (``ModelConfig.timestep_spacing``), used by samplers unless a call overrides
+    it; None leaves each sampler its own default.
     """
 
     def __init__(
@@ -41,9 +45,11 @@ class DiscreteSchedule:
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         beta_schedule: str = "scaled_linear",
+        timestep_spacing: str | None = None,
     ) -> None:
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        check_timestep_spacing(timestep_spacing)
         n = num_train_timesteps
         if beta_schedule == "scaled_linear":
             # LDM's schedule: linear in sqrt(beta).
@@ -55,6 +61,7 @@ class DiscreteSchedule:
                 f"beta_schedule {beta_schedule!r} is not one of {BETA_SCHEDULES}"
             )
         self.num_train_timesteps = n
+        self.timestep_spacing = timestep_spacing
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
@@ -68,6 +75,7 @@ class DiscreteSchedule:
             beta_start=config.beta_start,
             beta_end=config.beta_end,
             beta_schedule=config.beta_schedule,
+            timestep_spacing=config.timestep_spacing,
         )
 
     @property

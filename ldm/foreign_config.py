@@ -13,6 +13,7 @@ from typing import Any
 # text_to_transformers lives with the configs because the text model is built from it
 # (ldm.models import only ldm.config); it is part of this module's API all the same.
 from .config import TextEncoderConfig, UNetConfig, VAEConfig, text_to_transformers
+from .samplers.schedules import spacing_from_scheduler_config
 
 __all__ = [
     "schedule_from_diffusers", "text_from_transformers", "text_to_transformers", "unet_from_diffusers",
@@ -260,13 +261,17 @@ def text_from_transformers(data: dict[str, Any], pad_token: str = "eos", *,
 def schedule_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig schedule fields from ``scheduler/scheduler_config.json``.
 
-    Only the training noise schedule and prediction type are model properties;
-    sampler choices (spacing, Karras, ...) belong to the call, not the model.
+    The training noise schedule, the prediction type and the timestep spacing the
+    model's samplers use (``timestep_spacing``: SDXL and Turbo folders set it; absent,
+    each sampler keeps its own default); other sampler choices belong to the call.
     """
     out: dict[str, Any] = {}
     for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
         if data.get(key) is not None:
             out[key] = data[key]
+    spacing = spacing_from_scheduler_config(data)
+    if spacing is not None:
+        out["timestep_spacing"] = spacing
     if data.get("trained_betas") is not None:
         raise ValueError("scheduler_config.json: trained_betas are not supported")
     if out.get("beta_schedule") not in (None, "scaled_linear", "linear"):

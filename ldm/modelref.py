@@ -105,10 +105,13 @@ def _candidates(folder: Path) -> list[Path]:
     return found
 
 
-def find_model(name: str | None, hash: str | None, dirs: list[Path] | None = None) -> Path:
-    """The model an image names: by ``Model`` name first, else by ``Model hash``.
+def find_model(name: str | None, hash: str | None, dirs: list[Path] | None = None, *, what: str = "model",
+               flag: str = "--model") -> Path:
+    """The model an image names: by ``Model`` name first, else by ``Model hash`` (likewise
+    the refiner of its ``Refiner: name [hash]``).
 
-    Raises FileNotFoundError naming the places searched.
+    Raises FileNotFoundError naming the places searched, ``what`` was sought and the
+    ``flag`` that gives it.
     """
     dirs = search_dirs() if dirs is None else dirs
     candidates = [p for d in dirs for p in _candidates(d)]
@@ -120,8 +123,8 @@ def find_model(name: str | None, hash: str | None, dirs: list[Path] | None = Non
         for p in candidates:
             if model_hash(p) == hash.lower():
                 return p
-    what = " ".join(x for x in (f"{name!r}" if name else "", f"[{hash}]" if hash else "") if x) or "(unnamed)"
+    wanted = " ".join(x for x in (f"{name!r}" if name else "", f"[{hash}]" if hash else "") if x) or "(unnamed)"
     raise FileNotFoundError(
-        f"model {what} not found in {', '.join(str(d) for d in dirs)}; pass --model PATH "
+        f"{what} {wanted} not found in {', '.join(str(d) for d in dirs)}; pass {flag} PATH "
         f"or add its folder to ${SEARCH_ENV}"
     )

@@ -27,12 +27,17 @@ from .limits import plan_batch
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_conditioning
 from .samplers import first_step, sample, sampling_schedule
+from .size_conditioning import SizeConditioning
 
 logger = logging.getLogger("ldm")
 
 __all__ = ["Pipeline", "Generation", "NonFiniteError", "default_weights_path", "WEIGHTS_DIR", "DEFAULT_WEIGHTS"]
 
 OUTPUTS = ("pil", "np", "latent")
+# Families whose empty negative prompt is all zeros (diffusers' force_zeros_for_empty_prompt:
+# true in SDXL base's model_index.json, false in the refiner's).
+ZERO_EMPTY_NEGATIVE = ("sdxl",)
+SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 Cond = Conditioning | ScheduledConditioning
 D = check.DEFAULTS
 
@@ -102,10 +107,13 @@ class Pipeline:
         self.vae = model.vae.eval()
         self.text_encoder = model.text_encoder.eval()
         self.tokenizer = model.tokenizer
+        # SDXL base's second encoder (OpenCLIP ViT-bigG); None for one-encoder models.
+        self.text_encoder_2 = model.text_encoder_2.eval() if model.text_encoder_2 is not None else None
+        self.tokenizer_2 = model.tokenizer_2
         self.schedule = DiscreteSchedule.from_config(model.config)
-        self.embeddings = EmbeddingTable(self.text_encoder, self.tokenizer, dirs=embedding_dirs,
+        self.embeddings = EmbeddingTable(self.text_encoders, self.tokenizers, dirs=embedding_dirs,
                                          allow_pickle=allow_pickle)
-        self.loras = LoraSet(self.unet, self.text_encoder, self.config)
+        self.loras = LoraSet(self.unet, self.text_encoders, self.config)
         # Where <lora:name:weight> tags are looked up (then $LDM_LORA_DIR), and whether
         # pickle files found there (and in the embedding folders) may load.
         self.lora_dirs = [Path(d) for d in lora_dirs]
@@ -157,9 +165,18 @@ class Pipeline:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
         device = resolve_device(device) if device is not None else None
         dtype = parse_dtype(dtype)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device=device, dtype=dtype)
         return self
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The text encoders, in the order their hidden states form the context."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return (self.tokenizer,) if self.text_encoder_2 is None else (self.tokenizer, self.tokenizer_2)
 
     @property
     def embedding_dirs(self) -> list[Path]:
@@ -227,11 +244,19 @@ class Pipeline:
         num_images: int = D.num_images,
         sampler: str = D.sampler,
         schedule: str | None = None,
+        spacing: str | None = None,
         latents: torch.Tensor | None = None,
         output: Literal["pil", "np", "latent"] = "pil",
         progress: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         clip_skip: int = D.clip_skip,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        refiner: "Pipeline | None" = None,
+        refiner_start: float | None = None,
     ) -> Generation:
         """Like ``__call__`` but returns a :class:`Generation` with the seed of every image.
 
@@ -265,6 +290,24 @@ class Pipeline:
         editing and ``[a|b]`` alternation over the ``steps`` steps. ``clip_skip`` (A1111's
         numbering: 1 = the text encoder's last layer, 2 = the penultimate, ...; diffusers'
         ``clip_skip=k`` is ``k + 1`` here) picks the layer the U-Net is conditioned on.
+
+        ``spacing``: the schedule's timestep spacing ("leading", "linspace", "trailing",
+        diffusers' ``timestep_spacing``); default the model's (SDXL folders say
+        "leading"), else each sampler's own (see :mod:`ldm.samplers.schedules`).
+        Turbo-style models take ``sampler="euler_a", spacing="trailing"``, 1-4 steps and
+        ``guidance_scale=1`` (no guidance).
+
+        SDXL's size conditioning (see :mod:`ldm.size_conditioning`), as diffusers names
+        it, each ``(height, width)`` / ``(top, left)`` in pixels: ``original_size`` and
+        ``target_size`` (default: the output size), ``crops_coords_top_left`` (default
+        (0, 0)); the refiner's ``aesthetic_score`` / ``negative_aesthetic_score``
+        (default 6.0 / 2.5). Other models refuse them.
+
+        ``refiner``: another Pipeline (the SDXL refiner) that takes over the latents at
+        the fraction ``refiner_start`` of the schedule (default 0.8: the steps whose
+        timestep is at or above ``1000 * (1 - 0.8)`` run here, the rest there; diffusers'
+        ``denoising_end`` / ``denoising_start``), with its own conditioning of the same
+        prompts; it decodes the result. The aesthetic scores are then the refiner's.
         """
         tagged = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(tagged))
@@ -275,11 +318,21 @@ class Pipeline:
                          native=self.config.default_size, inpainting_model=self.config.is_inpainting,
                          keep_unmasked=keep_unmasked, mask_blur=mask_blur, mask_padding=mask_padding)
         width, height = (edit.width, edit.height) if edit else self._size(width, height)
+        if edit is None and self.config.family == "sdxl-refiner":
+            raise ValueError("this model is an SDXL refiner: it refines an image (image=..., strength=0.3) or "
+                             "continues an SDXL base model's latents (pass it as refiner= to the base's call); "
+                             "it does not draw from noise")
         guidance_scale = check.check_guidance(guidance_scale)
-        clip_skip = check.check_clip_skip(clip_skip, self.config.text.num_hidden_layers)
+        clip_skip = check.check_clip_skip(clip_skip, min(e.max_clip_skip for e in self.text_encoders))
         schedule = check.check_schedule(schedule)
-        check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps)
+        check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps, spacing,
+                             self.schedule.timestep_spacing)
         start = first_step(steps, edit.strength) if edit else 0
+        micro, handover, refined = self.plan_sdxl(
+            height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            refiner=refiner, refiner_start=refiner_start, sampler=sampler, steps=steps, schedule=schedule,
+            spacing=spacing, start=start, masked=edit is not None and edit.masks[0] is not None)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if edit is not None and latents is not None:
@@ -298,18 +351,37 @@ class Pipeline:
         with tagged_loras(self.loras, lora_tags, self.lora_dirs, allow_pickle=self.allow_pickle) as lora_hashes:
             cond, uncond = self.encode_prompts(prompts, negatives if guided else None, steps=steps,
                                                clip_skip=clip_skip)
+            if micro is not None:
+                cond, uncond = micro.attach(cond, uncond)
+            if refiner is not None:
+                r_cond, r_uncond = refiner.encode_prompts(prompts, negatives if guided else None, steps=steps,
+                                                          clip_skip=clip_skip)
+                if refined is not None:
+                    r_cond, r_uncond = refined.attach(r_cond, r_uncond)
             if edit is None:
                 start_latents = EditLatents(None, self._noise(latents, generators, count, height, width))
             else:
                 start_latents = self._edit_latents(edit, generators)
-            run = _Run(sampler, steps, schedule == "karras", start, guidance_scale, progress, callback)
-            result = torch.cat([
-                self._sample(run, cond, uncond, start_latents, generators, slice(first, first + per_call))
-                for first in range(0, count, per_call)
-            ])
-        images = result if output == "latent" else self._finish(result, edit, output)
+            run = _Run(sampler, steps, schedule == "karras", spacing, start, guidance_scale, progress, callback)
+            parts = []
+            for first in range(0, count, per_call):
+                rows = slice(first, first + per_call)
+                latents_ = self._sample(run, cond, uncond, start_latents.rows(rows), generators, rows, end=handover)
+                if refiner is not None:
+                    latents_ = refiner._refine(run, handover, latents_, r_cond, r_uncond, generators, rows)
+                parts.append(latents_)
+            result = torch.cat(parts)
+        finisher = refiner if refiner is not None else self
+        images = result if output == "latent" else finisher._finish(result, edit, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                      sampler=sampler, schedule=schedule, seed=seeds[0], clip_skip=clip_skip,
+                      sampler=sampler, schedule=schedule, spacing=spacing, seed=seeds[0], clip_skip=clip_skip,
+                      **(micro.params() if micro is not None else {}),
+                      **({"aesthetic_score": refined.aesthetic_score,
+                          "negative_aesthetic_score": refined.negative_aesthetic_score}
+                         if refined is not None and refined.aesthetic_score is not None else {}),
+                      **({"refiner": refiner.model.source,
+                          "refiner_start": D.refiner_start if refiner_start is None else refiner_start}
+                         if refiner is not None else {}),
                       lora_hashes=lora_hashes,
                       ti_hashes=self.embeddings.ti_hashes(prompts + (negatives if guided else [])),
                       **(edit.params() if edit else dict(strength=None, mask_blur=None, mask_padding=None)))
@@ -330,22 +402,89 @@ class Pipeline:
                                  "nothing was sampled (try dtype float32)")
         return latents
 
-    def _sample(self, run: "_Run", cond: Cond, uncond: Cond | None, start: EditLatents,
-                generators: list[torch.Generator], rows: slice) -> torch.Tensor:
-        """Sample the images ``rows`` of the call (a sub-batch that fits in memory)."""
-        part = start.rows(rows)
+    def _sample(self, run: "_Run", cond: Cond, uncond: Cond | None, part: EditLatents,
+                generators: list[torch.Generator], rows: slice, *, start: int | None = None,
+                end: int | None = None) -> torch.Tensor:
+        """Sample the images ``rows`` of the call (a sub-batch that fits in memory; ``part``
+        holds their rows), steps ``start`` (default the call's first) to ``end`` (default
+        the last)."""
+        start = run.start if start is None else start
         cond = _with_concat(cond.select(rows), part.concat)
         uncond = _with_concat(uncond.select(rows), part.concat) if uncond is not None else None
-        # A scheduled conditioning finds each step from the levels of the steps that run.
-        plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras)
+        # A scheduled conditioning finds each step from the levels of the steps the call runs.
+        plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras, spacing=run.spacing)
         denoiser = self._denoiser(cond, uncond, run.guidance_scale, plan.sigmas[run.start:])
-        on_step = _progress(run.steps - run.start, run.progress, run.callback, run.sampler, rows.start)
+        on_step = _progress((end or run.steps) - start, run.progress, run.callback, run.sampler, rows.start)
         if part.known is not None:
-            on_step = _chain(blend_callback(part, plan.sigmas[run.start:]), on_step)
+            on_step = _chain(blend_callback(part, plan.sigmas[start:]), on_step)
         return sample(
             run.sampler, denoiser, part.noise, run.steps, self.schedule, karras=run.karras,
-            generators=generators[rows], callback=on_step, start=run.start, init=part.init,
+            generators=generators[rows], callback=on_step, start=start, init=part.init, end=end,
+            spacing=run.spacing,
         )
+
+    def plan_sdxl(self, height: int, width: int, *, original_size: Any = None, crops_coords_top_left: Any = None,
+                  target_size: Any = None, aesthetic_score: Any = None, negative_aesthetic_score: Any = None,
+                  refiner: "Pipeline | None" = None, refiner_start: Any = None, sampler: str = D.sampler,
+                  steps: int = D.steps, schedule: str | None = None, spacing: str | None = None, start: int = 0,
+                  masked: bool = False) -> tuple[SizeConditioning | None, int | None, SizeConditioning | None]:
+        """The checks :meth:`generate` makes of SDXL's size conditioning and of a refiner,
+        for a call drawing ``height`` x ``width`` whose first step is ``start`` (``masked``:
+        an inpainting call): this model's ids, the step at which ``refiner`` takes over, and
+        the refiner's ids (None where they do not apply). ValueError says what is wrong."""
+        sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left)
+        scores = dict(aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+        # With a refiner the aesthetic scores are its own.
+        micro = SizeConditioning.build(self.config, height, width, target_size=target_size, **sizes,
+                                       **({} if refiner is not None else scores))
+        handover = self._handover(refiner, refiner_start, sampler, steps, schedule == "karras", spacing, start,
+                                  masked)
+        refined = SizeConditioning.build(refiner.config, height, width, **sizes, **scores) if refiner else None
+        return micro, handover, refined
+
+    def _handover(self, refiner: "Pipeline | None", refiner_start: Any, sampler: str, steps: int, karras: bool,
+                  spacing: str | None, start: int, masked: bool) -> int | None:
+        """The step at which ``refiner`` takes over (None without one), after checking it can."""
+        if refiner is None:
+            if refiner_start is not None:
+                raise ValueError("refiner_start needs a refiner (refiner=another Pipeline)")
+            return None
+        if not isinstance(refiner, Pipeline):
+            raise TypeError(f"refiner must be a Pipeline, got {type(refiner).__name__}")
+        if refiner is self:
+            raise ValueError("refiner is this pipeline itself; load the refiner model as its own Pipeline")
+        fraction = check.check_fraction(D.refiner_start if refiner_start is None else refiner_start, "refiner_start")
+        if refiner.config.vae.latent_channels != self.config.vae.latent_channels or (
+                {self.config.family, refiner.config.family} - set(SDXL_FAMILIES)
+                and self.config.family != refiner.config.family):
+            raise ValueError(f"refiner: a {refiner.config.family} model cannot continue a {self.config.family} "
+                             "model's latents (another latent space); an SDXL refiner continues SDXL")
+        if spacing is None and refiner.schedule.timestep_spacing != self.schedule.timestep_spacing:
+            raise ValueError(f"refiner: its timestep spacing ({refiner.schedule.timestep_spacing}) differs from "
+                             f"this model's ({self.schedule.timestep_spacing}); pass spacing= to use one for both")
+        if not torch.equal(refiner.schedule.alphas_cumprod, self.schedule.alphas_cumprod):
+            raise ValueError("refiner: its training noise schedule differs from this model's; the hand-over "
+                             "needs the same levels")
+        if refiner.config.is_inpainting or masked:
+            raise ValueError("refiner: inpainting with a refiner is not supported; refine the result with "
+                             "the refiner as its own img2img call")
+        plan = sampling_schedule(sampler, self.schedule, steps, karras=karras, spacing=spacing)
+        # diffusers: the base runs the timesteps >= round(1000 * (1 - refiner_start)).
+        cutoff = int(round(self.schedule.num_train_timesteps * (1 - fraction)))
+        switch = sum(1 for t in plan.timesteps[:steps] if float(t) >= cutoff)
+        if not start < switch < steps:
+            raise ValueError(f"refiner_start {fraction:g} hands over at step {switch} of {steps}, "
+                             f"{'before the first step that runs' if switch <= start else 'after the last'}; "
+                             "move it towards the middle or use more steps")
+        return switch
+
+    def _refine(self, run: "_Run", switch: int, latents: torch.Tensor, cond: Cond, uncond: Cond | None,
+                generators: list[torch.Generator], rows: slice) -> torch.Tensor:
+        """Steps ``switch ..`` of the call on this (refiner) model, from the base's latents."""
+        plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras, spacing=run.spacing)
+        init = latents.to(self.device, torch.float32) * float(plan.sigmas[switch] ** 2 + 1) ** 0.5
+        part = EditLatents(init, torch.zeros_like(init))
+        return self._sample(run, cond, uncond, part, generators, rows, start=switch)
 
     def _finish(self, latents: torch.Tensor, edit: EditRequest | None, output: str) -> Any:
         """Decode, then (for an edit) keep the unmasked pixels / paste crops back."""
@@ -422,8 +561,9 @@ class Pipeline:
         Prompt editing and alternation need ``steps``; a side with them is a
         :class:`~ldm.conditioning.ScheduledConditioning`, otherwise a :class:`Conditioning`.
         """
-        return encode_conditioning(self.text_encoder, self.tokenizer, prompts, negatives, steps=steps,
-                                   clip_skip=clip_skip, embeddings=self.embeddings)
+        return encode_conditioning(self.text_encoders, self.tokenizers, prompts, negatives, steps=steps,
+                                   clip_skip=clip_skip, embeddings=self.embeddings,
+                                   zero_empty_negatives=self.config.family in ZERO_EMPTY_NEGATIVE)
 
     def _denoiser(self, cond: Cond, uncond: Cond | None, scale: float,
                   sigmas: torch.Tensor | None = None) -> CFGDenoiser:
@@ -466,6 +606,7 @@ class _Run:
     sampler: str
     steps: int
     karras: bool
+    spacing: str | None  # the call's (None: the model's own)
     start: int
     guidance_scale: float
     progress: bool

@@ -21,6 +21,15 @@ the LoRAs of the prompt's ``<lora:...>`` tags and the embeddings it used, so ``-
 tell when a file differs) are fields too. Keys ``ldm`` has no use for (``VAE hash`` ...)
 are kept in :attr:`GenerationParams.extra`.
 
+SDXL: the web UI's ``Refiner: <name> [<hash>]`` and ``Refiner switch at: 0.8`` (its
+modules/sd_samplers_common.py ``apply_refiner``, the checkpoint's ``short_title``) name the
+refiner and the fraction of the schedule it takes over at. SDXL's size conditioning has no
+web UI keys; ``ldm`` writes ``Original size: 1024x768`` and ``Target size: 1024x768``
+(``WxH``, as ``Size``), ``Crop offset: 0x64`` (``XxY``: pixels from the left, from the top)
+and the refiner's ``Aesthetic score: 6`` / ``Negative aesthetic score: 2.5``, each only when
+it differs from the pipeline's default (the output size, ``0x0``, 6 and 2.5), so an image
+made with the defaults carries no key other tools do not know.
+
 The format has no escape for a prompt line that starts with ``Negative prompt:``
 (the web UI reads it as the start of the negative prompt), and readers strip the
 spaces around every line. ``ldm`` keeps the text exactly as other tools read it and
@@ -49,7 +58,8 @@ from PIL import Image, PngImagePlugin
 
 from .atomicio import atomic_write
 from .validation import (
-    A1111_SAMPLERS, check_finite, check_guidance, check_int, check_seed, check_side, check_strength,
+    A1111_SAMPLERS, check_spacing, check_finite, check_fraction, check_guidance, check_int, check_seed, check_side,
+    check_strength,
 )
 
 PNG_KEY = "parameters"
@@ -69,12 +79,23 @@ _ASCII_SPACE = " \t\r\n\x0b\x0c"
 # "Mask blur" with a mask, and the two keys of "inpaint only masked".
 STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING = "Denoising strength", "Mask blur", "Inpaint area", "Masked area padding"
 CLIP_SKIP, LORA_HASHES, TI_HASHES = "Clip skip", "Lora hashes", "TI hashes"
+SPACING = "Timestep spacing"  # ldm's own key (the web UI has no such setting), written when chosen
+REFINER, REFINER_START = "Refiner", "Refiner switch at"
+# SDXL's size-conditioning keys (ldm's own: the web UI has none) -> GenerationParams fields.
+# Each pair is written "AxB" in the order of --size ("WxH", "XxY") and held as
+# Pipeline.generate takes it, (height, width) / (top, left): the reverse.
+SIZE_KEYS = {"Original size": "original_size", "Crop offset": "crops_coords_top_left",
+             "Target size": "target_size"}
+SCORE_KEYS = {"Aesthetic score": "aesthetic_score", "Negative aesthetic score": "negative_aesthetic_score"}
+# The pipeline's defaults for the refiner's scores (ldm.size_conditioning; diffusers' and the web UI's).
+DEFAULT_SCORES = {"aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
 ONLY_MASKED = "Only masked"
 # The web UI's default padding when an image says "Only masked" without one (infotext_utils).
 DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-          STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES)
+          STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
+          REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
 
@@ -84,6 +105,12 @@ MAX_STEPS = 1000  # as many as the model's training timesteps; the web UI's slid
 MAX_SIDE = 4096  # pixels per side; the web UI's slider stops at 2048
 MAX_PROMPT_CHARS = 20_000  # ~70 CLIP chunks; PNG text chunks may hold megabytes
 MAX_CLIP_SKIP = 48  # more than any CLIP text tower has layers (bigG: 32)
+# SDXL's size ids do not size any work, but float32 holds whole numbers exactly only up to
+# 2**24; 65536 is far beyond any picture SDXL was trained on.
+MAX_SIZE_ID = 65536
+_PAIR = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# "name [hash]": the web UI's short title of a checkpoint (a name alone when it has no hash).
+_TITLE = re.compile(r"^(?:(.*) )?\[([0-9a-fA-F]+)\]$", re.S)
 
 
 @dataclass(frozen=True)
@@ -94,6 +121,11 @@ class GenerationParams:
     text names a sampler ldm does not have (the text is then in ``extra["Sampler"]``).
     ``strength`` is set for an image made from an input image, ``mask_blur`` when a mask
     was used too, ``mask_padding`` when only the masked region was rendered.
+    SDXL's ``original_size`` / ``target_size`` ``(height, width)``, ``crops_coords_top_left``
+    ``(top, left)`` and the refiner's ``aesthetic_score`` / ``negative_aesthetic_score`` are
+    as ``Pipeline.generate`` takes them, None for its default. ``refiner`` / ``refiner_hash``
+    name the refiner model as ``model`` / ``model_hash`` name the model; ``refiner_start``
+    is where it took over.
     """
 
     prompt: str
@@ -101,6 +133,7 @@ class GenerationParams:
     steps: int | None = None
     sampler: str | None = None
     schedule: str = "default"
+    spacing: str | None = None
     guidance_scale: float | None = None
     seed: int | None = None
     width: int | None = None
@@ -111,12 +144,20 @@ class GenerationParams:
     mask_blur: int | None = None
     mask_padding: int | None = None
     clip_skip: int | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    refiner: str | None = None
+    refiner_hash: str | None = None
+    refiner_start: float | None = None
     lora_hashes: dict[str, str] = field(default_factory=dict)
     ti_hashes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :meth:`ldm.Pipeline.generate` (fields that are set)."""
+    def check_supported(self) -> None:
+        """Raise ValueError for a sampler or schedule type (read from an image) that ldm lacks."""
         if self.sampler is None and "Sampler" in self.extra:
             raise ValueError(
                 f"sampler {self.extra['Sampler']!r} has no ldm equivalent; valid: "
@@ -127,11 +168,37 @@ class GenerationParams:
                 f"schedule type {self.extra['Schedule type']!r} is not one ldm has "
                 "(default or karras); give one with schedule=..."
             )
+
+    @property
+    def refiner_label(self) -> str | None:
+        """The refiner as the web UI's ``Refiner`` key names it: ``name [hash]``."""
+        if self.refiner is None and self.refiner_hash is None:
+            return None
+        return " ".join(x for x in (self.refiner, f"[{self.refiner_hash}]" if self.refiner_hash else None) if x)
+
+    def to_kwargs(self, refiner: Any = None) -> dict[str, Any]:
+        """Keyword arguments for :meth:`ldm.Pipeline.generate` (fields that are set).
+
+        Parameters that name a refiner need it loaded and given as ``refiner`` (a Pipeline),
+        e.g. ``Pipeline.from_pretrained(find_model(p.refiner, p.refiner_hash))`` with
+        :func:`ldm.modelref.find_model`, as ``ldm generate --from`` does; without it they
+        are refused rather than rendered unrefined. A ``refiner`` given to parameters that
+        name none is used too (``refiner_start`` then defaults to the pipeline's).
+        """
+        self.check_supported()
+        if refiner is None and self.refiner_label is not None:
+            raise ValueError(f"these parameters were rendered with the refiner {self.refiner_label}: load it "
+                             "and pass it as to_kwargs(refiner=...)")
         kwargs: dict[str, Any] = dict(
             prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
             guidance_scale=self.guidance_scale, width=self.width, height=self.height,
-            seed=self.seed, sampler=self.sampler, schedule=self.schedule, strength=self.strength,
+            seed=self.seed, sampler=self.sampler, schedule=self.schedule, spacing=self.spacing,
+            strength=self.strength,
             mask_blur=self.mask_blur, mask_padding=self.mask_padding, clip_skip=self.clip_skip,
+            original_size=self.original_size, crops_coords_top_left=self.crops_coords_top_left,
+            target_size=self.target_size, aesthetic_score=self.aesthetic_score,
+            negative_aesthetic_score=self.negative_aesthetic_score, refiner=refiner,
+            refiner_start=self.refiner_start if refiner is not None else None,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -155,7 +222,8 @@ class GenerationParams:
         return replace(self, extra=extra, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON holds them (pairs as lists), so a record read back compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def to_text(self) -> str:
         """The AUTOMATIC1111 infotext."""
@@ -191,6 +259,7 @@ def format_parameters(p: GenerationParams) -> str:
     pairs: list[tuple[str, Any]] = [
         ("Steps", p.steps),
         ("Sampler", p.sampler_label),
+        (SPACING, p.spacing),
         ("CFG scale", p.guidance_scale),
         ("Seed", p.seed),
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
@@ -201,6 +270,10 @@ def format_parameters(p: GenerationParams) -> str:
         (INPAINT_AREA, ONLY_MASKED if p.mask_padding is not None else None),
         (PADDING, p.mask_padding),
         (CLIP_SKIP, p.clip_skip),  # the caller leaves out 1, as the web UI does
+        *((key, format_pair(getattr(p, name))) for key, name in SIZE_KEYS.items()),
+        *((key, getattr(p, name)) for key, name in SCORE_KEYS.items()),
+        (REFINER, p.refiner_label),
+        (REFINER_START, p.refiner_start),
         (LORA_HASHES, _format_hashes(p.lora_hashes)),
         (TI_HASHES, _format_hashes(p.ti_hashes)),
     ]
@@ -216,6 +289,46 @@ def _format_hashes(hashes: dict[str, str]) -> str | None:
     # The web UI drops ":" and "," from the names so the list reads back (extra_networks_lora.py).
     items = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items()]
     return ", ".join(items) or None
+
+
+def format_pair(pair: tuple[int, int] | None) -> str | None:
+    """``(height, width)`` as ``"WxH"`` (``(top, left)`` as ``"XxY"``): the order of ``--size``."""
+    return None if pair is None else f"{pair[1]}x{pair[0]}"
+
+
+def read_pair(value: Any, name: str, form: str) -> tuple[Any, Any]:
+    """The two values, unchecked, of ``"AxB"`` text, an ``[a, b]`` list (from JSON) or one
+    value for both; anything else is refused as not of ``form`` (``"'WIDTHxHEIGHT' ..."``)."""
+    m = _PAIR.match(value) if isinstance(value, str) else None
+    if m:
+        return int(m[1]), int(m[2])
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return value[0], value[1]
+    if not isinstance(value, (str, list, tuple, dict)):
+        return value, value
+    raise ValueError(f"{name} must be {form}, got {value!r:.80}")
+
+
+def parse_pair(value: Any, name: str, minimum: int = 1) -> tuple[int, int]:
+    """``"WxH"`` (see :func:`read_pair`) as ``(h, w)``; with ``minimum`` 0, ``"XxY"`` as
+    ``(top, left)``. Each a whole number from ``minimum`` to :data:`MAX_SIZE_ID`."""
+    form = "'XxY' (pixels from the left x from the top, e.g. '0x64')" if minimum == 0 else \
+        "'WIDTHxHEIGHT' (e.g. '1024x768')"
+    first, second = (check_int(v, name, minimum, MAX_SIZE_ID) for v in read_pair(value, name, form))
+    return second, first
+
+
+def recorded_size_fields(values: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    """The SDXL fields a PNG records of ``values`` (a ``Generation.params``, or the values a
+    batch line asks for): each left out (None) where it is the pipeline's default for an
+    image of ``width`` x ``height``, as the web UI leaves out its defaults."""
+    defaults = {"original_size": (height, width), "crops_coords_top_left": (0, 0),
+                "target_size": (height, width), **DEFAULT_SCORES}
+    fields = {}
+    for name, default in defaults.items():
+        value = values.get(name)
+        fields[name] = None if value is None or value == default else value
+    return fields
 
 
 def _parse_hashes(key: str, value: str) -> dict[str, str]:
@@ -306,10 +419,13 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["model"] = pairs["Model"]
     if CLIP_SKIP in pairs:
         fields["clip_skip"] = _int(CLIP_SKIP, pairs[CLIP_SKIP])
+    if SPACING in pairs:
+        fields["spacing"] = pairs[SPACING]
     for key, name in ((LORA_HASHES, "lora_hashes"), (TI_HASHES, "ti_hashes")):
         if key in pairs:
             fields[name] = _parse_hashes(key, pairs[key])
     _parse_edit(pairs, fields, extra)
+    _parse_sdxl(pairs, fields, extra)
     return GenerationParams(prompt="\n".join(prompt), negative_prompt="\n".join(negative),
                             extra=extra, **fields)
 
@@ -328,6 +444,25 @@ def _parse_edit(pairs: dict[str, str], fields: dict[str, Any], extra: dict[str, 
         fields["mask_padding"] = _int(PADDING, pairs[PADDING]) if PADDING in pairs else DEFAULT_PADDING
     elif area is not None and area != "Whole picture":
         extra[INPAINT_AREA] = area
+
+
+def _parse_sdxl(pairs: dict[str, str], fields: dict[str, Any], extra: dict[str, str]) -> None:
+    """The size-conditioning and refiner keys into ``fields``; a switch point without a
+    refiner into ``extra`` (it says nothing ldm can use)."""
+    for key, name in SIZE_KEYS.items():
+        if key in pairs:
+            fields[name] = parse_pair(pairs[key], f"parameters: {key!r}", 0 if name == "crops_coords_top_left" else 1)
+    for key, name in SCORE_KEYS.items():
+        if key in pairs:
+            fields[name] = _float(key, pairs[key])
+    if REFINER not in pairs:
+        if REFINER_START in pairs:
+            extra[REFINER_START] = pairs[REFINER_START]
+        return
+    m = _TITLE.match(pairs[REFINER])
+    fields["refiner"], fields["refiner_hash"] = (m[1], m[2]) if m else (pairs[REFINER], None)
+    if REFINER_START in pairs:
+        fields["refiner_start"] = _float(REFINER_START, pairs[REFINER_START])
 
 
 def normalize_prompt(text: str) -> str:
@@ -390,6 +525,8 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
         "mask_blur": lambda v: check_int(v, MASK_BLUR, 0, MAX_SIDE),
         "mask_padding": lambda v: check_int(v, PADDING, 0, MAX_SIDE),
         "clip_skip": lambda v: check_int(v, CLIP_SKIP, 1, MAX_CLIP_SKIP),
+        "spacing": lambda v: check_spacing(v, SPACING),
+        "refiner_start": lambda v: check_fraction(v, REFINER_START),
     }
     for name, check in checks.items():
         value = getattr(p, name)

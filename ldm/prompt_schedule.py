@@ -24,8 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
 
 from .conditioning import Conditioning, ScheduledConditioning
 from .prompt_syntax import Alternate, Nodes, Scheduled, has_editing, parse_editing
@@ -114,12 +112,12 @@ def texts_at_steps(prompt: str, steps: int | None) -> Schedule:
 
 
 def schedule_conditioning(
-    schedules: Sequence[Schedule], encoded: Sequence[Tensor]
+    schedules: Sequence[Schedule], encoded: Sequence[Conditioning]
 ) -> Conditioning | ScheduledConditioning:
     """The batch's conditioning from each row's schedule and the encoding of its texts.
 
-    ``encoded[b]`` is ``(len(schedules[b]), tokens, width)``, row ``j`` encoding text ``j``
-    of ``schedules[b]``. Rows whose schedule has one entry are constant; if every row
+    ``encoded[b]`` has ``len(schedules[b])`` rows, row ``j`` encoding text ``j`` of
+    ``schedules[b]``. Rows whose schedule has one entry are constant; if every row
     is, the result is a plain :class:`~ldm.conditioning.Conditioning`. Otherwise each
     run of steps on which no row changes is one segment, and equal segments share
     their tensor (alternation over 150 steps of ``[a|b]`` holds two).
@@ -127,17 +125,17 @@ def schedule_conditioning(
     if len(schedules) != len(encoded) or not schedules:
         raise ValueError(f"{len(schedules)} schedules for {len(encoded)} encodings: one each, at least one")
     for b, (schedule, enc) in enumerate(zip(schedules, encoded)):
-        if enc.shape[0] != len(schedule):
-            raise ValueError(f"row {b}: {len(schedule)} scheduled texts but {enc.shape[0]} encodings")
+        if enc.batch_size != len(schedule):
+            raise ValueError(f"row {b}: {len(schedule)} scheduled texts but {enc.batch_size} encodings")
     if all(len(s) == 1 for s in schedules):
-        return Conditioning(torch.cat([enc[:1] for enc in encoded]))
+        return Conditioning.cat([enc.select(slice(0, 1)) for enc in encoded])
     ends = sorted({end for schedule in schedules if len(schedule) > 1 for end, _ in schedule})
     shared: dict[tuple[int, ...], Conditioning] = {}
     segments = []
     for end in ends:
         picks = tuple(_entry(schedule, end) for schedule in schedules)
         if picks not in shared:
-            shared[picks] = Conditioning(torch.cat([enc[j : j + 1] for enc, j in zip(encoded, picks)]))
+            shared[picks] = Conditioning.cat([enc.select(slice(j, j + 1)) for enc, j in zip(encoded, picks)])
         segments.append(shared[picks])
     return ScheduledConditioning(tuple(segments), tuple(ends))
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -169,6 +169,103 @@ def _row_weights(chunk: PromptChunk, length: int) -> list[float]:
     return [1.0, *chunk.weights] + [1.0] * (length - 1 - len(chunk.weights))
 
 
+def _chunk_rows(
+    tokenizer: Tokenizer, texts: list[str], min_chunks: int, embeddings: Embeddings | None
+) -> tuple[list[list[PromptChunk]], int]:
+    """Every text's chunks, padded with empty chunks to ``k``, the most of any text (and at
+    least ``min_chunks``); returns the rows and ``k``."""
+    cache: dict[str, list[PromptChunk]] = {}
+    for text in texts:
+        if text not in cache:
+            cache[text] = prompt_chunks(tokenizer, text, embeddings=embeddings)
+            if len(cache[text]) > 1:
+                logger.info("prompt %r is %d chunks of up to %d tokens", text[:60], len(cache[text]),
+                            tokenizer.max_length - 2)
+    k = max(min_chunks, max(len(c) for c in cache.values()))
+    empty = PromptChunk((), ())
+    return [cache[t] + [empty] * (k - len(cache[t])) for t in texts], k
+
+
+def _encode_rows(encoder: TextEncoder, tokenizer: Tokenizer, rows: list[list[PromptChunk]], k: int,
+                 clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states ``(texts, k, 77, width)`` of the chunk rows, and the pooled embedding
+    of each text's first chunk ``(texts, dim)`` for an encoder that has one (the web UI
+    takes the first chunk's; up to 75 tokens that is diffusers' pooled embedding)."""
+    if tokenizer.max_length > encoder.context_length:
+        raise ValueError(
+            f"tokenizer rows of {tokenizer.max_length} tokens do not fit the encoder's "
+            f"window of {encoder.context_length}"
+        )
+    ids = torch.tensor([tokenizer.pad(list(c.ids)) for row in rows for c in row], dtype=torch.long,
+                       device=encoder.device)
+    # Identical rows (empty pad chunks, a repeated negative prompt) are encoded once.
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    hidden, pooled = encoder.encode(unique, clip_skip=clip_skip)
+    hidden = hidden[inverse].reshape(len(rows), k, tokenizer.max_length, -1)
+    pooled = pooled[inverse].reshape(len(rows), k, -1)[:, 0] if pooled is not None else None
+    return hidden, pooled
+
+
+def _emphasised(groups: list[list[str]], hidden: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's rows ``(len(group), k * 77, width)`` with the prompt weights applied."""
+    out, first = [], 0
+    k, length = hidden.shape[1], hidden.shape[2]
+    for group in groups:
+        z, w = hidden[first : first + len(group)], weights[first : first + len(group)]
+        first += len(group)
+        # Chunks whose weights are all 1 are left as they are: the formula is then the identity.
+        parts = [apply_emphasis(z[:, i], w[:, i]) if bool((w[:, i] != 1).any()) else z[:, i] for i in range(k)]
+        out.append(torch.stack(parts, dim=1).reshape(len(group), k * length, -1))
+    return out
+
+
+def _as_tuple(value: Any, kind: type, name: str) -> tuple:
+    values = (value,) if isinstance(value, kind) else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not values or not all(isinstance(v, kind) for v in values):
+        raise TypeError(f"{name} must be a {kind.__name__} or a sequence of them, got {value!r:.80}")
+    return values
+
+
+def encode_text_groups(
+    encoders: TextEncoder | Sequence[TextEncoder],
+    tokenizers: Tokenizer | Sequence[Tokenizer],
+    groups: Sequence[Sequence[str]],
+    *,
+    min_chunks: int = 1,
+    clip_skip: int = 1,
+    embeddings: Embeddings | None = None,
+) -> list[Conditioning]:
+    """:func:`encode_groups` for a model with one or more text encoders: each group's
+    :class:`~ldm.conditioning.Conditioning`, its context every encoder's emphasised hidden
+    states side by side (SDXL: CLIP-L's 768 then bigG's 1280, as both SGM and diffusers
+    concatenate them; the web UI weights each encoder's states on their own, then joins
+    them), and ``pooled`` the first chunk's pooled embedding of the last encoder that has
+    one. The encoders' tokenizers differ only in padding, so the chunks are the same."""
+    if not isinstance(min_chunks, int) or isinstance(min_chunks, bool) or min_chunks < 1:
+        raise ValueError(f"min_chunks must be an int >= 1, got {min_chunks!r}")
+    encoders = _as_tuple(encoders, TextEncoder, "encoders")
+    tokenizers = _as_tuple(tokenizers, Tokenizer, "tokenizers")
+    if len(encoders) != len(tokenizers):
+        raise ValueError(f"{len(encoders)} text encoders but {len(tokenizers)} tokenizers: one each")
+    groups = [_check_prompts(g) for g in groups]
+    texts = [t for g in groups for t in g]
+    rows, k = _chunk_rows(tokenizers[0], texts, min_chunks, embeddings)
+    length = tokenizers[0].max_length
+    weights = torch.tensor([_row_weights(c, length) for row in rows for c in row]).reshape(len(texts), k, length)
+    contexts, pooled = [], None
+    for encoder, tokenizer in zip(encoders, tokenizers):
+        hidden, pooled_here = _encode_rows(encoder, tokenizer, rows, k, clip_skip)
+        contexts.append(_emphasised(groups, hidden, weights))
+        pooled = pooled_here if pooled_here is not None else pooled
+    out, first = [], 0
+    for i, group in enumerate(groups):
+        context = torch.cat([c[i] for c in contexts], dim=-1)
+        rows_pooled = pooled[first : first + len(group)] if pooled is not None else None
+        first += len(group)
+        out.append(Conditioning(context, pooled=rows_pooled))
+    return out
+
+
 def encode_groups(
     encoder: TextEncoder,
     tokenizer: Tokenizer,
@@ -184,40 +281,8 @@ def encode_groups(
     normalised over a group's rows (see the module docstring). ``clip_skip`` as in
     :meth:`~ldm.models.text.TextEncoder.forward`.
     """
-    if not isinstance(min_chunks, int) or isinstance(min_chunks, bool) or min_chunks < 1:
-        raise ValueError(f"min_chunks must be an int >= 1, got {min_chunks!r}")
-    if tokenizer.max_length > encoder.context_length:
-        raise ValueError(
-            f"tokenizer rows of {tokenizer.max_length} tokens do not fit the encoder's "
-            f"window of {encoder.context_length}"
-        )
-    groups = [_check_prompts(g) for g in groups]
-    cache: dict[str, list[PromptChunk]] = {}
-    for text in (t for g in groups for t in g):
-        if text not in cache:
-            cache[text] = prompt_chunks(tokenizer, text, embeddings=embeddings)
-            if len(cache[text]) > 1:
-                logger.info("prompt %r is %d chunks of up to %d tokens", text[:60], len(cache[text]),
-                            tokenizer.max_length - 2)
-    k = max(min_chunks, max(len(c) for c in cache.values()))
-    empty = PromptChunk((), ())
-    texts = [t for g in groups for t in g]
-    chunks = [cache[t] + [empty] * (k - len(cache[t])) for t in texts]
-    length = tokenizer.max_length
-    ids = torch.tensor([tokenizer.pad(list(c.ids)) for row in chunks for c in row], dtype=torch.long,
-                       device=encoder.device)
-    weights = torch.tensor([_row_weights(c, length) for row in chunks for c in row]).reshape(len(texts), k, length)
-    # Identical rows (empty pad chunks, a repeated negative prompt) are encoded once.
-    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    hidden = encoder(unique, clip_skip=clip_skip)[inverse].reshape(len(texts), k, length, -1)
-    out, first = [], 0
-    for group in groups:
-        z, w = hidden[first : first + len(group)], weights[first : first + len(group)]
-        first += len(group)
-        # Chunks whose weights are all 1 are left as they are: the formula is then the identity.
-        parts = [apply_emphasis(z[:, i], w[:, i]) if bool((w[:, i] != 1).any()) else z[:, i] for i in range(k)]
-        out.append(torch.stack(parts, dim=1).reshape(len(group), k * length, -1))
-    return out
+    return [c.context for c in encode_text_groups(encoder, tokenizer, groups, min_chunks=min_chunks,
+                                                  clip_skip=clip_skip, embeddings=embeddings)]
 
 
 def encode_prompts(
@@ -246,28 +311,34 @@ def encode_prompts(
 
 
 def encode_conditioning(
-    encoder: TextEncoder,
-    tokenizer: Tokenizer,
+    encoder: TextEncoder | Sequence[TextEncoder],
+    tokenizer: Tokenizer | Sequence[Tokenizer],
     prompts: Sequence[str],
     negatives: Sequence[str] | None = None,
     *,
     steps: int | None = None,
     clip_skip: int = 1,
     embeddings: Embeddings | None = None,
+    zero_empty_negatives: bool = False,
 ) -> tuple[Conditioning | ScheduledConditioning, Conditioning | ScheduledConditioning | None]:
-    """Conditioning of ``prompts`` (and ``negatives``), both in the full prompt language.
+    """Conditioning of ``prompts`` (and ``negatives``), both in the full prompt language,
+    from one text encoder or several (:func:`encode_text_groups`).
 
     Prompt editing and alternation (:mod:`ldm.prompt_schedule`) need ``steps``; a side
     where some prompt changes with the step is a
     :class:`~ldm.conditioning.ScheduledConditioning`, otherwise a plain
     :class:`~ldm.conditioning.Conditioning`. Both sides have the same number of chunks.
+    ``zero_empty_negatives``: an empty negative prompt is all zeros, context and pooled
+    embedding (SDXL's ``force_zeros_for_empty_prompt``; the web UI does the same).
     """
     prompts = _check_prompts(prompts)
     sides = [prompts] if negatives is None else [prompts, _check_prompts(negatives)]
     schedules = [[texts_at_steps(p, steps) for p in side] for side in sides]
     flat = [s for side in schedules for s in side]
-    encoded = encode_groups(encoder, tokenizer, [[text for _, text in s] for s in flat],
-                            clip_skip=clip_skip, embeddings=embeddings)
+    encoded = encode_text_groups(encoder, tokenizer, [[text for _, text in s] for s in flat],
+                                 clip_skip=clip_skip, embeddings=embeddings)
+    if zero_empty_negatives and negatives is not None:
+        encoded[len(prompts):] = [c.zeros() if text == "" else c for c, text in zip(encoded[len(prompts):], sides[1])]
     cond = schedule_conditioning(schedules[0], encoded[: len(prompts)])
     uncond = schedule_conditioning(schedules[1], encoded[len(prompts):]) if negatives is not None else None
     return cond, uncond
@@ -282,6 +353,7 @@ __all__ = [
     "count_tokens",
     "encode_conditioning",
     "encode_groups",
+    "encode_text_groups",
     "encode_prompts",
     "parse_prompt_attention",
     "prompt_chunks",

@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from .config import TIMESTEP_SPACINGS
+
 # ldm sampler name -> AUTOMATIC1111's name (modules/sd_samplers_*.py); the samplers ldm has.
 A1111_SAMPLERS: dict[str, str] = {
     "ddim": "DDIM",
@@ -27,6 +29,7 @@ A1111_SAMPLERS: dict[str, str] = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
 }
 SCHEDULES: tuple[str, ...] = ("default", "karras")
+SPACINGS: tuple[str, ...] = TIMESTEP_SPACINGS
 SAMPLER_NAMES: tuple[str, ...] = tuple(A1111_SAMPLERS)
 MAX_SEED = 2**32 - 1
 # Web UIs cap the guidance slider at 30 (AUTOMATIC1111) or 100 (ComfyUI); above that the
@@ -45,6 +48,7 @@ class GenerationDefaults:
     schedule: str = "default"
     num_images: int = 1
     clip_skip: int = 1
+    refiner_start: float = 0.8  # diffusers' and the web UI's usual switch for the SDXL refiner
 
 
 DEFAULTS = GenerationDefaults()
@@ -90,6 +94,21 @@ def check_strength(value: Any, name: str = "strength") -> float:
     return value
 
 
+def check_spacing(value: Any, name: str = "spacing") -> str | None:
+    """A timestep spacing name, or None (the model's own)."""
+    if value is not None and value not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {value!r} for {name}; valid: {', '.join(SPACINGS)}")
+    return value
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A fraction strictly between 0 and 1 (such as the refiner's switch point)."""
+    value = check_finite(value, name)
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be between 0 and 1 (a fraction of the schedule, such as 0.8), got {value!r}")
+    return value
+
+
 def check_margins(left: Any, top: Any, right: Any, bottom: Any) -> tuple[int, int, int, int]:
     """Outpainting margins in pixels: integers >= 0, not all zero."""
     margins = tuple(check_int(v, n, 0) for v, n in ((left, "left"), (top, "top"), (right, "right"),
@@ -132,25 +151,30 @@ def check_side(value: Any, name: str, example: int = 512) -> int:
     return int(value)
 
 
-def check_sampling(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000) -> None:
-    """Everything about sampler, schedule and step count that can fail later, checked now:
-    the combination is built exactly as sampling builds it (e.g. Karras sigmas only for
-    the k-samplers, at most 999 DDIM steps over 1000 training steps). A combination that
-    passed is not built again (a batch of thousands of lines has a handful of them)."""
+def check_sampling(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000,
+                   spacing: Any = None, model_spacing: str | None = None) -> None:
+    """Everything about sampler, schedule, step count and timestep spacing that can fail
+    later, checked now: the combination is built exactly as sampling builds it (e.g.
+    Karras sigmas only for the k-samplers, at most 999 DDIM steps over 1000 training
+    steps, trailing spacing's step counts). ``spacing``: the call's timestep spacing (None:
+    the model's, ``model_spacing``, else each sampler's own). A combination that passed is
+    not built again (a batch of thousands of lines has a handful of them)."""
     check_sampler(sampler)
     karras = check_schedule(schedule) == "karras"
-    _check_built(sampler, karras, check_int(steps, "steps", 1), num_train_timesteps)
+    check_spacing(spacing)
+    _check_built(sampler, karras, check_int(steps, "steps", 1), num_train_timesteps, spacing, model_spacing)
 
 
 @functools.lru_cache(maxsize=256)
-def _check_built(sampler: str, karras: bool, steps: int, num_train_timesteps: int) -> None:
+def _check_built(sampler: str, karras: bool, steps: int, num_train_timesteps: int, spacing: str | None,
+                 model_spacing: str | None) -> None:
     from .samplers import sampling_schedule
 
-    sampling_schedule(sampler, _schedule(num_train_timesteps), steps, karras=karras)
+    sampling_schedule(sampler, _schedule(num_train_timesteps, model_spacing), steps, karras=karras, spacing=spacing)
 
 
 @functools.lru_cache(maxsize=None)
-def _schedule(num_train_timesteps: int) -> Any:
+def _schedule(num_train_timesteps: int, spacing: str | None = None) -> Any:
     from .denoisers import DiscreteSchedule
 
-    return DiscreteSchedule(num_train_timesteps)
+    return DiscreteSchedule(num_train_timesteps, timestep_spacing=spacing)

@@ -135,8 +135,10 @@ def test_numpy_integers_are_accepted_as_numbers(pipe):
 
 def test_sampler_step_limits_are_checked_before_work(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "encode_prompts", lambda *a: pytest.fail("work started"))
-    with pytest.raises(ValueError, match="at most 999"):
+    with pytest.raises(ValueError, match="steps=1000 is too many for 'leading' spacing"):
         _run(pipe, sampler="ddim", steps=1000)
+    with pytest.raises(ValueError, match="unknown timestep spacing 'even'"):
+        _run(pipe, spacing="even")
 
 
 def test_nan_during_sampling_stops_with_the_step(pipe, monkeypatch):

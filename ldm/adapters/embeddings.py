@@ -3,9 +3,19 @@
 An embedding file holds ``n`` learned vectors of the text encoder's input width
 (768 for SD1, 1024 for SD2). Its trigger word (by default the file's stem, as in
 A1111) written in a prompt or a negative prompt is replaced by those ``n`` vectors.
+An SDXL file holds ``n`` vectors for each of SDXL's encoders: ``clip_l`` (CLIP ViT-L,
+768 wide) and ``clip_g`` (OpenCLIP ViT-bigG, 1280 wide); each encoder gets its own
+(A1111's ``textual_inversion_key`` per embedder; diffusers' documented
+``load_textual_inversion(state_dict["clip_g"], text_encoder=pipe.text_encoder_2, ...)``
+and the same with ``clip_l`` for ``text_encoder``). The SDXL refiner, whose one encoder
+is bigG, takes ``clip_g`` (as diffusers can load it into the refiner's ``text_encoder_2``;
+A1111 skips SDXL embeddings on the refiner, their total width 2048 not being its 1280),
+and a single 1280-wide tensor. A one-encoder embedding on SDXL base, and an SDXL one
+on SD1/SD2, are refused with both widths named.
 
 Mechanism, as A1111's ``EmbeddingDatabase`` (which matches on token ids): the
-vectors become extra rows of the text encoder's token-embedding matrix, at ids
+vectors become extra rows of the text encoder's token-embedding matrix (of each
+encoder's, at the same ids), at ids
 from the original vocabulary size up, and :meth:`EmbeddingTable.units` turns
 each occurrence of a trigger's BPE id sequence into those reserved ids, longest
 trigger first (``find_embedding_at_position``). Unloading cuts the matrix back
@@ -17,7 +27,13 @@ Files read (A1111's ``create_embedding_from_data``):
 - a file with exactly one tensor: diffusers ``learned_embeds.bin`` /
   ``.safetensors`` (``{token: (width,) or (n, width)}``) and the ``.safetensors``
   files of A1111-style trainers (``{"emb_params": (n, width)}``);
-- SDXL files (``clip_l`` + ``clip_g``) are recognised and refused: they need an SDXL model.
+- SDXL files: ``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` (A1111, kohya-ss ``sdxl_train_textual_inversion.py``).
+
+The pooled embedding SDXL's U-Net also takes is read at the end token, whatever ids an
+embedding uses (transformers' rule for configs with the real end-token id; A1111 and SGM
+pool at the end token as well, their placeholders being id 0). diffusers' SDXL folders
+carry the pre-2023 ``eos_token_id=2``, with which transformers pools at the largest id:
+the embedding's own, added token when the prompt has one.
 
 Pickle files (``.pt``, ``.bin``) can run code when unpickled: they are refused
 unless ``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
@@ -66,7 +82,9 @@ _MAX_KEYS = 16
 # diffusers' default file name: its stem says nothing, the token is the file's key.
 _DIFFUSERS_STEM = "learned_embeds"
 _A1111_KEY = "string_to_param"
-_SDXL_KEYS = ("clip_l", "clip_g")
+CLIP_L, CLIP_G = "clip_l", "clip_g"
+_SDXL_KEYS = (CLIP_L, CLIP_G)
+_ENCODER_NAMES = {CLIP_L: "CLIP ViT-L", CLIP_G: "OpenCLIP ViT-bigG"}
 
 
 class EmbeddingError(CheckpointError):
@@ -181,11 +199,28 @@ def _from_a1111(data: dict, path: Path) -> torch.Tensor:
     return next(iter(params.values()))
 
 
-def read_embedding(path: str | Path, *, allow_pickle: bool = False) -> tuple[torch.Tensor, str | None]:
+Vectors = torch.Tensor | dict[str, torch.Tensor]
+
+
+def _from_sdxl(data: dict, path: Path) -> dict[str, torch.Tensor]:
+    found = sorted(map(str, data))
+    if set(found) != set(_SDXL_KEYS) or not all(isinstance(data[k], torch.Tensor) for k in _SDXL_KEYS):
+        raise EmbeddingError(f"{path}: an SDXL embedding must hold exactly two tensors, 'clip_l' and 'clip_g'; "
+                             f"found keys {found}")
+    parts = {k: _as_matrix(data[k], f"{path} ({k})") for k in _SDXL_KEYS}
+    counts = {k: v.shape[0] for k, v in parts.items()}
+    if len(set(counts.values())) != 1:
+        raise EmbeddingError(f"{path}: 'clip_l' has {counts[CLIP_L]} vectors but 'clip_g' has {counts[CLIP_G]}; "
+                             "each token needs one of each")
+    return parts
+
+
+def read_embedding(path: str | Path, *, allow_pickle: bool = False) -> tuple[Vectors, str | None]:
     """``(vectors, key)``: the file's vectors, ``(n, width)`` as stored (not yet
-    checked against a model), and the token a diffusers file stores them under
-    (``None`` for A1111 files). Raises :class:`EmbeddingError` naming the file and
-    the keys found when the layout is unknown; SDXL files are refused."""
+    checked against a model) or, for an SDXL file, ``{"clip_l": (n, 768), "clip_g":
+    (n, 1280)}``, and the token a diffusers file stores them under (``None`` for A1111
+    and SDXL files). Raises :class:`EmbeddingError` naming the file and the keys found
+    when the layout is unknown."""
     path = _in_folder(Path(path))
     data = _load_data(path, allow_pickle)
     if isinstance(data, torch.Tensor):  # a bare tensor saved with torch.save
@@ -196,8 +231,7 @@ def read_embedding(path: str | Path, *, allow_pickle: bool = False) -> tuple[tor
     if _A1111_KEY in data:
         return _as_matrix(_from_a1111(data, path), path), None
     if any(k in data for k in _SDXL_KEYS):
-        raise EmbeddingError(f"{path}: an SDXL embedding (keys {sorted(map(str, data))}); it needs an "
-                             "SDXL model, and this model's text encoder is a single CLIP (SD1/SD2)")
+        return _from_sdxl(data, path), None
     if len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         (key, value), = data.items()
         return _as_matrix(value, path), str(key)
@@ -236,33 +270,55 @@ def _width_name(width: int) -> str:
 class _Entry:
     token: str
     trigger: tuple[int, ...]  # the token's BPE ids, as prompts are tokenized
-    vectors: torch.Tensor  # (n, width) float32, CPU
+    vectors: tuple[torch.Tensor, ...]  # per text encoder: (n, width) float32, CPU
     path: Path | None
     hash: str | None  # embedding_hash(path)
 
 
-class EmbeddingTable:
-    """The embeddings loaded into one text encoder, and the folders searched for more.
+def _as_tuple(value: object, kind: type, name: str) -> tuple:
+    values = (value,) if isinstance(value, kind) else value
+    if not isinstance(values, Sequence) or not 1 <= len(values) <= 2 or not all(isinstance(v, kind) for v in values):
+        raise TypeError(f"{name} must be a {kind.__name__} or a sequence of one or two, got {value!r:.80}")
+    return tuple(values)
 
-    >>> table = EmbeddingTable(encoder, tokenizer)
+
+def _sdxl_parts(encoders: tuple[TextEncoder, ...]) -> tuple[str | None, ...]:
+    """The SDXL-file tensor each encoder takes: SDXL base's two encoders ``clip_l`` and
+    ``clip_g``, the refiner's bigG (the one encoder with a pooled projection) ``clip_g``;
+    None for SD1/SD2's encoder, which takes one-encoder files only."""
+    if len(encoders) == 2:
+        return _SDXL_KEYS
+    return (CLIP_G,) if encoders[0].config.projection_dim else (None,)
+
+
+class EmbeddingTable:
+    """The embeddings loaded into a model's text encoders, and the folders searched for more.
+
+    >>> table = EmbeddingTable(encoder, tokenizer)          # SDXL: pipe.text_encoders, pipe.tokenizers
     >>> table.load("embeddings/easynegative.safetensors")   # trigger word 'easynegative'
     'easynegative'
     >>> table.units(tokenizer.encode("a cat, easynegative"))  # [[320], [2368], [267], [49408]]
 
-    Loading changes ``encoder``'s token-embedding matrix in place (extra rows);
-    :meth:`unload` restores it. ``allow_pickle`` applies to files found in :attr:`dirs`.
+    Loading changes each encoder's token-embedding matrix in place (extra rows, at the
+    same ids in every encoder); :meth:`unload` restores them. Triggers are matched on the
+    first tokenizer's ids (SDXL's two tokenize alike and differ only in padding).
+    ``allow_pickle`` applies to files found in :attr:`dirs`.
     """
 
-    def __init__(self, encoder: TextEncoder, tokenizer: Tokenizer, *,
+    def __init__(self, encoder: TextEncoder | Sequence[TextEncoder], tokenizer: Tokenizer | Sequence[Tokenizer], *,
                  dirs: Iterable[str | Path] | None = None, allow_pickle: bool = False) -> None:
-        if not isinstance(encoder, TextEncoder):
-            raise TypeError(f"encoder must be a TextEncoder, got {type(encoder).__name__}")
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
-        self.encoder = encoder
-        self.tokenizer = tokenizer
+        self.encoders = _as_tuple(encoder, TextEncoder, "encoder")
+        self.tokenizers = _as_tuple(tokenizer, Tokenizer, "tokenizer")
+        if len(self.encoders) != len(self.tokenizers):
+            raise ValueError(f"{len(self.encoders)} text encoders but {len(self.tokenizers)} tokenizers: one each")
+        self.encoder, self.tokenizer = self.encoders[0], self.tokenizers[0]
         self.allow_pickle = allow_pickle
-        self._vocab = self._layer().num_embeddings  # ids from here on are reserved for embeddings
+        self._parts = _sdxl_parts(self.encoders)
+        vocabs = {self._layer(i).num_embeddings for i in range(len(self.encoders))}
+        if len(vocabs) != 1:
+            raise ValueError(f"the text encoders have vocabularies of {sorted(vocabs)} tokens; an embedding's "
+                             "ids must mean the same token in each")
+        self._vocab = vocabs.pop()  # ids from here on are reserved for embeddings
         self._entries: dict[str, _Entry] = {}
         self._ids: dict[str, list[int]] = {}  # token -> its reserved ids
         self._lookup: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # first trigger id -> (trigger, token)
@@ -286,15 +342,21 @@ class EmbeddingTable:
 
     @property
     def width(self) -> int:
-        return self._layer().embedding_dim
+        """The (first) text encoder's input width."""
+        return self.widths[0]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each text encoder's input width (SDXL base: CLIP ViT-L's, then bigG's)."""
+        return tuple(self._layer(i).embedding_dim for i in range(len(self.encoders)))
 
     @property
     def max_vectors(self) -> int:
         # One embedding must fit in one chunk of the prompt (75 tokens for CLIP).
         return self.tokenizer.max_length - 2
 
-    def _layer(self) -> nn.Embedding:
-        return self.encoder.text_model.get_input_embeddings()
+    def _layer(self, i: int = 0) -> nn.Embedding:
+        return self.encoders[i].text_model.get_input_embeddings()
 
     def load(self, path: str | Path, token: str | None = None, *, allow_pickle: bool | None = None) -> str:
         """Load an embedding file (or a diffusers folder holding ``learned_embeds.*``); returns
@@ -306,13 +368,45 @@ class EmbeddingTable:
             token = key if path.stem == _DIFFUSERS_STEM and key else path.stem
         return self._add(token, vectors, path)
 
-    def add(self, token: str, vectors: torch.Tensor) -> str:
-        """Load vectors ``(n, width)`` or ``(width,)`` given as a tensor, under ``token``."""
+    def add(self, token: str, vectors: Vectors) -> str:
+        """Load vectors ``(n, width)`` or ``(width,)`` given as a tensor, or for SDXL as
+        ``{"clip_l": ..., "clip_g": ...}``, under ``token``."""
+        where = f"embedding {token!r}"
+        if isinstance(vectors, dict):
+            return self._add(token, _from_sdxl(vectors, where), None)
         if not isinstance(vectors, torch.Tensor):
-            raise TypeError(f"vectors must be a tensor, got {type(vectors).__name__}")
-        return self._add(token, _as_matrix(vectors, f"embedding {token!r}"), None)
+            raise TypeError(f"vectors must be a tensor or a dict of 'clip_l' and 'clip_g' tensors, "
+                            f"got {type(vectors).__name__}")
+        return self._add(token, _as_matrix(vectors, where), None)
 
-    def _add(self, token: str, vectors: torch.Tensor, path: Path | None) -> str:
+    def _per_encoder(self, vectors: Vectors, where: object) -> tuple[torch.Tensor, ...]:
+        """Each encoder's ``(n, width)`` rows, checked against its width."""
+        if isinstance(vectors, dict):
+            if self._parts == (None,):
+                widths = ", ".join(f"{k} {_width_name(v.shape[1])}" for k, v in vectors.items())
+                raise EmbeddingError(f"{where}: an SDXL embedding (keys {sorted(vectors)}: {widths}); it needs an "
+                                     "SDXL model, and this model's text encoder is a single CLIP (SD1/SD2), "
+                                     f"{_width_name(self.width)}")
+            parts = tuple(vectors[k] for k in self._parts)
+            for name, part, width in zip(self._parts, parts, self.widths):
+                if part.shape[1] != width:
+                    raise EmbeddingError(
+                        f"{where}: the embedding's {name!r} is {_width_name(part.shape[1])} but this model's "
+                        f"{_ENCODER_NAMES[name]} text encoder is {_width_name(width)}; it was made for another model")
+            return parts
+        width = vectors.shape[1]
+        if len(self.encoders) > 1:
+            raise EmbeddingError(
+                f"{where}: the embedding is one tensor, {_width_name(width)}, but this model has two text "
+                f"encoders, {' and '.join(_width_name(w) for w in self.widths)} ({' and '.join(self._parts)}); "
+                "an SDXL embedding holds a 'clip_l' and a 'clip_g' tensor, so this one was made for another "
+                "model family")
+        if width != self.width:
+            raise EmbeddingError(f"{where}: the embedding is {_width_name(width)} but this model's text "
+                                 f"encoder is {_width_name(self.width)}; it was made for another model family")
+        return (vectors,)
+
+    def _add(self, token: str, vectors: Vectors, path: Path | None) -> str:
         where = path or f"embedding {token!r}"
         trigger = self._trigger(token)
         if token in self._entries:
@@ -322,16 +416,17 @@ class EmbeddingTable:
         if clash is not None:
             raise EmbeddingError(f"{where}: token {token!r} is the same word as the loaded embedding "
                                  f"{clash!r} (prompts are lower-cased); unload it first or pick another token")
-        n, width = vectors.shape
-        if width != self.width:
-            raise EmbeddingError(f"{where}: the embedding is {_width_name(width)} but this model's text "
-                                 f"encoder is {_width_name(self.width)}; it was made for another model family")
+        parts = self._per_encoder(vectors, where)
+        n = parts[0].shape[0]
         if n > self.max_vectors:
             raise EmbeddingError(f"{where}: {n} vectors do not fit in one {self.max_vectors}-token prompt chunk")
-        if not torch.isfinite(vectors).all():
+        if not all(bool(torch.isfinite(part).all()) for part in parts):
             raise EmbeddingError(f"{where}: the embedding contains NaN or inf")
+        if isinstance(vectors, dict) and len(parts) < len(vectors):
+            logger.info("%s: the model's one text encoder is OpenCLIP ViT-bigG: 'clip_g' is used, 'clip_l' "
+                        "has no encoder to go to (the SDXL refiner)", where)
         digest = embedding_hash(path) if path is not None else None
-        self._entries[token] = _Entry(token, trigger, vectors, path, digest)
+        self._entries[token] = _Entry(token, trigger, parts, path, digest)
         self._install()
         logger.info("loaded embedding %r (%d vector%s)%s", token, n, "s" * (n != 1), f" from {path}" if path else "")
         return token
@@ -356,23 +451,25 @@ class EmbeddingTable:
         self._install()
 
     def _install(self) -> None:
-        """Rebuild the matrix (original rows + every loaded embedding's rows) and the id maps."""
-        layer = self._layer()
-        weight = layer.weight
-        # Outside inference mode: the new parameter may be loaded while sampling and
-        # must stay usable afterwards; no_grad: this is not a step anyone differentiates.
-        with torch.inference_mode(False), torch.no_grad():
-            rows = [weight[: self._vocab]]
-            rows += [e.vectors.to(weight.device, weight.dtype) for e in self._entries.values()]
-            matrix = torch.cat(rows)  # a copy, so the original rows are exactly kept
-        layer.weight = nn.Parameter(matrix, requires_grad=weight.requires_grad)
-        layer.num_embeddings = matrix.shape[0]
+        """Rebuild each matrix (original rows + every loaded embedding's rows) and the id maps."""
+        for i in range(len(self.encoders)):
+            layer = self._layer(i)
+            weight = layer.weight
+            # Outside inference mode: the new parameter may be loaded while sampling and
+            # must stay usable afterwards; no_grad: this is not a step anyone differentiates.
+            with torch.inference_mode(False), torch.no_grad():
+                rows = [weight[: self._vocab]]
+                rows += [e.vectors[i].to(weight.device, weight.dtype) for e in self._entries.values()]
+                matrix = torch.cat(rows)  # a copy, so the original rows are exactly kept
+            layer.weight = nn.Parameter(matrix, requires_grad=weight.requires_grad)
+            layer.num_embeddings = matrix.shape[0]
         self._ids.clear()
         self._lookup.clear()
         start = self._vocab
         for e in self._entries.values():
-            self._ids[e.token] = list(range(start, start + len(e.vectors)))
-            start += len(e.vectors)
+            n = len(e.vectors[0])
+            self._ids[e.token] = list(range(start, start + n))
+            start += n
             self._lookup.setdefault(e.trigger[0], []).append((e.trigger, e.token))
 
     def units(self, ids: Sequence[int]) -> list[list[int]]:

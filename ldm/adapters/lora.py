@@ -1,6 +1,6 @@
 """Several LoRA-family files on one model at once, each with its own scales.
 
->>> loras = LoraSet(pipe.unet, pipe.text_encoder, pipe.config)
+>>> loras = LoraSet(pipe.unet, pipe.text_encoders, pipe.config)  # SDXL base: both encoders
 >>> loras.load("styles/ink.safetensors", 0.8)            # name "ink"
 >>> loras.load("detail.safetensors", 1.0, text_encoder_scale=0.5)
 >>> loras.set_scale("ink", 0.4)
@@ -10,7 +10,8 @@ Merged into the weights, not patched into the forward pass. Every layer a loaded
 touches holds ``W = W0 + sum_i s_i * dW_i``, computed in float32 from a pristine copy of
 ``W0`` (kept, in the weight's own dtype, from the first time the layer is touched) and
 cast to the weight's dtype; ``s_i`` is the file's multiplier for the layer's component
-(U-Net or text encoder) and ``dW_i`` its delta (alpha/rank included, see
+(U-Net or text encoders: SDXL's two share one multiplier, as A1111's ``te`` and diffusers'
+``lora_scale`` do) and ``dW_i`` its delta (alpha/rank included, see
 :mod:`ldm.adapters.lora_formats`), summed in load order. Changing a scale or unloading
 recomputes only the layers that file touches, from ``W0``: unloading the last file of a
 layer copies ``W0`` back, bit for bit, and a scale set later gives exactly the weights
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..validation import check_finite
 from .lora_formats import Delta, read_lora
-from .lora_keys import TEXT, UNET, ModuleIndex, Target
+from .lora_keys import TEXT, TEXT2, UNET, ModuleIndex, Target
 
 __all__ = ["LoraSet", "LoadedLora"]
 
@@ -71,20 +73,33 @@ class _Entry:
 def _scales(scale: float, text_encoder_scale: float | None) -> dict[str, float]:
     unet = check_finite(scale, "scale")
     text = unet if text_encoder_scale is None else check_finite(text_encoder_scale, "text_encoder_scale")
-    return {UNET: unet, TEXT: text}
+    return {UNET: unet, TEXT: text, TEXT2: text}
+
+
+def _text_encoders(text_encoder: nn.Module | Sequence[nn.Module], config: ModelConfig) -> tuple[nn.Module, ...]:
+    encoders = (text_encoder,) if isinstance(text_encoder, nn.Module) else text_encoder
+    if not isinstance(encoders, Sequence) or not all(isinstance(m, nn.Module) for m in encoders):
+        raise TypeError(f"text_encoder must be a torch.nn.Module or a sequence of them, got {text_encoder!r:.80}")
+    wanted = len(config.text_encoders)
+    if len(encoders) != wanted:
+        raise ValueError(f"the {config.family} model has {wanted} text encoder(s) but {len(encoders)} were given")
+    return tuple(encoders)
 
 
 class LoraSet:
-    """The LoRA-family files applied to one U-Net and text encoder (see the module docs)."""
+    """The LoRA-family files applied to one U-Net and its text encoders (see the module docs).
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, config: ModelConfig) -> None:
+    ``text_encoder``: the model's text encoder, or its encoders in ``config.text_encoders``
+    order (SDXL base: CLIP ViT-L, then OpenCLIP ViT-bigG)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module], config: ModelConfig) -> None:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-        for what, model in (("unet", unet), ("text_encoder", text_encoder)):
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(unet, nn.Module):
+            raise TypeError(f"unet must be a torch.nn.Module, got {type(unet).__name__}")
         self.config = config
-        self._unet, self._text_encoder = unet, text_encoder
+        self._unet = unet
+        self._text_encoders = _text_encoders(text_encoder, config)
         self._index: ModuleIndex | None = None
         self._entries: dict[str, _Entry] = {}  # in load order: the order deltas are summed
         self._originals: dict[Target, torch.Tensor] = {}
@@ -93,7 +108,7 @@ class LoraSet:
     def index(self) -> ModuleIndex:
         """The model's patchable layers by every name a file may use (built on first use)."""
         if self._index is None:
-            self._index = ModuleIndex(self._unet, self._text_encoder, self.config.unet)
+            self._index = ModuleIndex(self._unet, self._text_encoders[0], self.config.unet, *self._text_encoders[1:])
         return self._index
 
     @property

@@ -49,7 +49,8 @@ from ..checkpoints.files import FLOAT_DTYPES, TensorFile, open_tensor_file
 from ..checkpoints.loading import name_some
 from ..config import ModelConfig
 from .lora_keys import (
-    LOHA, LOKR, LORA, TEXT, UNET, Group, LoraError, ModuleIndex, Target, flat, group_entries,
+    LOHA, LOKR, LORA, TEXT, TEXT2, UNET, Group, LoraError, ModuleIndex, Target, flat, group_entries,
+    key_prefixes,
 )
 
 __all__ = ["Delta", "LoraError", "fits", "read_lora"]
@@ -237,40 +238,65 @@ _COMPUTE: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {
 # --- reading and checking a file -------------------------------------------------------
 
 
+_UNET_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+_TEXT_FAMILIES = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL (OpenCLIP ViT-bigG)"}
+
+
 def _family_of_width(width: int, component: str) -> str:
-    names = ({768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"} if component == UNET
-             else {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL (OpenCLIP ViT-bigG)"})
+    names = _UNET_FAMILIES if component == UNET else _TEXT_FAMILIES
     return names.get(width, f"a model of width {width}")
 
 
 # Layers whose input width is the cross-attention (U-Net) or hidden (text) width.
-_WIDTH_LAYERS = {UNET: ("attn2_to_k", "attn2_to_v"), TEXT: ("q_proj", "k_proj", "v_proj", "fc1")}
+_TEXT_WIDTH_LAYERS = ("q_proj", "k_proj", "v_proj", "fc1")
+_WIDTH_LAYERS = {UNET: ("attn2_to_k", "attn2_to_v"), TEXT: _TEXT_WIDTH_LAYERS, TEXT2: _TEXT_WIDTH_LAYERS}
+_WIDTH_NAMES = {UNET: "cross-attention width", TEXT: "text-encoder width", TEXT2: "second text-encoder width"}
 
 
-# kohya-ss writes the base model into the metadata (A1111 network.py detect_version reads it).
+# kohya-ss writes the base model into the metadata (A1111 network.py detect_version reads
+# it): the first rule that applies decides. SDXL files carry ss_v2="False" as well, and
+# ss_base_model_version is "sd_v1", "sd_v2" (with "_v" for v-prediction) or "sdxl_base_v1-0".
 _TRAINED_ON = (("ss_base_model_version", lambda v: v.startswith("sdxl"), "SDXL"),
-               ("ss_v2", lambda v: v == "True", "sd2"), ("ss_v2", lambda v: v == "False", "sd1"))
+               ("ss_v2", lambda v: v == "True", "sd2"), ("ss_v2", lambda v: v == "False", "sd1"),
+               ("ss_base_model_version", lambda v: v.startswith("sd_v2"), "sd2"),
+               ("ss_base_model_version", lambda v: v.startswith("sd_v1"), "sd1"))
+
+
+def _lineage(config: ModelConfig) -> str | None:
+    """The model's family as kohya's metadata names it; None for others (the toy model)."""
+    if config.unet.addition_embed_type == "text_time":
+        return "SDXL"
+    return config.family if config.family in ("sd1", "sd2") else None
+
+
+def _check_metadata(config: ModelConfig, metadata: dict[str, str], where: str) -> None:
+    lineage = _lineage(config)
+    if lineage is None:
+        return
+    for key, test, family in _TRAINED_ON:
+        if key in metadata and test(metadata[key]):
+            if family != lineage:
+                raise LoraError(f"{where}: this LoRA was trained on {family} ({key}={metadata[key]!r} in its "
+                                f"metadata) but the model is {config.family}; load it on a model of its family")
+            return
 
 
 def _check_family(layouts: dict[str, tuple[Group, _Layout]], config: ModelConfig, metadata: dict[str, str],
                   where: str) -> None:
     """Refuse, naming both, a LoRA that its metadata or its widths say was made for another
     model family."""
-    if config.family in ("sd1", "sd2"):
-        for key, test, family in _TRAINED_ON:
-            if key in metadata and test(metadata[key]) and family != config.family:
-                raise LoraError(f"{where}: this LoRA was trained on {family} ({key}={metadata[key]!r} in its "
-                                f"metadata) but the model is {config.family}; load it on a model of its family")
+    _check_metadata(config, metadata, where)
     expected = {UNET: config.unet.cross_attention_dim, TEXT: config.text.hidden_size}
-    what = {UNET: "cross-attention width", TEXT: "text-encoder width"}
+    if config.text_2 is not None:
+        expected[TEXT2] = config.text_2.hidden_size
     for group, layout in layouts.values():
         if flat(group.name).endswith(_WIDTH_LAYERS[group.component]):
             width, model = layout.shape[1], expected[group.component]
             if width != model:
                 raise LoraError(
                     f"{where}: this LoRA is for {_family_of_width(width, group.component)} "
-                    f"({what[group.component]} {width}, layer {group.label}) but the model is "
-                    f"{config.family} ({what[group.component]} {model}); load it on a model of its family"
+                    f"({_WIDTH_NAMES[group.component]} {width}, layer {group.label}) but the model is "
+                    f"{config.family} ({_WIDTH_NAMES[group.component]} {model}); load it on a model of its family"
                 )
 
 
@@ -327,20 +353,25 @@ def _check_fit(layouts: dict[str, tuple[Group, _Layout]], targets: dict[str, Tar
     return weights
 
 
+# diffusers keys the metadata by the pipeline's component names (SDXL: text_encoder_2 too).
+_PEFT_COMPONENTS = (UNET, TEXT, TEXT2)
+
+
 def _peft_alphas(file: TensorFile, where: str) -> Callable[[str, str], tuple[float, bool] | None]:
-    """From diffusers' ``lora_adapter_metadata``: ``(component, layer) -> (alpha, rslora)``."""
+    """From diffusers' ``lora_adapter_metadata``: ``(component as the file names it, layer)
+    -> (alpha, rslora)``."""
     raw = file.metadata.get(_ADAPTER_METADATA)
     if raw is None:
         return lambda component, name: None
     try:
         meta = json.loads(raw)
         patterns = {c: [(re.compile(rf"(.*\.)?({p})$"), float(v))
-                        for p, v in (meta.get(f"{c}.alpha_pattern") or {}).items()] for c in (UNET, TEXT)}
-        defaults = {c: meta.get(f"{c}.lora_alpha") for c in (UNET, TEXT)}
+                        for p, v in (meta.get(f"{c}.alpha_pattern") or {}).items()] for c in _PEFT_COMPONENTS}
+        defaults = {c: meta.get(f"{c}.lora_alpha") for c in _PEFT_COMPONENTS}
         defaults = {c: None if v is None else float(v) for c, v in defaults.items()}
     except (ValueError, TypeError, AttributeError, re.error) as exc:
         raise LoraError(f"{where}: the {_ADAPTER_METADATA} header entry is malformed ({exc})") from None
-    dora = [c for c in (UNET, TEXT) if meta.get(f"{c}.use_dora")]
+    dora = [c for c in _PEFT_COMPONENTS if meta.get(f"{c}.use_dora")]
     if dora:
         raise LoraError(f"{where}: is a DoRA adapter ({dora[0]}.use_dora), which ldm does not support")
 
@@ -389,7 +420,7 @@ def read_lora(path: str | Path, index: ModuleIndex, config: ModelConfig, *, devi
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     file = open_tensor_file(path, allow_pickle=allow_pickle)
     where = str(file.path)
-    layouts = _layouts(group_entries(file.keys(), where), file.shapes, where)
+    layouts = _layouts(group_entries(file.keys(), where, key_prefixes(config)), file.shapes, where)
     _check_family(layouts, config, file.metadata, where)
     targets = _resolve(layouts, index, config, where)
     weights = _check_fit(layouts, targets, index, where)
@@ -405,7 +436,7 @@ def read_lora(path: str | Path, index: ModuleIndex, config: ModelConfig, *, devi
         if "alpha" in group.keys:
             alpha: float | None = _read(file, group.keys["alpha"], device, bad).item()
         else:
-            alpha, rslora = peft_alpha(group.component, group.name) or (None, False)
+            alpha, rslora = peft_alpha(group.source, group.name) or (None, False)
         if alpha is not None and not math.isfinite(alpha) and group.keys.get("alpha") not in bad:
             bad.append(f"{_ADAPTER_METADATA} alpha of {group.label}")
         zero_alpha += alpha == 0

@@ -254,7 +254,7 @@ def scheduler_config(config: ModelConfig) -> dict[str, Any]:
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
-    }
+    } | ({"timestep_spacing": config.timestep_spacing} if config.timestep_spacing else {})
 
 
 def pipeline_class(config: ModelConfig) -> str:

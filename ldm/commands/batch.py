@@ -19,8 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch", help="render every line of a prompt file (text or JSONL), resumably",
         description="Render PROMPTS (one prompt per line, or JSONL objects with prompt, "
-        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, clip_skip, and for editing image, "
-        "mask, strength, extend, fill, mask_blur, mask_padding, paths relative to PROMPTS' folder) into "
+        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, clip_skip, for editing image, "
+        "mask, strength, extend, fill, mask_blur, mask_padding, paths relative to PROMPTS' folder, and for SDXL "
+        "original_size, crop_offset, target_size, aesthetic_score, negative_aesthetic_score, refiner_start) into "
         "DIR as LLLLL-KK-SEED.png plus manifest.jsonl. A rerun skips finished images. Several processes "
         "(--num-processes N, or `accelerate launch -m ldm batch ...`) split the work and give the "
         "same files as one process.",
@@ -76,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, strict=args.strict,
         overwrite=args.overwrite, grid=args.grid, grid_rows=args.grid_rows, jsonl=jsonl,
         allow_pickle=args.allow_pickle, lora_dirs=tuple(args.lora_dirs or ()),
-        embedding_dirs=tuple(args.embedding_dirs) if args.embedding_dirs else None,
+        embedding_dirs=tuple(args.embedding_dirs) if args.embedding_dirs else None, refiner=args.refiner,
     )
     return run_batch(opts)

@@ -15,13 +15,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ..batchfile import Settings, parse_size
+from ..batchfile import SDXLValues, Settings, parse_size
 from ..dtypes import DTYPE_NAMES, canonical_dtype_name
 from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
-from ..pngmeta import MAX_CLIP_SKIP
+from ..pngmeta import DEFAULT_SCORES, MAX_CLIP_SKIP, parse_pair
 from ..validation import (
-    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_guidance, check_int, check_margins, check_seed,
-    check_strength,
+    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_finite, check_fraction, check_guidance, check_int,
+    check_margins, check_seed, check_strength,
 )
 
 # Option name -> field of validation.DEFAULTS where the names differ.
@@ -87,6 +87,19 @@ strength_float = _option_type(float, check_strength, "a number in (0, 1] such as
 pixels_int = _option_type(_whole_number, lambda v: check_int(v, "value", 0), "a whole number of pixels >= 0")
 clip_skip_int = _option_type(_whole_number, lambda v: check_int(v, "value", 1, MAX_CLIP_SKIP),
                              "a whole number >= 1 (1: the last layer, 2: the penultimate)")
+score_float = _option_type(float, lambda v: check_finite(v, "value"), "a number such as 6.0")
+refiner_start_float = _option_type(float, lambda v: check_fraction(v, "value"),
+                                   "a number between 0 and 1 such as 0.8")
+
+
+def _pair(minimum: int, form: str) -> Callable[[str], tuple[int, int]]:
+    """An argparse type for ``WxH`` / ``XxY`` (one number: both), held as Pipeline.generate
+    takes it: ``(h, w)`` / ``(y, x)`` (see :func:`ldm.pngmeta.parse_pair`)."""
+    return _option_type(str, lambda t: parse_pair(int(t) if t.strip().isdigit() else t, "value", minimum), form)
+
+
+pixel_size = _pair(1, "WxH")
+pixel_offset = _pair(0, "XxY")
 
 
 def margins_arg(text: str) -> tuple[int, int, int, int]:
@@ -192,6 +205,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
     p.add_argument("--clip-skip", type=clip_skip_int, default=None, metavar="N",
                    help="condition on the text encoder's N-th layer from the end, as the web UI counts: "
                    "1 the last (default), 2 the penultimate")
+    add_sdxl_options(p)
     add_model_options(p)
     if default_output is None:
         p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
@@ -201,6 +215,38 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
     p.add_argument("--grid", action="store_true", help="also write a grid of the images")
     p.add_argument("--grid-rows", type=positive_int, default=None, metavar="R",
                    help="grid rows (default: round(sqrt(images)), as the web UI does)")
+
+
+def add_sdxl_options(p: argparse.ArgumentParser) -> None:
+    """SDXL's refiner and size conditioning; models that do not read a value refuse it."""
+    g = p.add_argument_group("SDXL (other models refuse these)")
+    g.add_argument("--refiner", default=None, metavar="PATH",
+                   help="the SDXL refiner (checkpoint or diffusers folder): it takes over the last part of the "
+                   "steps, from the base model's latents")
+    g.add_argument("--refiner-start", type=refiner_start_float, default=None, metavar="F",
+                   help=f"fraction of the schedule after which the refiner takes over (default "
+                   f"{DEFAULTS.refiner_start}; needs --refiner)")
+    g.add_argument("--original-size", type=pixel_size, default=None, metavar="WxH",
+                   help="the size the picture is said to have had before cropping and resizing (default: the "
+                   "image size); larger asks for sharper detail")
+    g.add_argument("--crop-offset", type=pixel_offset, default=None, metavar="XxY",
+                   help="top-left corner of the crop the picture is said to be, in pixels from the left x from "
+                   "the top (default 0x0: uncropped, subjects centred)")
+    g.add_argument("--target-size", type=pixel_size, default=None, metavar="WxH",
+                   help="the size the base model is told it draws (default: the image size)")
+    g.add_argument("--aesthetic-score", type=score_float, default=None, metavar="S",
+                   help=f"the refiner's aesthetic score for the prompt (default "
+                   f"{DEFAULT_SCORES['aesthetic_score']:g})")
+    g.add_argument("--negative-aesthetic-score", type=score_float, default=None, metavar="S",
+                   help=f"the refiner's aesthetic score for the negative prompt (default "
+                   f"{DEFAULT_SCORES['negative_aesthetic_score']:g})")
+
+
+def sdxl_values(args: argparse.Namespace) -> SDXLValues:
+    """The size-conditioning options, as ``Pipeline.generate`` takes them (None: not given)."""
+    return SDXLValues(original_size=args.original_size, crops_coords_top_left=args.crop_offset,
+                      target_size=args.target_size, aesthetic_score=args.aesthetic_score,
+                      negative_aesthetic_score=args.negative_aesthetic_score)
 
 
 def add_editing_options(p: argparse.ArgumentParser, *, per_line: bool = False) -> None:
@@ -244,10 +290,13 @@ def value(args: argparse.Namespace, name: str) -> Any:
 
 
 def settings_from_args(args: argparse.Namespace, base_seed: int = 0) -> Settings:
+    if args.refiner_start is not None and args.refiner is None:
+        raise ValueError("--refiner-start needs --refiner (the model that takes over)")
     return Settings(
         negative_prompt=args.negative or "", steps=value(args, "steps"), guidance=value(args, "guidance"),
         sampler=value(args, "sampler"), schedule=value(args, "schedule"), size=args.size,
         n=value(args, "n"), seed=base_seed if args.seed is None else args.seed, clip_skip=args.clip_skip or 1,
+        sdxl=sdxl_values(args), refiner=args.refiner is not None, refiner_start=value(args, "refiner_start"),
     )
 
 

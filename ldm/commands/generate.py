@@ -1,5 +1,7 @@
 """`ldm generate`: images for one prompt, or again from an image's parameters; with
---image, an edit of that image (img2img, --mask inpainting, --extend outpainting)."""
+--image, an edit of that image (img2img, --mask inpainting, --extend outpainting);
+with --refiner, SDXL's base-then-refiner rendering (``--from`` finds the refiner an image
+names as it finds the model)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..pngmeta import (
-    GenerationParams, check_params, check_round_trip, normalize_prompt, read_parameters, save_png,
+    GenerationParams, check_params, check_round_trip, normalize_prompt, read_parameters, recorded_size_fields,
+    save_png,
 )
 from ..editing import DEFAULT_FILL, default_size, extend, load_image, load_mask
-from ..validation import DEFAULTS, check_sampling
-from .common import add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, value
+from ..validation import DEFAULTS, SPACINGS, check_sampling
+from .common import (
+    add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, sdxl_values, value,
+)
 
 logger = logging.getLogger("ldm")
 
@@ -33,7 +38,10 @@ _NUMBERED = re.compile(r"^(\d+)-")
 _OVERRIDES = (("prompt", "prompt"), ("negative", "negative_prompt"), ("steps", "steps"),
               ("sampler", "sampler"), ("schedule", "schedule"), ("guidance", "guidance_scale"),
               ("seed", "seed"), ("strength", "strength"), ("mask_blur", "mask_blur"),
-              ("mask_padding", "mask_padding"), ("clip_skip", "clip_skip"))
+              ("mask_padding", "mask_padding"), ("clip_skip", "clip_skip"), ("original_size", "original_size"),
+              ("crop_offset", "crops_coords_top_left"), ("target_size", "target_size"),
+              ("aesthetic_score", "aesthetic_score"), ("negative_aesthetic_score", "negative_aesthetic_score"),
+              ("refiner_start", "refiner_start"), ("spacing", "spacing"))
 # Options that need --image, and those that need a mask (--mask or --extend).
 _NEED_IMAGE = ("mask", "extend", "strength", "mask_blur", "mask_padding", "raw_decode", "fill")
 _NEED_MASK = ("mask_blur", "mask_padding", "raw_decode")
@@ -52,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_options(p, seed_help="seed of the first image; image k gets seed + k (default: random)",
                            default_output=DEFAULT_OUTPUT)
     add_editing_options(p)
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="timestep spacing of the schedule, as diffusers' timestep_spacing (default: the model's, "
+                   "else the sampler's own; trailing for Turbo-style models)")
     p.set_defaults(func=run)
 
 
@@ -71,10 +82,11 @@ def _params_from_args(args: argparse.Namespace) -> GenerationParams:
     width, height = args.size or (None, None)
     return GenerationParams(
         prompt=args.prompt, negative_prompt=args.negative or "", steps=value(args, "steps"),
-        sampler=value(args, "sampler"), schedule=value(args, "schedule"),
+        sampler=value(args, "sampler"), schedule=value(args, "schedule"), spacing=args.spacing,
         guidance_scale=value(args, "guidance"), seed=_random_seed() if args.seed is None else args.seed,
         width=width, height=height, strength=args.strength, mask_blur=args.mask_blur,
-        mask_padding=args.mask_padding, clip_skip=args.clip_skip,
+        mask_padding=args.mask_padding, clip_skip=args.clip_skip, refiner_start=args.refiner_start,
+        **sdxl_values(args).kwargs(),
     )
 
 
@@ -104,9 +116,13 @@ def _params(args: argparse.Namespace) -> GenerationParams:
     p = p.replace(prompt=normalize_prompt(p.prompt), negative_prompt=normalize_prompt(p.negative_prompt))
     if p.clip_skip == 1:  # the default: not written, as the web UI leaves it out
         p = p.replace(clip_skip=None)
-    p.to_kwargs()  # refuses a sampler or schedule from the image that ldm lacks
-    check_sampling(p.sampler, p.schedule, p.steps)
-    check_round_trip(p.replace(extra={}))  # as written: the image's other keys are not
+    if p.refiner_start is not None and p.refiner_label is None and not args.refiner:
+        raise ValueError("--refiner-start needs --refiner (the model that takes over)")
+    p.check_supported()  # refuses a sampler or schedule from the image that ldm lacks
+    check_sampling(p.sampler, p.schedule, p.steps, spacing=p.spacing)
+    # As written: the image's other keys are not; --refiner's name and hash replace the image's.
+    written = p.replace(extra={}, refiner="refiner", refiner_hash=None) if args.refiner else p.replace(extra={})
+    check_round_trip(written)
     return p
 
 
@@ -116,6 +132,31 @@ def _model_for(args: argparse.Namespace, p: GenerationParams | None) -> Path:
     from ..modelref import find_model
 
     return find_model(p.model, p.model_hash)
+
+
+def _refiner_for(args: argparse.Namespace, p: GenerationParams) -> Path | None:
+    """--refiner, else the refiner the image names (found as its model is), else None."""
+    if args.refiner:
+        return Path(args.refiner)
+    if p.refiner_label is None:
+        return None
+    from ..modelref import find_model
+
+    return find_model(p.refiner, p.refiner_hash, what="refiner", flag="--refiner")
+
+
+def _load(args: argparse.Namespace, path: Path, what: str, name: str | None, digest: str | None) -> tuple[Any, Any]:
+    """The Pipeline of ``path`` and its name and hash; says when the image was made with another file."""
+    from ..modelref import model_ref
+    from ..pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                    lora_dirs=args.lora_dirs or (), embedding_dirs=args.embedding_dirs)
+    ref = model_ref(path)
+    if args.from_image and digest and digest.lower() != ref.hash:
+        logger.warning("%s hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ", what,
+                       args.from_image, printable(name or "?"), printable(digest), path, ref.hash)
+    return pipe, ref
 
 
 def _batch_of(p: GenerationParams, args: argparse.Namespace) -> tuple[int, int] | None:
@@ -238,25 +279,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: list,
             batch: tuple[int, int] | None, edit: dict[str, Any]) -> None:
-    from ..modelref import model_ref
-    from ..pipeline import Pipeline
-
-    model_path = _model_for(args, p if args.from_image else None)
-    pipe = Pipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype,
-                                    allow_pickle=args.allow_pickle, lora_dirs=args.lora_dirs or (),
-                                    embedding_dirs=args.embedding_dirs)
-    ref = model_ref(model_path)
-    if args.from_image and p.model_hash and p.model_hash.lower() != ref.hash:
-        logger.warning("model hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ",
-                       args.from_image, printable(p.model or "?"), printable(p.model_hash), model_path, ref.hash)
+    model_path, refiner_path = _model_for(args, p if args.from_image else None), _refiner_for(args, p)
+    pipe, ref = _load(args, model_path, "model", p.model, p.model_hash)
+    refiner, refiner_ref = _load(args, refiner_path, "refiner", p.refiner, p.refiner_hash) if refiner_path \
+        else (None, None)
 
     n = batch[0] if batch else value(args, "n")
-    kwargs = p.to_kwargs()
+    kwargs = p.to_kwargs(refiner=refiner)
     if batch:
         kwargs["seed"] = p.seed - batch[1]
     gen = pipe.generate(**kwargs, **edit, num_images=n)
     record = _edit_record(gen, edit)
-    record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}))
+    record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}),
+                  **recorded_size_fields(gen.params, gen.params["width"], gen.params["height"]),
+                  refiner=refiner_ref and refiner_ref.name, refiner_hash=refiner_ref and refiner_ref.hash,
+                  refiner_start=gen.params["refiner_start"] if refiner_ref else None)
     if args.from_image:
         _warn_changed_files(args.from_image, p, record)
     keep = [batch[1]] if batch else list(range(n))

@@ -18,6 +18,11 @@ lms            LMSDiscreteScheduler
 dpmpp_2m       DPMSolverMultistepScheduler (dpmsolver++, order 2)
 dpmpp_2m_sde   DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)
 =============  ==========================================================
+
+The timestep spacing ("leading", "linspace", "trailing") is the call's ``spacing``,
+else the model's (``DiscreteSchedule.timestep_spacing``, from its config), else the
+scheduler's own default, as ``from_config(config, timestep_spacing=...)`` gives in
+diffusers (see :mod:`ldm.samplers.schedules`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import TIMESTEP_SPACINGS, check_timestep_spacing
 from ..denoisers import DiscreteSchedule
 from .base import Callback, SamplerFn
 from .ddim import sample_ddim
@@ -44,6 +50,7 @@ from .schedules import (
     dpm_schedule,
     k_schedule,
     karras_sigmas,
+    spacing_from_scheduler_config,
 )
 
 
@@ -52,11 +59,13 @@ class _Entry:
     fn: SamplerFn
     schedule: ScheduleFn
     karras: bool
+    # The SamplingSchedule.below / .above levels the sampler takes, as keywords.
+    strided: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "ddim": _Entry(sample_ddim, ddim_schedule, False),
-    "plms": _Entry(sample_plms, ddim_schedule, False),
+    "ddim": _Entry(sample_ddim, ddim_schedule, False, ("landing",)),
+    "plms": _Entry(sample_plms, ddim_schedule, False, ("landing", "restart")),
     "ddpm": _Entry(sample_ddpm, ddpm_schedule, False),
     "euler": _Entry(sample_euler, k_schedule, True),
     "euler_a": _Entry(sample_euler_ancestral, k_schedule, True),
@@ -82,10 +91,20 @@ def get_sampler(name: str) -> SamplerFn:
 
 
 def sampling_schedule(
-    name: str, schedule: DiscreteSchedule, steps: int, *, karras: bool = False
+    name: str,
+    schedule: DiscreteSchedule,
+    steps: int,
+    *,
+    karras: bool = False,
+    spacing: str | None = None,
 ) -> SamplingSchedule:
-    """The levels and timesteps sampler ``name`` visits in ``steps`` steps."""
+    """The levels and timesteps sampler ``name`` visits in ``steps`` steps.
+
+    ``spacing``: one of :data:`TIMESTEP_SPACINGS`; None uses the model's
+    (``schedule.timestep_spacing``), or the sampler's default when it has none.
+    """
     entry = _entry(name)
+    check_timestep_spacing(spacing, "spacing")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps > schedule.num_train_timesteps:
@@ -97,7 +116,25 @@ def sampling_schedule(
             f"karras sigmas are not available for {name!r}; "
             f"samplers that support them: {', '.join(KARRAS_SAMPLERS)}"
         )
-    return entry.schedule(schedule, steps, karras)
+    if karras and spacing is not None and entry.schedule is dpm_schedule:
+        # diffusers' DPM-Solver ignores the spacing with Karras sigmas; a call asking
+        # for one would silently get the same schedule.
+        raise ValueError(
+            f"spacing={spacing!r} has no effect on {name!r} with karras sigmas (they span the "
+            "whole training schedule); drop one of them"
+        )
+    return entry.schedule(schedule, steps, karras, spacing or schedule.timestep_spacing)
+
+
+def _strided(entry: _Entry, plan: SamplingSchedule, start: int, stop: int) -> dict[str, Tensor]:
+    """The off-schedule levels (``plan.below`` / ``.above``) of steps ``start .. stop - 1``
+    as the sampler's keywords; PNDM's redone first step runs toward the run's second level."""
+    if plan.below is None or plan.above is None:
+        return {}
+    levels = {"landing": plan.below[start:stop]}
+    if stop - start > 1:
+        levels["restart"] = plan.above[start + 1]
+    return {k: v for k, v in levels.items() if k in entry.strided}
 
 
 class _Scheduled:
@@ -150,6 +187,8 @@ def sample(
     callback: Callback | None = None,
     start: int = 0,
     init: Tensor | None = None,
+    end: int | None = None,
+    spacing: str | None = None,
 ) -> Tensor:
     """Run sampler ``name`` for ``steps`` steps from unit Gaussian ``noise``.
 
@@ -170,23 +209,35 @@ def sample(
     euler, euler_a, heun, dpmpp_2m and dpmpp_2m_sde; diffusers' LMS counts the skipped
     steps in its order (weights for slopes it never computed) and its PNDM slices a
     timestep list that repeats one step, so lms and plms differ from it there.
+
+    ``end``: stop after reaching step ``end``'s level (a hand-over: the result is the
+    latents still noised to that level, in VP scaling; another model continues with
+    ``start=end`` and ``init`` these latents scaled by ``sqrt(sigma_end^2 + 1)``, no
+    noise added; diffusers' ``denoising_end`` / ``denoising_start``).
+
+    ``spacing``: the timestep spacing (see :func:`sampling_schedule`).
     """
-    plan = sampling_schedule(name, schedule, steps, karras=karras)
+    plan = sampling_schedule(name, schedule, steps, karras=karras, spacing=spacing)
     if not 0 <= start < plan.steps:
         raise ValueError(f"start must be a step index in [0, {plan.steps}), got {start}")
     if init is None and start:
         raise ValueError("starting part-way through the schedule needs the init latents")
-    sigmas = plan.sigmas[start:]
+    if end is not None and not start < end < plan.steps:
+        raise ValueError(f"end must be a step index in ({start}, {plan.steps}), got {end}")
+    stop = plan.steps if end is None else end
+    sigmas = plan.sigmas[start:stop + 1]
     x = noise * plan.init_sigma if init is None else init + noise * sigmas[0]
     x = get_sampler(name)(
-        _Scheduled(denoiser, plan), x, sigmas, generators=generators, callback=callback
+        _Scheduled(denoiser, plan), x, sigmas, generators=generators, callback=callback,
+        **_strided(_entry(name), plan, start, stop),
     )
-    return x / (plan.sigmas[-1] ** 2 + 1) ** 0.5
+    return x / (sigmas[-1] ** 2 + 1) ** 0.5
 
 
 __all__ = [
     "SAMPLERS",
     "KARRAS_SAMPLERS",
+    "TIMESTEP_SPACINGS",
     "Callback",
     "first_step",
     "SamplingSchedule",
@@ -204,4 +255,5 @@ __all__ = [
     "sample_lms",
     "sample_plms",
     "sampling_schedule",
+    "spacing_from_scheduler_config",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Callback, DenoiseFn, euler_step, num_steps, report
+from .ddim import check_landing, reread
 from .noise import Generators
 
 # Adams-Bashforth weights, newest output first (PNDM eq. 12 and lower orders).
@@ -47,6 +48,8 @@ def sample_plms(
     generators: Generators = None,
     callback: Callback | None = None,
     prediction_type: str | None = None,
+    landing: Tensor | None = None,
+    restart: Tensor | None = None,
 ) -> Tensor:
     """PLMS (Liu et al. 2022, eq. 12 with the "pseudo improved Euler" start of the CompVis
     sampler; diffusers' ``PNDMScheduler(skip_prk_steps=True)``).
@@ -58,21 +61,32 @@ def sample_plms(
 
     The extrapolated quantity is the raw model output, as in diffusers: epsilon, or v
     for v-prediction models (read from ``denoiser.prediction_type`` unless given).
+
+    ``landing`` / ``restart``: where each step lands and where the redone first step
+    starts when they are not ``sigmas[i + 1]`` / ``sigmas[0]`` (diffusers' PNDMScheduler
+    steps by a fixed N // steps timesteps whatever the spacing; see
+    ``SamplingSchedule.below``); the latents are read at the next level with the same
+    VP values.
     """
     kind = prediction_type or getattr(denoiser, "prediction_type", "epsilon")
     total = num_steps(sigmas)
+    if landing is not None:
+        check_landing(landing, total)
     outputs: list[Tensor] = []
     for i in range(total):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        start, end = sigma, (sigma_next if landing is None else landing[i])
         denoised = denoiser(x, sigma)
         output = _output(x, sigma, denoised, kind)
         if i == 0 and total > 1:
-            x_2 = euler_step(x, sigma, sigma_next, denoised)
+            x_2 = reread(euler_step(x, sigma, end, denoised), end, sigma_next)
             output_2 = _output(x_2, sigma_next, denoiser(x_2, sigma_next), kind)
             combined = (output + output_2) / 2
+            start, end = (sigma if restart is None else restart), sigma_next
+            x = reread(x, sigma, start)
         else:
             combined = _combine(outputs[-3:] + [output])
         outputs = outputs[-3:] + [output]
-        x = x + _slope(x, sigma, combined, kind) * (sigma_next - sigma)
+        x = reread(x + _slope(x, start, combined, kind) * (end - start), end, sigma_next)
         x = report(callback, i, total, x, denoised)
     return x
