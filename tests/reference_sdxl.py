@@ -63,7 +63,7 @@ BIGG_TINY = dict(
     max_position_embeddings=77, hidden_act="gelu", projection_dim=40, **_TOKEN_IDS,
 )
 _TIME_DIM = 8
-SDXL_VAE_TINY = {**_VAE, "scaling_factor": 0.13025}
+SDXL_VAE_TINY = {**_VAE, "scaling_factor": 0.13025, "force_upcast": True}  # as the releases
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def ldm_config(spec: SDXLTinySpec) -> ModelConfig:
     else:
         text, text_2 = ldm_text_config(spec.text, "eos", projection=False), bigg
     return ModelConfig(family=spec.name, unet=ldm_unet_config(spec.unet), vae=vae_from_diffusers(spec.vae),
-                       text=text, text_2=text_2)
+                       text=text, text_2=text_2, timestep_spacing=spec.scheduler.get("timestep_spacing"))
 
 
 # --- the diffusers side ---------------------------------------------------------------
