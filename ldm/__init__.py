@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "Generation", "load_model", "convert", "SAMPLERS", "__version__"]
+__all__ = ["Pipeline", "Generation", "ControlNet", "Control", "load_model", "convert", "SAMPLERS", "__version__"]
 
 if TYPE_CHECKING:
     from .checkpoints import convert, load_model
+    from .control import Control, ControlNet
     from .pipeline import Generation, Pipeline
     from .samplers import SAMPLERS
 
@@ -19,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name in ("ControlNet", "Control"):
+        from . import control
+
+        return getattr(control, name)
     if name in ("load_model", "convert"):
         from . import checkpoints
 

@@ -29,7 +29,8 @@ line's picture.
 A refiner (``--refiner``, SDXL's) serves the whole batch: it is loaded once next to the
 model, every image names it (``Refiner: name [hash]`` in its PNG text, so a changed refiner
 file is a conflict on resume), and lines share a call only with lines of the same
-``refiner_start`` and SDXL size conditioning.
+``refiner_start`` and SDXL size conditioning. A VAE file (``--vae``) serves both likewise
+and is named in every image (``VAE: name, VAE hash: hash``).
 
 A rerun resumes (:mod:`ldm.batchresume`): finished images are kept, missing ones
 rendered; an output folder holding images made with other settings, or from input
@@ -82,16 +83,19 @@ class BatchOptions:
     lora_dirs: tuple[Path, ...] = ()
     embedding_dirs: tuple[Path, ...] | None = None
     refiner: str | None = None
+    vae: str | None = None  # a VAE file for the model (and the refiner) in place of its own
 
 
 @dataclass(frozen=True)
 class Models:
-    """The loaded model and (``--refiner``) the refiner, each with its name and hash."""
+    """The loaded model and (``--refiner``) the refiner, each with its name and hash, and
+    (``--vae``) the VAE both use in place of their own."""
 
     pipe: Any
     ref: ModelRef
     refiner: Any = None
     refiner_ref: ModelRef | None = None
+    vae_ref: ModelRef | None = None
 
 
 def _distributed_state(device: str | None):
@@ -317,19 +321,21 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
 
 
 def _load(opts: BatchOptions, state: Any) -> Models:
+    from .checkpoints.vae_file import vae_ref
     from .modelref import model_ref
     from .pipeline import Pipeline, default_weights_path
 
     def load(path: Path) -> Any:
         return Pipeline.from_pretrained(path, device=_rank_device(opts.device, state), dtype=opts.dtype,
                                         allow_pickle=opts.allow_pickle, lora_dirs=opts.lora_dirs,
-                                        embedding_dirs=opts.embedding_dirs)
+                                        embedding_dirs=opts.embedding_dirs, vae=opts.vae)
 
     model_path = Path(opts.model) if opts.model else default_weights_path()
     pipe, ref = load(model_path), model_ref(model_path)
+    vae = vae_ref(opts.vae) if opts.vae else None
     if opts.refiner is None:
-        return Models(pipe, ref)
-    return Models(pipe, ref, load(Path(opts.refiner)), model_ref(opts.refiner))
+        return Models(pipe, ref, vae_ref=vae)
+    return Models(pipe, ref, load(Path(opts.refiner)), model_ref(opts.refiner), vae)
 
 
 def _nothing_to_do(opts: BatchOptions, errors: list[LineError], main: bool) -> int:
@@ -342,7 +348,7 @@ def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: In
                  errors: list[LineError], state: Any, print_fn: Callable[[str], None]) -> int:
     main = state.is_main_process
     pipe = models.pipe
-    items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref)
+    items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref, models.vae_ref)
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)

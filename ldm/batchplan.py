@@ -70,13 +70,15 @@ def _now() -> str:
 
 
 def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None,
-           refiner: ModelRef | None = None) -> list[Item]:
+           refiner: ModelRef | None = None, vae: ModelRef | None = None) -> list[Item]:
     """Every image of every job, with the parameters its PNG will carry (``inputs``:
-    the editing lines' files, see :func:`ldm.batchinputs.check_inputs`; ``refiner``:
-    the batch's refiner, named in every image)."""
+    the editing lines' files, see :func:`ldm.batchinputs.check_inputs`; ``refiner`` and
+    ``vae``: the batch's refiner and VAE file, named in every image)."""
     inputs = inputs or Inputs()
     items = []
     named = {"refiner": refiner.name, "refiner_hash": refiner.hash} if refiner is not None else {}
+    if vae is not None:
+        named.update(vae=vae.name, vae_hash=vae.hash)
     for job in jobs:
         width, height = inputs.size_of(job, native_size)
         records = inputs.records(job.edit)

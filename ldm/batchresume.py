@@ -44,10 +44,14 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 
 def _settings(made: dict[str, Any] | Item) -> dict[str, Any]:
-    """What an image was (an entry) or is to be (an item) made with, its input files aside."""
+    """What an image was (an entry) or is to be (an item) made with, its input files aside.
+    Unset values (None, empty) are left out, so an entry written before a setting existed
+    equals one that leaves it at its default."""
     if isinstance(made, Item):
-        return {**made.params.to_dict(), "outpaint": made.outpaint}
-    return {**made["parameters"], "outpaint": made.get("outpaint")}
+        settings = {**made.params.to_dict(), "outpaint": made.outpaint}
+    else:
+        settings = {**made["parameters"], "outpaint": made.get("outpaint")}
+    return {k: v for k, v in settings.items() if v is not None and v != {} and v != []}
 
 
 def _changed_inputs(entry: dict[str, Any], item: Item) -> list[str]:

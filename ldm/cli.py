@@ -15,9 +15,17 @@ from .dtypes import DTYPE_NAMES
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .checkpoints.controlnet_file import convert_controlnet, is_controlnet
     from .checkpoints.convert import check_layout, convert
 
     layout = check_layout(Path(args.dst), args.layout)
+    if is_controlnet(args.src, allow_pickle=args.allow_pickle):
+        if args.prediction_type is not None:
+            raise ValueError(f"{args.src} is a ControlNet: --prediction-type does not apply to it")
+        convert_controlnet(args.src, args.dst, layout=layout, config=args.config, dtype=args.dtype,
+                           allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+        print(f"wrote {args.dst} (ControlNet, {layout} layout)")
+        return 0
     convert(
         args.src, args.dst, layout=layout, config=args.config,
         prediction_type=args.prediction_type, dtype=args.dtype,
@@ -31,13 +39,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="convert a checkpoint between the original single-file layout and diffusers folders",
         description="Read SRC (a .safetensors single file in the original layout, or a diffusers "
-        "folder) and write DST in the chosen layout, as safetensors.",
+        "folder; a model or a ControlNet, told apart by its keys) and write DST in the chosen layout, "
+        "as safetensors.",
     )
     p.add_argument("src", help="checkpoint file or diffusers folder to read")
     p.add_argument("dst", help="file (original layout) or folder (diffusers layout) to write")
     p.add_argument("--layout", choices=("original", "diffusers"), default=None,
                    help="layout to write (default: original if DST ends in .safetensors, else diffusers)")
-    p.add_argument("--config", default=None, help="preset name or YAML file overriding detection")
+    p.add_argument("--config", default=None,
+                   help="preset name or YAML file overriding detection (a ControlNet: sd1 or sd2)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default=None,
                    help="store weights in this dtype (default: as read)")

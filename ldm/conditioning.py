@@ -19,6 +19,43 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True, eq=False)
+class ControlInput:
+    """One ControlNet's part of a U-Net batch: the hint of each row ``(B, 3, H, W)`` and
+    each row's scale ``(B,)`` (0 for a row it does not act on)."""
+
+    model: torch.nn.Module
+    hint: Tensor
+    scales: Tensor
+    guess_mode: bool
+
+    def _map(self, fn: Any) -> "ControlInput":
+        return dataclasses.replace(self, hint=fn(self.hint), scales=fn(self.scales))
+
+    def residuals(self, x: Tensor, t: Tensor, context: Tensor) -> Any:
+        """The scaled :class:`~ldm.models.controlnet.ControlResiduals`, or None when no row
+        uses this ControlNet (it is then not run)."""
+        if not bool((self.scales != 0).any()):
+            return None
+        # diffusers leaves out guess mode's per-block ramp for a globally pooled (shuffle) ControlNet.
+        ramp = self.guess_mode and not self.model.config.global_pool_conditions
+        return self.model(x, t, context, self.hint).scaled(self.scales, guess_mode=ramp)
+
+
+def _same_models(parts: Sequence[tuple[ControlInput, ...]]) -> bool:
+    first = parts[0]
+    return all(len(p) == len(first) and all(a.model is b.model and a.guess_mode == b.guess_mode
+                                             for a, b in zip(p, first)) for p in parts)
+
+
+def cat_controls(parts: Sequence[tuple[ControlInput, ...]]) -> tuple[ControlInput, ...]:
+    """Rows of several batches' controls stacked (the same ControlNets in each)."""
+    if not _same_models(parts):
+        raise ValueError("cannot batch conditioning with different ControlNets")
+    return tuple(dataclasses.replace(c, hint=torch.cat([p[i].hint for p in parts]), scales=torch.cat([p[i].scales for p in parts]))
+                 for i, c in enumerate(parts[0]))
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Per-row conditioning of a U-Net batch; every tensor field has the batch on dim 0.
@@ -31,15 +68,19 @@ class Conditioning:
     ``pooled`` / ``time_ids``: SDXL's pooled text embedding ``(B, dim)`` and its size,
     crop and aesthetic ids ``(B, 6 or 5)`` (diffusers' ``added_cond_kwargs``
     ``text_embeds`` / ``time_ids``); ``None`` for SD1/SD2.
+    ``control``: the ControlNets run before the U-Net, with each row's hint and scale
+    (:mod:`ldm.control`); ``None`` without.
     """
 
     context: Tensor
     concat: Tensor | None = None
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
+    control: tuple[ControlInput, ...] | None = None
 
     def __post_init__(self) -> None:
         rows = {name: t.shape[0] for name, t in self._tensors()}
+        rows |= {f"control[{i}]": c.hint.shape[0] for i, c in enumerate(self.control or ())}
         if len(set(rows.values())) > 1:
             raise ValueError(f"conditioning fields disagree on the batch size: {rows}")
 
@@ -51,7 +92,8 @@ class Conditioning:
         return self.context.shape[0]
 
     def _map(self, fn: Any) -> "Conditioning":
-        return dataclasses.replace(self, **{name: fn(t) for name, t in self._tensors()})
+        control = tuple(c._map(fn) for c in self.control) if self.control is not None else None
+        return dataclasses.replace(self, control=control, **{name: fn(t) for name, t in self._tensors()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditioning":
         """Move every tensor; ``dtype`` applies to floating-point fields only."""
@@ -76,7 +118,11 @@ class Conditioning:
         fields = {}
         for f in dataclasses.fields(first):
             values = [getattr(p, f.name) for p in parts]
-            if isinstance(values[0], Tensor):
+            if f.name == "control" and any(v is not None for v in values):
+                if any(v is None for v in values):
+                    raise ValueError("cannot batch conditioning with and without ControlNets")
+                fields[f.name] = cat_controls(values)
+            elif isinstance(values[0], Tensor):
                 shapes = {tuple(v.shape[1:]) for v in values}
                 if len(shapes) > 1:
                     raise ValueError(f"cannot batch conditioning: {f.name} shapes differ beyond the batch: {shapes}")
@@ -165,8 +211,24 @@ class ScheduledConditioning:
 def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     """Call the U-Net with what ``cond`` carries; ``cond`` is already in the U-Net's dtype
     and on its device (cast once per call with :meth:`Conditioning.to`, not per step)."""
+    extra: dict[str, Any] = {}
+    if cond.pooled is not None:
+        extra.update(text_embeds=cond.pooled, time_ids=cond.time_ids)
+    if cond.control:
+        residuals = control_residuals(cond.control, x, t, cond.context)
+        if residuals is not None:
+            extra.update(down_residuals=residuals.down, mid_residual=residuals.mid)
     if cond.concat is not None:
         x = torch.cat([x, cond.concat], dim=1)
-    if cond.pooled is None:
-        return unet(x, t, cond.context)
-    return unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.time_ids)
+    return unet(x, t, cond.context, **extra)
+
+
+def control_residuals(controls: Sequence[ControlInput], x: Tensor, t: Tensor, context: Tensor) -> Any:
+    """The summed residuals of the ControlNets that act on some row (diffusers'
+    ``MultiControlNetModel``); None when none does."""
+    total = None
+    for control in controls:
+        out = control.residuals(x, t, context)
+        if out is not None:
+            total = out if total is None else total + out
+    return total

@@ -130,6 +130,10 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    # The VAE overflows float16 (SDXL's does: its activations pass 65504), so a pipeline
+    # in float16 encodes and decodes in float32 (bfloat16 where native) instead of
+    # waiting for the NaNs; diffusers' ``force_upcast``, False in the "fp16-fix" VAEs.
+    force_upcast: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -432,7 +436,7 @@ SDXL = ModelConfig(
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     ),
-    vae=VAEConfig(sample_size=1024, scaling_factor=0.13025),
+    vae=VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
     text=CLIP_L_PENULTIMATE,
     text_2=OPENCLIP_BIGG,
     timestep_spacing="leading",  # stabilityai's scheduler_config.json (steps_offset 1)
@@ -454,7 +458,7 @@ SDXL_REFINER = ModelConfig(
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2560,
     ),
-    vae=VAEConfig(sample_size=1024, scaling_factor=0.13025),
+    vae=VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
     text=OPENCLIP_BIGG,
     timestep_spacing="leading",
 )
@@ -465,6 +469,71 @@ PRESETS: dict[str, ModelConfig] = {
     "sd1-inpaint": SD1_INPAINT, "sd2-inpaint": SD2_INPAINT, "toy-inpaint": TOY_INPAINT,
     "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sdxl-inpaint": SDXL_INPAINT,
 }
+
+
+CONTROLNET_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "toy")  # toy: the one ldm trains (weights/)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet (Zhang et al. 2023, arXiv:2302.05543; diffusers' ControlNetModel).
+
+    ``unet``: the config of the U-Net whose input half was copied (only its down blocks
+    and mid block are built). The hint image is embedded to the latent size by convs
+    through ``conditioning_embedding_out_channels`` (each level after the first halves
+    the size), and a 1x1 "zero conv" per skip and one for the mid block give the
+    residuals added to the U-Net. ``family``: the base model family it was trained on
+    (``sd1`` / ``sd2``). ``global_pool_conditions``: the residuals are averaged over
+    height and width (the shuffle ControlNet, ``global_average_pooling`` in its YAML).
+    """
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    family: str = "sd1"
+    global_pool_conditions: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unet, UNetConfig):
+            raise TypeError(f"ControlNetConfig.unet must be a UNetConfig, got {type(self.unet).__name__}")
+        if self.unet.addition_embed_type is not None or str(self.family).startswith("sdxl"):
+            raise ValueError("ControlNetConfig: SDXL ControlNets (a U-Net with the text_time embedding) "
+                             f"are not supported yet; supported families: {', '.join(CONTROLNET_FAMILIES)}")
+        if self.family not in CONTROLNET_FAMILIES:
+            raise ValueError(f"ControlNetConfig: family {self.family!r} is not one of {', '.join(CONTROLNET_FAMILIES)}")
+        channels = self.conditioning_embedding_out_channels
+        if not channels or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in channels):
+            raise ValueError(f"ControlNetConfig: conditioning_embedding_out_channels {channels!r} must be "
+                             "one or more positive integers")
+        if not isinstance(self.conditioning_channels, int) or self.conditioning_channels < 1:
+            raise ValueError(f"ControlNetConfig: conditioning_channels must be a positive integer, "
+                             f"got {self.conditioning_channels!r}")
+        if not isinstance(self.global_pool_conditions, bool):
+            raise ValueError(f"ControlNetConfig: global_pool_conditions must be true or false, "
+                             f"got {self.global_pool_conditions!r}")
+
+    @property
+    def hint_factor(self) -> int:
+        """Hint pixels per latent pixel: the embedding halves the size at each level but the first."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ControlNetConfig":
+        where = "ControlNetConfig"
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        unet = _build(UNetConfig, data.get("unet", {}), f"{where}.unet")
+        return _build(cls, {**data, "unet": unet}, where)
+
+
+# The ControlNets released for SD 1.5 (lllyasviel's 1.0 / 1.1) and SD 2.1 (e.g.
+# thibaud's): copies of those U-Nets' input halves, with a 3-channel hint at pixel size.
+CONTROLNET_SD1 = ControlNetConfig(unet=SD1.unet, family="sd1")
+CONTROLNET_SD2 = ControlNetConfig(unet=SD2.unet, family="sd2")
+CONTROLNET_PRESETS: dict[str, ControlNetConfig] = {"sd1": CONTROLNET_SD1, "sd2": CONTROLNET_SD2}
 
 
 def preset(name: str) -> ModelConfig:

@@ -179,27 +179,26 @@ def unet_to_diffusers(config: UNetConfig) -> dict[str, Any]:
 _VAE_MAPPED = {
     "sample_size", "in_channels", "out_channels", "latent_channels", "block_out_channels",
     "layers_per_block", "norm_num_groups", "scaling_factor", "down_block_types", "up_block_types",
+    "force_upcast",
 }
-# A hint to diffusers' pipelines to decode in float32 (SDXL's VAE overflows float16; the
-# "fp16-fix" VAEs set it False); it changes no weight, and ldm redoes a decode that
-# overflowed in float32 whatever it says.
-_VAE_HINTS = ("force_upcast",)
 
 
 def vae_from_diffusers(data: dict[str, Any]) -> VAEConfig:
     """VAEConfig from a diffusers ``vae/config.json`` dict."""
     where = "vae config.json"
-    _reject_unknown(data, _VAE_MAPPED | set(_VAE_HINTS) | set(_VAE_INERT), where)
+    _reject_unknown(data, _VAE_MAPPED | set(_VAE_INERT), where)
     _check_inert(data, _VAE_INERT, where)
-    for key in _VAE_HINTS:
-        if not isinstance(data.get(key, True), bool):
-            raise ValueError(f"{where}: {key} must be true or false, got {data[key]!r}")
+    # Encode/decode in float32 when the pipeline runs in float16 (SDXL's VAE overflows it;
+    # the "fp16-fix" VAEs say false). Absent: ldm's default, False: the configs that omit it
+    # predate SDXL (SD 1.x / 2.x), whose VAEs stay finite in float16.
+    if not isinstance(data.get("force_upcast", False), bool):
+        raise ValueError(f"{where}: force_upcast must be true or false, got {data['force_upcast']!r}")
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if any(t != block for t in data.get(key, ())):
             raise ValueError(f"{where}: {key} must all be {block}, got {data[key]}")
     kwargs: dict[str, Any] = {}
     for key in ("sample_size", "in_channels", "out_channels", "latent_channels",
-                "layers_per_block", "norm_num_groups", "scaling_factor"):
+                "layers_per_block", "norm_num_groups", "scaling_factor", "force_upcast"):
         if data.get(key) is not None:
             kwargs[key] = data[key]
     if "block_out_channels" in data:
@@ -223,6 +222,7 @@ def vae_to_diffusers(config: VAEConfig) -> dict[str, Any]:
         "layers_per_block": config.layers_per_block,
         "norm_num_groups": config.norm_num_groups,
         "scaling_factor": config.scaling_factor,
+        "force_upcast": config.force_upcast,
     }
 
 

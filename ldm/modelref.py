@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from .paths import WEIGHTS_DIR
 
@@ -106,17 +107,19 @@ def _candidates(folder: Path) -> list[Path]:
 
 
 def find_model(name: str | None, hash: str | None, dirs: list[Path] | None = None, *, what: str = "model",
-               flag: str = "--model") -> Path:
+               flag: str = "--model", listing: Callable[[Path], list[Path]] = _candidates,
+               name_of: Callable[[Path], str] = model_name) -> Path:
     """The model an image names: by ``Model`` name first, else by ``Model hash`` (likewise
-    the refiner of its ``Refiner: name [hash]``).
+    the refiner of its ``Refiner: name [hash]``; ``listing`` / ``name_of``: what a folder
+    offers and what each is called, for files of another kind such as VAEs).
 
     Raises FileNotFoundError naming the places searched, ``what`` was sought and the
     ``flag`` that gives it.
     """
     dirs = search_dirs() if dirs is None else dirs
-    candidates = [p for d in dirs for p in _candidates(d)]
+    candidates = [p for d in dirs for p in listing(d)]
     if name:
-        by_name = [p for p in candidates if model_name(p) == name]
+        by_name = [p for p in candidates if name_of(p) == name]
         if by_name:
             return by_name[0]
     if hash:

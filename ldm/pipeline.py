@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -17,7 +18,10 @@ from .adapters.embeddings import EmbeddingTable
 from .adapters.lora import LoraSet
 from .adapters.prompt_loras import split_tags, tagged_loras
 from .checkpoints import LoadedModel, load_model
+from .checkpoints.vae_file import VAESource, load_vae as load_vae_file, open_vae
+from .config import with_changes
 from .conditioning import Conditioning, ScheduledConditioning, run_unet
+from .control import Control, as_controls, attach_controls, hint_tensor
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
 from .dtypes import parse_dtype
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
@@ -73,6 +77,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def vae_upcast_dtype(device: torch.device) -> torch.dtype:
+    """What a VAE that overflows float16 (``force_upcast``) runs in instead: bfloat16 where
+    ``device`` computes it natively (it has float32's range, at half its memory), else
+    float32, as diffusers' SDXL pipelines do."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 @dataclass
 class Generation:
     """What a call produced, with everything needed to reproduce each image."""
@@ -118,6 +133,10 @@ class Pipeline:
         # pickle files found there (and in the embedding folders) may load.
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.allow_pickle = allow_pickle
+        # A VAE file used in place of the model's (load_vae); whether the upcast of a VAE
+        # that overflows float16 was logged (once per pipeline).
+        self.vae_file: Path | None = None
+        self._vae_upcast_logged = False
 
     @classmethod
     def from_pretrained(
@@ -131,6 +150,7 @@ class Pipeline:
         allow_pickle: bool = False,
         lora_dirs: Sequence[str | Path] = (),
         embedding_dirs: Sequence[str | Path] | None = None,
+        vae: str | Path | None = None,
     ) -> "Pipeline":
         """Load a single-file checkpoint (original layout), a diffusers folder, or,
         with no path, the model shipped in weights/.
@@ -138,7 +158,8 @@ class Pipeline:
         ``lora_dirs``: folders for the prompts' ``<lora:name:weight>`` tags (searched before
         ``LDM_LORA_DIR``); ``embedding_dirs``: textual-inversion embeddings that load when a
         prompt names their file's stem (default ``LDM_EMBEDDING_DIR``). ``allow_pickle``
-        lets ``.ckpt``/``.pt`` files load (``weights_only=True``), checkpoints and those alike."""
+        lets ``.ckpt``/``.pt`` files load (``weights_only=True``), checkpoints and those alike.
+        ``vae``: a VAE file or folder to use in place of the model's (see :meth:`load_vae`)."""
         device = resolve_device(device)  # before the (slow) load: a bad device fails at once
         dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
         if path is None:
@@ -148,11 +169,15 @@ class Pipeline:
                     f"the shipped model is missing: {path} (a full clone of the repository "
                     "contains it; or pass a checkpoint path)"
                 )
+        source = open_vae(vae, allow_pickle=allow_pickle) if vae is not None else None  # errors before the model
         model = load_model(
             path, device=device, dtype=dtype, config=config,
             prediction_type=prediction_type, allow_pickle=allow_pickle,
         )
-        return cls(model, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, allow_pickle=allow_pickle)
+        pipe = cls(model, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, allow_pickle=allow_pickle)
+        if source is not None:
+            pipe.load_vae(source)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -219,6 +244,20 @@ class Pipeline:
         original value back, bit for bit."""
         self.loras.unload(name)
 
+    def load_vae(self, path: str | Path | VAESource, *, force_upcast: bool | None = None) -> None:
+        """Use the VAE in ``path`` in place of the model's: a diffusers ``AutoencoderKL`` folder
+        (such as sdxl-vae-fp16-fix), or a ``.safetensors`` file in diffusers' or the original
+        key names (the web UI's VAE files; pickles with ``allow_pickle``). Its architecture
+        must be the model's; it is checked whole before the VAE changes (see
+        :mod:`ldm.checkpoints.vae_file`). ``force_upcast``: whether float16 is too narrow for
+        it (default: the folder's config.json, else the model's)."""
+        vae, config = load_vae_file(path, self.config, device=self.vae.device, dtype=self.vae.dtype,
+                                    force_upcast=force_upcast, allow_pickle=self.allow_pickle)
+        self.vae = self.model.vae = vae.eval()
+        self.config = self.model.config = with_changes(self.config, vae=config)
+        self.vae_file = path.path if isinstance(path, VAESource) else Path(path)
+        self._vae_upcast_logged = False
+
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  **kwargs: Any) -> Any:
         """Generate images; returns a list of PIL images (or an array / latents, see ``output``)."""
@@ -257,6 +296,7 @@ class Pipeline:
         negative_aesthetic_score: float | None = None,
         refiner: "Pipeline | None" = None,
         refiner_start: float | None = None,
+        control: Control | Sequence[Control] | None = None,
     ) -> Generation:
         """Like ``__call__`` but returns a :class:`Generation` with the seed of every image.
 
@@ -308,6 +348,10 @@ class Pipeline:
         timestep is at or above ``1000 * (1 - 0.8)`` run here, the rest there; diffusers'
         ``denoising_end`` / ``denoising_start``), with its own conditioning of the same
         prompts; it decodes the result. The aesthetic scores are then the refiner's.
+
+        ``control``: a :class:`~ldm.control.Control` (a ControlNet with its hint image,
+        scale, start / end and guess mode) or a list of them, for text-to-image, img2img
+        and inpainting alike; see :mod:`ldm.control`.
         """
         tagged = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(tagged))
@@ -328,6 +372,10 @@ class Pipeline:
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps, spacing,
                              self.schedule.timestep_spacing)
         start = first_step(steps, edit.strength) if edit else 0
+        controls = as_controls(control)
+        for c in controls:
+            c.controlnet.check_fits(self.config)
+        hints = [hint_tensor(c, width, height) for c in controls]
         micro, handover, refined = self.plan_sdxl(
             height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
@@ -353,6 +401,7 @@ class Pipeline:
                                                clip_skip=clip_skip)
             if micro is not None:
                 cond, uncond = micro.attach(cond, uncond)
+            cond, uncond = attach_controls(cond, uncond, controls, hints, (handover or steps) - start)
             if refiner is not None:
                 r_cond, r_uncond = refiner.encode_prompts(prompts, negatives if guided else None, steps=steps,
                                                           clip_skip=clip_skip)
@@ -379,6 +428,9 @@ class Pipeline:
                       **({"aesthetic_score": refined.aesthetic_score,
                           "negative_aesthetic_score": refined.negative_aesthetic_score}
                          if refined is not None and refined.aesthetic_score is not None else {}),
+                      **({"controls": [dict(model=c.controlnet.name, source=c.controlnet.source, scale=c.scale,
+                                            start=c.start, end=c.end, guess_mode=c.guess_mode) for c in controls]}
+                         if controls else {}),
                       **({"refiner": refiner.model.source,
                           "refiner_start": D.refiner_start if refiner_start is None else refiner_start}
                          if refiner is not None else {}),
@@ -390,15 +442,17 @@ class Pipeline:
     def _edit_latents(self, edit: EditRequest, generators: list[torch.Generator]) -> EditLatents:
         """Init latents, noise and mask inputs of an edit, per image from its generator."""
         masks = [None if m is None else binary_mask(m) for m in edit.masks]
-        latents = prepare(
-            self.vae, [to_model_pixels(a) for a in edit.images], masks, generators,
-            scaling_factor=self.config.vae.scaling_factor, latent_channels=self.config.vae.latent_channels,
-            factor=self.config.vae.downsample_factor, inpainting_model=self.config.is_inpainting,
-            from_image=edit.from_image,
-        )
+        dtype = self._vae_dtype()
+        with self._vae_in(dtype) as vae:
+            latents = prepare(
+                vae, [to_model_pixels(a) for a in edit.images], masks, generators,
+                scaling_factor=self.config.vae.scaling_factor, latent_channels=self.config.vae.latent_channels,
+                factor=self.config.vae.downsample_factor, inpainting_model=self.config.is_inpainting,
+                from_image=edit.from_image,
+            )
         encoded = [t for t in (latents.init, latents.known, latents.concat) if t is not None]
         if not all(torch.isfinite(t).all() for t in encoded):
-            raise NonFiniteError(f"the VAE encoded the input image(s) to NaN/inf in {self.vae.dtype}; "
+            raise NonFiniteError(f"the VAE encoded the input image(s) to NaN/inf in {dtype}; "
                                  "nothing was sampled (try dtype float32)")
         return latents
 
@@ -589,14 +643,45 @@ class Pipeline:
     def _decode_one(self, z: torch.Tensor, index: int) -> torch.Tensor:
         # One image at a time bounds the decoder's memory, which dominates at 512+.
         z = z / self.config.vae.scaling_factor
-        image = self.vae.decode(z.to(self.vae.dtype)).float()
-        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
-            logger.warning("VAE decode in %s gave NaN/inf; decoding again in float32", self.vae.dtype)
-            image = self.vae.float().decode(z.float()).float()
-            self.vae.to(self.dtype)
+        dtype = self._vae_dtype()
+        with self._vae_in(dtype) as vae:
+            image = vae.decode(z.to(dtype)).float()
+        if not torch.isfinite(image).all() and dtype != torch.float32:
+            logger.warning("VAE decode in %s gave NaN/inf; decoding again in float32", dtype)
+            with self._vae_in(torch.float32) as vae:
+                image = vae.decode(z.float()).float()
         if not torch.isfinite(image).all():
             raise NonFiniteError(f"image {index}: the VAE decoded NaN/inf even in float32; no image was made")
         return (image / 2 + 0.5).clamp(0, 1)
+
+    def _vae_dtype(self) -> torch.dtype:
+        """The dtype the VAE encodes and decodes in: its own, but for a float16 VAE whose
+        config says float16 overflows it (``force_upcast``, SDXL's): :func:`vae_upcast_dtype`,
+        logged once per pipeline, as diffusers' ``needs_upcasting``."""
+        # diffusers' SDXL pipelines honour force_upcast; its SD 1.x/2.x pipeline does not (and
+        # diffusers writes force_upcast=true into every VAE folder it saves).
+        if self.vae.dtype != torch.float16 or not self.config.vae.force_upcast or \
+                self.config.family not in SDXL_FAMILIES:
+            return self.vae.dtype
+        dtype = vae_upcast_dtype(self.vae.device)
+        if not self._vae_upcast_logged:
+            logger.info("VAE: encoding and decoding in %s, not float16, which this VAE overflows (force_upcast in "
+                        "its config; an fp16-fix VAE, vae=..., runs in float16)", str(dtype).removeprefix("torch."))
+            self._vae_upcast_logged = True
+        return dtype
+
+    @contextmanager
+    def _vae_in(self, dtype: torch.dtype):
+        """The VAE in ``dtype`` for the block, then its own tensors back: kept, not converted
+        back, as float16 -> bfloat16 -> float16 would round the weights."""
+        if dtype == self.vae.dtype:
+            yield self.vae
+            return
+        own = self.vae.state_dict()
+        try:
+            yield self.vae.to(dtype)
+        finally:
+            self.vae.load_state_dict(own, assign=True)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ region rendered). The input image and mask are not in the text (the web UI does 
 them), so an edited image is made again with its inputs given anew. ``Clip skip`` (written
 when above 1, as the web UI does), ``Lora hashes`` and ``TI hashes`` (``"name: hash, ..."``:
 the LoRAs of the prompt's ``<lora:...>`` tags and the embeddings it used, so ``--from`` can
-tell when a file differs) are fields too. Keys ``ldm`` has no use for (``VAE hash`` ...)
-are kept in :attr:`GenerationParams.extra`.
+tell when a file differs) are fields too, as are the web UI's ``VAE hash`` and ``VAE`` (a VAE
+file used in place of the model's: the first 10 hex digits of its SHA-256 and its file name,
+modules/sd_vae.py's ``get_loaded_vae_hash`` / ``get_loaded_vae_name``). Keys ``ldm`` has no
+use for are kept in :attr:`GenerationParams.extra`.
 
 SDXL: the web UI's ``Refiner: <name> [<hash>]`` and ``Refiner switch at: 0.8`` (its
 modules/sd_samplers_common.py ``apply_refiner``, the checkpoint's ``short_title``) name the
@@ -81,6 +83,7 @@ STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING = "Denoising strength", "Mask blur", 
 CLIP_SKIP, LORA_HASHES, TI_HASHES = "Clip skip", "Lora hashes", "TI hashes"
 SPACING = "Timestep spacing"  # ldm's own key (the web UI has no such setting), written when chosen
 REFINER, REFINER_START = "Refiner", "Refiner switch at"
+VAE_HASH, VAE = "VAE hash", "VAE"
 # SDXL's size-conditioning keys (ldm's own: the web UI has none) -> GenerationParams fields.
 # Each pair is written "AxB" in the order of --size ("WxH", "XxY") and held as
 # Pipeline.generate takes it, (height, width) / (top, left): the reverse.
@@ -93,7 +96,7 @@ ONLY_MASKED = "Only masked"
 # The web UI's default padding when an image says "Only masked" without one (infotext_utils).
 DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
-_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+_KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", VAE_HASH, VAE,
           STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
           REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
@@ -125,7 +128,8 @@ class GenerationParams:
     ``(top, left)`` and the refiner's ``aesthetic_score`` / ``negative_aesthetic_score`` are
     as ``Pipeline.generate`` takes them, None for its default. ``refiner`` / ``refiner_hash``
     name the refiner model as ``model`` / ``model_hash`` name the model; ``refiner_start``
-    is where it took over.
+    is where it took over. ``vae`` / ``vae_hash`` name a VAE file used in place of the model's
+    (its file name with the extension, as the web UI writes it).
     """
 
     prompt: str
@@ -140,6 +144,8 @@ class GenerationParams:
     height: int | None = None
     model: str | None = None
     model_hash: str | None = None
+    vae: str | None = None
+    vae_hash: str | None = None
     strength: float | None = None
     mask_blur: int | None = None
     mask_padding: int | None = None
@@ -183,7 +189,9 @@ class GenerationParams:
         e.g. ``Pipeline.from_pretrained(find_model(p.refiner, p.refiner_hash))`` with
         :func:`ldm.modelref.find_model`, as ``ldm generate --from`` does; without it they
         are refused rather than rendered unrefined. A ``refiner`` given to parameters that
-        name none is used too (``refiner_start`` then defaults to the pipeline's).
+        name none is used too (``refiner_start`` then defaults to the pipeline's). A VAE they
+        name is the pipeline's to load: ``Pipeline.from_pretrained(..., vae=find_vae(p.vae,
+        p.vae_hash))`` (:func:`ldm.checkpoints.vae_file.find_vae`), as ``ldm generate --from`` does.
         """
         self.check_supported()
         if refiner is None and self.refiner_label is not None:
@@ -265,6 +273,8 @@ def format_parameters(p: GenerationParams) -> str:
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model hash", p.model_hash),
         ("Model", p.model),
+        (VAE_HASH, p.vae_hash),
+        (VAE, p.vae),
         (STRENGTH, p.strength),
         (MASK_BLUR, p.mask_blur),
         (INPAINT_AREA, ONLY_MASKED if p.mask_padding is not None else None),
@@ -417,6 +427,10 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["model_hash"] = pairs["Model hash"]
     if "Model" in pairs:
         fields["model"] = pairs["Model"]
+    if VAE_HASH in pairs:
+        fields["vae_hash"] = pairs[VAE_HASH]
+    if VAE in pairs:
+        fields["vae"] = pairs[VAE]
     if CLIP_SKIP in pairs:
         fields["clip_skip"] = _int(CLIP_SKIP, pairs[CLIP_SKIP])
     if SPACING in pairs:

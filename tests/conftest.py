@@ -75,3 +75,14 @@ sdxl_folder = _sdxl_folder_fixture(
 sdxl_refiner_folder = _sdxl_folder_fixture(
     "sdxl_refiner_folder", "SDXL_REFINER_TINY", 5,
     "A tiny SDXL refiner diffusers folder (bigG alone, aesthetic-score ids) with random weights.")
+
+
+@pytest.fixture(scope="session")
+def controlnet_folders(tmp_path_factory):
+    """Tiny diffusers ControlNetModel folders by family, ``{"sd1": path, "sd2": path}``: copies of
+    SD1_TINY's and SD2V_TINY's U-Nets (reference_controlnet.py), random weights."""
+    from reference_controlnet import save_controlnet_folder
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return {family: save_controlnet_folder(spec, root / family, seed=6 + i)
+            for i, (family, spec) in enumerate((("sd1", SD1_TINY), ("sd2", SD2V_TINY)))}

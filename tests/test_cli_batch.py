@@ -286,12 +286,12 @@ def test_generate_info_and_regenerate_from_png(sd1_folder, tmp_path, capsys, mon
         pipe.generate(["a", "b"], seed=[5], steps=1, output="latent", progress=False)
 
     # A different model hash is warned about; overrides apply.
-    params = read_parameters(single).replace(model_hash="0123456789", extra={"VAE hash": "0a1b2c3d"})
+    params = read_parameters(single).replace(model_hash="0123456789", extra={"ENSD": "31337"})
     tampered = tmp_path / "tampered.png"
     save_png(Image.open(single), tampered, params)
     assert main(["generate", "--from", str(tampered), "--model", str(sd1_folder), "--steps", "2",
                  "--device", "cpu", "-o", str(again)]) == 0
-    assert "model hash differs" in caplog.text and "VAE hash: 0a1b2c3d" in caplog.text
+    assert "model hash differs" in caplog.text and "ENSD: 31337" in caplog.text
     assert read_parameters(again / "00002-42.png").steps == 2
 
 

@@ -125,9 +125,10 @@ def full(request):
 def test_released_configs_translate_to_the_presets():
     assert unet_from_diffusers(SDXL_BASE_UNET_JSON) == PRESETS["sdxl"].unet
     assert unet_from_diffusers(SDXL_REFINER_UNET_JSON) == PRESETS["sdxl-refiner"].unet
-    # The "fp16-fix" VAEs only tell diffusers not to upcast: the same weights' config.
+    # The "fp16-fix" VAEs only tell the pipeline not to upcast: the same architecture.
     for upcast in (True, False):
-        assert vae_from_diffusers({**SDXL_VAE_JSON, "force_upcast": upcast}) == PRESETS["sdxl"].vae
+        assert vae_from_diffusers({**SDXL_VAE_JSON, "force_upcast": upcast}) == \
+            with_changes(PRESETS["sdxl"].vae, force_upcast=upcast)
     with pytest.raises(ValueError, match="force_upcast must be true or false"):
         vae_from_diffusers({**SDXL_VAE_JSON, "force_upcast": "no"})
     assert text_from_transformers(SDXL_TEXT_ENCODER_2_JSON, "zero", hidden_layer="penultimate") == OPENCLIP_BIGG

@@ -97,9 +97,12 @@ def _replaceable(dst: Path, layout: str) -> str | None:
     """None if ``dst`` is a previous convert output of ``layout`` (or an empty folder for
     a folder layout), else why it may not be replaced."""
     if layout == "diffusers":
-        if is_model_folder(dst) or (dst.is_dir() and not any(dst.iterdir())):
+        from .controlnet_file import is_controlnet_folder  # it imports this module
+
+        if is_model_folder(dst) or is_controlnet_folder(dst) or (dst.is_dir() and not any(dst.iterdir())):
             return None
-        return "it is not a diffusers model folder (model_index.json, unet/, vae/, text_encoder/ or text_encoder_2/)"
+        return ("it is not a diffusers model folder (model_index.json, unet/, vae/, text_encoder/ or "
+                "text_encoder_2/) nor a ControlNet folder (config.json of a ControlNetModel)")
     if dst.is_dir():
         return "it is a folder"
     try:
@@ -142,18 +145,27 @@ def _cast(states: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None,
     return out
 
 
-def save_model(model: LoadedModel, dst: str | Path, *, layout: Literal["original", "diffusers"] | None = None,
-               dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
-    """Write a loaded model as an original-layout ``.safetensors`` file or a diffusers folder.
-
-    ``overwrite`` replaces only a previous output of the same layout (see module doc).
-    """
+def prepare_output(dst: str | Path, layout: str | None, dtype: torch.dtype | str | None,
+                   overwrite: bool) -> tuple[Path, str, torch.dtype | None]:
+    """``(dst, layout, dtype)`` for a save: the layout checked against (or chosen by) the
+    name, the destination checked (:func:`check_destination`), and the temporary files a
+    killed save left next to it removed."""
     dst = Path(dst)
     layout = check_layout(dst, layout)
     dtype = parse_dtype(dtype)
     check_destination(dst, layout, overwrite)
     for left in remove_temp_siblings(dst):
         logger.info("removed %s, left by an interrupted convert", left)
+    return dst, layout, dtype
+
+
+def save_model(model: LoadedModel, dst: str | Path, *, layout: Literal["original", "diffusers"] | None = None,
+               dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
+    """Write a loaded model as an original-layout ``.safetensors`` file or a diffusers folder.
+
+    ``overwrite`` replaces only a previous output of the same layout (see module doc).
+    """
+    dst, layout, dtype = prepare_output(dst, layout, dtype, overwrite)
     states = _cast(internal_states(model), dtype, dst)
     with atomic_path(dst, folder=layout == "diffusers") as tmp:
         if layout == "original":

@@ -81,14 +81,13 @@ def _has_attention(block_type: str, where: str) -> bool:
     )
 
 
-def unet_table(config: UNetConfig) -> ModuleTable:
-    """Original module name -> (internal module name, Kind), generated from the config."""
-    where = "unet original->internal"
+def unet_encoder_table(config: UNetConfig, where: str = "unet encoder original->internal") -> ModuleTable:
+    """The U-Net's input half (time embedding(s), input blocks, middle block; what a
+    ControlNet copies): original module name -> (internal module name, Kind)."""
     table = ModuleTable(where)
     L = config.layers_per_block
     n_levels = len(config.block_out_channels)
     down_attn = [_has_attention(t, where) for t in config.down_block_types]
-    up_attn = [_has_attention(t, where) for t in config.up_block_types]
 
     table.add("time_embed.0", "time_embedding.linear_1")
     table.add("time_embed.2", "time_embedding.linear_2")
@@ -108,7 +107,16 @@ def unet_table(config: UNetConfig) -> ModuleTable:
     table.add("middle_block.0", "mid_block.resnets.0", RESNET)
     table.add("middle_block.1", "mid_block.attentions.0", transformer_kind(config.depth(n_levels - 1)))
     table.add("middle_block.2", "mid_block.resnets.1", RESNET)
+    return table
 
+
+def unet_table(config: UNetConfig) -> ModuleTable:
+    """Original module name -> (internal module name, Kind), generated from the config."""
+    where = "unet original->internal"
+    L = config.layers_per_block
+    n_levels = len(config.block_out_channels)
+    up_attn = [_has_attention(t, where) for t in config.up_block_types]
+    table = unet_encoder_table(config, where)
     for k in range(n_levels):
         for j in range(L + 1):
             n = (L + 1) * k + j
@@ -180,20 +188,32 @@ def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
     Heads are not among them (q/k/v are [C, C] whatever the split into heads), nor
     SDXL's ``addition_time_embed_dim`` (only its product with the number of ids is).
     """
-    what = "Stable Diffusion U-Net"
+    arch = encoder_architecture(shapes)
+    L, n_levels = arch["layers_per_block"], len(arch["block_out_channels"])
+    up_attn = [f"output_blocks.{(L + 1) * i}.1.proj_in.weight" in shapes for i in range(n_levels)]
+    return {
+        **arch,
+        "out_channels": shape_of(shapes, "out.2.weight", "Stable Diffusion U-Net")[0],
+        "up_block_types": tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
+    }
+
+
+def encoder_architecture(shapes: MappingABC[str, Any], what: str = "Stable Diffusion U-Net") -> dict[str, Any]:
+    """:func:`unet_architecture`'s fields that the input half's keys (``time_embed``,
+    ``input_blocks``, ``middle_block``: what a ControlNet copies) determine: all but
+    ``out_channels`` and ``up_block_types``. ``what`` names the model in errors."""
     inputs = indices(shapes, "input_blocks.")
     n_inputs = max(inputs, default=-1) + 1
     n_levels = len({i for i in inputs if f"input_blocks.{i}.0.op.weight" in shapes}) + 1
     if n_inputs < 2 or n_inputs % n_levels:
         raise ValueError(f"U-Net has {n_inputs} input blocks, which does not fit {n_levels} levels")
     L = n_inputs // n_levels - 1
-    channels, down_attn, up_attn, depths = [], [], [], []
+    channels, down_attn, depths = [], [], []
     mid = "middle_block.1."
     for i in range(n_levels):
         first = 1 + (L + 1) * i
         channels.append(shape_of(shapes, f"input_blocks.{first}.0.out_layers.3.weight", what)[0])
         down_attn.append(f"input_blocks.{first}.1.proj_in.weight" in shapes)
-        up_attn.append(f"output_blocks.{(L + 1) * i}.1.proj_in.weight" in shapes)
         if down_attn[i]:
             depths.append(_depth(shapes, f"input_blocks.{first}.1."))
         else:
@@ -201,10 +221,8 @@ def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
     added, added_width = _addition_embedding(shapes, what)
     return {
         "in_channels": shape_of(shapes, "input_blocks.0.0.weight", what)[1],
-        "out_channels": shape_of(shapes, "out.2.weight", what)[0],
         "block_out_channels": tuple(channels),
         "down_block_types": tuple(_CROSS_ATTN_BLOCKS[0] if a else _PLAIN_BLOCKS[0] for a in down_attn),
-        "up_block_types": tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
         "layers_per_block": L,
         "cross_attention_dim": shape_of(shapes, mid + "transformer_blocks.0.attn2.to_k.weight", what)[1],
         "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else tuple(depths),

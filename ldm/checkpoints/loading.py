@@ -272,9 +272,10 @@ def build_modules(config: ModelConfig) -> dict[str, nn.Module]:
     return modules
 
 
-def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> None:
+def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path, what: str | None = None) -> None:
     """Map every weight's shape and compare with the modules; one error for all parts.
-    Then refuse weights stored as integers or bool (a corrupt or foreign file)."""
+    Then refuse weights stored as integers or bool (a corrupt or foreign file).
+    ``what``: the model the error names (default: the plan's model kind, e.g. "sd1 model")."""
     sections: list[str] = []
     not_float: list[str] = []
     for name, part in plan_.parts.items():
@@ -294,7 +295,7 @@ def _check_shapes(plan_: _Plan, modules: dict[str, nn.Module], source: Path) -> 
         sections.append(KeyReport(unexpected=tuple(plan_.unknown)).format("keys outside every component"))
     if sections:
         raise CheckpointError(
-            f"{source}: the weights do not match the {model_kind(plan_.config)} model config "
+            f"{source}: the weights do not match the {what or model_kind(plan_.config) + ' model'} config "
             f"(wrong config, or an incomplete / modified checkpoint):\n" + "\n".join(sections)
         )
     if not_float:

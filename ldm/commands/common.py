@@ -178,6 +178,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default=None,
                    help="default: float16 on GPU, float32 on CPU (fp16, bf16 ... accepted)")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a VAE to use in place of the model's (and the refiner's): a diffusers VAE folder such as "
+                   "sdxl-vae-fp16-fix, or a .safetensors file in diffusers' or the web UI's key names")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt/.pt checkpoints, LoRAs and embeddings (loaded with weights_only=True)")
     p.add_argument("--lora-dir", dest="lora_dirs", type=Path, action="append", default=None, metavar="DIR",

@@ -1,7 +1,7 @@
 """`ldm generate`: images for one prompt, or again from an image's parameters; with
 --image, an edit of that image (img2img, --mask inpainting, --extend outpainting);
-with --refiner, SDXL's base-then-refiner rendering (``--from`` finds the refiner an image
-names as it finds the model)."""
+with --refiner, SDXL's base-then-refiner rendering; with --vae, another VAE (``--from`` finds
+the refiner and the VAE an image names as it finds the model)."""
 
 from __future__ import annotations
 
@@ -145,18 +145,46 @@ def _refiner_for(args: argparse.Namespace, p: GenerationParams) -> Path | None:
     return find_model(p.refiner, p.refiner_hash, what="refiner", flag="--refiner")
 
 
-def _load(args: argparse.Namespace, path: Path, what: str, name: str | None, digest: str | None) -> tuple[Any, Any]:
-    """The Pipeline of ``path`` and its name and hash; says when the image was made with another file."""
+def _vae_for(args: argparse.Namespace, p: GenerationParams) -> Path | None:
+    """--vae, else the VAE the image names (found as its model is), else None."""
+    if args.vae:
+        return Path(args.vae)
+    if not args.from_image or not (p.vae or p.vae_hash):
+        return None
+    from ..checkpoints.vae_file import find_vae
+
+    return find_vae(p.vae, p.vae_hash)
+
+
+def _load(args: argparse.Namespace, path: Path, what: str, name: str | None, digest: str | None,
+          vae: Path | None = None) -> tuple[Any, Any]:
+    """The Pipeline of ``path`` (with the VAE ``vae``) and its name and hash; says when the
+    image was made with another file."""
     from ..modelref import model_ref
     from ..pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                    lora_dirs=args.lora_dirs or (), embedding_dirs=args.embedding_dirs)
+                                    lora_dirs=args.lora_dirs or (), embedding_dirs=args.embedding_dirs, vae=vae)
     ref = model_ref(path)
+    _warn_other_file(args, what, name, digest, ref)
+    return pipe, ref
+
+
+def _vae_ref(args: argparse.Namespace, path: Path | None, p: GenerationParams) -> Any:
+    """The VAE's name and hash for the PNG text (None: the model's own VAE)."""
+    if path is None:
+        return None
+    from ..checkpoints.vae_file import vae_ref
+
+    ref = vae_ref(path)
+    _warn_other_file(args, "VAE", p.vae, p.vae_hash, ref)
+    return ref
+
+
+def _warn_other_file(args: argparse.Namespace, what: str, name: str | None, digest: str | None, ref: Any) -> None:
     if args.from_image and digest and digest.lower() != ref.hash:
         logger.warning("%s hash differs: %s was made with %s [%s], this is %s [%s]; the image will differ", what,
-                       args.from_image, printable(name or "?"), printable(digest), path, ref.hash)
-    return pipe, ref
+                       args.from_image, printable(name or "?"), printable(digest), ref.path, ref.hash)
 
 
 def _batch_of(p: GenerationParams, args: argparse.Namespace) -> tuple[int, int] | None:
@@ -280,9 +308,11 @@ def run(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: list,
             batch: tuple[int, int] | None, edit: dict[str, Any]) -> None:
     model_path, refiner_path = _model_for(args, p if args.from_image else None), _refiner_for(args, p)
-    pipe, ref = _load(args, model_path, "model", p.model, p.model_hash)
-    refiner, refiner_ref = _load(args, refiner_path, "refiner", p.refiner, p.refiner_hash) if refiner_path \
-        else (None, None)
+    vae_path = _vae_for(args, p)
+    pipe, ref = _load(args, model_path, "model", p.model, p.model_hash, vae_path)
+    refiner, refiner_ref = _load(args, refiner_path, "refiner", p.refiner, p.refiner_hash, vae_path) \
+        if refiner_path else (None, None)
+    vae_ref = _vae_ref(args, vae_path, p)
 
     n = batch[0] if batch else value(args, "n")
     kwargs = p.to_kwargs(refiner=refiner)
@@ -293,7 +323,8 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
     record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}),
                   **recorded_size_fields(gen.params, gen.params["width"], gen.params["height"]),
                   refiner=refiner_ref and refiner_ref.name, refiner_hash=refiner_ref and refiner_ref.hash,
-                  refiner_start=gen.params["refiner_start"] if refiner_ref else None)
+                  refiner_start=gen.params["refiner_start"] if refiner_ref else None,
+                  vae=vae_ref and vae_ref.name, vae_hash=vae_ref and vae_ref.hash)
     if args.from_image:
         _warn_changed_files(args.from_image, p, record)
     keep = [batch[1]] if batch else list(range(n))

@@ -162,22 +162,47 @@ class MidBlock2D(nn.Module):
         return x
 
 
-class UNet(nn.Module):
-    """eps/v-predicting U-Net: ``unet(sample, timestep, context) -> Tensor``."""
+def check_residuals(skips: Sequence[Tensor], mid: Tensor, down_residuals: Sequence[Tensor] | None,
+                    mid_residual: Tensor | None) -> None:
+    """ValueError (TypeError for a non-tensor) unless a ControlNet's residuals fit a U-Net
+    run whose skips and mid-block input are ``skips`` and ``mid``: both given, one per
+    skip, each of its target's shape, or of that shape averaged to 1x1 (a ControlNet with
+    ``global_pool_conditions``)."""
+    if down_residuals is None or mid_residual is None:
+        given = "down_residuals" if mid_residual is None else "mid_residual"
+        raise ValueError(f"down_residuals and mid_residual are a ControlNet's outputs and go together; "
+                         f"got only {given}")
+    if isinstance(down_residuals, Tensor) or not isinstance(down_residuals, Sequence):
+        raise TypeError(f"down_residuals must be a sequence of tensors, got {type(down_residuals).__name__}")
+    if len(down_residuals) != len(skips):
+        raise ValueError(f"{len(down_residuals)} down_residuals for a U-Net with {len(skips)} skips "
+                         "(conv_in, every down-block resnet and downsampler); the ControlNet does not fit it")
+    targets = [(f"down_residuals[{i}]", r, s) for i, (r, s) in enumerate(zip(down_residuals, skips))]
+    for name, residual, target in targets + [("mid_residual", mid_residual, mid)]:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(residual).__name__}")
+        shape, want = tuple(residual.shape), tuple(target.shape)
+        if shape != want and shape != want[:2] + (1, 1):
+            raise ValueError(f"{name} has shape {shape}, the U-Net's features there have {want} "
+                             f"(or {want[:2] + (1, 1)} pooled); the ControlNet or its batch does not fit")
+
+
+class UNetEncoder(nn.Module):
+    """The U-Net's input half: ``conv_in``, the timestep embedding (and SDXL's added one),
+    the down blocks and the mid block, under diffusers' names. :class:`UNet` adds the up
+    path; a ControlNet (:mod:`ldm.models.controlnet`) is a trained copy of this half.
+    """
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         for kind in config.down_block_types:
             if kind not in DOWN_BLOCK_TYPES:
                 raise ValueError(f"unknown down block type {kind!r}; valid: {DOWN_BLOCK_TYPES}")
-        for kind in config.up_block_types:
-            if kind not in UP_BLOCK_TYPES:
-                raise ValueError(f"unknown up block type {kind!r}; valid: {UP_BLOCK_TYPES}")
-        self.config = config
+        self.unet_config = config
         channels = config.block_out_channels
         levels = len(channels)
         temb = channels[0] * 4
-        common = dict(temb_channels=temb, groups=config.norm_num_groups, eps=config.norm_eps)
+        common = self._block_options()
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
@@ -206,28 +231,10 @@ class UNet(nn.Module):
             **common,
         )
 
-        # Up block i mirrors level L-1-i. It consumes that level's resnet outputs
-        # plus the skip entering the level (the previous level's downsampler
-        # output, or conv_in's output for the last block); so its last resnet
-        # takes a skip of the next-shallower width.
-        rev = channels[::-1]
-        self.up_blocks = nn.ModuleList()
-        for i, kind in enumerate(config.up_block_types):
-            prev, out, shallower = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, levels - 1)]
-            n = config.layers_per_block + 1
-            in_channels = [(prev if j == 0 else out) + (shallower if j == n - 1 else out) for j in range(n)]
-            self.up_blocks.append(
-                UpBlock2D(
-                    in_channels,
-                    out,
-                    add_upsample=i < levels - 1,
-                    attention=self._transformer(levels - 1 - i, kind.startswith("CrossAttn")),
-                    **common,
-                )
-            )
-
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+    def _block_options(self) -> dict:
+        """The keyword arguments every U-Net block takes: timestep width, norm groups and eps."""
+        c = self.unet_config
+        return dict(temb_channels=c.block_out_channels[0] * 4, groups=c.norm_num_groups, eps=c.norm_eps)
 
     def _transformer(self, level: int, enabled: bool) -> AttentionFactory | None:
         """The attention modules of down level ``level`` (the mid block: the last level's;
@@ -235,7 +242,7 @@ class UNet(nn.Module):
         reverses heads and depths for the up path)."""
         if not enabled:
             return None
-        c = self.config
+        c = self.unet_config
         return partial(
             Transformer2D,
             heads=c.num_attention_heads[level],
@@ -262,9 +269,8 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t[None]
         t = t.expand(batch)
-        emb = timestep_embedding(
-            t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
-        )
+        c = self.unet_config
+        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         return self.time_embedding(emb.to(dtype))
 
     def text_time_embed(self, text_embeds: Tensor | None, time_ids: Tensor | None, batch: int,
@@ -298,6 +304,62 @@ class UNet(nn.Module):
         # torch.cat promotes to the wider dtype before the cast, as diffusers' concat does.
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
 
+    def embed(self, sample: Tensor, timestep: Tensor | float | int, text_embeds: Tensor | None = None,
+              time_ids: Tensor | None = None) -> Tensor:
+        """The vector every resnet takes: the timestep's embedding, plus SDXL's added one."""
+        added = self.text_time_embed(text_embeds, time_ids, sample.shape[0], sample.dtype)
+        temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
+        return temb if added is None else temb + added
+
+    def encode(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Run the down blocks on ``x`` (``conv_in``'s output); return the lowest-resolution
+        features and the skips: ``x`` itself, then every resnet's and downsampler's output."""
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips.extend(block_skips)
+        return x, skips
+
+
+class UNet(UNetEncoder):
+    """eps/v-predicting U-Net: ``unet(sample, timestep, context) -> Tensor``."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        for kind in config.up_block_types:
+            if kind not in UP_BLOCK_TYPES:
+                raise ValueError(f"unknown up block type {kind!r}; valid: {UP_BLOCK_TYPES}")
+        super().__init__(config)
+        channels = config.block_out_channels
+        levels = len(channels)
+        common = self._block_options()
+
+        # Up block i mirrors level L-1-i. It consumes that level's resnet outputs
+        # plus the skip entering the level (the previous level's downsampler
+        # output, or conv_in's output for the last block); so its last resnet
+        # takes a skip of the next-shallower width.
+        rev = channels[::-1]
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(config.up_block_types):
+            prev, out, shallower = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, levels - 1)]
+            n = config.layers_per_block + 1
+            in_channels = [(prev if j == 0 else out) + (shallower if j == n - 1 else out) for j in range(n)]
+            self.up_blocks.append(
+                UpBlock2D(
+                    in_channels,
+                    out,
+                    add_upsample=i < levels - 1,
+                    attention=self._transformer(levels - 1 - i, kind.startswith("CrossAttn")),
+                    **common,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet_config
+
     def forward(
         self,
         sample: Tensor,
@@ -306,23 +368,26 @@ class UNet(nn.Module):
         *,
         text_embeds: Tensor | None = None,
         time_ids: Tensor | None = None,
+        down_residuals: Sequence[Tensor] | None = None,
+        mid_residual: Tensor | None = None,
     ) -> Tensor:
         """Predict noise (or v) for ``sample`` [B, C, H, W] at ``timestep`` ([B] or scalar),
         conditioned on ``encoder_hidden_states`` [B, L, D] (any L); an SDXL U-Net also on
-        ``text_embeds`` [B, pooled] and ``time_ids`` [B, 6 or 5] (see :meth:`text_time_embed`)."""
+        ``text_embeds`` [B, pooled] and ``time_ids`` [B, 6 or 5] (see :meth:`text_time_embed`).
+
+        ``down_residuals`` (one per skip, in order) and ``mid_residual``: a ControlNet's
+        outputs, added to the skips and to the mid block's output, as diffusers'
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual``; both or neither.
+        """
         context = encoder_hidden_states
-        added = self.text_time_embed(text_embeds, time_ids, sample.shape[0], sample.dtype)
-        temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
-        if added is not None:
-            temb = temb + added
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
-            skips.extend(block_skips)
-
+        temb = self.embed(sample, timestep, text_embeds, time_ids)
+        x, skips = self.encode(self.conv_in(sample), temb, context)
+        if down_residuals is not None or mid_residual is not None:
+            check_residuals(skips, x, down_residuals, mid_residual)
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
         x = self.mid_block(x, temb, context)
+        if mid_residual is not None:
+            x = x + mid_residual
 
         for block in self.up_blocks:
             n = len(block.resnets)
