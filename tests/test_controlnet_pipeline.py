@@ -1,5 +1,6 @@
 """ControlNet end to end: ldm's ``pipe(..., control=Control(...))`` against diffusers'
-StableDiffusionControlNetPipeline (and its img2img pipeline, and MultiControlNetModel).
+StableDiffusionControlNetPipeline (and its img2img and inpainting pipelines, and
+MultiControlNetModel).
 
 Tiny random SD1 model (tests/reference.py) and tiny random ControlNets copied from its
 U-Net config (tests/reference_controlnet.py, zero convolutions random so the residuals
@@ -19,6 +20,7 @@ from ldm import Control, ControlNet
 from ldm.checkpoints import convert_controlnet
 from reference import SD1_TINY, load_reference_pipeline
 from reference_controlnet import save_controlnet_folder
+from test_editing_parity import grid_mask
 from test_pipeline_parity import SCHEDULERS
 
 SIZE = 64
@@ -55,13 +57,15 @@ def ours(controlnets):
     return [ControlNet.from_pretrained(f, device="cpu", dtype=torch.float32) for f in controlnets]
 
 
-def _reference(sd1_folder, controlnets, sampler: str, *, img2img: bool = False, **kwargs) -> np.ndarray:
+def _reference(sd1_folder, controlnets, sampler: str, *, img2img: bool = False, inpaint: bool = False,
+               **kwargs) -> np.ndarray:
     import diffusers
     from diffusers import ControlNetModel
 
     base = load_reference_pipeline(sd1_folder)
     nets = [ControlNetModel.from_pretrained(f) for f in controlnets]
-    cls = diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline
+    cls = (diffusers.StableDiffusionControlNetInpaintPipeline if inpaint else
+           diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline)
     cls_name, options = SCHEDULERS[sampler]
     pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
                controlnet=nets if len(nets) > 1 else nets[0],
@@ -111,11 +115,23 @@ def test_two_controlnets_sum_as_multicontrolnet(sd1_pipe, sd1_folder, controlnet
 
 def test_img2img_with_a_controlnet_matches_diffusers(sd1_pipe, sd1_folder, controlnets, ours):
     init, hint = _picture(5), _picture(1)
-    expected = _reference(sd1_folder, controlnets[:1], "ddim", img2img=True, image=init, control_image=hint,
+    expected = _reference(sd1_folder, controlnets[:1], "ddim", img2img=True, image=[init] * 2, control_image=hint,
                           strength=0.7, controlnet_conditioning_scale=0.9)
-    got = _ours(sd1_pipe, Control(ours[0], hint, scale=0.9), "ddim", image=np.asarray(init) / 255.0, strength=0.7)
-    alone = _ours(sd1_pipe, None, "ddim", image=np.asarray(init) / 255.0, strength=0.7)
+    got = _ours(sd1_pipe, Control(ours[0], hint, scale=0.9), "ddim", image=[init] * 2, strength=0.7)
+    alone = _ours(sd1_pipe, None, "ddim", image=[init] * 2, strength=0.7)
     _close(got, expected, alone)
+
+
+def test_inpainting_with_a_controlnet_matches_diffusers(sd1_pipe, sd1_folder, controlnets, ours):
+    init, hint = _picture(5), _picture(1)
+    mask = grid_mask(16, 8, 48, 40)
+    # One image per prompt: given one image for several prompts, diffusers samples every
+    # image's latents with the first generator (ldm: each with its own).
+    expected = _reference(sd1_folder, controlnets[:1], "euler", inpaint=True, image=[init] * 2, mask_image=[mask] * 2,
+                          control_image=hint, strength=0.8, controlnet_conditioning_scale=0.9)
+    kwargs = dict(image=[init] * 2, mask=[mask] * 2, strength=0.8, keep_unmasked=False)
+    got = _ours(sd1_pipe, Control(ours[0], hint, scale=0.9), "euler", **kwargs)
+    _close(got, expected, _ours(sd1_pipe, None, "euler", **kwargs))
 
 
 def test_an_original_layout_file_gives_the_same_pictures(sd1_pipe, controlnets, ours, tmp_path):
