@@ -16,6 +16,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm import Pipeline
 from ldm.checkpoints import convert
@@ -155,6 +156,35 @@ def test_base_then_refiner_matches_diffusers_denoising_end_and_start(base, refin
     alone = pipe(PROMPTS, negative_prompt=NEGATIVE, steps=steps, seed=100, width=WIDTH, height=HEIGHT,
                  sampler=sampler, output="np", progress=False)
     assert np.abs(alone - expected).max() > 10 * TOLERANCE  # the refiner did something
+
+
+def _edit_inputs():
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)).resize(
+        (WIDTH, HEIGHT), Image.NEAREST)
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[16:48, 24:72] = 255
+    return image, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_sdxl_editing_matches_diffusers(base, kind):
+    import diffusers
+
+    ref, pipe = base
+    image, mask = _edit_inputs()
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if kind == "img2img" else diffusers.StableDiffusionXLInpaintPipeline
+    # The base's components in diffusers' editing pipeline (no aesthetic score: the base's ids).
+    edit = cls(**ref.components, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+    edit.set_progress_bar_config(disable=True)
+    extra = {"mask_image": [mask] * 2, "height": HEIGHT, "width": WIDTH} if kind == "inpaint" else {}
+    expected = _with_scheduler(edit, "euler", None)(
+        PROMPTS, negative_prompt=[NEGATIVE] * 2, image=[image] * 2, strength=0.7, num_inference_steps=STEPS,
+        guidance_scale=7.5, generator=_generators(100, 2), output_type="np", **extra).images
+    got = pipe(PROMPTS, negative_prompt=NEGATIVE, image=[image] * 2, strength=0.7, steps=STEPS, guidance_scale=7.5,
+               seed=100, sampler="euler", output="np", progress=False, keep_unmasked=False,
+               **({"mask": [mask] * 2} if kind == "inpaint" else {}))
+    _close(got, expected)
 
 
 def test_bad_sdxl_inputs_are_refused_with_the_reason(base, refiner, sd1_pipe, caplog):
