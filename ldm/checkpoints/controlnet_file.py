@@ -38,7 +38,7 @@ from ..dtypes import parse_dtype
 from ..foreign_config import unet_from_diffusers, unet_to_diffusers
 from ..models.controlnet import ControlNetModel
 from .convert import _cast, check_destination, check_layout, prepare_output
-from .diffusers_folder import DIFFUSERS_VERSION, _present, _read_json
+from .diffusers_folder import DIFFUSERS_VERSION, _present, _read_json, model_weights
 from .files import CheckpointError, TensorFile, open_tensor_file, save_safetensors
 from .keymap import add_prefix, apply_mapping
 from .keymap_controlnet import CONTROL_PREFIX, architecture_of, controlnet_architecture, controlnet_mappings
@@ -50,9 +50,6 @@ logger = logging.getLogger("ldm")
 METADATA_KEY = "ldm.controlnet_config"
 CONFIG_CLASS = "ControlNetModel"
 WEIGHT_STEM = "diffusion_pytorch_model"
-# Weight files of a diffusers ControlNet folder, in the order diffusers prefers them.
-FOLDER_WEIGHTS = tuple(f"{WEIGHT_STEM}{variant}{suffix}" for suffix in (".safetensors", ".bin")
-                       for variant in ("", ".fp16"))
 # The bundled base model of the ControlNet 1.0 releases (skipped on purpose).
 BUNDLED_PREFIXES = (UNET_PREFIX, VAE_PREFIX, SD_TEXT_PREFIX)
 # Context width -> the family of the U-Net a ControlNet was copied from.
@@ -300,10 +297,7 @@ def _plan_file(path: Path, config: Any, allow_pickle: bool) -> _Plan:
 
 
 def _folder_weights(path: Path, allow_pickle: bool) -> TensorFile:
-    for name in FOLDER_WEIGHTS:
-        if _present(path / name):
-            return open_tensor_file(path / name, allow_pickle=allow_pickle)
-    raise FileNotFoundError(f"{path}: no ControlNet weights (looked for {', '.join(FOLDER_WEIGHTS)})")
+    return open_tensor_file(model_weights(path, "ControlNet"), allow_pickle=allow_pickle)
 
 
 def _plan_folder(path: Path, config: Any, allow_pickle: bool) -> _Plan:

@@ -46,6 +46,19 @@ XL_INPAINT_PIPELINE = "StableDiffusionXLInpaintPipeline"
 DIFFUSERS_VERSION = "0.30.0"
 
 
+# Weight files of a diffusers model folder (unet/, vae/, a ControlNet), in diffusers' order of preference.
+MODEL_WEIGHTS = tuple(f"diffusion_pytorch_model{variant}{suffix}" for suffix in (".safetensors", ".bin")
+                      for variant in ("", ".fp16"))
+
+
+def model_weights(folder: Path, what: str) -> Path:
+    """The weight file of a diffusers model folder; FileNotFoundError naming ``what`` otherwise."""
+    for name in MODEL_WEIGHTS:
+        if _present(folder / name):
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no {what} weights found (looked for {', '.join(MODEL_WEIGHTS)})")
+
+
 def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (_present(path / "model_index.json") or (path / "unet").is_dir())
 

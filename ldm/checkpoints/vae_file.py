@@ -40,7 +40,7 @@ from torch import nn
 from ..config import ModelConfig, VAEConfig, with_changes
 from ..foreign_config import vae_from_diffusers
 from ..modelref import ModelRef, _candidates, find_model, model_hash
-from .diffusers_folder import _present, _read_json, _translate, diffusers_mappings
+from .diffusers_folder import _present, _read_json, _translate, diffusers_mappings, model_weights
 from .files import CheckpointError, TensorFile, open_tensor_file
 from .keymap_vae import vae_architecture, vae_original_to_internal
 from .layouts import UNET_PREFIX, VAE_PREFIX
@@ -48,9 +48,6 @@ from .loading import _check_shapes, _load_part, _Part, _Plan, model_kind, name_s
 
 logger = logging.getLogger("ldm")
 
-# Weight files of a diffusers VAE folder, in the order diffusers prefers them.
-FOLDER_WEIGHTS = tuple(f"diffusion_pytorch_model{variant}{suffix}" for suffix in (".safetensors", ".bin")
-                       for variant in ("", ".fp16"))
 # Keys of VAE training the web UI drops (modules/sd_vae.py: ``k[0:4] != "loss"``, vae_ignore_keys).
 IGNORED_KEYS = ("model_ema.decay", "model_ema.num_updates")
 LOSS_PREFIX = "loss."
@@ -177,10 +174,7 @@ def _read_folder_config(path: Path) -> VAEConfig:
 
 
 def _folder_weights(folder: Path) -> Path:
-    for name in FOLDER_WEIGHTS:
-        if _present(folder / name):
-            return folder / name
-    raise FileNotFoundError(f"{folder}: no VAE weights found (looked for {', '.join(FOLDER_WEIGHTS)})")
+    return model_weights(folder, "VAE")
 
 
 def _layout(shapes: dict[str, tuple[int, ...]], path: Path) -> Literal["diffusers", "original"]:
