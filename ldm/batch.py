@@ -32,6 +32,12 @@ file is a conflict on resume), and lines share a call only with lines of the sam
 ``refiner_start`` and SDXL size conditioning. A VAE file (``--vae``) serves both likewise
 and is named in every image (``VAE: name, VAE hash: hash``).
 
+A line's ControlNets (its ``control`` key, :mod:`ldm.batchcontrol`) are loaded once per file
+next to the model and checked against it; their hint pictures are hashed in the manifest with
+the editing inputs, and each call makes its hints at its size (:mod:`ldm.batchinputs`). Lines
+share a call only with lines of equal ControlNets (same files and settings); a hint drawn from
+the image's seed (shuffle) makes each image its own call.
+
 A rerun resumes (:mod:`ldm.batchresume`): finished images are kept, missing ones
 rendered; an output folder holding images made with other settings, or from input
 files that changed since, is refused unless ``overwrite`` (then those images are redone).
@@ -45,7 +51,7 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +59,7 @@ from . import batchlock, manifest
 from .atomicio import append_line, remove_temp_files
 from .adapters.prompt_loras import file_hash, resolve_tags, split_tags
 from .batchfile import Job, LineError, Settings, check_settings, check_steps, read_jobs
-from .batchinputs import Inputs, check_inputs, edit_arguments
+from .batchinputs import Inputs, check_inputs, control_arguments, edit_arguments
 from .grid import image_grid
 from .modelref import ModelRef
 from .batchplan import Item, expand, plan_chunks, token_chunks
@@ -89,13 +95,16 @@ class BatchOptions:
 @dataclass(frozen=True)
 class Models:
     """The loaded model and (``--refiner``) the refiner, each with its name and hash, and
-    (``--vae``) the VAE both use in place of their own."""
+    (``--vae``) the VAE both use in place of their own; the lines' ControlNets by resolved
+    path (a ControlNet, or the message of a file that did not load) with their names and hashes."""
 
     pipe: Any
     ref: ModelRef
     refiner: Any = None
     refiner_ref: ModelRef | None = None
     vae_ref: ModelRef | None = None
+    controlnets: dict[str, Any] = field(default_factory=dict)
+    control_refs: dict[str, ModelRef] = field(default_factory=dict)
 
 
 def _distributed_state(device: str | None):
@@ -145,11 +154,15 @@ def strict_refusal(prompts: Path, errors: list[LineError]) -> int:
     return 2
 
 
-def loaded_errors(jobs: list[Job], pipe: Any, refiner: Any = None) -> tuple[Inputs, list[LineError]]:
-    """Once the model (and the ``refiner`` Pipeline, if any) is loaded: the input pictures,
-    and the lines that cannot render (an unreadable input, or what :func:`model_errors`
-    finds), in line order."""
+def loaded_errors(jobs: list[Job], pipe: Any, refiner: Any = None,
+                  controlnets: dict[str, Any] | None = None) -> tuple[Inputs, list[LineError]]:
+    """Once the model (and the ``refiner`` Pipeline, if any, and the ``controlnets``, see
+    :class:`Models`) is loaded: the input pictures, and the lines that cannot render (an
+    unreadable input, a ControlNet that did not load or does not fit, or what
+    :func:`model_errors` finds), in line order."""
     inputs, errors = check_inputs(jobs, pipe.config.default_size)
+    bad = {e.line for e in errors}
+    errors += control_errors([j for j in jobs if j.line not in bad], pipe, controlnets or {})
     bad = {e.line for e in errors}
     errors += model_errors([j for j in jobs if j.line not in bad], pipe, inputs, refiner)
     bad = {e.line for e in errors}
@@ -161,6 +174,44 @@ def loaded_errors(jobs: list[Job], pipe: Any, refiner: Any = None) -> tuple[Inpu
         except (ValueError, OSError) as exc:
             errors.append(LineError(job.line, str(exc), job.text))
     return inputs, sorted(errors, key=lambda e: e.line)
+
+
+def control_errors(jobs: list[Job], pipe: Any, controlnets: dict[str, Any]) -> list[LineError]:
+    """The lines whose ControlNet did not load or does not fit the model (the library's words)."""
+    found: dict[str, str | None] = {}
+    for path, net in controlnets.items():
+        if isinstance(net, str):
+            found[path] = net
+            continue
+        try:
+            net.check_fits(pipe.config)
+            found[path] = None
+        except ValueError as exc:
+            found[path] = str(exc)
+    errors = []
+    for job in jobs:
+        message = next((found[c.model.resolved] for c in job.controls if found[c.model.resolved]), None)
+        if message:
+            errors.append(LineError(job.line, message, job.text))
+    return errors
+
+
+def load_controlnets(jobs: list[Job], pipe: Any, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, ModelRef]]:
+    """Every ControlNet the lines use, loaded once on the model's device and dtype, and its name
+    and hash; a file that does not load is kept as its message (its lines are refused)."""
+    from .control import ControlNet
+    from .modelref import controlnet_ref
+
+    nets: dict[str, Any] = {}
+    refs: dict[str, ModelRef] = {}
+    for path in dict.fromkeys(c.model.resolved for j in jobs for c in j.controls):
+        try:
+            nets[path] = ControlNet.from_pretrained(path, device=pipe.device, dtype=pipe.dtype,
+                                                    allow_pickle=allow_pickle)
+            refs[path] = controlnet_ref(path)
+        except (ValueError, OSError) as exc:
+            nets[path] = f"ControlNet {path}: {exc}"
+    return nets, refs
 
 
 def network_fields(pipe: Any, job: Job) -> dict[str, dict[str, str]]:
@@ -307,7 +358,9 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     if not _take_lock(opts.outdir, state, locks):
         return 2
     models = _load(opts, state)
-    inputs, bad = _share(state, loaded_errors(jobs, models.pipe, models.refiner) if main else None)
+    nets, refs = load_controlnets(jobs, models.pipe, opts.allow_pickle)
+    models = replace(models, controlnets=nets, control_refs=refs)
+    inputs, bad = _share(state, loaded_errors(jobs, models.pipe, models.refiner, nets) if main else None)
     if main:
         report_errors(opts.prompts, bad)
     errors = sorted(errors + bad, key=lambda e: e.line)
@@ -348,7 +401,8 @@ def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: In
                  errors: list[LineError], state: Any, print_fn: Callable[[str], None]) -> int:
     main = state.is_main_process
     pipe = models.pipe
-    items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref, models.vae_ref)
+    items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref, models.vae_ref,
+                   models.control_refs)
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)
@@ -427,6 +481,8 @@ def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], o
                 width=first.width, height=first.height, sampler=first.job.sampler,
                 schedule=first.job.schedule, clip_skip=first.job.clip_skip, progress=False,
                 **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
+                **control_arguments(first.job.controls, models.controlnets, first.width, first.height, first.seed,
+                                    inputs.files, first.job.line),
                 **first.job.sdxl.kwargs(), **refiner,
             )
             for item, image in zip(chunk, gen.images):

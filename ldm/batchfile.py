@@ -9,7 +9,8 @@ image-editing keys of :mod:`ldm.batchedit` (``image``, ``mask``, ``strength``,
 file's folder) and SDXL's (:class:`SDXLValues`): ``original_size`` and ``target_size``
 (like ``size``, any whole numbers), ``crop_offset`` (``"XxY"`` or ``[x, y]``: pixels from
 the left, from the top), ``aesthetic_score``, ``negative_aesthetic_score`` and
-``refiner_start`` (with ``ldm batch --refiner MODEL``). In both, blank lines and lines
+``refiner_start`` (with ``ldm batch --refiner MODEL``), and ``control`` (a list of ControlNets
+with their hint pictures, :mod:`ldm.batchcontrol`). In both, blank lines and lines
 starting with ``#`` are skipped; missing values come from the command line (:class:`Settings`).
 
 Seeds: a line without a seed gets ``line_seed(base, line)`` = ``(base + 1000 *
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .batchcontrol import LineControl, controls_from_object
 from .batchedit import EDIT_KEYS, Edit, EditDefaults, check_defaults, edit_from_object
 from .pngmeta import (
     MAX_CLIP_SKIP, GenerationParams, check_round_trip, normalize_prompt, open_regular, parse_pair, read_pair,
@@ -54,7 +56,7 @@ PAIR_KEYS = {"original_size": "original_size", "crop_offset": "crops_coords_top_
              "target_size": "target_size"}
 SCORE_KEYS = ("aesthetic_score", "negative_aesthetic_score")
 JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n",
-              "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start")
+              "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start", "control")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
@@ -117,6 +119,7 @@ class Job:
     clip_skip: int = 1
     sdxl: SDXLValues = SDXLValues()
     refiner_start: float | None = None  # None: the batch has no refiner
+    controls: tuple[LineControl, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: in
 
 def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, steps: int, guidance: float,
                     size: tuple[int, int] | None, seed: int, edit: Edit | None, clip_skip: int,
-                    sdxl: SDXLValues) -> None:
+                    sdxl: SDXLValues, controls: tuple[LineControl, ...]) -> None:
     """Refuse a line whose PNG parameters text would read back as something else
     (e.g. a prompt line starting with ``Negative prompt:``): such an image could not
     be made again from its file. The native size stands in until the model is known."""
@@ -165,7 +168,8 @@ def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, ste
     check_round_trip(GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                                       schedule=schedule, guidance_scale=guidance, seed=seed, width=width,
                                       height=height, clip_skip=recorded_clip_skip(clip_skip),
-                                      **(edit.params() if edit else {}), **sdxl.kwargs()))
+                                      **(edit.params() if edit else {}), **sdxl.kwargs(),
+                                      controls=tuple(c.unit() for c in controls)))
 
 
 def recorded_clip_skip(clip_skip: int) -> int | None:
@@ -219,9 +223,11 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Pa
     edit = edit_from_object(obj, base, settings.edit, steps)
     clip_skip = check_int(obj.get("clip_skip", settings.clip_skip), "clip_skip", 1, MAX_CLIP_SKIP)
     sdxl = _sdxl_values(obj, settings.sdxl)
-    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip, sdxl)
+    controls = controls_from_object(obj["control"], base) if "control" in obj else ()
+    _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip, sdxl,
+                    controls)
     return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit, clip_skip,
-               sdxl, _refiner_start(obj, settings))
+               sdxl, _refiner_start(obj, settings), controls)
 
 
 def check_settings(settings: Settings) -> None:

@@ -1,8 +1,8 @@
 """The input pictures of a batch: read, checked and hashed once per run, loaded per call.
 
 Once the model is loaded, and before anything renders, every input file named by a
-line (:mod:`ldm.batchedit`) is read once: it must be a picture PIL can decode, a mask
-the size of its image. The size a line renders at follows as in the pipeline: the
+line (:mod:`ldm.batchedit`, and the hint pictures of its ControlNets, :mod:`ldm.batchcontrol`)
+is read once: it must be a picture PIL can decode, a mask the size of its image. The size a line renders at follows as in the pipeline: the
 line's ``size``, else the image's (or the canvas ``extend`` makes) rounded down to
 multiples of 8, or the model's native size for the crop of ``mask_padding``. Each
 file's SHA-256 goes into the manifest, so a resumed batch can tell that an input
@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .batchcontrol import LineControl
 from .batchedit import Edit, InputPath
 from .batchfile import Job, LineError
 from .editing import default_size, extend, rounded_margins
@@ -54,12 +55,18 @@ class Inputs:
         """The size ``job`` renders at (see :func:`check_inputs`), by default the model's native size."""
         return self.sizes.get(job.line) or job.size or (native_size, native_size)
 
-    def records(self, edit: Edit | None) -> dict[str, dict[str, str]]:
-        """The manifest's record of an edit's inputs: path as given, resolved, SHA-256."""
-        if edit is None:
-            return {}
+    def records(self, job: Job) -> dict[str, dict[str, str]]:
+        """The manifest's record of a line's input files (its edit's, its ControlNets' hints,
+        by role): path as given, resolved, SHA-256."""
         return {role: {"path": p.given, "resolved": p.resolved, "sha256": self.files[p.resolved].sha256}
-                for role, p in edit.inputs().items()}
+                for role, p in input_files(job).items()}
+
+
+def input_files(job: Job) -> dict[str, InputPath]:
+    """The files a line reads, by role: ``image``, ``mask``, ``control N`` (the Nth ControlNet's hint)."""
+    files = dict(job.edit.inputs()) if job.edit is not None else {}
+    files.update({f"control {k}": c.image for k, c in enumerate(job.controls)})
+    return files
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
@@ -137,6 +144,12 @@ def check_inputs(jobs: list[Job], native_size: int) -> tuple[Inputs, list[LineEr
     read = _Reader()
     sizes, input_sizes, errors = {}, {}, []
     for job in jobs:
+        try:
+            for k, control in enumerate(job.controls):
+                read(control.image, f"control[{k}] image")
+        except ValueError as exc:
+            errors.append(LineError(job.line, str(exc), job.text))
+            continue
         if job.edit is None:
             continue
         try:
@@ -165,6 +178,21 @@ def _pictures(edit: Edit, files: dict[str, InputFile], line: int) -> tuple[Any, 
     if edit.extend is not None:
         image, mask = extend(image, *edit.extend, fill=edit.fill)
     return image, mask
+
+
+def control_arguments(controls: tuple[LineControl, ...], nets: dict[str, Any], width: int, height: int, seed: int,
+                      files: dict[str, InputFile], line: int) -> dict[str, Any]:
+    """The ``control`` keyword of a call at ``width`` x ``height`` whose first image has ``seed``
+    (the calls' lines have equal ControlNets, :func:`ldm.batchplan.plan_chunks`); ``nets``: the
+    loaded ControlNets by resolved path."""
+    if not controls:
+        return {}
+    from .control import Control
+    from .controlspec import make_hint
+
+    return {"control": [Control(nets[c.model.resolved], make_hint(c.preprocess, dict(c.params),
+                                                                  _load(c.image, files, line), width, height, seed),
+                                scale=c.scale, start=c.start, end=c.end, guess_mode=c.guess_mode) for c in controls]}
 
 
 def edit_arguments(edits: list[tuple[int, Edit | None]], files: dict[str, InputFile]) -> dict[str, Any]:

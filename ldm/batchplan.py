@@ -70,10 +70,12 @@ def _now() -> str:
 
 
 def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None,
-           refiner: ModelRef | None = None, vae: ModelRef | None = None) -> list[Item]:
+           refiner: ModelRef | None = None, vae: ModelRef | None = None,
+           controlnets: dict[str, ModelRef] | None = None) -> list[Item]:
     """Every image of every job, with the parameters its PNG will carry (``inputs``:
-    the editing lines' files, see :func:`ldm.batchinputs.check_inputs`; ``refiner`` and
-    ``vae``: the batch's refiner and VAE file, named in every image)."""
+    the lines' input files, see :func:`ldm.batchinputs.check_inputs`; ``refiner`` and
+    ``vae``: the batch's refiner and VAE file, named in every image; ``controlnets``: the
+    name and hash of each ControlNet the lines use, by resolved path)."""
     inputs = inputs or Inputs()
     items = []
     named = {"refiner": refiner.name, "refiner_hash": refiner.hash} if refiner is not None else {}
@@ -81,8 +83,9 @@ def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | 
         named.update(vae=vae.name, vae_hash=vae.hash)
     for job in jobs:
         width, height = inputs.size_of(job, native_size)
-        records = inputs.records(job.edit)
+        records = inputs.records(job)
         sdxl = recorded_size_fields(job.sdxl.kwargs(), width, height)
+        units = tuple(c.unit((controlnets or {}).get(c.model.resolved)) for c in job.controls)
         for k in range(job.n):
             params = GenerationParams(
                 prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
@@ -90,7 +93,7 @@ def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | 
                 seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
                 clip_skip=recorded_clip_skip(job.clip_skip), **inputs.networks.get(job.line, {}),
                 **(job.edit.params() if job.edit else {}), **sdxl, **named,
-                refiner_start=job.refiner_start if refiner is not None else None,
+                refiner_start=job.refiner_start if refiner is not None else None, controls=units,
             )
             items.append(Item(job, k, width, height, params, records, inputs.input_sizes.get(job.line)))
     return items
@@ -102,6 +105,13 @@ def _edit_key(item: Item) -> tuple | None:
     if edit is None:
         return None
     return item.input_size, edit.strength, edit.masked, edit.mask_blur, edit.mask_padding
+
+
+def _control_key(item: Item) -> tuple:
+    """What one call's ControlNets share: equal files and settings; a hint drawn from the
+    image's seed (shuffle) makes each image its own call."""
+    controls = item.job.controls
+    return tuple(c.key for c in controls), item.seed if any(c.seeded for c in controls) else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +129,7 @@ def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[It
         j = item.job
         # A call applies one set of <lora:...> tags: lines with other tags (or weights) go apart.
         key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, j.clip_skip, j.sdxl,
-               j.refiner_start, _tag_settings(j.prompt), context_chunks(item), _edit_key(item))
+               j.refiner_start, _tag_settings(j.prompt), context_chunks(item), _edit_key(item), _control_key(item))
         groups.setdefault(key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 

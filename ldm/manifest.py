@@ -12,11 +12,12 @@ An entry::
     {"line": 3, "input": "a red cube", "index": 0, "seed": 2000, "file": "00003-00-2000.png",
      "parameters": {... GenerationParams.to_dict() ...}, "time": "2024-05-01T12:00:00+00:00"}
 
-An image made from input files (a batch line with ``image``/``mask``) also records
-them, and an outpainted one how its canvas was made::
+An image made from input files (a batch line with ``image``/``mask``, or the hint pictures
+of its ControlNets, roles ``control 0``, ``control 1``, ...) also records them, and an
+outpainted one how its canvas was made::
 
     "inputs": {"image": {"path": "in/cat.png", "resolved": "/data/in/cat.png", "sha256": "9f86..."},
-               "mask": {...}},
+               "mask": {...}, "control 0": {...}},
     "outpaint": {"extend": [0, 0, 32, 0], "fill": "edge"}
 
 A manifest is a file anyone can edit, so an entry is trusted only as far as it

@@ -395,6 +395,11 @@ class Pipeline:
             target_size=target_size, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
             refiner=refiner, refiner_start=refiner_start, sampler=sampler, steps=steps, schedule=schedule,
             spacing=spacing, start=start, masked=edit is not None and edit.masks[0] is not None)
+        for c in controls:  # diffusers' rule can leave a short run without a step for a ControlNet
+            run_steps = (handover or steps) - start
+            if not any(c.active(i, run_steps) for i in range(run_steps)):
+                raise ValueError(f"control {c.controlnet.name}: start {c.start:g} / end {c.end:g} leave none of the "
+                                 f"{run_steps} steps that run to it; widen the range or use more steps")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if edit is not None and latents is not None:

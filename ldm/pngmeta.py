@@ -32,6 +32,12 @@ and the refiner's ``Aesthetic score: 6`` / ``Negative aesthetic score: 2.5``, ea
 it differs from the pipeline's default (the output size, ``0x0``, 6 and 2.5), so an image
 made with the defaults carries no key other tools do not know.
 
+ControlNet: one ``ControlNet N`` key per ControlNet, in the format of the web UI's ControlNet
+extension (:mod:`ldm.controlmeta`): its preprocessor, model ``name [hash]``, weight, guidance
+start and end, control mode. The hint image is not in the text (the extension does not write
+it), so such an image is made again with its hint given anew; a unit ``ldm`` cannot reproduce
+is kept aside in ``extra`` and refused by :meth:`GenerationParams.check_supported`.
+
 The format has no escape for a prompt line that starts with ``Negative prompt:``
 (the web UI reads it as the start of the negative prompt), and readers strip the
 spaces around every line. ``ldm`` keeps the text exactly as other tools read it and
@@ -59,6 +65,9 @@ from typing import Any, BinaryIO, Callable, Iterator
 from PIL import Image, PngImagePlugin
 
 from .atomicio import atomic_write
+from .controlmeta import KEY as CONTROL_KEY
+from .controlmeta import PREFIX as CONTROL_PREFIX
+from .controlmeta import ControlParams, check_writable, format_unit, parse_unit, unit_keys
 from .validation import (
     A1111_SAMPLERS, check_spacing, check_finite, check_fraction, check_guidance, check_int, check_seed, check_side,
     check_strength,
@@ -129,7 +138,8 @@ class GenerationParams:
     as ``Pipeline.generate`` takes them, None for its default. ``refiner`` / ``refiner_hash``
     name the refiner model as ``model`` / ``model_hash`` name the model; ``refiner_start``
     is where it took over. ``vae`` / ``vae_hash`` name a VAE file used in place of the model's
-    (its file name with the extension, as the web UI writes it).
+    (its file name with the extension, as the web UI writes it). ``controls``: the ControlNets,
+    in order (:class:`ldm.controlmeta.ControlParams`).
     """
 
     prompt: str
@@ -158,6 +168,7 @@ class GenerationParams:
     refiner: str | None = None
     refiner_hash: str | None = None
     refiner_start: float | None = None
+    controls: tuple[ControlParams, ...] = ()
     lora_hashes: dict[str, str] = field(default_factory=dict)
     ti_hashes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
@@ -174,6 +185,11 @@ class GenerationParams:
                 f"schedule type {self.extra['Schedule type']!r} is not one ldm has "
                 "(default or karras); give one with schedule=..."
             )
+        for key in unit_keys(self.extra):  # units parse_parameters set aside: say why
+            try:
+                parse_unit(self.extra[key])
+            except ValueError as exc:
+                raise ValueError(f"{key} cannot be reproduced: {exc}") from None
 
     @property
     def refiner_label(self) -> str | None:
@@ -182,7 +198,7 @@ class GenerationParams:
             return None
         return " ".join(x for x in (self.refiner, f"[{self.refiner_hash}]" if self.refiner_hash else None) if x)
 
-    def to_kwargs(self, refiner: Any = None) -> dict[str, Any]:
+    def to_kwargs(self, refiner: Any = None, control: Any = None) -> dict[str, Any]:
         """Keyword arguments for :meth:`ldm.Pipeline.generate` (fields that are set).
 
         Parameters that name a refiner need it loaded and given as ``refiner`` (a Pipeline),
@@ -192,11 +208,18 @@ class GenerationParams:
         name none is used too (``refiner_start`` then defaults to the pipeline's). A VAE they
         name is the pipeline's to load: ``Pipeline.from_pretrained(..., vae=find_vae(p.vae,
         p.vae_hash))`` (:func:`ldm.checkpoints.vae_file.find_vae`), as ``ldm generate --from`` does.
+        Parameters with ``controls`` need them as ``control`` (:class:`ldm.Control` objects: each
+        ControlNet found with :func:`ldm.modelref.find_controlnet`, with its hint made again), as
+        ``ldm generate --from IMAGE --control-image HINT`` does.
         """
         self.check_supported()
         if refiner is None and self.refiner_label is not None:
             raise ValueError(f"these parameters were rendered with the refiner {self.refiner_label}: load it "
                              "and pass it as to_kwargs(refiner=...)")
+        if control is None and self.controls:
+            raise ValueError(f"these parameters were rendered with the ControlNet(s) "
+                             f"{', '.join(c.label for c in self.controls)}: load them with their hints and pass "
+                             "them as to_kwargs(control=...)")
         kwargs: dict[str, Any] = dict(
             prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
             guidance_scale=self.guidance_scale, width=self.width, height=self.height,
@@ -206,7 +229,7 @@ class GenerationParams:
             original_size=self.original_size, crops_coords_top_left=self.crops_coords_top_left,
             target_size=self.target_size, aesthetic_score=self.aesthetic_score,
             negative_aesthetic_score=self.negative_aesthetic_score, refiner=refiner,
-            refiner_start=self.refiner_start if refiner is not None else None,
+            refiner_start=self.refiner_start if refiner is not None else None, control=control,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -286,6 +309,7 @@ def format_parameters(p: GenerationParams) -> str:
         (REFINER_START, p.refiner_start),
         (LORA_HASHES, _format_hashes(p.lora_hashes)),
         (TI_HASHES, _format_hashes(p.ti_hashes)),
+        *((f"{CONTROL_PREFIX}{i}", format_unit(c, p.width, p.height)) for i, c in enumerate(p.controls)),
     ]
     pairs += [(k, v) for k, v in p.extra.items() if k != "Sampler"]
     lines = [p.prompt]
@@ -401,7 +425,7 @@ def parse_parameters(text: str) -> GenerationParams:
 
     pairs = {k.strip(): _unquote(v.strip()) for k, v in _PARAM.findall(last)}
     fields: dict[str, Any] = {}
-    extra = {k: v for k, v in pairs.items() if k not in _KNOWN}
+    extra = {k: v for k, v in pairs.items() if k not in _KNOWN and not CONTROL_KEY.match(k)}
     if "Steps" in pairs:
         fields["steps"] = _int("Steps", pairs["Steps"])
     if "Seed" in pairs:
@@ -440,6 +464,7 @@ def parse_parameters(text: str) -> GenerationParams:
             fields[name] = _parse_hashes(key, pairs[key])
     _parse_edit(pairs, fields, extra)
     _parse_sdxl(pairs, fields, extra)
+    _parse_controls(pairs, fields, extra)
     return GenerationParams(prompt="\n".join(prompt), negative_prompt="\n".join(negative),
                             extra=extra, **fields)
 
@@ -479,6 +504,19 @@ def _parse_sdxl(pairs: dict[str, str], fields: dict[str, Any], extra: dict[str, 
         fields["refiner_start"] = _float(REFINER_START, pairs[REFINER_START])
 
 
+def _parse_controls(pairs: dict[str, str], fields: dict[str, Any], extra: dict[str, str]) -> None:
+    """The ``ControlNet N`` units, by number, into ``fields``; one ldm cannot reproduce stays in
+    ``extra`` as it was written, where :meth:`GenerationParams.check_supported` refuses it."""
+    controls = []
+    for key in unit_keys(pairs):
+        try:
+            controls.append(parse_unit(pairs[key]))
+        except ValueError:
+            extra[key] = pairs[key]
+    if controls:
+        fields["controls"] = tuple(controls)
+
+
 def normalize_prompt(text: str) -> str:
     """``text`` without the ASCII spaces around its lines (``\\r`` included) and around itself.
 
@@ -513,6 +551,8 @@ def check_round_trip(p: GenerationParams) -> None:
         problem = _text_problem(name, text)
         if problem:
             raise ValueError(problem)
+    for c in p.controls:
+        check_writable(c)
     back = parse_parameters(format_parameters(p))
     for name in GenerationParams.__dataclass_fields__:
         if getattr(back, name) != getattr(p, name):

@@ -160,3 +160,5 @@ def test_scale_zero_is_the_plain_model_and_bad_controls_are_refused(sd1_pipe, co
         Control("control_sd15_canny.safetensors", _picture(1))
     with pytest.raises(FileNotFoundError):
         ControlNet.from_pretrained("no/such/controlnet.safetensors")
+    with pytest.raises(ValueError, match="start 0.1 / end 0.9 leave none of the 2 steps"):
+        sd1_pipe("x", steps=2, control=Control(ours[0], _picture(1), start=0.1, end=0.9), progress=False)

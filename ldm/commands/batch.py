@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Render PROMPTS (one prompt per line, or JSONL objects with prompt, "
         "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, clip_skip, for editing image, "
         "mask, strength, extend, fill, mask_blur, mask_padding, paths relative to PROMPTS' folder, and for SDXL "
-        "original_size, crop_offset, target_size, aesthetic_score, negative_aesthetic_score, refiner_start) into "
+        "original_size, crop_offset, target_size, aesthetic_score, negative_aesthetic_score, refiner_start, and "
+        "control: a list of ControlNets {model, image, scale, preprocess, start, end, guess_mode}) into "
         "DIR as LLLLL-KK-SEED.png plus manifest.jsonl. A rerun skips finished images. Several processes "
         "(--num-processes N, or `accelerate launch -m ldm batch ...`) split the work and give the "
         "same files as one process.",

@@ -1,7 +1,8 @@
 """`ldm generate`: images for one prompt, or again from an image's parameters; with
 --image, an edit of that image (img2img, --mask inpainting, --extend outpainting);
 with --refiner, SDXL's base-then-refiner rendering; with --vae, another VAE (``--from`` finds
-the refiner and the VAE an image names as it finds the model)."""
+the refiner and the VAE an image names as it finds the model); with --control, ControlNets
+(:mod:`ldm.commands.controls`; ``--from`` finds them too, and takes their hints anew)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..controlmeta import KEY as CONTROL_KEY
 from ..pngmeta import (
     GenerationParams, check_params, check_round_trip, normalize_prompt, read_parameters, recorded_size_fields,
     save_png,
@@ -21,6 +23,10 @@ from ..editing import DEFAULT_FILL, default_size, extend, load_image, load_mask
 from ..validation import DEFAULTS, SPACINGS, check_sampling
 from .common import (
     add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, sdxl_values, value,
+)
+from .controls import (
+    ControlRequest, add_control_options, check_control_flags, check_units, control_requests, controls_for,
+    load_controlnets, per_image, recorded_units, without_controls,
 )
 
 logger = logging.getLogger("ldm")
@@ -60,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_options(p, seed_help="seed of the first image; image k gets seed + k (default: random)",
                            default_output=DEFAULT_OUTPUT)
     add_editing_options(p)
+    add_control_options(p)
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="timestep spacing of the schedule, as diffusers' timestep_spacing (default: the model's, "
                    "else the sampler's own; trailing for Turbo-style models)")
@@ -92,6 +99,8 @@ def _params_from_args(args: argparse.Namespace) -> GenerationParams:
 
 def _params_from_image(args: argparse.Namespace) -> GenerationParams:
     p = read_parameters(args.from_image, check=False)
+    if args.control:
+        p = without_controls(p)
     changes = {field: getattr(args, name) for name, field in _OVERRIDES if getattr(args, name) is not None}
     if args.size:
         changes["width"], changes["height"] = args.size
@@ -103,7 +112,7 @@ def _params_from_image(args: argparse.Namespace) -> GenerationParams:
         p = p.replace(sampler=DEFAULTS.sampler)
     if p.steps is None:
         p = p.replace(steps=DEFAULTS.steps)
-    ignored = {k: v for k, v in p.extra.items() if k not in (BATCH_SIZE, BATCH_POS)}
+    ignored = {k: v for k, v in p.extra.items() if k not in (BATCH_SIZE, BATCH_POS) and not CONTROL_KEY.match(k)}
     if ignored:
         logger.warning("%s: ignoring parameters ldm does not use: %s", args.from_image,
                        printable(", ".join(f"{k}: {v}" for k, v in ignored.items())))
@@ -120,8 +129,11 @@ def _params(args: argparse.Namespace) -> GenerationParams:
         raise ValueError("--refiner-start needs --refiner (the model that takes over)")
     p.check_supported()  # refuses a sampler or schedule from the image that ldm lacks
     check_sampling(p.sampler, p.schedule, p.steps, spacing=p.spacing)
-    # As written: the image's other keys are not; --refiner's name and hash replace the image's.
-    written = p.replace(extra={}, refiner="refiner", refiner_hash=None) if args.refiner else p.replace(extra={})
+    # As written: the image's other keys are not; --refiner's name and hash replace the image's;
+    # the ControlNets are written as they are used (checked by control_requests).
+    written = p.replace(extra={}, controls=())
+    if args.refiner:
+        written = written.replace(refiner="refiner", refiner_hash=None)
     check_round_trip(written)
     return p
 
@@ -289,15 +301,17 @@ def _warn_changed_files(source: Path, p: GenerationParams, used: dict[str, Any])
 
 def run(args: argparse.Namespace) -> int:
     check_edit_flags(args)
+    check_control_flags(args)
     out = _output_dir(args)
     p = _params(args)
     batch = _batch_of(p, args) if args.from_image else None
     edit = edit_inputs(args, p, p.seed - batch[1] if batch else p.seed)
+    controls = control_requests(args, p)
     if args.output is None:
         logger.info("no -o given: writing to %s", out.resolve())
     written: list[tuple[Any, GenerationParams]] = []
     try:
-        _render(args, p, out, written, batch, edit)
+        _render(args, p, out, written, batch, edit, controls)
     except KeyboardInterrupt:
         # Every image written so far is complete (atomic writes); say where they are.
         print(f"ldm generate: stopped; {len(written)} image(s) kept in {out}", file=sys.stderr)
@@ -305,8 +319,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_size(pipe: Any, p: GenerationParams, edit: dict[str, Any]) -> tuple[int, int]:
+    """The output size, as the pipeline will choose it (for the hints, made at that size)."""
+    native = pipe.config.default_size
+    if not edit:
+        return p.width or native, p.height or native
+    from ..edit_request import plan_edit
+
+    plan = plan_edit(edit["image"], edit.get("mask"), p.strength, count=1, width=p.width, height=p.height,
+                     native=native, inpainting_model=pipe.config.is_inpainting, mask_padding=p.mask_padding)
+    return plan.width, plan.height
+
+
+def _generate(args: argparse.Namespace, pipe: Any, kwargs: dict[str, Any], n: int, edit: dict[str, Any],
+              requests: list[ControlRequest], size: tuple[int, int]) -> Any:
+    """The call's images; with ControlNets each call gets its hints, and a hint drawn from the
+    image's seed (shuffle) makes each image its own call."""
+    if not requests:
+        return pipe.generate(**kwargs, **edit, num_images=n)
+    nets = load_controlnets(requests, pipe, args.allow_pickle)
+    check_units(requests, *size)
+    calls = [(kwargs["seed"] + k, 1) for k in range(n)] if per_image(requests) else [(kwargs["seed"], n)]
+    gens = [pipe.generate(**{**kwargs, "seed": seed}, **edit, num_images=count,
+                          control=controls_for(requests, nets, *size, seed)) for seed, count in calls]
+    gen = gens[0]
+    for more in gens[1:]:
+        gen.images += more.images
+        gen.seeds += more.seeds
+    return gen
+
+
 def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: list,
-            batch: tuple[int, int] | None, edit: dict[str, Any]) -> None:
+            batch: tuple[int, int] | None, edit: dict[str, Any], requests: list[ControlRequest]) -> None:
     model_path, refiner_path = _model_for(args, p if args.from_image else None), _refiner_for(args, p)
     vae_path = _vae_for(args, p)
     pipe, ref = _load(args, model_path, "model", p.model, p.model_hash, vae_path)
@@ -315,24 +359,27 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
     vae_ref = _vae_ref(args, vae_path, p)
 
     n = batch[0] if batch else value(args, "n")
-    kwargs = p.to_kwargs(refiner=refiner)
+    kwargs = p.replace(controls=()).to_kwargs(refiner=refiner)
     if batch:
         kwargs["seed"] = p.seed - batch[1]
-    gen = pipe.generate(**kwargs, **edit, num_images=n)
+    size = _render_size(pipe, p, edit) if requests else None
+    gen = _generate(args, pipe, kwargs, n, edit, requests, size)
     record = _edit_record(gen, edit)
     record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}),
                   **recorded_size_fields(gen.params, gen.params["width"], gen.params["height"]),
                   refiner=refiner_ref and refiner_ref.name, refiner_hash=refiner_ref and refiner_ref.hash,
                   refiner_start=gen.params["refiner_start"] if refiner_ref else None,
-                  vae=vae_ref and vae_ref.name, vae_hash=vae_ref and vae_ref.hash)
+                  vae=vae_ref and vae_ref.name, vae_hash=vae_ref and vae_ref.hash,
+                  controls=recorded_units(requests, gen.params.get("controls", [])))
     if args.from_image:
         _warn_changed_files(args.from_image, p, record)
     keep = [batch[1]] if batch else list(range(n))
 
     out.mkdir(parents=True, exist_ok=True)
     first = next_index(out)
+    one_call = n > 1 and not per_image(requests)
     for i, k in enumerate(keep):
-        extra = {BATCH_SIZE: str(n), BATCH_POS: str(k)} if n > 1 else {}
+        extra = {BATCH_SIZE: str(n), BATCH_POS: str(k)} if one_call else {}
         params = p.replace(seed=gen.seeds[k], width=gen.params["width"], height=gen.params["height"],
                            model=ref.name, model_hash=ref.hash, extra=extra, **record)
         path = out / f"{first + i:05d}-{gen.seeds[k]}.png"
