@@ -395,8 +395,8 @@ class Pipeline:
             target_size=target_size, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
             refiner=refiner, refiner_start=refiner_start, sampler=sampler, steps=steps, schedule=schedule,
             spacing=spacing, start=start, masked=edit is not None and edit.masks[0] is not None)
+        run_steps = (handover or steps) - start  # the steps this model runs
         for c in controls:  # diffusers' rule can leave a short run without a step for a ControlNet
-            run_steps = (handover or steps) - start
             if not any(c.active(i, run_steps) for i in range(run_steps)):
                 raise ValueError(f"control {c.controlnet.name}: start {c.start:g} / end {c.end:g} leave none of the "
                                  f"{run_steps} steps that run to it; widen the range or use more steps")
@@ -420,7 +420,7 @@ class Pipeline:
                                                clip_skip=clip_skip)
             if micro is not None:
                 cond, uncond = micro.attach(cond, uncond)
-            cond, uncond = attach_controls(cond, uncond, controls, hints, (handover or steps) - start)
+            cond, uncond = attach_controls(cond, uncond, controls, hints, run_steps)
             if refiner is not None:
                 r_cond, r_uncond = refiner.encode_prompts(prompts, negatives if guided else None, steps=steps,
                                                           clip_skip=clip_skip)
