@@ -72,6 +72,10 @@ class UNetConfig:
     addition_embed_type: Literal["text_time"] | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # A guidance-distilled U-Net (LCM): the width of the guidance-scale embedding that
+    # its timestep embedding also takes (diffusers' time_cond_proj_dim; 256 in LCM's
+    # released models). None for ordinary U-Nets.
+    time_cond_proj_dim: int | None = None
 
     def depth(self, level: int) -> int:
         """Transformer blocks per attention module at down level ``level`` (and its mirror)."""
@@ -95,6 +99,11 @@ class UNetConfig:
             raise ValueError("UNetConfig: addition_embed_type, addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim are set together (SDXL) or not at all, "
                              f"got {added}")
+        if self.time_cond_proj_dim is not None and (isinstance(self.time_cond_proj_dim, bool)
+                                                    or not isinstance(self.time_cond_proj_dim, int)
+                                                    or self.time_cond_proj_dim < 2):
+            raise ValueError(f"UNetConfig: time_cond_proj_dim must be an integer >= 2 or None, "
+                             f"got {self.time_cond_proj_dim!r}")
         for name in ("down_block_types", "up_block_types", "num_attention_heads"):
             if len(getattr(self, name)) != n:
                 raise ValueError(

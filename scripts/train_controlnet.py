@@ -61,6 +61,7 @@ from ldm.training.controlnet import (  # noqa: E402
     CAPTION_DROPOUT, controlnet_config, controlnet_from_unet, encode_scenes, train_controlnet,
 )
 from ldm.training.datasets import LatentSet  # noqa: E402
+from ldm.training.losses import TIMESTEP_SAMPLING  # noqa: E402
 
 STAGE = "controlnet"
 # Random streams (see ldm.training.seeding.derive_seed): scenes, initialisation, training.
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue training this ControlNet file (of the same model and hint) instead of "
                         "starting from the U-Net's copy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default="uniform",
+                   help="how training timesteps are drawn: uniform (the paper), or cubic (T2I-Adapter's "
+                        "t = (1 - u^3) T, mostly noisy steps, where the layout is decided); default %(default)s")
     p.add_argument("--threads", type=int, default=THREADS,
                    help="torch threads (default %(default)s: as fast as two on this small model, and steady "
                         "when other jobs share the cores)")
@@ -201,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = stage_spec(args)
     result = train_controlnet(acc, settings, spec, model, loaded.unet, loaded.text_encoder, controlnet, latents,
                               loaded.tokenizer, stream=TRAIN_STREAM, hint_kind=args.hint,
-                              inputs=inputs)
+                              timesteps=args.timesteps, inputs=inputs)
     card: dict[str, Any] = {}
     if acc.is_main_process:
         state = cpu_copy(result.state)
@@ -209,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         card = {"controlnet": str(args.out), "bytes": size, "base": str(args.model), "base_hash": base,
                 "init_from": str(args.init_from) if args.init_from else None, "init": inputs.get("init"),
                 "hint": args.hint, "seed": args.seed, "scenes": args.scenes, "caption_dropout": CAPTION_DROPOUT,
+                "timesteps": args.timesteps,
                 "config": config.to_dict(), "processes": acc.num_processes, "device": str(acc.device),
                 "cpu": cpu_model(), "threads": torch.get_num_threads(),
                 **stage_card(spec, result, param_count(state)),

@@ -146,6 +146,20 @@ def test_noise_schedule(prediction_type):
     assert torch.allclose(target, expected)
 
 
+def test_timestep_sampling():
+    schedule = NoiseSchedule(ModelConfig())
+    x0 = torch.zeros(20000, 1)
+    uniform, _ = schedule.draw(x0, torch.Generator().manual_seed(0))
+    cubic, _ = schedule.draw(x0, torch.Generator().manual_seed(0), "cubic")
+    for t in (uniform, cubic):
+        assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    # t = (1 - u^3) T: P(t >= T/2) = P(u^3 <= 1/2) = 0.5^(1/3) = 0.794; uniform: 0.5.
+    assert abs((cubic >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.01
+    assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.01
+    with pytest.raises(ValueError, match="unknown timestep sampling 'cosine'.*uniform, cubic"):
+        schedule.draw(x0, None, "cosine")
+
+
 class _Points(torch.utils.data.Dataset):
     """y = 2x + 1 at points drawn by global sample index, as the stage loop expects."""
 

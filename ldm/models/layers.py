@@ -54,15 +54,41 @@ class Timesteps(nn.Module):
         return timestep_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.downscale_freq_shift)
 
 
-class TimestepEmbedding(nn.Module):
-    """MLP from the sinusoidal embedding to the vector added in every resnet."""
+def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
+    """A guidance-distilled U-Net's extra input (LCM, Luo et al. 2023; VDM's embedding):
+    the sinusoidal embedding of ``1000 w``, shape [N] -> [N, dim], float32, ``[sin, cos]``.
 
-    def __init__(self, in_dim: int, dim: int) -> None:
+    The operation order copies diffusers' ``get_guidance_scale_embedding``: ``1000 w``
+    reaches the thousands, where an equal but reordered formula moves the 4th decimal.
+    """
+    if w.ndim != 1:
+        raise ValueError(f"guidance scales must be one per row, shape [N], got {tuple(w.shape)}")
+    if dim < 2:
+        raise ValueError(f"guidance embedding width must be at least 2, got {dim}")
+    half = dim // 2
+    scale = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -scale).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP from the sinusoidal embedding to the vector added in every resnet.
+
+    ``cond_dim``: a guidance-distilled U-Net's ``cond_proj`` (diffusers'
+    ``time_cond_proj_dim``), a bias-free projection of :func:`guidance_scale_embedding`
+    added to the sinusoidal embedding before the MLP."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None) -> None:
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, emb: Tensor) -> Tensor:
+    def forward(self, emb: Tensor, condition: Tensor | None = None) -> Tensor:
+        if condition is not None:
+            emb = emb + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 

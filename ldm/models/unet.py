@@ -205,7 +205,7 @@ class UNetEncoder(nn.Module):
         common = self._block_options()
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, config.time_cond_proj_dim)
         if config.addition_embed_type == "text_time":
             self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
@@ -262,16 +262,37 @@ class UNetEncoder(nn.Module):
         return next(self.parameters()).device
 
     def time_embed(
-        self, timestep: Tensor | float | int, batch: int, device: torch.device, dtype: torch.dtype
+        self, timestep: Tensor | float | int, batch: int, device: torch.device, dtype: torch.dtype,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
-        """The timestep vector fed to every resnet, shape [batch, 4 * block_out_channels[0]]."""
+        """The timestep vector fed to every resnet, shape [batch, 4 * block_out_channels[0]];
+        a guidance-distilled U-Net also takes ``timestep_cond`` (see :meth:`check_timestep_cond`)."""
         t = torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t[None]
         t = t.expand(batch)
         c = self.unet_config
+        self.check_timestep_cond(timestep_cond, batch)
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        return self.time_embedding(emb.to(dtype))
+        cond = timestep_cond.to(dtype) if timestep_cond is not None else None
+        return self.time_embedding(emb.to(dtype), cond)
+
+    def check_timestep_cond(self, timestep_cond: Tensor | None, batch: int) -> None:
+        """A guidance-distilled U-Net (``time_cond_proj_dim``) needs the guidance scale's
+        embedding (``ldm.models.layers.guidance_scale_embedding``) for every row, and others
+        take none: left out, the model would run at a guidance scale nobody chose."""
+        width = self.unet_config.time_cond_proj_dim
+        if width is None:
+            if timestep_cond is not None:
+                raise ValueError("timestep_cond is a guidance-distilled U-Net's guidance embedding; this U-Net "
+                                 "has none (time_cond_proj_dim is None)")
+            return
+        if timestep_cond is None:
+            raise ValueError(f"this U-Net is guidance-distilled (time_cond_proj_dim {width}): it needs "
+                             "timestep_cond, the embedding of its guidance scale, for every row")
+        if not isinstance(timestep_cond, Tensor) or tuple(timestep_cond.shape) != (batch, width):
+            shape = tuple(timestep_cond.shape) if isinstance(timestep_cond, Tensor) else type(timestep_cond).__name__
+            raise ValueError(f"timestep_cond must have shape ({batch}, {width}), got {shape}")
 
     def text_time_embed(self, text_embeds: Tensor | None, time_ids: Tensor | None, batch: int,
                         dtype: torch.dtype) -> Tensor | None:
@@ -305,10 +326,11 @@ class UNetEncoder(nn.Module):
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
 
     def embed(self, sample: Tensor, timestep: Tensor | float | int, text_embeds: Tensor | None = None,
-              time_ids: Tensor | None = None) -> Tensor:
-        """The vector every resnet takes: the timestep's embedding, plus SDXL's added one."""
+              time_ids: Tensor | None = None, timestep_cond: Tensor | None = None) -> Tensor:
+        """The vector every resnet takes: the timestep's embedding (with a guidance-distilled
+        U-Net's guidance embedding), plus SDXL's added one."""
         added = self.text_time_embed(text_embeds, time_ids, sample.shape[0], sample.dtype)
-        temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
+        temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype, timestep_cond)
         return temb if added is None else temb + added
 
     def encode(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -370,17 +392,20 @@ class UNet(UNetEncoder):
         time_ids: Tensor | None = None,
         down_residuals: Sequence[Tensor] | None = None,
         mid_residual: Tensor | None = None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
         """Predict noise (or v) for ``sample`` [B, C, H, W] at ``timestep`` ([B] or scalar),
         conditioned on ``encoder_hidden_states`` [B, L, D] (any L); an SDXL U-Net also on
-        ``text_embeds`` [B, pooled] and ``time_ids`` [B, 6 or 5] (see :meth:`text_time_embed`).
+        ``text_embeds`` [B, pooled] and ``time_ids`` [B, 6 or 5] (see :meth:`text_time_embed`);
+        a guidance-distilled U-Net also on ``timestep_cond`` [B, time_cond_proj_dim], its
+        guidance scale's embedding (see :meth:`check_timestep_cond`).
 
         ``down_residuals`` (one per skip, in order) and ``mid_residual``: a ControlNet's
         outputs, added to the skips and to the mid block's output, as diffusers'
         ``down_block_additional_residuals`` / ``mid_block_additional_residual``; both or neither.
         """
         context = encoder_hidden_states
-        temb = self.embed(sample, timestep, text_embeds, time_ids)
+        temb = self.embed(sample, timestep, text_embeds, time_ids, timestep_cond)
         x, skips = self.encode(self.conv_in(sample), temb, context)
         if down_residuals is not None or mid_residual is not None:
             check_residuals(skips, x, down_residuals, mid_residual)

@@ -39,7 +39,7 @@ from ..toy.world import Scene, render
 from .datasets import LatentPairs, LatentSet, chw
 from .lora_data import encode_pictures
 from .loop import RunSettings, train_stage
-from .losses import NoiseSchedule, noised
+from .losses import TIMESTEP_SAMPLING, NoiseSchedule, noised
 from .stage import StageResult, StageSpec, plain
 
 # The modules a ControlNet starts from the U-Net's (diffusers' from_unet copies these).
@@ -112,11 +112,11 @@ class ControlNetTask(nn.Module):
     ``ids`` and uint8 ``hints`` at pixel size."""
 
     def __init__(self, unet: UNet, text_encoder: TextEncoder, controlnet: ControlNetModel,
-                 schedule: NoiseSchedule) -> None:
+                 schedule: NoiseSchedule, timesteps: str = "uniform") -> None:
         super().__init__()
         self.unet = unet.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.controlnet, self.schedule = controlnet, schedule
+        self.controlnet, self.schedule, self.timesteps = controlnet, schedule, timesteps
 
     def train(self, mode: bool = True) -> "ControlNetTask":
         super().train(mode)
@@ -127,7 +127,7 @@ class ControlNetTask(nn.Module):
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
         with torch.no_grad():
             context = self.text_encoder(batch["ids"])
-        noisy, t, target = noised(batch["latents"], self.schedule, generator)
+        noisy, t, target = noised(batch["latents"], self.schedule, generator, self.timesteps)
         residuals = self.controlnet(noisy, t, context, hint_pixels(batch["hints"]))
         prediction = self.unet(noisy, t, context, down_residuals=residuals.down, mid_residual=residuals.mid)
         return F.mse_loss(prediction.float(), target), {}
@@ -164,27 +164,32 @@ def encode_scenes(vae: nn.Module, scenes: list[Scene], size: int, scaling_factor
 
 
 def controlnet_fingerprint(cn_config: ControlNetConfig, model: ModelConfig, hint_kind: str,
-                           p_empty: float) -> dict[str, Any]:
+                           p_empty: float, timesteps: str = "uniform") -> dict[str, Any]:
     """What a ControlNet checkpoint must share with a run to be continued."""
     return {"controlnet": plain(cn_config.to_dict()), "scaling_factor": model.vae.scaling_factor,
             "hint": hint_kind, "p_empty": p_empty, "prediction": model.prediction_type,
+            **({} if timesteps == "uniform" else {"timesteps": timesteps}),
             "schedule": [model.num_train_timesteps, model.beta_start, model.beta_end, model.beta_schedule]}
 
 
 def train_controlnet(acc: Accelerator, run: RunSettings, spec: StageSpec, model: ModelConfig, unet: UNet,
                      text_encoder: TextEncoder, controlnet: ControlNetModel, latents: LatentSet,
                      tokenizer: Tokenizer, *, stream: int, hint_kind: str = "silhouette",
-                     p_empty: float = CAPTION_DROPOUT, inputs: dict[str, Any] | None = None) -> StageResult:
+                     p_empty: float = CAPTION_DROPOUT, timesteps: str = "uniform",
+                     inputs: dict[str, Any] | None = None) -> StageResult:
     """Train ``controlnet`` for the frozen ``unet`` (of ``model``) on ``latents`` with their
     scenes' hints, resuming from / checkpointing to ``run.checkpoint_path(spec.name)``.
+    ``timesteps``: how training timesteps are drawn (``ldm.training.losses.TIMESTEP_SAMPLING``).
     ``inputs``: what the frozen model and data are (their change restarts the stage)."""
     if not 0 <= p_empty < 1:
         raise ValueError(f"p_empty must be in [0, 1), got {p_empty!r}")
-    task = ControlNetTask(unet, text_encoder, controlnet, NoiseSchedule(model))
+    if timesteps not in TIMESTEP_SAMPLING:
+        raise ValueError(f"unknown timestep sampling {timesteps!r}; valid: {', '.join(TIMESTEP_SAMPLING)}")
+    task = ControlNetTask(unet, text_encoder, controlnet, NoiseSchedule(model), timesteps)
     size = model.vae.sample_size
     return train_stage(
         acc, run, spec, task, controlnet,
         lambda first, count: HintedLatents(latents, run.seed, stream, first, count, p_empty, tokenizer, size,
                                            hint_kind),
-        stream=stream, fingerprint=controlnet_fingerprint(controlnet.config, model, hint_kind, p_empty),
+        stream=stream, fingerprint=controlnet_fingerprint(controlnet.config, model, hint_kind, p_empty, timesteps),
         inputs=inputs or {})

@@ -60,6 +60,9 @@ def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator | No
     return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
 
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
 class NoiseSchedule:
     """The forward process ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` of a model config
     (SD: 1000 scaled-linear betas), with the training targets for eps and v."""
@@ -84,9 +87,20 @@ class NoiseSchedule:
         signal, sigma = self._coefficients(t, x0)
         return signal * noise - sigma * x0
 
-    def draw(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Uniform timesteps and unit noise, drawn on the CPU so they do not depend on the device."""
-        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator)
+    def draw(self, x0: Tensor, generator: torch.Generator | None, sampling: str = "uniform"
+             ) -> tuple[Tensor, Tensor]:
+        """Timesteps (see :data:`TIMESTEP_SAMPLING`) and unit noise, drawn on the CPU so they
+        do not depend on the device."""
+        n, T = x0.shape[0], self.num_train_timesteps
+        if sampling == "uniform":
+            t = torch.randint(0, T, (n,), generator=generator)
+        elif sampling == "cubic":
+            # T2I-Adapter's (SDXL) schedule: t = (1 - u^3) T puts most draws at the noisy
+            # end, where an added control decides the layout (79% of them above T/2).
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            t = ((1 - u**3) * T).long().clamp(0, T - 1)
+        else:
+            raise ValueError(f"unknown timestep sampling {sampling!r}; valid: {', '.join(TIMESTEP_SAMPLING)}")
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
         return t.to(x0.device), noise.to(x0.device)
 
@@ -104,9 +118,10 @@ def diffusion_loss(unet: nn.Module, latents: Tensor, context: Tensor, schedule: 
     return F.mse_loss(prediction.float(), target)
 
 
-def noised(latents: Tensor, schedule: NoiseSchedule, generator: torch.Generator | None
-           ) -> tuple[Tensor, Tensor, Tensor]:
-    """One training draw for float ``latents``: ``(noisy latents, timesteps, target)``."""
+def noised(latents: Tensor, schedule: NoiseSchedule, generator: torch.Generator | None,
+           sampling: str = "uniform") -> tuple[Tensor, Tensor, Tensor]:
+    """One training draw for float ``latents``: ``(noisy latents, timesteps, target)``;
+    ``sampling``: how timesteps are drawn (:data:`TIMESTEP_SAMPLING`)."""
     latents = latents.float()
-    t, noise = schedule.draw(latents, generator)
+    t, noise = schedule.draw(latents, generator, sampling)
     return schedule.add_noise(latents, noise, t), t, schedule.target(latents, noise, t)
