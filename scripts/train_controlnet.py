@@ -102,20 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=THREADS,
                    help="torch threads (default %(default)s: as fast as two on this small model, and steady "
                         "when other jobs share the cores)")
-    for name, kind in (("steps", int), ("batch", int), ("lr", float), ("warmup", int), ("scenes", int),
-                       ("save_every", int), ("log_every", int)):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                       help=f"default {FULL[name]} ({SMOKE[name]} with --smoke)")
+    add_size_flags(p, FULL, SMOKE)
     args = p.parse_args(argv)
-    sizes = SMOKE if args.smoke else FULL
-    for name, value in sizes.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    for name in ("steps", "batch", "scenes", "save_every", "log_every", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0 or not args.lr > 0:
-        p.error("--warmup must be >= 0 and --lr > 0")
+    resolve_sizes(p, args, FULL, SMOKE)
     if args.workdir is None:
         args.workdir = (Path(tempfile.mkdtemp(prefix="train_controlnet_")) if args.smoke
                         else ROOT / "runs" / f"controlnet-{args.hint}")
@@ -123,6 +112,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.card = args.card or args.workdir / "card.json"
     args.model = args.model or default_weights_path()
     return args
+
+
+def add_size_flags(p: argparse.ArgumentParser, full: dict[str, Any], smoke: dict[str, Any]) -> None:
+    """The run's sizes (``--steps``, ``--batch``, ``--lr``, ``--warmup``, ``--scenes``,
+    ``--save-every``, ``--log-every``), by default ``full``'s, or ``smoke``'s with ``--smoke``."""
+    for name, kind in (("steps", int), ("batch", int), ("lr", float), ("warmup", int), ("scenes", int),
+                       ("save_every", int), ("log_every", int)):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                       help=f"default {full[name]} ({smoke[name]} with --smoke)")
+
+
+def resolve_sizes(p: argparse.ArgumentParser, args: argparse.Namespace, full: dict[str, Any],
+                  smoke: dict[str, Any]) -> None:
+    """Fill in the sizes not given (see :func:`add_size_flags`); refuse impossible ones
+    (and ``--threads`` below 1) with a usage error."""
+    for name, value in (smoke if args.smoke else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("steps", "batch", "scenes", "save_every", "log_every", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0 or not args.lr > 0:
+        p.error("--warmup must be >= 0 and --lr > 0")
 
 
 def stage_spec(args: argparse.Namespace) -> StageSpec:

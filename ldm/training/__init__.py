@@ -10,6 +10,7 @@
 - :mod:`.models`: models built from configs or handed-on states
 - :mod:`.stage`, :mod:`.loop`, :mod:`.checkpointing`: the resumable stage loop
 - :mod:`.export`: the single-file checkpoint, the CLIP scorer and the read-back check
+- :mod:`.lcm_distill`: latent consistency distillation (LCM) of a U-Net
 
 ``scripts/train_toy.py`` is the recipe that puts these together.
 """

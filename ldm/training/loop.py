@@ -137,7 +137,7 @@ def _restore(acc: Accelerator, spec: StageSpec, ckpt: dict[str, Any] | None, tra
 
 def train_stage(acc: Accelerator, run: RunSettings, spec: StageSpec, task: nn.Module, trained: nn.Module,
                 make_dataset: DatasetFactory, *, stream: int, fingerprint: dict[str, Any],
-                inputs: dict[str, Any]) -> StageResult:
+                inputs: dict[str, Any], after_step: Callable[[], None] | None = None) -> StageResult:
     """Train ``trained`` (a part of ``task``, whose forward returns the loss and a dict of
     numbers to log) for ``spec.steps`` steps, resuming from and checkpointing to
     ``run.checkpoint_path(spec.name)``.
@@ -145,7 +145,9 @@ def train_stage(acc: Accelerator, run: RunSettings, spec: StageSpec, task: nn.Mo
     ``stream`` keeps this stage's random numbers apart from other stages' (see
     :func:`~ldm.training.seeding.derive_seed`). ``fingerprint``: settings a checkpoint
     must share to be continued; ``inputs``: what upstream stages handed on, whose change
-    restarts the stage.
+    restarts the stage. ``after_step``: called after every optimiser step, before the
+    step's checkpoint, to update state kept in ``trained`` that gradients do not train
+    (a consistency model's target network: :mod:`ldm.training.lcm_distill`).
     """
     path = run.checkpoint_path(spec.name)
     fingerprint = {**fingerprint, **spec.fingerprint(), "seed": run.seed}
@@ -189,6 +191,8 @@ def train_stage(acc: Accelerator, run: RunSettings, spec: StageSpec, task: nn.Mo
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(trained)
+            if after_step is not None:
+                after_step()
             mean = progress.update(step, loss, stats)
             if mean is not None:
                 record["losses"].append([step, mean])
