@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench bench-short lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# A few minutes on CPU (256x256, 4 steps, 1 repeat); `make bench` is the full run.
+bench-short: $(STAMP)
+	$(PY) scripts/bench.py --short
 
 lint: $(STAMP)
 	$(PY) -m compileall -q ldm scripts tests

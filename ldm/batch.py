@@ -58,7 +58,7 @@ from typing import Any, Callable
 from . import batchlock, manifest
 from .atomicio import append_line, remove_temp_files
 from .adapters.prompt_loras import file_hash, resolve_tags, split_tags
-from .batchfile import Job, LineError, Settings, check_settings, check_steps, read_jobs
+from .batchfile import Job, LineError, Settings, check_settings, check_steps, distilled_negative_error, read_jobs
 from .batchinputs import Inputs, check_inputs, control_arguments, edit_arguments
 from .grid import image_grid
 from .modelref import ModelRef
@@ -244,7 +244,8 @@ def model_errors(jobs: list[Job], pipe: Any, inputs: Inputs | None = None, refin
         sdxl_key = (*key, job.sdxl, job.refiner_start, edit)
         if sdxl_key not in found_sdxl:
             found_sdxl[sdxl_key] = _sdxl_error(pipe, refiner, job, width, height)
-        message = found[key] or found_sdxl[sdxl_key]
+        message = found[key] or found_sdxl[sdxl_key] or distilled_negative_error(
+            pipe.config.unet.time_cond_proj_dim, job.negative_prompt)
         if message:
             errors.append(LineError(job.line, message, job.text))
     return errors
@@ -402,7 +403,7 @@ def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: In
     main = state.is_main_process
     pipe = models.pipe
     items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref, models.vae_ref,
-                   models.control_refs)
+                   models.control_refs, guidance_embedded=pipe.config.unet.time_cond_proj_dim is not None)
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)
@@ -479,7 +480,7 @@ def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], o
                 [i.job.prompt for i in chunk], [i.job.negative_prompt for i in chunk],
                 seed=[i.seed for i in chunk], steps=first.job.steps, guidance_scale=first.job.guidance,
                 width=first.width, height=first.height, sampler=first.job.sampler,
-                schedule=first.job.schedule, clip_skip=first.job.clip_skip, progress=False,
+                schedule=first.job.schedule, spacing=first.job.spacing, clip_skip=first.job.clip_skip, progress=False,
                 **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
                 **control_arguments(first.job.controls, models.controlnets, first.width, first.height, first.seed,
                                     inputs.files, first.job.line),

@@ -2,7 +2,8 @@
 
 Plain text (any suffix but ``.jsonl``/``.ndjson``): each line is a prompt. JSONL:
 each line is an object with ``prompt`` and optionally ``negative_prompt``,
-``seed``, ``steps``, ``guidance``, ``sampler``, ``schedule``, ``size`` (``"WxH"``,
+``seed``, ``steps``, ``guidance``, ``sampler``, ``schedule``, ``spacing`` (the timestep
+spacing: ``leading``, ``linspace`` or ``trailing``; default the model's), ``size`` (``"WxH"``,
 ``[w, h]`` or one int for a square), ``n`` (images of this line), ``clip_skip``, the
 image-editing keys of :mod:`ldm.batchedit` (``image``, ``mask``, ``strength``,
 ``extend``, ``fill``, ``mask_blur``, ``mask_padding``; paths relative to the
@@ -42,7 +43,7 @@ from .pngmeta import (
 )
 from .validation import (
     DEFAULTS, MAX_SEED, SIZE_FACTOR, check_finite, check_fraction, check_guidance, check_int, check_sampler,
-    check_sampling, check_schedule, check_seed, check_side,
+    check_distilled_negatives, check_sampling, check_schedule, check_seed, check_side, check_spacing,
 )
 
 SEED_STRIDE = 1000
@@ -55,8 +56,8 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PAIR_KEYS = {"original_size": "original_size", "crop_offset": "crops_coords_top_left",
              "target_size": "target_size"}
 SCORE_KEYS = ("aesthetic_score", "negative_aesthetic_score")
-JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "size", "n",
-              "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start", "control")
+JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "spacing", "size",
+              "n", "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start", "control")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
@@ -98,6 +99,7 @@ class Settings:
     sdxl: SDXLValues = SDXLValues()
     refiner: bool = False  # a refiner is given (ldm batch --refiner): lines may set refiner_start
     refiner_start: float = DEFAULTS.refiner_start
+    spacing: str | None = None  # None: the model's timestep spacing
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Job:
     sdxl: SDXLValues = SDXLValues()
     refiner_start: float | None = None  # None: the batch has no refiner
     controls: tuple[LineControl, ...] = ()
+    spacing: str | None = None  # None: the model's timestep spacing
 
 
 @dataclass(frozen=True)
@@ -150,23 +153,35 @@ def _str(obj: dict, key: str, default: str) -> str:
     return value
 
 
-def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000) -> tuple[str, str, int]:
-    """Sampler, schedule and steps checked together, as sampling will build them."""
+def check_steps(sampler: Any, schedule: Any, steps: Any, num_train_timesteps: int = 1000,
+                spacing: str | None = None) -> tuple[str, str, int]:
+    """Sampler, schedule, steps and the timestep spacing asked for (None: the model's)
+    checked together, as sampling will build them."""
     sampler, schedule = check_sampler(sampler), check_schedule(schedule)
     steps = check_int(steps, "steps", 1)
-    check_sampling(sampler, schedule, steps, num_train_timesteps)
+    check_sampling(sampler, schedule, steps, num_train_timesteps, spacing)
     return sampler, schedule, steps
+
+
+def distilled_negative_error(time_cond_proj_dim: int | None, negative: str) -> str | None:
+    """Why a line's negative prompt cannot render on a guidance-distilled model (the
+    pipeline's words), or None."""
+    try:
+        check_distilled_negatives(time_cond_proj_dim, [negative])
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_metadata(prompt: str, negative: str, sampler: str, schedule: str, steps: int, guidance: float,
                     size: tuple[int, int] | None, seed: int, edit: Edit | None, clip_skip: int,
-                    sdxl: SDXLValues, controls: tuple[LineControl, ...]) -> None:
+                    sdxl: SDXLValues, controls: tuple[LineControl, ...], spacing: str | None = None) -> None:
     """Refuse a line whose PNG parameters text would read back as something else
     (e.g. a prompt line starting with ``Negative prompt:``): such an image could not
     be made again from its file. The native size stands in until the model is known."""
     width, height = size or (SIZE_FACTOR, SIZE_FACTOR)
     check_round_trip(GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
-                                      schedule=schedule, guidance_scale=guidance, seed=seed, width=width,
+                                      schedule=schedule, spacing=spacing, guidance_scale=guidance, seed=seed, width=width,
                                       height=height, clip_skip=recorded_clip_skip(clip_skip),
                                       **(edit.params() if edit else {}), **sdxl.kwargs(),
                                       controls=tuple(c.unit() for c in controls)))
@@ -215,8 +230,9 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Pa
     # Spaces around lines are dropped as the PNG text drops them (CLIP ignores them).
     prompt = normalize_prompt(_str(obj, "prompt", ""))
     negative = normalize_prompt(_str(obj, "negative_prompt", settings.negative_prompt))
-    sampler, schedule, steps = check_steps(obj.get("sampler", settings.sampler),
-                                           obj.get("schedule", settings.schedule), obj.get("steps", settings.steps))
+    spacing = check_spacing(obj.get("spacing", settings.spacing))
+    sampler, schedule, steps = check_steps(obj.get("sampler", settings.sampler), obj.get("schedule", settings.schedule),
+                                           obj.get("steps", settings.steps), spacing=spacing)
     guidance = check_guidance(obj.get("guidance", settings.guidance))
     size = parse_size(obj["size"]) if "size" in obj else settings.size
     seed, n = _seed_and_count(obj, line, settings)
@@ -225,9 +241,9 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Pa
     sdxl = _sdxl_values(obj, settings.sdxl)
     controls = controls_from_object(obj["control"], base) if "control" in obj else ()
     _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip, sdxl,
-                    controls)
+                    controls, spacing)
     return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit, clip_skip,
-               sdxl, _refiner_start(obj, settings), controls)
+               sdxl, _refiner_start(obj, settings), controls, spacing)
 
 
 def check_settings(settings: Settings) -> None:

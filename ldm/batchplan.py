@@ -71,11 +71,12 @@ def _now() -> str:
 
 def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None,
            refiner: ModelRef | None = None, vae: ModelRef | None = None,
-           controlnets: dict[str, ModelRef] | None = None) -> list[Item]:
+           controlnets: dict[str, ModelRef] | None = None, guidance_embedded: bool = False) -> list[Item]:
     """Every image of every job, with the parameters its PNG will carry (``inputs``:
     the lines' input files, see :func:`ldm.batchinputs.check_inputs`; ``refiner`` and
     ``vae``: the batch's refiner and VAE file, named in every image; ``controlnets``: the
-    name and hash of each ControlNet the lines use, by resolved path)."""
+    name and hash of each ControlNet the lines use, by resolved path; ``guidance_embedded``: the
+    model is guidance-distilled, its guidance scale recorded as such)."""
     inputs = inputs or Inputs()
     items = []
     named = {"refiner": refiner.name, "refiner_hash": refiner.hash} if refiner is not None else {}
@@ -89,8 +90,9 @@ def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | 
         for k in range(job.n):
             params = GenerationParams(
                 prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-                sampler=job.sampler, schedule=job.schedule, guidance_scale=job.guidance,
-                seed=job.seed + k, width=width, height=height, model=model.name, model_hash=model.hash,
+                sampler=job.sampler, schedule=job.schedule, spacing=job.spacing, guidance_scale=job.guidance,
+                guidance_embedding=job.guidance if guidance_embedded else None, seed=job.seed + k,
+                width=width, height=height, model=model.name, model_hash=model.hash,
                 clip_skip=recorded_clip_skip(job.clip_skip), **inputs.networks.get(job.line, {}),
                 **(job.edit.params() if job.edit else {}), **sdxl, **named,
                 refiner_start=job.refiner_start if refiner is not None else None, controls=units,
@@ -128,7 +130,7 @@ def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[It
     for item in items:
         j = item.job
         # A call applies one set of <lora:...> tags: lines with other tags (or weights) go apart.
-        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.guidance, j.clip_skip, j.sdxl,
+        key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.spacing, j.guidance, j.clip_skip, j.sdxl,
                j.refiner_start, _tag_settings(j.prompt), context_chunks(item), _edit_key(item), _control_key(item))
         groups.setdefault(key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]

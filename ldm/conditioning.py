@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .models.layers import guidance_scale_embedding
+
 
 @dataclass(frozen=True, eq=False)
 class ControlInput:
@@ -70,6 +72,9 @@ class Conditioning:
     ``text_embeds`` / ``time_ids``); ``None`` for SD1/SD2.
     ``control``: the ControlNets run before the U-Net, with each row's hint and scale
     (:mod:`ldm.control`); ``None`` without.
+    ``timestep_cond``: a guidance-distilled U-Net's guidance-scale embedding
+    ``(B, time_cond_proj_dim)`` (diffusers' ``timestep_cond``; see
+    :func:`with_guidance_embedding`); ``None`` for other U-Nets.
     """
 
     context: Tensor
@@ -77,6 +82,7 @@ class Conditioning:
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
     control: tuple[ControlInput, ...] | None = None
+    timestep_cond: Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = {name: t.shape[0] for name, t in self._tensors()}
@@ -218,9 +224,21 @@ def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         residuals = control_residuals(cond.control, x, t, cond.context)
         if residuals is not None:
             extra.update(down_residuals=residuals.down, mid_residual=residuals.mid)
+    if cond.timestep_cond is not None:
+        extra.update(timestep_cond=cond.timestep_cond)
     if cond.concat is not None:
         x = torch.cat([x, cond.concat], dim=1)
     return unet(x, t, cond.context, **extra)
+
+
+def with_guidance_embedding(cond: "Conditioning | ScheduledConditioning", guidance_scale: float,
+                            width: int) -> "Conditioning | ScheduledConditioning":
+    """``cond`` with a guidance-distilled U-Net's ``timestep_cond`` for every row: the
+    embedding of ``w = guidance_scale - 1`` (LCM distils classifier-free guidance with
+    ``eps_uncond + (w + 1) (eps_cond - eps_uncond)``, so ``w + 1`` is the usual scale;
+    diffusers' ``LatentConsistencyModelPipeline``), ``width`` its ``time_cond_proj_dim``."""
+    w = torch.full((cond.batch_size,), float(guidance_scale) - 1.0)
+    return cond.replace(timestep_cond=guidance_scale_embedding(w, width))
 
 
 def control_residuals(controls: Sequence[ControlInput], x: Tensor, t: Tensor, context: Tensor) -> Any:

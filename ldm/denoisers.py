@@ -163,6 +163,11 @@ class Denoiser:
         return out * (-s / (s**2 + 1) ** 0.5) + (x / (s**2 + 1))
 
 
+def _guidance_embedded(cond: Conditioning | ScheduledConditioning) -> bool:
+    first = cond.segments[0] if isinstance(cond, ScheduledConditioning) else cond
+    return first.timestep_cond is not None
+
+
 def step_index(sigmas: Tensor, sigma: Tensor) -> int:
     """The sampling step (0-based) whose level range holds ``sigma``.
 
@@ -196,6 +201,10 @@ class CFGDenoiser:
     (prompt editing): each evaluation then uses the segment of the step its level
     falls in (:func:`step_index` over ``sigmas``, the levels of the steps that run),
     so the samplers stay unchanged and hold no step counter.
+
+    A guidance-distilled U-Net (LCM) takes its guidance scale as an input, carried in
+    ``cond.timestep_cond`` (:func:`~ldm.conditioning.with_guidance_embedding`); it runs
+    with ``scale <= 1`` (one pass), and guiding it again is refused, as diffusers never does.
     """
 
     def __init__(
@@ -213,6 +222,10 @@ class CFGDenoiser:
                 raise TypeError(f"{name} must be a Conditioning or ScheduledConditioning, got {type(value).__name__}")
         if scale > 1 and uncond is None:
             raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding")
+        if scale > 1 and _guidance_embedded(cond):
+            raise ValueError(f"guidance scale {scale} > 1 on a guidance-distilled conditioning (it carries the "
+                             "U-Net's guidance embedding, timestep_cond): the scale is already in the embedding; "
+                             "use scale 1 (one pass, no classifier-free guidance)")
         scheduled = any(isinstance(v, ScheduledConditioning) for v in (cond, uncond))
         if scheduled and (sigmas is None or torch.as_tensor(sigmas).ndim != 1 or len(sigmas) < 2):
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 # text_to_transformers lives with the configs because the text model is built from it
 # (ldm.models import only ldm.config); it is part of this module's API all the same.
 from .config import TextEncoderConfig, UNetConfig, VAEConfig, text_to_transformers
+from .samplers.lcm import ORIGINAL_INFERENCE_STEPS, TIMESTEP_SCALING
 from .samplers.schedules import spacing_from_scheduler_config
 
 __all__ = [
@@ -42,7 +43,6 @@ _UNET_INERT = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -100,6 +100,7 @@ _UNET_MAPPED = {
     "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
     "flip_sin_to_cos", "freq_shift", "attention_head_dim", "num_attention_heads",
     "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+    "time_cond_proj_dim",
 }
 # SDXL's head count of its (unused) "text" addition embedding: inert for "text_time".
 _UNET_IGNORED = {"addition_embed_type_num_heads"}
@@ -124,7 +125,7 @@ def unet_from_diffusers(data: dict[str, Any]) -> UNetConfig:
         "sample_size", "in_channels", "out_channels", "layers_per_block", "cross_attention_dim",
         "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
         "flip_sin_to_cos", "freq_shift", "addition_embed_type", "addition_time_embed_dim",
-        "projection_class_embeddings_input_dim",
+        "projection_class_embeddings_input_dim", "time_cond_proj_dim",
     ):
         if data.get(key) is not None:
             kwargs[key] = data[key]
@@ -173,6 +174,8 @@ def unet_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "flip_sin_to_cos": config.flip_sin_to_cos,
         "freq_shift": config.freq_shift,
         **added,
+        # A guidance-distilled (LCM) U-Net's guidance embedding width; diffusers' default None.
+        **({"time_cond_proj_dim": config.time_cond_proj_dim} if config.time_cond_proj_dim is not None else {}),
     }
 
 
@@ -258,6 +261,18 @@ def text_from_transformers(data: dict[str, Any], pad_token: str = "eos", *,
     return TextEncoderConfig(pad_token=pad_token, hidden_layer=hidden_layer, **kwargs)
 
 
+# LCMScheduler keys that pick its timesteps and boundary condition: ldm's lcm sampler
+# has diffusers' defaults (ldm.samplers.lcm), which every released LCM model keeps.
+_LCM_FIXED = {"original_inference_steps": ORIGINAL_INFERENCE_STEPS, "timestep_scaling": TIMESTEP_SCALING}
+
+
+def _check_lcm_scheduler(data: dict[str, Any]) -> None:
+    for key, value in _LCM_FIXED.items():
+        if key in data and data[key] != value:
+            raise ValueError(f"scheduler_config.json: {key}={data[key]!r} is not supported: ldm's lcm sampler "
+                             f"uses {value!r} (LCMScheduler's default)")
+
+
 def schedule_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig schedule fields from ``scheduler/scheduler_config.json``.
 
@@ -269,6 +284,7 @@ def schedule_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
     for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
         if data.get(key) is not None:
             out[key] = data[key]
+    _check_lcm_scheduler(data)
     spacing = spacing_from_scheduler_config(data)
     if spacing is not None:
         out["timestep_spacing"] = spacing

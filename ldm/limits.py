@@ -17,15 +17,27 @@ Measured on the CPU (``scripts/measure_memory.py``: peak RSS growth, shipped toy
 fp32, two runs): the U-Net pass of one guided image grew 57-62 MiB at 512 px (estimate
 47) and 223-322 MiB at 1024 px (estimate 188); its decode 216-256 MiB (estimate 159) and
 744-800 MiB (estimate 636).
+
+Memory levels (:func:`plan_memory`), from fastest to leanest, each keeping what the one
+before it does: ``fast`` (the VAE and attention whole), ``tiled`` (the VAE decodes and
+encodes tile by tile, :mod:`ldm.tiled_vae`), ``sliced`` (attention runs a chunk of
+queries at a time, :func:`ldm.models.layers.chunked_sdpa`), ``offload`` (on an
+accelerator: each model waits in CPU memory until its phase runs). ``auto`` takes the
+first level whose estimated peak, doubled, fits the free memory (the leanest when none
+does), and says so in one log line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:  # torch stays unimported until a plan is made (the CLI starts without it)
+    from .tiled_vae import Tiling
 
 logger = logging.getLogger("ldm")
 
@@ -92,27 +104,225 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def _size(n: int) -> str:
+    return _gib(n) if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+MEMORY_LEVELS = ("fast", "tiled", "sliced", "offload")
+MEMORY_CHOICES = ("auto", *MEMORY_LEVELS)
+LEVEL_MEANING = {
+    "fast": "VAE and attention whole",
+    "tiled": "tiled VAE",
+    "sliced": "tiled VAE, sliced attention",
+    "offload": "tiled VAE, sliced attention, models offloaded to CPU between phases",
+}
+# Devices whose SDPA kernels (flash / memory-efficient) never hold the N x N score
+# matrix: measured on this CPU, 16384 tokens grew the RSS by 8 MiB, not the 1 GiB of scores.
+_FUSED_ATTENTION = ("cpu", "cuda")
+# Queries per attention call at the "sliced" level, unless the budget asks for fewer.
+ATTENTION_CHUNK = 1024
+_MIN_ATTENTION_CHUNK = 64
+PHASES = ("U-Net", "VAE")
+# "auto" takes a level when twice its estimate fits: the estimates err low (measured
+# growth was up to 1.7x them, see above), and on a CPU an allocation that overshoots
+# is often not an error to retry but the kernel's OOM killer. Refusals use the bare
+# estimate, so nothing that might fit is refused.
+CHOICE_HEADROOM = 2
+
+
+def check_memory(memory: Any, device: Any) -> str:
+    """``memory`` (a level name or "auto"), checked against ``device``."""
+    import torch
+
+    if not isinstance(memory, str) or memory not in MEMORY_CHOICES:
+        raise ValueError(f"memory must be one of {MEMORY_CHOICES}, got {memory!r}")
+    if memory == "offload" and torch.device(device).type == "cpu":
+        raise ValueError("memory='offload' moves models between an accelerator and the CPU; on cpu the leanest "
+                         "level is 'sliced'")
+    return memory
+
+
+def device_levels(device: Any) -> tuple[str, ...]:
+    """The levels that mean something on ``device`` (no offload from the CPU to itself)."""
+    import torch
+
+    return MEMORY_LEVELS[:-1] if torch.device(device).type == "cpu" else MEMORY_LEVELS
+
+
+def _attention_scores(rows: int, heads: int, queries: int, keys: int, device: Any) -> int:
+    """Elements of the score matrix an SDPA call holds (none for the fused kernels)."""
+    import torch
+
+    return 0 if torch.device(device).type in _FUSED_ATTENTION else rows * heads * queries * keys
+
+
+def attention_chunk(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool,
+                    budget: int | None) -> int:
+    """Queries per attention call at the "sliced" level: :data:`ATTENTION_CHUNK`, or fewer
+    (a power of two, at least 64) when the U-Net's widest self-attention would otherwise
+    hold more than a quarter of ``budget`` bytes of scores."""
+    tokens = _latent_pixels(config, height, width)
+    rows = 2 if guided else 1
+    chunk = ATTENTION_CHUNK
+    if budget is not None:
+        per_query = rows * max(config.unet.num_attention_heads) * tokens * dtype_bytes
+        while chunk > _MIN_ATTENTION_CHUNK and chunk * per_query > budget // 4:
+            chunk //= 2
+    return chunk
+
+
+def _latent_pixels(config: ModelConfig, height: int, width: int) -> int:
+    factor = config.vae.downsample_factor
+    return (height // factor) * (width // factor)
+
+
+def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
+                level: str, chunk: int = ATTENTION_CHUNK, resident: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Estimated peak bytes of each phase at ``level``: the U-Net's for one image (both
+    guidance rows), the VAE's for one image. ``resident``: bytes of the weights on the
+    device (``unet``, ``vae``, ``text``), which "offload" frees while another phase runs."""
+    if level not in MEMORY_LEVELS:
+        raise ValueError(f"memory level must be one of {MEMORY_LEVELS}, got {level!r}")
+    rank = MEMORY_LEVELS.index(level)
+    rows = 2 if guided else 1
+    u = config.unet
+    pixels = _latent_pixels(config, height, width)
+    queries = None if rank < MEMORY_LEVELS.index("sliced") else chunk
+    scores = 0
+    for i, kind in enumerate(u.down_block_types):
+        if "CrossAttn" in kind or i == len(u.down_block_types) - 1:  # the mid block attends at the last level
+            n = pixels // 4**i
+            scores = max(scores, _attention_scores(rows, u.num_attention_heads[i], min(queries or n, n), n, device))
+    unet = rows * unet_bytes_per_row(config, height, width, dtype_bytes) + scores * dtype_bytes
+    vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= 1, queries=queries, device=device)
+    if level == "offload" and resident:
+        # While one phase runs the others' weights wait in CPU memory.
+        unet -= resident.get("vae", 0) + resident.get("text", 0)
+        vae -= resident.get("unet", 0) + resident.get("text", 0)
+    return {"U-Net": max(unet, 0), "VAE": max(vae, 0)}
+
+
+def _vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, *, tiled: bool,
+               queries: int | None, device: Any) -> int:
+    """One image through the decoder (the encoder mirrors it with fewer layers): whole,
+    or one tile at a time into the full-size output and one row of tiles."""
+    from .tiled_vae import Tiling
+
+    factor = config.vae.downsample_factor
+    side = Tiling.for_vae(config.vae).tile * factor
+    out = 0
+    if tiled and (height > side or width > side):
+        out = config.vae.out_channels * (height + side) * width * dtype_bytes
+        height, width = min(height, side), min(width, side)
+    tokens = _latent_pixels(config, height, width)
+    scores = _attention_scores(1, 1, min(queries or tokens, tokens), tokens, device)
+    return decode_bytes(config, height, width, dtype_bytes) + out + scores * dtype_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How one call runs: its memory level, and the tiles and chunk the leaner levels use."""
+
+    level: str
+    tiling: Tiling
+    chunk: int
+    levels: tuple[str, ...]  # the levels of the device, fastest first
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.level not in self.levels:
+            raise ValueError(f"memory level must be one of {self.levels} here, got {self.level!r}")
+
+    @property
+    def vae_tiling(self) -> Tiling | None:
+        """The VAE's tiles, None where it runs whole."""
+        return self.tiling if self._rank >= 1 else None
+
+    @property
+    def attention_chunk(self) -> int | None:
+        """Queries per attention call, None where attention runs whole."""
+        return self.chunk if self._rank >= 2 else None
+
+    @property
+    def offload(self) -> bool:
+        """Whether models wait in CPU memory between phases."""
+        return self._rank >= 3
+
+    @property
+    def _rank(self) -> int:
+        return MEMORY_LEVELS.index(self.level)
+
+    def lower(self, reason: str) -> "MemoryPlan | None":
+        """The next leaner level (None after the last), for a retry after running out of memory."""
+        rank = self.levels.index(self.level)
+        if rank + 1 >= len(self.levels):
+            return None
+        return replace(self, level=self.levels[rank + 1], reason=reason)
+
+
+def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
+                memory: str = "auto", available: int | None = None,
+                resident: Mapping[str, int] | None = None) -> MemoryPlan:
+    """The memory level for one image of ``height`` x ``width``: ``memory`` when a level
+    is named, else ("auto") the first level of :data:`MEMORY_LEVELS` whose estimated
+    peak fits ``available`` (default: what :func:`available_bytes` reads) with
+    :data:`CHOICE_HEADROOM`, else the leanest. One log line
+    says which and why. Raises :class:`MemoryLimitError` (with the numbers) when even
+    the leanest level cannot fit."""
+    from .tiled_vae import Tiling
+
+    memory = check_memory(memory, device)
+    levels = device_levels(device)
+    available = available_bytes(device) if available is None else available
+    chunk = attention_chunk(config, height, width, dtype_bytes=dtype_bytes, guided=guided, budget=available)
+    needs = {lvl: level_needs(config, height, width, dtype_bytes=dtype_bytes, guided=guided, device=device,
+                              level=lvl, chunk=chunk, resident=resident) for lvl in levels}
+    if available is not None:
+        _refuse_over(needs[levels[-1]], available, width, height, guided, device, levels[-1])
+    if memory != "auto":
+        level, reason = memory, f"asked for (memory={memory!r})"
+    elif available is None:
+        level, reason = "fast", f"the free memory of {device} cannot be read"
+    else:
+        level = next((lvl for lvl in levels if CHOICE_HEADROOM * max(needs[lvl].values()) <= available),
+                     levels[-1])
+        phase = max(PHASES, key=lambda p: needs["fast"][p])
+        reason = f"the {phase} of a {width}x{height} image needs ~{_size(needs['fast'][phase])} at 'fast'"
+        if level != "fast":
+            reason += f", ~{_size(max(needs[level].values()))} at {level!r}"
+        reason += f"; {_size(available)} free on {device}"
+    plan = MemoryPlan(level, Tiling.for_vae(config.vae), chunk, levels, reason)
+    logger.info("memory: %s (%s): %s", level, LEVEL_MEANING[level], reason)
+    return plan
+
+
+def _refuse_over(needs: Mapping[str, int], available: int, width: int, height: int, guided: bool, device: Any,
+                 level: str) -> None:
+    phase = max(PHASES, key=lambda p: needs[p])
+    if needs[phase] > available:
+        raise MemoryLimitError(
+            f"a {width}x{height} image needs at least {_size(needs[phase])} for {phase} "
+            f"({'with' if guided else 'without'} guidance) even at memory level {level!r} "
+            f"({LEVEL_MEANING[level]}), but only {_size(available)} is free on {device}; use a smaller size"
+        )
+
+
 def plan_batch(config: ModelConfig, count: int, height: int, width: int, *, dtype_bytes: int,
                guided: bool, device: Any, available: int | None = None) -> int:
     """How many images one U-Net call may take (``count`` when all fit).
 
-    Raises :class:`MemoryLimitError` when a single image does not fit.
+    Raises :class:`MemoryLimitError` when a single image does not fit even at the
+    leanest memory level of ``device``.
     """
     available = available_bytes(device) if available is None else available
-    rows = 2 if guided else 1
-    per_image = rows * unet_bytes_per_row(config, height, width, dtype_bytes)
-    decode = decode_bytes(config, height, width, dtype_bytes)
     if available is None:
         return count
-    need = max(per_image, decode)
-    if need > available:
-        phase = "decoding it" if decode >= per_image else "the U-Net"
-        raise MemoryLimitError(
-            f"a {width}x{height} image needs at least {_gib(need)} for {phase} "
-            f"({'with' if guided else 'without'} guidance), but only {_gib(available)} is free on "
-            f"{device}; use a smaller size"
-        )
-    fit = max(1, min(count, available // per_image))
+    leanest = device_levels(device)[-1]
+    needs = level_needs(config, height, width, dtype_bytes=dtype_bytes, guided=guided, device=device,
+                        level=leanest)
+    _refuse_over(needs, available, width, height, guided, device, leanest)
+    per_image = needs["U-Net"]
+    fit = max(1, min(count, available // max(per_image, 1)))
     if fit < count:
         logger.warning("%d images of %dx%d need %s at once, %s is free: running the U-Net %d at a time",
                        count, width, height, _gib(count * per_image), _gib(available), fit)

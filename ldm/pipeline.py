@@ -20,14 +20,16 @@ from .adapters.prompt_loras import split_tags, tagged_loras
 from .checkpoints import LoadedModel, load_model
 from .checkpoints.vae_file import VAESource, load_vae as load_vae_file, open_vae
 from .config import with_changes
-from .conditioning import Conditioning, ScheduledConditioning, run_unet
+from .conditioning import Conditioning, ScheduledConditioning, run_unet, with_guidance_embedding
 from .control import Control, as_controls, attach_controls, hint_tensor
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
-from .dtypes import parse_dtype
+from .dtypes import default_dtype, native_bf16, parse_dtype, warn_emulated
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
 from .edit_request import EditRequest, plan_edit
 from .editing import DEFAULT_MASK_BLUR
-from .limits import plan_batch
+from .layouts import with_vae_layout
+from .limits import plan_batch, plan_memory
+from .memory import execution_device, resident_bytes, runner_of, use_plan
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_conditioning
 from .samplers import first_step, sample, sampling_schedule
@@ -72,26 +74,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # Half precision is the norm on GPUs; CPUs are slow or inexact in float16.
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 in hardware (CPUs: AVX512-BF16 or AMX, as oneDNN
-    reports; elsewhere it is emulated, about 100x slower than float32 on CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def warn_emulated(device: torch.device, dtype: torch.dtype) -> None:
-    """A warning for bfloat16 asked on a CPU that only emulates it."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and not native_bf16(device):
-        logger.warning("bfloat16 on this CPU is emulated (no AVX512-BF16 / AMX): a 320-channel convolution ran "
-                       "~140x slower than in float32 on such a CPU (0.20 s vs 28.7 s); use dtype float32")
-
-
 def vae_upcast_dtype(device: torch.device) -> torch.dtype:
     """What a VAE that overflows float16 (``force_upcast``) runs in instead: bfloat16 where
     ``device`` computes it natively (it has float32's range, at half its memory), else
@@ -130,7 +112,7 @@ class Pipeline:
         self.model = model
         self.config = model.config
         self.unet = model.unet.eval()
-        self.vae = model.vae.eval()
+        self.vae = with_vae_layout(model.vae.eval())  # channels_last on CPU: measured faster
         self.text_encoder = model.text_encoder.eval()
         self.tokenizer = model.tokenizer
         # SDXL base's second encoder (OpenCLIP ViT-bigG); None for one-encoder models.
@@ -148,6 +130,7 @@ class Pipeline:
         # that overflows float16 was logged (once per pipeline).
         self.vae_file: Path | None = None
         self._vae_upcast_logged = False
+        check.log_guidance_distilled(self.config.unet.time_cond_proj_dim)
 
     @classmethod
     def from_pretrained(
@@ -193,7 +176,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return execution_device(self.unet)  # where it computes, also when offloaded
 
     @property
     def dtype(self) -> torch.dtype:
@@ -267,7 +250,7 @@ class Pipeline:
         it (default: the folder's config.json, else the model's)."""
         vae, config = load_vae_file(path, self.config, device=self.vae.device, dtype=self.vae.dtype,
                                     force_upcast=force_upcast, allow_pickle=self.allow_pickle)
-        self.vae = self.model.vae = vae.eval()
+        self.vae = self.model.vae = with_vae_layout(vae.eval())
         self.config = self.model.config = with_changes(self.config, vae=config)
         self.vae_file = path.path if isinstance(path, VAESource) else Path(path)
         self._vae_upcast_logged = False
@@ -311,6 +294,7 @@ class Pipeline:
         refiner: "Pipeline | None" = None,
         refiner_start: float | None = None,
         control: Control | Sequence[Control] | None = None,
+        memory: str = "auto",
     ) -> Generation:
         """Like ``__call__`` but returns a :class:`Generation` with the seed of every image.
 
@@ -349,7 +333,11 @@ class Pipeline:
         diffusers' ``timestep_spacing``); default the model's (SDXL folders say
         "leading"), else each sampler's own (see :mod:`ldm.samplers.schedules`).
         Turbo-style models take ``sampler="euler_a", spacing="trailing"``, 1-4 steps and
-        ``guidance_scale=1`` (no guidance).
+        ``guidance_scale=1`` (no guidance). ``sampler="lcm"`` (1-8 steps, its own timesteps; see
+        :mod:`ldm.samplers.lcm`) is for latent consistency models and LCM-LoRA (at guidance 1-2). A
+        guidance-distilled U-Net (LCM; ``time_cond_proj_dim`` in its config) takes ``guidance_scale``
+        into its guidance embedding and runs one pass per step, without classifier-free guidance;
+        it refuses a negative prompt (there is no unconditional pass for it to steer).
 
         SDXL's size conditioning (see :mod:`ldm.size_conditioning`), as diffusers names
         it, each ``(height, width)`` / ``(top, left)`` in pixels: ``original_size`` and
@@ -366,6 +354,12 @@ class Pipeline:
         ``control``: a :class:`~ldm.control.Control` (a ControlNet with its hint image,
         scale, start / end and guess mode) or a list of them, for text-to-image, img2img
         and inpainting alike; see :mod:`ldm.control`.
+
+        ``memory``: "auto" (default) picks the fastest level whose estimated peak fits
+        the free memory; "fast", "tiled" (tiled VAE), "sliced" (and sliced attention),
+        "offload" (and models offloaded to the CPU between phases; accelerators only)
+        start there. An out-of-memory error in the U-Net or the VAE redoes that phase at
+        the next leaner level, with a warning; see :mod:`ldm.limits`.
         """
         tagged = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(tagged))
@@ -381,6 +375,8 @@ class Pipeline:
                              "continues an SDXL base model's latents (pass it as refiner= to the base's call); "
                              "it does not draw from noise")
         guidance_scale = check.check_guidance(guidance_scale)
+        distilled = self.config.unet.time_cond_proj_dim  # guidance is an input of the U-Net, not CFG
+        check.check_distilled_negatives(distilled, negatives)
         clip_skip = check.check_clip_skip(clip_skip, min(e.max_clip_skip for e in self.text_encoders))
         schedule = check.check_schedule(schedule)
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps, spacing,
@@ -411,13 +407,17 @@ class Pipeline:
         edit = edit.repeat(num_images) if edit else None
         count = len(prompts)
         seeds = self._seeds(seed, count)
-        guided = guidance_scale > 1
+        guided = guidance_scale > 1 and distilled is None
         per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
                               guided=guided, device=self.device)
+        runner = use_plan(self, plan_memory(self.config, height, width, dtype_bytes=self.dtype.itemsize, guided=guided,
+                                            device=self.device, memory=memory, resident=resident_bytes(self)))
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with tagged_loras(self.loras, lora_tags, self.lora_dirs, allow_pickle=self.allow_pickle) as lora_hashes:
             cond, uncond = self.encode_prompts(prompts, negatives if guided else None, steps=steps,
                                                clip_skip=clip_skip)
+            if distilled is not None:
+                cond = with_guidance_embedding(cond, guidance_scale, distilled)
             if micro is not None:
                 cond, uncond = micro.attach(cond, uncond)
             cond, uncond = attach_controls(cond, uncond, controls, hints, run_steps)
@@ -430,11 +430,13 @@ class Pipeline:
                 start_latents = EditLatents(None, self._noise(latents, generators, count, height, width))
             else:
                 start_latents = self._edit_latents(edit, generators)
-            run = _Run(sampler, steps, schedule == "karras", spacing, start, guidance_scale, progress, callback)
+            run = _Run(sampler, steps, schedule == "karras", spacing, start, guidance_scale if guided else 1.0,
+                       progress, callback)
             parts = []
             for first in range(0, count, per_call):
                 rows = slice(first, first + per_call)
-                latents_ = self._sample(run, cond, uncond, start_latents.rows(rows), generators, rows, end=handover)
+                latents_ = runner.run("U-Net", lambda: self._sample(run, cond, uncond, start_latents.rows(rows),
+                                                                    generators, rows, end=handover), generators[rows])
                 if refiner is not None:
                     latents_ = refiner._refine(run, handover, latents_, r_cond, r_uncond, generators, rows)
                 parts.append(latents_)
@@ -442,7 +444,9 @@ class Pipeline:
         finisher = refiner if refiner is not None else self
         images = result if output == "latent" else finisher._finish(result, edit, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+                      guidance_embedding=guidance_scale if distilled is not None else None,
                       sampler=sampler, schedule=schedule, spacing=spacing, seed=seeds[0], clip_skip=clip_skip,
+                      dtype=str(self.dtype).removeprefix("torch."),  # the U-Net's (the CPU default may be bfloat16)
                       **(micro.params() if micro is not None else {}),
                       **({"aesthetic_score": refined.aesthetic_score,
                           "negative_aesthetic_score": refined.negative_aesthetic_score}
@@ -526,6 +530,9 @@ class Pipeline:
             raise TypeError(f"refiner must be a Pipeline, got {type(refiner).__name__}")
         if refiner is self:
             raise ValueError("refiner is this pipeline itself; load the refiner model as its own Pipeline")
+        if {self.config.unet.time_cond_proj_dim, refiner.config.unet.time_cond_proj_dim} != {None}:
+            raise ValueError("refiner: a guidance-distilled (LCM) model cannot hand over to or take over from "
+                             "another model; run it alone")
         fraction = check.check_fraction(D.refiner_start if refiner_start is None else refiner_start, "refiner_start")
         if refiner.config.vae.latent_channels != self.config.vae.latent_channels or (
                 {self.config.family, refiner.config.family} - set(SDXL_FAMILIES)
@@ -694,11 +701,11 @@ class Pipeline:
         """The VAE in ``dtype`` for the block, then its own tensors back: kept, not converted
         back, as float16 -> bfloat16 -> float16 would round the weights."""
         if dtype == self.vae.dtype:
-            yield self.vae
+            yield runner_of(self).vae(self.vae)
             return
         own = self.vae.state_dict()
         try:
-            yield self.vae.to(dtype)
+            yield runner_of(self).vae(self.vae.to(dtype))
         finally:
             self.vae.load_state_dict(own, assign=True)
 

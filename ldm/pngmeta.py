@@ -91,6 +91,10 @@ _ASCII_SPACE = " \t\r\n\x0b\x0c"
 STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING = "Denoising strength", "Mask blur", "Inpaint area", "Masked area padding"
 CLIP_SKIP, LORA_HASHES, TI_HASHES = "Clip skip", "Lora hashes", "TI hashes"
 SPACING = "Timestep spacing"  # ldm's own key (the web UI has no such setting), written when chosen
+# ldm's own key, written for a guidance-distilled (LCM) model: the guidance scale went into the
+# U-Net's guidance embedding (w = scale - 1) and no classifier-free guidance ran. It equals "CFG
+# scale", which the web UI reads; --from takes either.
+GUIDANCE_EMBEDDING = "Guidance embedding"
 REFINER, REFINER_START = "Refiner", "Refiner switch at"
 VAE_HASH, VAE = "VAE hash", "VAE"
 # SDXL's size-conditioning keys (ldm's own: the web UI has none) -> GenerationParams fields.
@@ -107,6 +111,7 @@ DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", VAE_HASH, VAE,
           STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
+          GUIDANCE_EMBEDDING,
           REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
@@ -139,7 +144,9 @@ class GenerationParams:
     name the refiner model as ``model`` / ``model_hash`` name the model; ``refiner_start``
     is where it took over. ``vae`` / ``vae_hash`` name a VAE file used in place of the model's
     (its file name with the extension, as the web UI writes it). ``controls``: the ControlNets,
-    in order (:class:`ldm.controlmeta.ControlParams`).
+    in order (:class:`ldm.controlmeta.ControlParams`). ``guidance_embedding``: for a
+    guidance-distilled (LCM) model, the guidance scale its U-Net took as an input (equal to
+    ``guidance_scale``; None for other models).
     """
 
     prompt: str
@@ -149,6 +156,7 @@ class GenerationParams:
     schedule: str = "default"
     spacing: str | None = None
     guidance_scale: float | None = None
+    guidance_embedding: float | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -222,8 +230,8 @@ class GenerationParams:
                              "them as to_kwargs(control=...)")
         kwargs: dict[str, Any] = dict(
             prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
-            guidance_scale=self.guidance_scale, width=self.width, height=self.height,
-            seed=self.seed, sampler=self.sampler, schedule=self.schedule, spacing=self.spacing,
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else self.guidance_embedding,
+            width=self.width, height=self.height, seed=self.seed, sampler=self.sampler, schedule=self.schedule, spacing=self.spacing,
             strength=self.strength,
             mask_blur=self.mask_blur, mask_padding=self.mask_padding, clip_skip=self.clip_skip,
             original_size=self.original_size, crops_coords_top_left=self.crops_coords_top_left,
@@ -292,6 +300,7 @@ def format_parameters(p: GenerationParams) -> str:
         ("Sampler", p.sampler_label),
         (SPACING, p.spacing),
         ("CFG scale", p.guidance_scale),
+        (GUIDANCE_EMBEDDING, p.guidance_embedding),
         ("Seed", p.seed),
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model hash", p.model_hash),
@@ -432,6 +441,8 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["seed"] = _int("Seed", pairs["Seed"])
     if "CFG scale" in pairs:
         fields["guidance_scale"] = _float("CFG scale", pairs["CFG scale"])
+    if GUIDANCE_EMBEDDING in pairs:
+        fields["guidance_embedding"] = _float(GUIDANCE_EMBEDDING, pairs[GUIDANCE_EMBEDDING])
     if "Size" in pairs:
         m = _SIZE.match(pairs["Size"])
         if not m:
@@ -571,6 +582,7 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
         "steps": lambda v: check_int(v, "Steps", 1, MAX_STEPS),
         "seed": lambda v: check_seed(v, "Seed"),
         "guidance_scale": lambda value: check_guidance(value, "CFG scale"),
+        "guidance_embedding": lambda value: check_guidance(value, GUIDANCE_EMBEDDING),
         "width": lambda v: _check_side(v, "Size width"),
         "height": lambda v: _check_side(v, "Size height"),
         "prompt": lambda v: _check_length(v, "prompt"),
@@ -589,6 +601,10 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
                 check(value)
             except ValueError as exc:
                 raise ValueError(f"{source}: {exc}") from None
+    scales = (p.guidance_scale, p.guidance_embedding)
+    if "guidance_scale" not in skip and None not in scales and scales[0] != scales[1]:
+        raise ValueError(f"{source}: CFG scale {scales[0]:g} and {GUIDANCE_EMBEDDING} {scales[1]:g} differ; a "
+                         "guidance-distilled model's scale is both (give the one to use with --guidance)")
 
 
 def _check_side(value: int, name: str) -> None:

@@ -9,10 +9,11 @@ anything renders. Torch is imported only by :func:`check_sampling`.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from .config import TIMESTEP_SPACINGS
 
@@ -27,6 +28,7 @@ A1111_SAMPLERS: dict[str, str] = {
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "lcm": "LCM",
 }
 SCHEDULES: tuple[str, ...] = ("default", "karras")
 SPACINGS: tuple[str, ...] = TIMESTEP_SPACINGS
@@ -84,6 +86,30 @@ def check_guidance(value: Any, name: str = "guidance_scale") -> float:
             f"{name} must be between 0 and {MAX_GUIDANCE:g} (1 disables guidance), got {value!r}"
         )
     return value
+
+
+def check_distilled_negatives(time_cond_proj_dim: int | None, negatives: Sequence[str]) -> None:
+    """A guidance-distilled U-Net (``time_cond_proj_dim`` set: LCM) takes the guidance scale
+    as an input and runs one pass per step, with no unconditional pass for a negative prompt
+    to steer; diffusers' ``LatentConsistencyModelPipeline`` drops one silently, ldm refuses it."""
+    if time_cond_proj_dim is None:
+        return
+    given = sorted({n for n in negatives if n.strip()})
+    if given:
+        raise ValueError(
+            f"negative prompt {given[0]!r:.60}: this model is guidance-distilled (LCM, guidance embedding "
+            f"width {time_cond_proj_dim}): the guidance scale goes into its embedding and it runs without "
+            "classifier-free guidance, so a negative prompt has nothing to act on; leave it out"
+        )
+
+
+def log_guidance_distilled(time_cond_proj_dim: int | None) -> None:
+    """Say once, when a pipeline is made, how a guidance-distilled U-Net is guided."""
+    if time_cond_proj_dim is not None:
+        logging.getLogger("ldm").info(
+            "U-Net is guidance-distilled (LCM; guidance embedding width %d): guidance_scale goes into the "
+            "embedding as w = guidance_scale - 1, one U-Net pass per step, no classifier-free guidance and "
+            "no negative prompt; sample with sampler lcm, 1-8 steps", time_cond_proj_dim)
 
 
 def check_strength(value: Any, name: str = "strength") -> float:

@@ -2,19 +2,32 @@
 
 Builds (once, cached) a diffusers StableDiffusionPipeline folder holding the full
 SD1.5 architecture with random weights, loads it with both libraries and measures,
-interleaving the two (the order flips on every repeat, after one warm-up each) and
-reporting medians:
+for each dtype (on CPU float32, and bfloat16 where the CPU computes it natively),
+interleaving the variants (the order flips on every repeat, after one warm-up each)
+and reporting medians:
 
 1. load time of the folder;
-2. one U-Net forward pass at batch 2 (classifier-free guidance);
-3. text-to-image end to end with DPM++ 2M (diffusers' DPMSolverMultistepScheduler),
+2. text encoding of the prompt and the negative prompt;
+3. one U-Net step at batch 2 (classifier-free guidance), VAE decode and VAE encode of
+   one image, each in GFLOP/s (FLOPs counted once with torch's FlopCounterMode) and as a
+   percentage of this machine's own GEMM peak in that dtype (measured here);
+4. text-to-image end to end with DPM++ 2M (diffusers' DPMSolverMultistepScheduler),
    same seed, plus the largest pixel difference between the two images as a sanity check;
-4. peak memory of a fresh subprocess per library that loads the folder and makes one
+5. peak memory of a fresh subprocess per library that loads the folder and makes one
    image: peak RSS on CPU (in-process RSS would mix both libraries), and
    ``torch.cuda.max_memory_allocated`` on CUDA.
 
-    python scripts/bench.py                      # CPU: 256x256, 4 steps, 3 repeats
-    python scripts/bench.py --device cuda        # CUDA: 512x512, 20 steps, float16
+The U-Net and the VAE of each library run in both memory layouts (contiguous NCHW and
+channels_last); "ldm as shipped" is the layout ldm picks for the device (ldm.layouts:
+on CPU a channels_last VAE and a contiguous U-Net), diffusers' documented CPU settings are
+SDPA attention and a channels_last U-Net and VAE, and the ratio column compares the two.
+The GEMM peak is measured before and after each dtype's rows (the better counts: on a
+shared machine the worse one saw other load); oneDNN's direct 3x3 convolutions can beat
+the GEMM, so a VAE figure above 100% is possible.
+
+    python scripts/bench.py --short --threads 1   # CPU, a few minutes: 256x256, 4 steps, 1 repeat
+    python scripts/bench.py                       # full: 512x512, 20 steps, 3 repeats
+    python scripts/bench.py --device cuda         # CUDA: float16
 
 Only diffusers' timings from the same run are comparable with ldm's: on a shared
 machine absolute numbers move, the ratios much less.
@@ -33,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,8 +59,11 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the diffusers reference helpers live there
+sys.path.insert(0, str(ROOT))
 
 from reference import SD1_SCHEDULER_CONFIG, _randomize, write_pipeline_files  # noqa: E402
+
+from ldm.dtypes import BF16_MIN_SPEEDUP, bf16_speedup, default_dtype, native_bf16, parse_dtype  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 IMPLS = ("ldm", "diffusers")
@@ -136,7 +153,28 @@ def build_folder(path: Path, seed: int = 0) -> Path:
 # --- the two implementations behind one interface ----------------------------------
 
 
-class LdmSide:
+def set_layout(modules: tuple[torch.nn.Module, ...], channels_last: bool) -> None:
+    """Convolution weights in channels_last (NHWC) or contiguous (NCHW) memory; torch's
+    convolutions then give outputs in the weights' layout, whatever the input's."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for module in modules:
+        module.to(memory_format=fmt)
+
+
+class Side:
+    """One loaded library; its U-Net and VAE can switch memory layout between runs."""
+
+    name = ""
+    state: tuple[bool, bool] | None = None  # (U-Net, VAE) channels_last, once set here
+
+    def layout(self, unet_cl: bool, vae_cl: bool) -> None:
+        for i, (module, cl) in enumerate(((self.pipe.unet, unet_cl), (self.pipe.vae, vae_cl))):
+            if self.state is None or self.state[i] != cl:
+                set_layout((module,), cl)
+        self.state = (unet_cl, vae_cl)
+
+
+class LdmSide(Side):
     name = "ldm"
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
@@ -147,6 +185,16 @@ class LdmSide:
     def unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.pipe.unet(x, t, context)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.decode(z)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.encode(image).mean
+
+    def text(self) -> torch.Tensor:
+        cond, uncond = self.pipe.encode_prompts([PROMPT], [NEGATIVE])
+        return torch.cat([uncond.context, cond.context])
+
     def generate(self, size: int, steps: int) -> np.ndarray:
         return self.pipe(
             PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=GUIDANCE, seed=SEED,
@@ -154,7 +202,7 @@ class LdmSide:
         )[0]
 
 
-class DiffusersSide:
+class DiffusersSide(Side):
     name = "diffusers"
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
@@ -178,6 +226,16 @@ class DiffusersSide:
     def unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.decode(z, return_dict=False)[0]
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.encode(image).latent_dist.mean
+
+    def text(self) -> torch.Tensor:
+        cond, uncond = self.pipe.encode_prompt(PROMPT, self.device, 1, True, NEGATIVE)
+        return torch.cat([uncond, cond])
+
     def generate(self, size: int, steps: int) -> np.ndarray:
         return self.pipe(
             PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE,
@@ -187,6 +245,40 @@ class DiffusersSide:
 
 
 SIDES = {"ldm": LdmSide, "diffusers": DiffusersSide}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A library with its U-Net and VAE in one memory layout (None: ldm as shipped, each
+    component in the layout ldm.layouts picks for the device): a column of the table."""
+
+    side: str
+    channels_last: bool | None
+
+    @property
+    def label(self) -> str:
+        if self.channels_last is None:
+            return f"{self.side} as shipped"
+        return f"{self.side} {'channels_last' if self.channels_last else 'contiguous'}" + (
+            " (documented)" if self == DOCUMENTED else "")
+
+    def layout(self, device: torch.device) -> tuple[bool, bool]:
+        """(U-Net, VAE) channels_last."""
+        if self.channels_last is None:
+            from ldm.layouts import vae_channels_last
+
+            return False, vae_channels_last(device)
+        return self.channels_last, self.channels_last
+
+
+# diffusers' documented CPU settings: SDPA, channels_last U-Net and VAE. In this order,
+# flipping it every round costs each side one layout switch per round.
+LDM, LDM_CL = Variant("ldm", False), Variant("ldm", True)
+DIFFUSERS, DIFFUSERS_CL = Variant("diffusers", False), Variant("diffusers", True)
+SHIPPED, DOCUMENTED = Variant("ldm", None), DIFFUSERS_CL
+VARIANTS = (LDM, LDM_CL, DIFFUSERS_CL, DIFFUSERS)  # measured for the U-Net and the VAE
+COLUMNS = (SHIPPED, *VARIANTS)
+AS_USED = {SHIPPED.side: SHIPPED, DOCUMENTED.side: DOCUMENTED}  # rows measured per library
 
 
 def quiet_diffusers() -> None:
@@ -218,20 +310,25 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                label: str) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """One untimed warm-up each, then ``repeats`` timed rounds; the order flips every
-    round (A B, B A, ...) so drift on a shared machine hits both sides alike."""
-    names = list(fns)
-    last: dict[str, Any] = {}
-    for name in names:
-        _, last[name] = timed(fns[name], device)
-    times: dict[str, list[float]] = {name: [] for name in names}
+def interleaved(fns: dict[Any, Callable[[], Any]], repeats: int, device: torch.device, label: str,
+                before: Callable[[Any], None] = lambda key: None, warmup: bool = True
+                ) -> tuple[dict[Any, list[float]], dict[Any, Any]]:
+    """One untimed warm-up each (unless ``warmup`` is False: the same shapes already ran),
+    then ``repeats`` timed rounds; the order flips every round (A B, B A, ...) so drift on
+    a shared machine hits all alike. ``before(key)`` runs untimed before each call."""
+    keys = list(fns)
+    last: dict[Any, Any] = {}
+    if warmup:
+        for key in keys:
+            before(key)
+            _, last[key] = timed(fns[key], device)
+    times: dict[Any, list[float]] = {key: [] for key in keys}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            seconds, last[name] = timed(fns[name], device)
-            times[name].append(seconds)
-            print(f"  {label}: {name} {seconds:.3f} s", file=sys.stderr)
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            before(key)
+            seconds, last[key] = timed(fns[key], device)
+            times[key].append(seconds)
+            print(f"  {label}: {getattr(key, 'label', key)} {seconds:.3f} s", file=sys.stderr)
     return times, last
 
 
@@ -240,6 +337,7 @@ def bench_load(folder: Path, device: torch.device, dtype: torch.dtype, repeats: 
     def load(name: str) -> Callable[[], None]:
         def run() -> None:
             side = SIDES[name](folder, device, dtype)
+            side.layout(*AS_USED[name].layout(device))  # loaded as it is used
             del side
             gc.collect()
             if device.type == "cuda":
@@ -249,6 +347,42 @@ def bench_load(folder: Path, device: torch.device, dtype: torch.dtype, repeats: 
 
     times, _ = interleaved({name: load(name) for name in IMPLS}, repeats, device, "load")
     return times
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
+    """This machine's matmul throughput in ``dtype``, GFLOP/s: the best of a few large
+    square and U-Net-shaped products, each the best of ``repeats`` runs."""
+    shapes = ((2048, 2048, 2048), (4096, 1280, 1280), (8192, 320, 1280))
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        seconds = min(timed(lambda: a @ b, device)[0] for _ in range(repeats + 1))
+        best = max(best, 2 * m * k * n / seconds / 1e9)
+    return best
+
+
+def count_flops(size: int) -> dict[str, float]:
+    """FLOPs of one U-Net step at batch 2, one VAE decode and one encode at ``size``,
+    counted once on the meta device (shapes only: no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.checkpoints.loading import build_modules
+    from ldm.config import PRESETS
+
+    modules = build_modules(PRESETS["sd1"])
+    latent = size // 8
+    with torch.device("meta"):
+        x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+        z, image = torch.randn(1, 4, latent, latent), torch.randn(1, 3, size, size)
+    runs = {"unet": lambda: modules["unet"](x, t, context), "decode": lambda: modules["vae"].decode(z),
+            "encode": lambda: modules["vae"].encode(image).mean}
+    flops = {}
+    for name, run in runs.items():
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops[name] = float(counter.get_total_flops())
+    return flops
 
 
 # --- peak memory in a fresh process ------------------------------------------------
@@ -268,31 +402,119 @@ def peak_rss_mib() -> float:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    """Load with one library and make one image; print peak memory as JSON."""
+    """Load with one library as it is used (ldm as shipped, diffusers with its documented
+    settings) and make one image; print peak memory as JSON."""
     torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    device, dtype = torch.device(args.device), parse_dtype(args.dtypes[0])
     if args.child == "diffusers":
         quiet_diffusers()
     rss_before = peak_rss_mib()
     with torch.inference_mode():
         side = SIDES[args.child](args.folder, device, dtype)
-        side.generate(args.size, args.steps)
+        side.layout(*AS_USED[args.child].layout(device))
+        side.generate(args.size, args.memory_steps)
     result = {"peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": rss_before}
     if device.type == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(result))
 
 
-def peak_memory(name: str, args: argparse.Namespace) -> dict[str, float]:
+def peak_memory(name: str, dtype: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child", name, "--folder", str(args.folder),
-        "--size", str(args.size), "--steps", str(args.steps), "--device", args.device,
-        "--dtype", args.dtype, "--threads", str(args.threads),
+        "--size", str(args.size), "--memory-steps", str(args.memory_steps), "--device", args.device,
+        "--dtypes", dtype, "--threads", str(args.threads),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"memory child for {name} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"memory child for {name} ({dtype}) failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- one dtype ---------------------------------------------------------------------
+
+
+def row(metric: str, unit: str, samples: dict[Any, list[float]], scale: float = 1.0,
+        flops: float | None = None, peak_gflops: float | None = None,
+        shipped: Variant | None = None) -> dict[str, Any]:
+    """Medians per variant (and best-of), the ratio ldm as shipped / diffusers documented,
+    and, given the work's FLOPs, GFLOP/s and the share of the GEMM peak. ``shipped``: the
+    measured variant that is ldm as shipped, for rows measured per layout."""
+    cells = {}
+    for key, values in samples.items():
+        label = (key if isinstance(key, Variant) else AS_USED[key]).label
+        med = statistics.median(values)
+        cell = {"median": med * scale, "min": min(values) * scale, "samples": [v * scale for v in values]}
+        if flops is not None:
+            cell["gflops"] = flops / med / 1e9
+            if peak_gflops:
+                cell["peak_percent"] = 100 * cell["gflops"] / peak_gflops
+        cells[label] = cell
+    if shipped is not None:
+        cells[SHIPPED.label] = dict(cells[shipped.label])
+    ratio = cells[SHIPPED.label]["median"] / cells[DOCUMENTED.label]["median"]
+    return {"metric": metric, "unit": unit, "cells": cells, "ratio": ratio}
+
+
+def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, float],
+                peak: float | None) -> tuple[list[dict], dict[str, float], dict[str, Any]]:
+    device, dtype = torch.device(args.device), parse_dtype(dtype_name)
+    print(f"--- {dtype_name} ---", file=sys.stderr)
+    mem = {name: peak_memory(name, dtype_name, args) for name in IMPLS}  # before this process holds a model
+    rows, checks = [], {}
+    with torch.inference_mode():
+        rows.append(row("load", "s", bench_load(args.folder, device, dtype, args.repeats)))
+        sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
+
+        def before(variant: Variant) -> None:
+            sides[variant.side].layout(*variant.layout(device))
+
+        def components(label: str, call: Callable[[Side], Any], variants: tuple[Variant, ...] = VARIANTS,
+                       warmup: bool = True) -> tuple[dict, dict]:
+            fns = {v: (lambda s=sides[v.side]: call(s)) for v in variants}
+            return interleaved(fns, args.repeats, device, label, before, warmup)
+
+        times, out = components("text", lambda s: s.text(), (SHIPPED, DOCUMENTED))
+        rows.append(row("text encoding, prompt + negative", "ms", times, 1e3))
+        checks["text embeddings max abs diff"] = (out[SHIPPED].float() - out[DOCUMENTED].float()).abs().max().item()
+
+        gen = torch.Generator("cpu").manual_seed(0)
+        latent = args.size // 8
+        x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
+        t = torch.tensor([500.0, 500.0], device=device)
+        context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+        z = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype)
+        image = (torch.rand(1, 3, args.size, args.size, generator=gen) * 2 - 1).to(device, dtype)
+        for key, label, call in (
+            ("unet", f"U-Net step, batch 2 (CFG), {latent}x{latent} latents", lambda s: s.unet(x, t, context)),
+            ("decode", f"VAE decode, 1 image {args.size}x{args.size}", lambda s: s.decode(z)),
+            ("encode", f"VAE encode, 1 image {args.size}x{args.size}", lambda s: s.encode(image)),
+        ):
+            times, out = components(key, call)
+            unet_cl, vae_cl = SHIPPED.layout(device)
+            shipped = LDM_CL if (unet_cl if key == "unet" else vae_cl) else LDM
+            rows.append(row(label, "ms", times, 1e3, flops[key], peak, shipped))
+            ref = out[DOCUMENTED].float()
+            for variant in (LDM, LDM_CL):
+                checks[f"{key}: {variant.label} vs {DOCUMENTED.label}, max abs diff / max abs"] = (
+                    (out[variant].float() - ref).abs().max() / ref.abs().max()).item()
+            del out
+
+        # The components above ran the same shapes: no warm-up needed for the whole image.
+        times, out = components("text-to-image", lambda s: s.generate(args.size, args.steps),
+                                (SHIPPED, DOCUMENTED), warmup=False)
+        rows.append(row(f"text-to-image, {args.steps} steps DPM++ 2M", "s", times))
+        checks["image max abs pixel diff (0..1)"] = float(np.abs(out[SHIPPED] - out[DOCUMENTED]).max())
+        sides.clear()  # both models go before the next dtype loads
+        del out
+        gc.collect()
+
+    key = "cuda_peak_mib" if device.type == "cuda" else "peak_rss_mib"
+    label = "peak CUDA memory allocated" if device.type == "cuda" else "peak RSS, fresh process"
+    rows.append(row(f"{label}, load + 1 image", "MiB", {n: [mem[n][key]] for n in IMPLS}))
+    if device.type == "cuda":
+        rows.append(row("peak RSS, fresh process, load + 1 image", "MiB", {n: [mem[n]["peak_rss_mib"]] for n in IMPLS}))
+    return rows, checks, mem
 
 
 # --- report ------------------------------------------------------------------------
@@ -308,6 +530,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def load_average() -> str:
     """1/5/15-minute load averages: above the thread count, others were competing."""
     try:
@@ -320,8 +552,13 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
     import transformers
 
+    cpu = torch.device("cpu")
+    flags = cpu_flags()
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
     info = {
         "cpu": cpu_model(),
+        "cpu_isa": ", ".join(isa) or "unknown",
+        "bf16_native": native_bf16(cpu),
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads,
         "torch": torch.__version__,
@@ -329,45 +566,56 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": args.device,
-        "dtype": args.dtype,
+        "dtypes": ", ".join(args.dtypes),
         "size": args.size,
         "steps": args.steps,
         "repeats": args.repeats,
+        "mode": "short" if args.short else "full",
     }
+    if info["bf16_native"]:
+        info["bf16_probe_speedup"] = round(bf16_speedup(), 3)
+    info["ldm_default_cpu_dtype"] = str(default_dtype(cpu)).removeprefix("torch.")
     info["load_average_start"] = load_average()
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     return info
 
 
-def median_row(metric: str, unit: str, samples: dict[str, list[float]], scale: float = 1.0) -> dict:
-    med = {name: statistics.median(samples[name]) * scale for name in IMPLS}
-    best = {name: min(samples[name]) * scale for name in IMPLS}
-    return {"metric": metric, "unit": unit, "samples": samples, "min": best, **med,
-            "ratio": med["ldm"] / med["diffusers"]}
+def fmt_cell(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "–"
+    text = f"{cell['median']:.4g}"
+    if "peak_percent" in cell:
+        text += f" ({cell['gflops']:.0f} GFLOP/s, {cell['peak_percent']:.0f}%)"
+    return text
 
 
-def markdown(info: dict[str, Any], rows: list[dict], checks: dict[str, float]) -> str:
+def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    bf16 = "native" if info["bf16_native"] else "emulated"
     lines = [
         f"ldm vs diffusers, SD1.5 architecture with random weights, {info['size']}x{info['size']}, "
-        f"{info['steps']} steps DPM++ 2M, CFG {GUIDANCE}, median of {info['repeats']}",
+        f"CFG {GUIDANCE}, median of {info['repeats']} ({info['mode']} mode)",
         "",
-        "| metric | ldm | diffusers | ratio (ldm/diffusers, <1 better) |",
-        "|---|---|---|---|",
+        f"Machine: {info['cpu']} ({info['cpu_isa']}; bfloat16 {bf16}), {info['torch_threads']} torch "
+        f"thread(s) of {info['cpu_count']} CPUs, load average {info['load_average_start']} at the start, "
+        f"{info['load_average_end']} at the end; ldm's default CPU dtype here: {info['ldm_default_cpu_dtype']}"
+        + (f" (bfloat16 probe: {info['bf16_probe_speedup']}x float32's speed, needs {BF16_MIN_SPEEDUP}x)"
+           if "bf16_probe_speedup" in info else ""),
     ]
-    for row in rows:
-        lines.append(f"| {row['metric']} ({row['unit']}) | {row['ldm']:.3f} | {row['diffusers']:.3f} "
-                     f"| {row['ratio']:.3f} |")
-    lines += [
-        "", f"Best of {info['repeats']} (less sensitive to other load on a shared machine):", "",
-        "| metric | ldm | diffusers | ratio |", "|---|---|---|---|",
-    ]
-    for row in rows:
-        best = row["min"]
-        lines.append(f"| {row['metric']} ({row['unit']}) | {best['ldm']:.3f} | {best['diffusers']:.3f} "
-                     f"| {best['ldm'] / best['diffusers']:.3f} |")
-    lines += ["", "Sanity checks (same weights, same inputs / seed):", ""]
-    lines += [f"- {k}: {v:.3g}" for k, v in checks.items()]
+    for dtype_name, result in results.items():
+        peak = result["gemm_peak_gflops"]
+        lines += [
+            "", f"{dtype_name}: GEMM peak measured {peak:.0f} GFLOP/s. Cells: median; for the U-Net and the VAE, "
+            "GFLOP/s and % of that peak.", "",
+            f"| metric | {' | '.join(v.label for v in COLUMNS)} | ratio {SHIPPED.label} / "
+            f"{DOCUMENTED.label} (<1: ldm faster) |",
+            "|---|" + "---|" * (len(COLUMNS) + 1),
+        ]
+        for r in result["rows"]:
+            cells = [fmt_cell(r["cells"].get(v.label)) for v in COLUMNS]
+            lines.append(f"| {r['metric']} ({r['unit']}) | {' | '.join(cells)} | {r['ratio']:.3f} |")
+        lines += ["", "Checks (same weights, same inputs / seed):", ""]
+        lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
     lines += ["", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     return "\n".join(lines) + "\n"
@@ -376,21 +624,27 @@ def markdown(info: dict[str, Any], rows: list[dict], checks: dict[str, float]) -
 # --- main ----------------------------------------------------------------------------
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in names:
-        raise SystemExit(f"unknown --dtype {name!r}; valid: {', '.join(names)}")
-    return names[name]
+def default_dtypes(device: str) -> list[str]:
+    """float16 on CUDA; on CPU float32, and bfloat16 too where it is native (emulated, a
+    full-size U-Net step takes many minutes)."""
+    if device.startswith("cuda"):
+        return ["float16"]
+    return ["float32", "bfloat16"] if native_bf16(torch.device("cpu")) else ["float32"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--size", type=int, help="image side in pixels (default: 512 on CUDA, 256 on CPU)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 20 on CUDA, 4 on CPU)")
-    p.add_argument("--repeats", type=int, help="timed rounds per metric (default: 5 on CUDA, 3 on CPU)")
+    p.add_argument("--dtypes", help="comma-separated (default: float16 on CUDA; float32 on CPU, "
+                   "and bfloat16 where the CPU computes it natively)")
+    p.add_argument("--short", action="store_true",
+                   help="a few minutes on CPU: 256x256, 4 steps, 1 repeat (the full mode: 512x512, 20 steps, 3)")
+    p.add_argument("--size", type=int, help="image side in pixels (default 512; 256 with --short)")
+    p.add_argument("--steps", type=int, help="steps of the end-to-end image (default 20; 4 with --short)")
+    p.add_argument("--repeats", type=int, help="timed rounds per metric (default 3; 1 with --short)")
+    p.add_argument("--memory-steps", type=int,
+                   help="steps of the peak-memory image (default: --steps; 1 with --short: the peak is "
+                   "the weights and the VAE decode, not the number of steps)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     p.add_argument("--folder", type=Path, default=CACHE / "sd15-random",
                    help="the random-weight diffusers folder (built here if missing)")
@@ -398,13 +652,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="results path without suffix: writes .md and .json")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.dtype = args.dtype or ("float16" if cuda else "float32")
-    args.size = args.size or (512 if cuda else 256)
-    args.steps = args.steps or (20 if cuda else 4)
-    args.repeats = args.repeats or (5 if cuda else 3)
+    args.size = args.size or (256 if args.short else 512)
+    args.steps = args.steps or (4 if args.short else 20)
+    args.repeats = args.repeats or (1 if args.short else 3)
+    args.memory_steps = args.memory_steps or (1 if args.short else args.steps)
+    args.dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes(args.device)
+    for name in args.dtypes:
+        try:
+            parse_dtype(name)
+        except ValueError as exc:
+            p.error(f"--dtypes: {exc}")
     if args.size % 8:
         p.error(f"--size must be a multiple of 8, got {args.size}")
+    if min(args.steps, args.repeats, args.memory_steps, args.threads) < 1:
+        p.error("--steps, --repeats, --memory-steps and --threads must be at least 1")
     return args
 
 
@@ -415,56 +676,32 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     quiet_diffusers()
-    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    device = torch.device(args.device)
     t0 = time.perf_counter()
     build_folder(args.folder)
     info = machine_info(args)
     print(f"folder ready in {time.perf_counter() - t0:.0f} s; {info}", file=sys.stderr)
-
-    # Memory first, in fresh processes, before this one holds any model.
-    mem = {name: peak_memory(name, args) for name in IMPLS}
-    rows, checks = [], {}
-    with torch.inference_mode():
-        rows.append(median_row("load", "s", bench_load(args.folder, device, dtype, args.repeats)))
-
-        sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
-        gen = torch.Generator("cpu").manual_seed(0)
-        latent = args.size // 8
-        x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
-        t = torch.tensor([500.0, 500.0], device=device)
-        context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
-        times, out = interleaved({n: (lambda s=s: s.unet(x, t, context)) for n, s in sides.items()},
-                                 args.repeats, device, "unet")
-        rows.append(median_row(f"U-Net forward, batch 2, {latent}x{latent} latents", "ms", times, 1e3))
-        a, b = out["ldm"].float(), out["diffusers"].float()
-        checks["U-Net max abs diff / max abs output"] = ((a - b).abs().max() / b.abs().max()).item()
-
-        times, out = interleaved(
-            {n: (lambda s=s: s.generate(args.size, args.steps)) for n, s in sides.items()},
-            args.repeats, device, "text-to-image",
-        )
-        rows.append(median_row(f"text-to-image, {args.steps} steps", "s", times))
-        checks["image max abs pixel diff (0..1)"] = float(np.abs(out["ldm"] - out["diffusers"]).max())
-        if checks["image max abs pixel diff (0..1)"] > 1e-2:
-            print("WARNING: ldm's and diffusers' images differ: the timings compare different work",
-                  file=sys.stderr)
-        del sides, out
-        gc.collect()
-
-    key = "cuda_peak_mib" if device.type == "cuda" else "peak_rss_mib"
-    label = "peak CUDA memory allocated" if device.type == "cuda" else "peak RSS, fresh process"
-    rows.append(median_row(f"{label}, load + 1 image", "MiB", {n: [mem[n][key]] for n in IMPLS}))
-    if device.type == "cuda":
-        rows.append(median_row("peak RSS, fresh process, load + 1 image", "MiB",
-                               {n: [mem[n]["peak_rss_mib"]] for n in IMPLS}))
+    flops = count_flops(args.size)
+    results = {}
+    for name in args.dtypes:
+        peak = gemm_peak(parse_dtype(name), device)
+        rows, checks, mem = bench_dtype(name, args, flops, peak)
+        after = gemm_peak(parse_dtype(name), device)
+        if after > peak:  # the first measurement was disturbed: rescale the percentages
+            for r in rows:
+                for cell in r["cells"].values():
+                    if "peak_percent" in cell:
+                        cell["peak_percent"] *= peak / after
+        results[name] = {"gemm_peak_gflops": max(peak, after), "gemm_peak_before_after": [peak, after],
+                         "rows": rows, "checks": checks, "memory_children": mem}
     info["total_wall_s"] = round(time.perf_counter() - t0, 1)
     info["load_average_end"] = load_average()
 
-    text = markdown(info, rows, checks)
+    text = markdown(info, results)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)
-    payload = {"machine": info, "results": rows, "checks": checks, "memory_children": mem}
+    payload = {"machine": info, "flops": flops, "results": results}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}", file=sys.stderr)
 

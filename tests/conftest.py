@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The parity tests compare with diffusers in float32: pin the CPU default there, whatever
+# this CPU would prefer (ldm.dtypes.default_dtype; tests of the rule unset it).
+os.environ["LDM_CPU_DTYPE"] = "float32"
 
 from reference import SD1_TINY, SD2V_TINY, save_diffusers_folder  # noqa: E402
 

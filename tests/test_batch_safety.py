@@ -107,7 +107,7 @@ def test_model_dependent_checks_run_for_every_line_before_rendering(sd1_folder, 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join([
         '{"prompt": "a red cube", "seed": 1}',
-        '{"prompt": "too big", "size": "1024x1024"}',  # its decoder alone needs > 100 MiB
+        '{"prompt": "too big", "size": "2048x2048"}',  # its U-Net alone needs > 100 MiB (the VAE would tile)
         '{"prompt": "too many steps for this model", "steps": 200, "sampler": "euler"}',
         '{"prompt": "a blue ball", "seed": 2}',
     ]) + "\n")
@@ -118,7 +118,7 @@ def test_model_dependent_checks_run_for_every_line_before_rendering(sd1_folder, 
 
     assert main(["batch", str(prompts), "--strict", *common]) == 2
     err = capsys.readouterr().err
-    assert f"{prompts}:2: error: a 1024x1024 image needs at least" in err
+    assert f"{prompts}:2: error: a 2048x2048 image needs at least" in err
     assert f"{prompts}:3: error: steps=200 exceeds the 100 training timesteps" in err
     assert "--strict: nothing rendered" in err
     assert not list(out.glob("*.png")) and not (out / batchlock.LOCK_FILE).exists()

@@ -461,3 +461,18 @@ def test_huge_native_size_refused_at_load(singles, tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(MemoryLimitError, match="unet.sample_size 100000"):
         load_model(singles["sd1"], config=str(path))
+
+
+def test_finite_check_takes_the_fast_sum_and_never_refuses_a_finite_tensor_whose_sum_overflows():
+    from ldm.checkpoints.loading import is_finite
+
+    big = torch.full((4,), 3e38)  # finite, but the float32 sum overflows to inf
+    assert is_finite(big) and is_finite(big.half().float()) is False  # 3e38 is inf in float16
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = torch.ones(1000, dtype=dtype)
+        assert is_finite(t)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t[537] = bad
+            assert not is_finite(t), (dtype, bad)
+            t[537] = 1
+    assert is_finite(torch.tensor([1, 2, 3]))  # integers are always finite

@@ -26,6 +26,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
@@ -58,6 +59,7 @@ PAIRS = {
         DPMSolverMultistepScheduler,
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
     ),
+    "lcm": (LCMScheduler, {}),
 }
 PREDICTIONS = ("epsilon", "v_prediction")
 SHAPE = (2, 4, 8, 8)
@@ -210,7 +212,7 @@ def test_schedule_matches_diffusers(name, karras):
         sigmas = sch.sigmas if name != "heun" else torch.cat([sch.sigmas[:1], sch.sigmas[1::2]])
         torch.testing.assert_close(plan.sigmas, sigmas.float(), atol=0, rtol=0)
     # The start: diffusers' init_noise_sigma, in VP scaling for the VP schedulers.
-    vp = name in ("ddim", "plms", "ddpm", "dpmpp_2m", "dpmpp_2m_sde")
+    vp = name in ("ddim", "plms", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "lcm")
     start = plan.init_sigma / (plan.sigmas[0] ** 2 + 1) ** 0.5 if vp else plan.init_sigma
     torch.testing.assert_close(start, torch.as_tensor(sch.init_noise_sigma, dtype=torch.float32))
 

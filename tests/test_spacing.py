@@ -29,7 +29,7 @@ from ldm.config import SD1, SDXL, SDXL_INPAINT, SDXL_REFINER, ModelConfig
 from ldm.denoisers import Denoiser, DiscreteSchedule
 from ldm.samplers import (
     KARRAS_SAMPLERS,
-    SAMPLERS,
+    SPACED_SAMPLERS,
     TIMESTEP_SPACINGS,
     randn,
     sample,
@@ -40,7 +40,7 @@ from reference import SD1_SCHEDULER_CONFIG
 
 VP = ("ddim", "plms", "ddpm", "dpmpp_2m", "dpmpp_2m_sde")
 # What each diffusers scheduler does when the config sets no spacing (SD 1.x / 2.x).
-DEFAULTS = {name: "leading" if name in ("ddim", "plms", "ddpm") else "linspace" for name in SAMPLERS}
+DEFAULTS = {name: "leading" if name in ("ddim", "plms", "ddpm") else "linspace" for name in SPACED_SAMPLERS}
 # 3, 7 and 30 do not divide 1000: "trailing" timesteps are then not N // steps apart.
 SCHEDULE_STEPS = (1, 3, 4, 7, 25, 30, 50)
 LOOP_STEPS = (1, 3, 4, 30)
@@ -50,7 +50,7 @@ def _cases(step_counts: tuple[int, ...]) -> list[tuple[str, str, int, bool]]:
     """Every sampler x spacing x step count, with and without Karras sigmas where ldm has them."""
     return [
         (name, spacing, steps, karras)
-        for name in SAMPLERS
+        for name in SPACED_SAMPLERS
         for spacing in TIMESTEP_SPACINGS
         for steps in step_counts
         for karras in ((False, True) if name in KARRAS_SAMPLERS else (False,))
@@ -110,7 +110,7 @@ def test_schedule_matches_diffusers(name, spacing, steps, karras):
         assert (plan.below is None) == bool(np.all(t[:-1] - t[1:] == stride))
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SPACED_SAMPLERS)
 @pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
 def test_explicit_spacing_overrides_the_model(name, spacing):
     other = next(s for s in TIMESTEP_SPACINGS if s != spacing)
@@ -122,7 +122,7 @@ def test_explicit_spacing_overrides_the_model(name, spacing):
             assert (a is None and b is None) or torch.equal(a, b), field.name
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SPACED_SAMPLERS)
 def test_no_spacing_keeps_each_samplers_default(name):
     default = sampling_schedule(name, _model_schedule(None), 25)
     named = sampling_schedule(name, _model_schedule(None), 25, spacing=DEFAULTS[name])
@@ -233,7 +233,7 @@ def test_trailing_step_counts_diffusers_gets_wrong_are_refused():
     ref = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG, timestep_spacing="trailing")
     ref.set_timesteps(61)
     assert len(ref.timesteps) == 62 and int(ref.timesteps[-1]) == -1
-    for name in SAMPLERS:
+    for name in SPACED_SAMPLERS:
         with pytest.raises(ValueError, match=r"steps=61 cannot use 'trailing' spacing.*use 60 or 62 steps"):
             sampling_schedule(name, _model_schedule("trailing"), 61)
     assert sampling_schedule("ddim", _model_schedule("trailing"), 62).steps == 62

@@ -113,6 +113,9 @@ def controlnet_from_diffusers(data: dict[str, Any]) -> ControlNetConfig:
     if unet.addition_embed_type is not None:
         raise ValueError(f"{where}: an SDXL ControlNet (addition_embed_type {unet.addition_embed_type!r}); "
                          "SDXL ControlNets are not supported yet")
+    if unet.time_cond_proj_dim is not None:
+        raise ValueError(f"{where}: time_cond_proj_dim={unet.time_cond_proj_dim!r} (a guidance-embedding ControlNet) "
+                         "is not supported (only None)")
     own = {k: data[k] for k in _OWN_KEYS[:3] if data.get(k) is not None}
     if "conditioning_embedding_out_channels" in own:
         own["conditioning_embedding_out_channels"] = tuple(own["conditioning_embedding_out_channels"])

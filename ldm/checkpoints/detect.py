@@ -235,12 +235,14 @@ def text_architecture(shapes: Mapping[str, tuple], part: TextPart, where: str) -
 # from ldm's metadata, or from the caller. ``text_2`` fields are None without a second
 # text encoder; ``unet.transformer_layers_per_block`` is compared as
 # :func:`~ldm.checkpoints.keymap_unet.attention_depths` gives it.
+GUIDANCE_FIELD = "unet.time_cond_proj_dim"
 _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "max_position_embeddings", "projection_dim")
 DERIVABLE = {
     "unet": ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
              "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-             "use_linear_projection", "addition_embed_type", "projection_class_embeddings_input_dim"),
+             "use_linear_projection", "addition_embed_type", "projection_class_embeddings_input_dim",
+             "time_cond_proj_dim"),
     "vae": ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block"),
     "text": _TEXT_FIELDS,
     "text_2": _TEXT_FIELDS,
@@ -312,6 +314,7 @@ def describe_architecture(arch: Mapping[str, Any]) -> str:
         f"{get('unet.in_channels')}/{get('unet.out_channels')}, proj_in "
         f"{'linear' if get('unet.use_linear_projection') else 'conv'}"
         + (f", added embedding input {added}" if added else "")
+        + (f", guidance embedding width {arch[GUIDANCE_FIELD]}" if arch.get(GUIDANCE_FIELD) else "")
         + f"; VAE channels {get('vae.block_out_channels')}, {get('vae.layers_per_block')} layers per block, "
         f"latent channels {get('vae.latent_channels')}; {text}"
     )
@@ -326,15 +329,19 @@ def architecture_differences(found: Mapping[str, Any], config: ModelConfig) -> l
 
 def match_preset(arch: Mapping[str, Any], prediction_type: str) -> tuple[str, ModelConfig] | None:
     """The preset whose derivable fields all equal ``arch`` (of those, the one with
-    ``prediction_type``: sd2 and sd2-v share their weights' shapes); None if none fits."""
-    fits = [(name, config) for name, config in PRESETS.items() if architecture_of(config) == dict(arch)]
-    for name, config in fits:
-        if config.prediction_type == prediction_type:
-            return name, config
-    if fits:
-        name, config = fits[0]
-        return name, with_changes(config, prediction_type=prediction_type)
-    return None
+    ``prediction_type``: sd2 and sd2-v share their weights' shapes); None if none fits.
+    A guidance-distilled U-Net (LCM) matches its base model's preset, with the guidance
+    embedding width the weights show."""
+    guidance = arch.get(GUIDANCE_FIELD)
+    plain = {**arch, GUIDANCE_FIELD: None}
+    fits = [(name, config) for name, config in PRESETS.items() if architecture_of(config) == plain]
+    fits.sort(key=lambda fit: fit[1].prediction_type != prediction_type)
+    if not fits:
+        return None
+    name, config = fits[0]
+    if guidance is not None:
+        config = with_changes(config, unet=with_changes(config.unet, time_cond_proj_dim=guidance))
+    return name, with_changes(config, prediction_type=prediction_type)
 
 
 def config_from_metadata(metadata: Mapping[str, str], where: str) -> ModelConfig | None:
@@ -395,4 +402,8 @@ def detect_config(shapes: Mapping[str, tuple], *, metadata: Mapping[str, str] | 
             "scaling factor to load it"
         )
     name, config = found
+    distilled = config.unet.time_cond_proj_dim
+    if distilled is not None:
+        rule += (f"; guidance-distilled U-Net (LCM): time_embedding.cond_proj takes a {distilled}-wide guidance "
+                 "embedding")
     return Detection(config, f"keys and shapes match the {name} preset; {rule}")

@@ -24,6 +24,7 @@ from ..foreign_config import (
     unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
 )
 from ..models.tokenizer import pad_token_from_hf, save_hf_tokenizer
+from ..samplers.lcm import ORIGINAL_INFERENCE_STEPS, TIMESTEP_SCALING
 from .detect import check_input_channels
 from .files import (
     CheckpointError, TensorFile, check_regular_file, merge_tensor_files, open_tensor_file, save_safetensors,
@@ -42,6 +43,9 @@ INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
 XL_PIPELINE = "StableDiffusionXLPipeline"
 XL_IMG2IMG_PIPELINE = "StableDiffusionXLImg2ImgPipeline"  # the refiner's
 XL_INPAINT_PIPELINE = "StableDiffusionXLInpaintPipeline"
+# A guidance-distilled SD 1.x/2.x model (LCM), as its releases ship it, with LCMScheduler.
+LCM_PIPELINE = "LatentConsistencyModelPipeline"
+LCM_SCHEDULER = "LCMScheduler"
 # Written into configs we save; diffusers reads it to decide on legacy behaviour only.
 DIFFUSERS_VERSION = "0.30.0"
 
@@ -253,10 +257,17 @@ def read_folder_config(folder: Path) -> tuple[ModelConfig, str]:
 # --- writing -------------------------------------------------------------------
 
 
+def _scheduler_class(config: ModelConfig) -> str:
+    return LCM_SCHEDULER if pipeline_class(config) == LCM_PIPELINE else "DDIMScheduler"
+
+
 def scheduler_config(config: ModelConfig) -> dict[str, Any]:
-    """A DDIMScheduler config carrying the model's training schedule (what SD2 ships)."""
+    """A DDIMScheduler config carrying the model's training schedule (what SD2 ships); for a
+    guidance-distilled model an LCMScheduler one (LCM's releases), with its origin schedule."""
+    lcm = {"original_inference_steps": ORIGINAL_INFERENCE_STEPS, "timestep_scaling": TIMESTEP_SCALING} \
+        if _scheduler_class(config) == LCM_SCHEDULER else {}
     return {
-        "_class_name": "DDIMScheduler",
+        "_class_name": _scheduler_class(config),
         "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": config.num_train_timesteps,
         "beta_start": config.beta_start,
@@ -267,7 +278,7 @@ def scheduler_config(config: ModelConfig) -> dict[str, Any]:
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
-    } | ({"timestep_spacing": config.timestep_spacing} if config.timestep_spacing else {})
+    } | lcm | ({"timestep_spacing": config.timestep_spacing} if config.timestep_spacing else {})
 
 
 def pipeline_class(config: ModelConfig) -> str:
@@ -276,7 +287,9 @@ def pipeline_class(config: ModelConfig) -> str:
     refiner the one that feeds it an image and an aesthetic score."""
     layout = layout_of(config)
     if layout in ("sd1", "sd2"):
-        return INPAINT_PIPELINE if config.is_inpainting else TEXT_TO_IMAGE_PIPELINE
+        if config.is_inpainting:
+            return INPAINT_PIPELINE
+        return LCM_PIPELINE if config.unet.time_cond_proj_dim is not None else TEXT_TO_IMAGE_PIPELINE
     if config.is_inpainting:
         return XL_INPAINT_PIPELINE
     return XL_IMG2IMG_PIPELINE if layout == "sdxl-refiner" else XL_PIPELINE
@@ -335,7 +348,8 @@ def write_folder(folder: Path, config: ModelConfig, states: dict[str, dict[str, 
     if unknown:
         raise ValueError(f"components {unknown} have no place in a {layout_of(config)} folder; "
                          f"expected {sorted(folders)}")
-    _write_json(folder / "model_index.json", model_index(pipeline=pipeline_class(config), config=config))
+    _write_json(folder / "model_index.json",
+                model_index(_scheduler_class(config), pipeline=pipeline_class(config), config=config))
     _write_json(folder / "unet" / "config.json",
                 {**unet_to_diffusers(config.unet), "_diffusers_version": DIFFUSERS_VERSION})
     _write_json(folder / "vae" / "config.json",

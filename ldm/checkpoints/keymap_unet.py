@@ -16,6 +16,7 @@ output_blocks.{(L+1)k+j}.0 / .1        up_blocks.k.resnets.j / attentions.j  (j 
 output_blocks.{(L+1)k+L}.{1|2}.conv    up_blocks.k.upsamplers.0.conv  (.2 if the level has attention)
 out.0 / out.2                          conv_norm_out / conv_out
 label_emb.0.0 / .2                     add_embedding.linear_1 / linear_2  (SDXL)
+time_embedding.cond_proj (weight)      time_embedding.cond_proj  (guidance-distilled, LCM)
 =====================================  =========================================
 
 Up block ``k`` is the level ``n-1-k`` (lowest resolution first), in both layouts.
@@ -27,6 +28,14 @@ its mirror in the up path; the mid block has the last level's (as diffusers buil
 ``label_emb`` is SGM's name for SDXL's pooled-text / size embedding (diffusers'
 ``addition_embed_type="text_time"``); other class-conditioned U-Nets (SD2 unCLIP, the
 x4 upscaler) are not supported: their keys are unmapped and reported.
+
+A guidance-distilled U-Net (LCM; diffusers' ``time_cond_proj_dim``) has one more
+tensor, the bias-free projection of its guidance-scale embedding. The original layout
+has no name of its own for it (LCM was released as diffusers folders); single files
+converted from them keep diffusers' name under the U-Net prefix,
+``model.diffusion_model.time_embedding.cond_proj.weight`` (the name stable-diffusion.cpp
+lists for such files), so that is the name here, in both directions. Its presence and
+its second dimension (the embedding width) make the model guidance-distilled.
 """
 
 from __future__ import annotations
@@ -110,6 +119,11 @@ def unet_encoder_table(config: UNetConfig, where: str = "unet encoder original->
     return table
 
 
+# The guidance-embedding projection of a guidance-distilled U-Net: a bias-free linear.
+COND_PROJ = "time_embedding.cond_proj"
+_WEIGHT_ONLY = same_names("linear without bias", params("", bias=False))
+
+
 def unet_table(config: UNetConfig) -> ModuleTable:
     """Original module name -> (internal module name, Kind), generated from the config."""
     where = "unet original->internal"
@@ -117,6 +131,8 @@ def unet_table(config: UNetConfig) -> ModuleTable:
     n_levels = len(config.block_out_channels)
     up_attn = [_has_attention(t, where) for t in config.up_block_types]
     table = unet_encoder_table(config, where)
+    if config.time_cond_proj_dim is not None:
+        table.add(COND_PROJ, COND_PROJ, _WEIGHT_ONLY)
     for k in range(n_levels):
         for j in range(L + 1):
             n = (L + 1) * k + j
@@ -183,7 +199,9 @@ def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
     layers_per_block, which levels have attention (the block types),
     cross_attention_dim (``attn2.to_k`` in-features), the transformer depths (as
     :func:`attention_depths` gives them), use_linear_projection (``proj_in`` is 2-D),
-    and SDXL's added embedding (its type and input width; None for SD1/SD2).
+    and SDXL's added embedding (its type and input width; None for SD1/SD2), and a
+    guidance-distilled U-Net's ``time_cond_proj_dim`` (the width ``time_embedding.cond_proj``
+    takes; None without that tensor).
 
     Heads are not among them (q/k/v are [C, C] whatever the split into heads), nor
     SDXL's ``addition_time_embed_dim`` (only its product with the number of ids is).
@@ -195,7 +213,19 @@ def unet_architecture(shapes: MappingABC[str, Any]) -> dict[str, Any]:
         **arch,
         "out_channels": shape_of(shapes, "out.2.weight", "Stable Diffusion U-Net")[0],
         "up_block_types": tuple(_CROSS_ATTN_BLOCKS[1] if a else _PLAIN_BLOCKS[1] for a in up_attn),
+        "time_cond_proj_dim": _guidance_width(shapes),
     }
+
+
+def _guidance_width(shapes: MappingABC[str, Any]) -> int | None:
+    """The guidance embedding width of ``time_embedding.cond_proj.weight`` ([time, width]), or None."""
+    key = COND_PROJ + ".weight"
+    if key not in shapes:
+        return None
+    shape = shape_of(shapes, key, "guidance-distilled U-Net")
+    if len(shape) != 2:
+        raise ValueError(f"{key} must be a 2-d linear weight [time channels, guidance width], got {tuple(shape)}")
+    return shape[1]
 
 
 def encoder_architecture(shapes: MappingABC[str, Any], what: str = "Stable Diffusion U-Net") -> dict[str, Any]:

@@ -315,7 +315,13 @@ def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | No
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+    if not tensor.is_floating_point():
+        return True
+    # One reduction instead of a full boolean mask: any NaN/Inf makes the sum non-finite.
+    # A finite tensor whose sum overflows takes the exact check, so nothing is refused wrongly.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def nonfinite_error(where: str, keys: list[str], dtype: torch.dtype | None = None) -> CheckpointError:
@@ -401,6 +407,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     override detection; both are logged on the ``ldm`` logger, as is what was
     detected. Pickle files (``.ckpt``/``.pt``/``.pth``/``.bin``) are refused unless
     ``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
+    ``dtype`` is float32 unless given, on every device (training, export and conversion
+    want full precision); :meth:`ldm.Pipeline.from_pretrained` instead picks the fast
+    inference dtype of the device (:func:`ldm.dtypes.default_dtype`).
 
     Raises FileNotFoundError for a missing path, :class:`CheckpointError` (a
     ValueError) for a corrupt, unknown, unsupported or mismatched checkpoint,

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..batchedit import EditDefaults
 from ..batchfile import Settings
 from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR
+from ..validation import SPACINGS
 from .common import add_editing_options, add_generation_options, positive_int, settings_from_args
 
 FORMATS = {"auto": None, "text": False, "jsonl": True}
@@ -19,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch", help="render every line of a prompt file (text or JSONL), resumably",
         description="Render PROMPTS (one prompt per line, or JSONL objects with prompt, "
-        "negative_prompt, seed, steps, guidance, sampler, schedule, size, n, clip_skip, for editing image, "
+        "negative_prompt, seed, steps, guidance, sampler, schedule, spacing, size, n, clip_skip, for editing image, "
         "mask, strength, extend, fill, mask_blur, mask_padding, paths relative to PROMPTS' folder, and for SDXL "
         "original_size, crop_offset, target_size, aesthetic_score, negative_aesthetic_score, refiner_start, and "
         "control: a list of ControlNets {model, image, scale, preprocess, start, end, guess_mode}) into "
@@ -43,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="redo images in DIR that were made with other settings (default: refuse)")
     p.add_argument("--format", choices=tuple(FORMATS), default="auto",
                    help="prompt file format (default: by suffix)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="timestep spacing for lines without a spacing key (default: the model's, else the sampler's)")
     p.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
                    help="run N processes (one per GPU, or CPU processes over gloo) via torchrun")
     p.set_defaults(func=run)
@@ -52,7 +55,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     edit = EditDefaults(strength=args.strength, mask_padding=args.mask_padding,
                         mask_blur=DEFAULT_MASK_BLUR if args.mask_blur is None else args.mask_blur,
                         fill=args.fill or DEFAULT_FILL)
-    return dataclasses.replace(settings_from_args(args), edit=edit)
+    return dataclasses.replace(settings_from_args(args), edit=edit, spacing=args.spacing)
 
 
 def _launched() -> bool:

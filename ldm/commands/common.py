@@ -177,7 +177,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_arg, default=None,
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default=None,
-                   help="default: float16 on GPU, float32 on CPU (fp16, bf16 ... accepted)")
+                   help="default: float16 on GPU; on CPU the faster of float32 and bfloat16 here, never an "
+                   "emulated bfloat16 ($LDM_CPU_DTYPE overrides) (fp16, bf16 ... accepted)")
     p.add_argument("--vae", default=None, metavar="PATH",
                    help="a VAE to use in place of the model's (and the refiner's): a diffusers VAE folder such as "
                    "sdxl-vae-fp16-fix, or a .safetensors file in diffusers' or the web UI's key names")

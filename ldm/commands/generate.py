@@ -20,6 +20,7 @@ from ..pngmeta import (
     save_png,
 )
 from ..editing import DEFAULT_FILL, default_size, extend, load_image, load_mask
+from ..limits import MEMORY_CHOICES
 from ..validation import DEFAULTS, SPACINGS, check_sampling
 from .common import (
     add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, sdxl_values, value,
@@ -70,6 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="timestep spacing of the schedule, as diffusers' timestep_spacing (default: the model's, "
                    "else the sampler's own; trailing for Turbo-style models)")
+    p.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
+                   help="memory level: auto (default: the fastest that fits the free memory), fast, tiled (tiled "
+                   "VAE), sliced (and sliced attention), offload (and models offloaded to the CPU; GPU only)")
     p.set_defaults(func=run)
 
 
@@ -360,12 +364,14 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
 
     n = batch[0] if batch else value(args, "n")
     kwargs = p.replace(controls=()).to_kwargs(refiner=refiner)
+    kwargs["memory"] = args.memory
     if batch:
         kwargs["seed"] = p.seed - batch[1]
     size = _render_size(pipe, p, edit) if requests else None
     gen = _generate(args, pipe, kwargs, n, edit, requests, size)
     record = _edit_record(gen, edit)
     record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}),
+                  guidance_embedding=gen.params.get("guidance_embedding"),
                   **recorded_size_fields(gen.params, gen.params["width"], gen.params["height"]),
                   refiner=refiner_ref and refiner_ref.name, refiner_hash=refiner_ref and refiner_ref.hash,
                   refiner_start=gen.params["refiner_start"] if refiner_ref else None,

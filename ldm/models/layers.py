@@ -187,6 +187,8 @@ class Attention(nn.Module):
         context_dim = context_dim if context_dim is not None else query_dim
         self.heads = heads
         self.upcast = upcast
+        # Queries per SDPA call (None: all at once); see set_attention_chunk.
+        self.chunk: int | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -207,8 +209,29 @@ class Attention(nn.Module):
         q, k, v = (t.view(b, -1, self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v))
         if self.upcast and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = chunked_sdpa(q, k, v, self.chunk)
         return out.transpose(1, 2).reshape(b, n, inner).to(dtype)
+
+
+def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, chunk: int | None) -> Tensor:
+    """SDPA over [B, heads, N, d] with at most ``chunk`` queries per call: each query's
+    output depends only on its own row of scores, so the result is the unsliced one,
+    while a backend that keeps the score matrix (the math kernel) holds ``chunk x M``
+    of it instead of ``N x M`` (diffusers' ``SlicedAttnProcessor`` slices the batch
+    instead, which does not bound one image's 65536 x 65536 self-attention at 2048 px)."""
+    if chunk is None or q.shape[2] <= chunk:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(chunk, dim=2)], dim=2)
+
+
+def set_attention_chunk(module: nn.Module, chunk: int | None) -> None:
+    """Make every attention layer in ``module`` run :func:`chunked_sdpa` with ``chunk``
+    queries at a time (None: unsliced)."""
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"attention chunk must be a positive int (queries per call) or None, got {chunk!r}")
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.chunk = chunk
 
 
 class AttentionBlock2D(Attention):

@@ -17,12 +17,14 @@ heun           HeunDiscreteScheduler
 lms            LMSDiscreteScheduler
 dpmpp_2m       DPMSolverMultistepScheduler (dpmsolver++, order 2)
 dpmpp_2m_sde   DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)
+lcm            LCMScheduler (latent consistency models and LCM-LoRA)
 =============  ==========================================================
 
 The timestep spacing ("leading", "linspace", "trailing") is the call's ``spacing``,
 else the model's (``DiscreteSchedule.timestep_spacing``, from its config), else the
 scheduler's own default, as ``from_config(config, timestep_spacing=...)`` gives in
-diffusers (see :mod:`ldm.samplers.schedules`).
+diffusers (see :mod:`ldm.samplers.schedules`). ``lcm`` has its own timesteps (see
+:mod:`ldm.samplers.lcm`): it refuses a spacing asked for, and the model's does not apply.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .k_samplers import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
+from .lcm import lcm_schedule, sample_lcm
 from .noise import Generators, randn
 from .plms import sample_plms
 from .schedules import (
@@ -59,8 +62,11 @@ class _Entry:
     fn: SamplerFn
     schedule: ScheduleFn
     karras: bool
-    # The SamplingSchedule.below / .above levels the sampler takes, as keywords.
+    # The SamplingSchedule.below / .above levels the sampler takes, as keywords
+    # ("landing", "restart"), and "timesteps" for one that reads the model timesteps.
     strided: tuple[str, ...] = ()
+    # Whether the timestep spacing (the call's, else the model's) shapes its schedule.
+    spaced: bool = True
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -73,10 +79,13 @@ _REGISTRY: dict[str, _Entry] = {
     "lms": _Entry(sample_lms, k_schedule, True),
     "dpmpp_2m": _Entry(sample_dpmpp_2m, dpm_schedule, True),
     "dpmpp_2m_sde": _Entry(sample_dpmpp_2m_sde, dpm_schedule, True),
+    "lcm": _Entry(sample_lcm, lcm_schedule, False, ("timesteps",), spaced=False),
 }
 
 SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
 KARRAS_SAMPLERS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if e.karras)
+# The samplers whose timesteps follow a timestep spacing (all but lcm).
+SPACED_SAMPLERS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if e.spaced)
 
 
 def _entry(name: str) -> _Entry:
@@ -123,17 +132,21 @@ def sampling_schedule(
             f"spacing={spacing!r} has no effect on {name!r} with karras sigmas (they span the "
             "whole training schedule); drop one of them"
         )
+    if not entry.spaced:
+        # The call's spacing is refused by the schedule; the model's is for the other samplers.
+        return entry.schedule(schedule, steps, karras, spacing)
     return entry.schedule(schedule, steps, karras, spacing or schedule.timestep_spacing)
 
 
 def _strided(entry: _Entry, plan: SamplingSchedule, start: int, stop: int) -> dict[str, Tensor]:
     """The off-schedule levels (``plan.below`` / ``.above``) of steps ``start .. stop - 1``
-    as the sampler's keywords; PNDM's redone first step runs toward the run's second level."""
-    if plan.below is None or plan.above is None:
-        return {}
-    levels = {"landing": plan.below[start:stop]}
-    if stop - start > 1:
-        levels["restart"] = plan.above[start + 1]
+    as the sampler's keywords (PNDM's redone first step runs toward the run's second
+    level), and those steps' model timesteps for a sampler that takes them."""
+    levels = {"timesteps": plan.timesteps[start:stop]}
+    if plan.below is not None and plan.above is not None:
+        levels["landing"] = plan.below[start:stop]
+        if stop - start > 1:
+            levels["restart"] = plan.above[start + 1]
     return {k: v for k, v in levels.items() if k in entry.strided}
 
 
@@ -237,6 +250,7 @@ def sample(
 __all__ = [
     "SAMPLERS",
     "KARRAS_SAMPLERS",
+    "SPACED_SAMPLERS",
     "TIMESTEP_SPACINGS",
     "Callback",
     "first_step",
@@ -252,6 +266,7 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_lcm",
     "sample_lms",
     "sample_plms",
     "sampling_schedule",

@@ -153,7 +153,8 @@ def _check_spaced(timesteps: np.ndarray, n: int, steps: int, spacing: str) -> No
         raise ValueError(f"steps={steps} is too many for {spacing!r} spacing: timesteps repeat after rounding")
 
 
-def _vp(sigmas: np.ndarray, timesteps: np.ndarray, **strided: np.ndarray) -> SamplingSchedule:
+def vp_plan(sigmas: np.ndarray, timesteps: np.ndarray, **strided: np.ndarray) -> SamplingSchedule:
+    """A plan whose start is unit noise in VP scaling (``init_noise_sigma`` 1 in diffusers)."""
     sig = torch.from_numpy(sigmas.astype(np.float32))
     return SamplingSchedule(
         sigmas=sig,
@@ -175,9 +176,9 @@ def ddim_schedule(
     # alphas_cumprod[t - stride], the first level (final_alpha_cumprod) below 0.
     below = table[np.maximum(timesteps - stride, 0)]
     if np.array_equal(below, sigmas[1:]):
-        return _vp(sigmas, timesteps)
+        return vp_plan(sigmas, timesteps)
     above = table[np.minimum(timesteps + stride, len(table) - 1)]
-    return _vp(sigmas, timesteps, below=below, above=above)
+    return vp_plan(sigmas, timesteps, below=below, above=above)
 
 
 def ddpm_schedule(
@@ -187,7 +188,7 @@ def ddpm_schedule(
     each step goes to the next timestep of the list, whatever the spacing."""
     _no_karras("ddpm", karras)
     timesteps = _spaced(schedule, steps, spacing or "leading", "vp")
-    return _vp(np.concatenate([_table(schedule)[timesteps], [0.0]]), timesteps)
+    return vp_plan(np.concatenate([_table(schedule)[timesteps], [0.0]]), timesteps)
 
 
 def k_schedule(
@@ -222,7 +223,7 @@ def dpm_schedule(
     else:
         timesteps = _spaced(schedule, steps, spacing or "linspace", "dpm")
         sigmas = table[timesteps]
-    return _vp(np.concatenate([sigmas, [0.0]]), timesteps)
+    return vp_plan(np.concatenate([sigmas, [0.0]]), timesteps)
 
 
 def _no_karras(name: str, karras: bool) -> None:
@@ -247,4 +248,5 @@ __all__ = [
     "k_schedule",
     "karras_sigmas",
     "spacing_from_scheduler_config",
+    "vp_plan",
 ]

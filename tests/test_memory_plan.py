@@ -1,0 +1,254 @@
+"""Memory levels: the automatic choice (ldm.limits.plan_memory), sliced attention, the
+out-of-memory retry and CPU offload (ldm.memory), and the checks of their arguments."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ldm import Pipeline
+from ldm.cli import UsageError, build_parser
+from ldm.limits import (
+    CHOICE_HEADROOM, MEMORY_LEVELS, MemoryLimitError, MemoryPlan, decode_bytes, level_needs, plan_batch, plan_memory,
+)
+from ldm.memory import is_out_of_memory, runner_of, use_plan
+from ldm.models.layers import Attention, chunked_sdpa, set_attention_chunk
+from ldm.tiled_vae import Tiling, tiled_decode
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+SIZE = 128  # latents 16x16: three tiles of the tiny VAE's 8 a side
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1_folder):
+    return Pipeline.from_pretrained(sd1_folder, device="cpu")
+
+
+def _run(pipe, **kwargs):
+    kwargs = {"steps": 2, "output": "np", "progress": False, "seed": 0, "width": SIZE, "height": SIZE, **kwargs}
+    return pipe("a cat", **kwargs)
+
+
+def _needs(config, size, level, device="cpu", **kwargs):
+    return level_needs(config, size, size, dtype_bytes=4, guided=True, device=device, level=level, **kwargs)
+
+
+def _plan(config, size, available, device="cpu", **kwargs):
+    return plan_memory(config, size, size, dtype_bytes=4, guided=True, device=device, available=available, **kwargs)
+
+
+# --- the automatic choice ---------------------------------------------------------------
+
+def test_enough_memory_keeps_everything_whole(pipe, caplog):
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        plan = _plan(pipe.config, 256, 2**40)
+    assert plan.level == "fast" and plan.vae_tiling is None and plan.attention_chunk is None and not plan.offload
+    assert "memory: fast" in caplog.text and "free on cpu" in caplog.text
+
+
+def test_short_memory_picks_the_tiled_vae_and_says_why(pipe, caplog):
+    fast, tiled = _needs(pipe.config, 256, "fast"), _needs(pipe.config, 256, "tiled")
+    # Independently of the planner: whole, the decoder is the peak; one 64 px tile is far less.
+    assert fast["VAE"] == decode_bytes(pipe.config, 256, 256, 4) > max(fast["U-Net"], *tiled.values())
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        plan = _plan(pipe.config, 256, CHOICE_HEADROOM * max(tiled.values()))
+    assert plan.level == "tiled" and plan.vae_tiling == Tiling(8, 2) and plan.attention_chunk is None
+    line = [r.message for r in caplog.records if r.message.startswith("memory:")][-1]
+    assert line.startswith("memory: tiled (tiled VAE): the VAE of a 256x256 image needs ~") and "free on cpu" in line
+    # Where only tiling fits, the call is no longer refused (it was: the whole decode > free).
+    assert plan_batch(pipe.config, 1, 256, 256, dtype_bytes=4, guided=True, device="cpu",
+                      available=max(tiled.values())) == 1
+
+
+def test_a_backend_that_keeps_attention_scores_gets_sliced_attention(pipe):
+    # MPS's SDPA holds the score matrix: 2 rows x 2 heads x 4096 x 4096 at 512 px, 1024 queries sliced.
+    sliced = _needs(pipe.config, 512, "sliced", device="mps", chunk=1024)
+    tiled = _needs(pipe.config, 512, "tiled", device="mps")
+    assert tiled["U-Net"] >= 2 * 2 * 4096 * 4096 * 4 > sliced["U-Net"]
+    plan = _plan(pipe.config, 512, CHOICE_HEADROOM * max(sliced.values()), device="mps")
+    assert plan.level == "sliced" and plan.attention_chunk is not None and plan.attention_chunk <= 1024
+    assert plan.vae_tiling is not None
+
+
+def test_on_an_accelerator_offloading_the_idle_models_is_the_last_level(pipe):
+    resident = {"unet": 2**30, "vae": 2**29, "text": 2**29}  # as if the weights filled the device
+    offload = _needs(pipe.config, 256, "offload", device="cuda", resident=resident)
+    sliced = _needs(pipe.config, 256, "sliced", device="cuda", resident=resident)
+    assert offload["U-Net"] == 0 < sliced["U-Net"]  # the idle weights free more than it needs
+    plan = _plan(pipe.config, 256, max(sliced.values()) - 1, device="cuda", resident=resident)
+    assert plan.level == "offload" and plan.offload
+    assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40, device="cuda"))] == list(MEMORY_LEVELS)
+    assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40))] == ["fast", "tiled", "sliced"]
+
+
+def _chain(plan):
+    while plan is not None:
+        yield plan
+        plan = plan.lower("test")
+
+
+def test_what_even_the_leanest_level_cannot_fit_is_refused_with_the_numbers(pipe):
+    sliced = _needs(pipe.config, 256, "sliced")
+    # Short of the headroom "auto" wants, but enough for the bare estimate: the leanest level runs.
+    assert _plan(pipe.config, 256, max(sliced.values())).level == "sliced"
+    with pytest.raises(MemoryLimitError, match=r"a 256x256 image needs at least \d+ MiB for U-Net \(with guidance\) "
+                       r"even at memory level 'sliced' .* but only \d+ MiB is free on cpu"):
+        _plan(pipe.config, 256, sliced["U-Net"] - 1)
+
+
+def test_unreadable_free_memory_runs_fast_and_a_named_level_is_kept(pipe, monkeypatch, caplog):
+    monkeypatch.setattr("ldm.limits.available_bytes", lambda device: None)
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        assert _plan(pipe.config, 256, None).level == "fast"
+    assert "cannot be read" in caplog.text
+    assert _plan(pipe.config, 256, 2**40, memory="sliced").level == "sliced"
+
+
+@pytest.mark.parametrize("memory, message", [
+    ("turbo", r"memory must be one of \('auto', 'fast', 'tiled', 'sliced', 'offload'\), got 'turbo'"),
+    (None, "memory must be one of"), (2, "memory must be one of"),
+    ("offload", "on cpu the leanest level is 'sliced'"),
+])
+def test_bad_memory_values_are_refused_before_any_work(pipe, monkeypatch, memory, message):
+    monkeypatch.setattr(pipe, "encode_prompts", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match=message):
+        _run(pipe, memory=memory)
+
+
+def test_a_plan_refuses_a_level_its_device_lacks():
+    with pytest.raises(ValueError, match="memory level must be one of"):
+        MemoryPlan("offload", Tiling(8, 2), 64, MEMORY_LEVELS[:-1], "test")
+
+
+def test_the_generate_command_takes_a_memory_level():
+    parser = build_parser()
+    assert parser.parse_args(["generate", "a cat", "--memory", "tiled"]).memory == "tiled"
+    assert parser.parse_args(["generate", "a cat"]).memory == "auto"
+    with pytest.raises(UsageError, match=r"--memory: invalid choice: 'huge' \(choose from 'auto', 'fast'"):
+        parser.parse_args(["generate", "a cat", "--memory", "huge"])
+
+
+# --- sliced attention -------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 64, 99, 100, 1000])
+def test_chunked_attention_is_the_attention_formula(chunk):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (100, 37, 37))
+    scores = q.double() @ k.double().transpose(-1, -2) / 16**0.5
+    expected = torch.softmax(scores, dim=-1) @ v.double()
+    torch.testing.assert_close(chunked_sdpa(q, k, v, chunk).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_setting_a_chunk_reaches_every_attention_and_keeps_the_unet_output(pipe, one_thread):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0, 20.0])
+    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    layers = [m for m in pipe.unet.modules() if isinstance(m, Attention)]
+    try:
+        with torch.inference_mode():
+            whole = pipe.unet(x, t, context)
+            set_attention_chunk(pipe.unet, 16)  # 256 tokens in 16 calls
+            assert layers and all(m.chunk == 16 for m in layers)
+            sliced = pipe.unet(x, t, context)
+    finally:
+        set_attention_chunk(pipe.unet, None)
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -4, 2.5, "8", True])
+def test_bad_attention_chunks_are_refused(pipe, chunk):
+    with pytest.raises(ValueError, match="attention chunk must be a positive int"):
+        set_attention_chunk(pipe.unet, chunk)
+
+
+# --- out of memory: the phase again, one level leaner --------------------------------
+
+def test_out_of_memory_errors_are_told_from_others():
+    assert is_out_of_memory(RuntimeError(CPU_OOM))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_a_decode_that_runs_out_of_memory_is_redone_tiled(pipe, monkeypatch, caplog, one_thread):
+    tiled = _run(pipe, memory="tiled")
+    real = pipe.vae.decode
+    shapes = []
+
+    def decode_failing_once(z):
+        shapes.append(tuple(z.shape[-2:]))
+        if len(shapes) == 1:
+            raise RuntimeError(CPU_OOM)
+        return real(z)
+
+    monkeypatch.setattr(pipe.vae, "decode", decode_failing_once)
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        images = _run(pipe, memory="fast")
+    np.testing.assert_array_equal(images, tiled)
+    # Whole, then tiles of 8 starting at 0, 6 and 12 on each side (the last 4 wide).
+    assert shapes[0] == (16, 16) and sorted(shapes[1:]) == sorted((h, w) for h in (8, 8, 4) for w in (8, 8, 4))
+    assert "VAE ran out of memory at memory level 'fast' (" in caplog.text
+    assert "retrying it at 'tiled' (tiled VAE)" in caplog.text
+
+
+def test_a_unet_that_runs_out_of_memory_mid_sampling_redoes_the_batch_with_the_same_noise(
+        pipe, monkeypatch, caplog, one_thread):
+    # euler_a draws fresh noise every step: the retry must rewind each image's generator.
+    kwargs = dict(sampler="euler_a", steps=3)
+    expected = _run(pipe, memory="sliced", num_images=2, **kwargs)
+    real, calls = pipe.unet.forward, []
+
+    def forward_failing_on_the_second_step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipe.unet, "forward", forward_failing_on_the_second_step)
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        images = _run(pipe, memory="fast", num_images=2, **kwargs)
+    np.testing.assert_allclose(images, expected, atol=1e-6)
+    assert len(calls) == 1 + 1 + 3  # one step, the failure, then all three again
+    assert "U-Net ran out of memory at memory level 'fast'" in caplog.text and "at 'sliced'" in caplog.text
+
+
+def test_other_errors_are_not_retried_and_the_leanest_level_gives_up_clearly(pipe, monkeypatch):
+    def broken(z):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(pipe.vae, "decode", broken)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        _run(pipe, memory="fast")
+
+    def always_oom(z):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(pipe.vae, "decode", always_oom)
+    with pytest.raises(MemoryLimitError, match="VAE ran out of memory on cpu even at memory level 'sliced'"):
+        _run(pipe, memory="fast")
+
+
+# --- CPU offload (accelerate's hooks; here the execution device is the CPU itself) --------
+
+def test_offloaded_models_compute_on_the_execution_device_and_come_back(pipe, one_thread):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = (tiled_decode(pipe.vae, z / pipe.config.vae.scaling_factor) / 2 + 0.5).clamp(0, 1)
+    fast = runner_of(pipe).plan
+    offload = MemoryPlan("offload", fast.tiling, fast.chunk, MEMORY_LEVELS, "test")
+    try:
+        runner = use_plan(pipe, offload)
+        assert hasattr(pipe.unet, "_hf_hook") and hasattr(pipe.vae.decoder, "_hf_hook")
+        assert pipe.device == torch.device("cpu")
+        decoded = pipe.decode(z, "np")
+        assert runner.plan.offload
+    finally:
+        use_plan(pipe, MemoryPlan("fast", fast.tiling, fast.chunk, fast.levels, "test"))
+    assert not hasattr(pipe.unet, "_hf_hook") and not hasattr(pipe.vae.decoder, "_hf_hook")
+    np.testing.assert_allclose(decoded, expected.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert all(m.chunk is None for m in pipe.unet.modules() if isinstance(m, Attention))
