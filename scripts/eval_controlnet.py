@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, Any]:
     """The whole evaluation (see the module doc); writes the report files and returns the report."""
     t0 = time.perf_counter()
-    pipe = eval_toy.load_pipeline(args.model, args.device)
+    pipe = eval_toy.load_pipeline(args.model, args.device, args.dtype)
     controlnet = ControlNet.from_pretrained(args.controlnet, device=args.device, dtype="float32")
     report, pictures = sweep(pipe, controlnet, args, log)
     texts = [p["prompt"] for p in report["prompts"]]

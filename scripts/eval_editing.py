@@ -246,7 +246,7 @@ def new_area(shape: tuple[int, int], side: str, margin: int) -> np.ndarray:
 
 def evaluate(model: Any = None, *, n: int = N, strengths: Sequence[float] = STRENGTHS, steps: int = STEPS,
              sampler: str = SAMPLER, guidance: float = GUIDANCE, mask_blur: int = MASK_BLUR, seed: int = SEED,
-             batch_size: int = BATCH_SIZE, device: str = "cpu", classifier: Any = None,
+             batch_size: int = BATCH_SIZE, device: str = "cpu", dtype: str = "float32", classifier: Any = None,
              out: str | Path | None = OUT, strip: str | Path | None = None, strip_rows: int = STRIP_ROWS,
              threads: int | None = THREADS, log: Log = eval_toy._print) -> dict[str, Any]:
     """Run every section; write ``eval_editing.md``, ``eval_editing.json`` and the strip under
@@ -262,19 +262,20 @@ def evaluate(model: Any = None, *, n: int = N, strengths: Sequence[float] = STRE
     try:
         settings = Settings(steps=steps, sampler=sampler, guidance=guidance, batch_size=batch_size,
                             mask_blur=mask_blur, log=log)
-        return _evaluate(model, n, tuple(strengths), seed, device, classifier, settings, out, strip, strip_rows)
+        return _evaluate(model, n, tuple(strengths), seed, device, classifier, settings, out, strip, strip_rows,
+                         dtype=dtype)
     finally:
         torch.set_num_threads(before)
 
 
 def _evaluate(model: Any, n: int, strengths: tuple[float, ...], seed: int, device: str, classifier: Any,
               settings: Settings, out: str | Path | None, strip: str | Path | None,
-              strip_rows: int) -> dict[str, Any]:
+              strip_rows: int, dtype: str = "float32") -> dict[str, Any]:
     from ldm.toy.classifier import get_classifier
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, dtype)
     classifier = get_classifier(classifier)
     model_name = str(getattr(pipe.model, "source", model))
     inpainting_model = bool(pipe.config.is_inpainting)
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     return eval_toy.run_and_print(lambda: evaluate(
         args.model, n=args.n, strengths=args.strengths, steps=args.steps, sampler=args.sampler,
         guidance=args.guidance, mask_blur=args.mask_blur, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, classifier=args.classifier, out=args.out, strip=args.strip,
+        device=args.device, dtype=args.dtype, classifier=args.classifier, out=args.out, strip=args.strip,
         strip_rows=args.strip_rows, threads=args.threads), markdown)
 
 

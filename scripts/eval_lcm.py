@@ -175,8 +175,8 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
 
     t0 = time.perf_counter()
     args.classifier = get_classifier(args.classifier)
-    pipes = {"teacher": eval_toy.load_pipeline(args.model, args.device),
-             "lcm": eval_toy.load_pipeline(args.lcm, args.device)}
+    pipes = {"teacher": eval_toy.load_pipeline(args.model, args.device, args.dtype),
+             "lcm": eval_toy.load_pipeline(args.lcm, args.device, args.dtype)}
     if pipes["lcm"].config.unet.time_cond_proj_dim is None:
         raise ValueError(f"{args.lcm} is not a guidance-distilled model (its U-Net has no guidance embedding)")
     report, pictures = sweep(pipes, args, log)

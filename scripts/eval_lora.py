@@ -323,7 +323,7 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
     try:
         training = None if args.lora else train(args, log)
         lora = args.lora or args.lora_out
-        pipe = eval_toy.load_pipeline(args.model, args.device)
+        pipe = eval_toy.load_pipeline(args.model, args.device, args.dtype)
         report, pictures, texts = measure(pipe, lora, args, log)
         report.update(lora=str(lora), training=training, verdict=verdict(report),
                       settings={"n": args.n, "heldout_n": args.heldout_n, "steps": args.steps,

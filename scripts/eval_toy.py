@@ -132,11 +132,12 @@ def _print(message: str) -> None:
 # --- rendering and scoring ---------------------------------------------------------------------
 
 
-def load_pipeline(model: Any = None, device: str = "cpu"):
-    """A Pipeline as given, or loaded from a path (None: the shipped model), in float32."""
+def load_pipeline(model: Any = None, device: str = "cpu", dtype: str = "float32"):
+    """A Pipeline as given, or loaded from a path (None: the shipped model), in ``dtype``
+    (float32 unless asked: the published scores were measured in it)."""
     if isinstance(model, Pipeline):
         return model
-    return Pipeline.from_pretrained(model, device=device, dtype="float32")
+    return Pipeline.from_pretrained(model, device=device, dtype=dtype)
 
 
 def render(pipe, prompts: Sequence[str], seeds: Sequence[int], *, negative: str | None = None,
@@ -205,7 +206,7 @@ def negative_section(pipe, tests: Sequence[NegativeTest], seeds: Sequence[int], 
 def evaluate(model: Any = None, *, n: int = N, steps: int = STEPS, sampler: str = SAMPLER,
              guidance: float = GUIDANCE, scales: Sequence[float] = SCALES,
              negative_seeds: int = NEGATIVE_SEEDS, seed: int = SEED, batch_size: int = BATCH_SIZE,
-             device: str = "cpu", classifier: Any = None,
+             device: str = "cpu", dtype: str = "float32", classifier: Any = None,
              negative_tests: Sequence[NegativeTest] = NEGATIVE_TESTS,
              grid_prompts: Sequence[str] = GRID_PROMPTS, out: str | Path | None = OUT,
              grid: str | Path | None = None, threads: int | None = THREADS,
@@ -221,7 +222,7 @@ def evaluate(model: Any = None, *, n: int = N, steps: int = STEPS, sampler: str 
         torch.set_num_threads(threads)
     try:
         return _evaluate(model, n=n, steps=steps, sampler=sampler, guidance=guidance, scales=scales,
-                         negative_seeds=negative_seeds, seed=seed, batch_size=batch_size, device=device,
+                         negative_seeds=negative_seeds, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
                          classifier=classifier, negative_tests=negative_tests, grid_prompts=grid_prompts,
                          out=out, grid=grid, log=log)
     finally:
@@ -229,14 +230,14 @@ def evaluate(model: Any = None, *, n: int = N, steps: int = STEPS, sampler: str 
 
 
 def _evaluate(model: Any, *, n: int, steps: int, sampler: str, guidance: float, scales: Sequence[float],
-              negative_seeds: int, seed: int, batch_size: int, device: str, classifier: Any,
+              negative_seeds: int, seed: int, batch_size: int, device: str, dtype: str, classifier: Any,
               negative_tests: Sequence[NegativeTest], grid_prompts: Sequence[str], out: str | Path | None,
               grid: str | Path | None, log: Log) -> dict[str, Any]:
     from ldm.toy.classifier import get_classifier
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, dtype)
     classifier = get_classifier(classifier)
     seconds["load"] = time.perf_counter() - t_start
     render_kw = dict(steps=steps, sampler=sampler, batch_size=batch_size)
@@ -434,7 +435,8 @@ def common_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=SAMPLER, help=f"default {SAMPLER}")
     p.add_argument("--seed", type=int, default=SEED, help="first seed (default 0)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"pictures per call (default {BATCH_SIZE})")
-    p.add_argument("--device", default="cpu", help="default cpu (float32)")
+    p.add_argument("--device", default="cpu", help="default cpu")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     p.add_argument("--classifier", type=Path, default=None, help="toy classifier (default: weights/)")
     return p
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_and_print(lambda: evaluate(
         args.model, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scales=args.scales,
         negative_seeds=args.negative_seeds, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        classifier=args.classifier, grid_prompts=() if args.no_grid else GRID_PROMPTS, out=args.out,
+        dtype=args.dtype, classifier=args.classifier, grid_prompts=() if args.no_grid else GRID_PROMPTS, out=args.out,
         grid=args.grid, threads=args.threads), markdown)
 
 
