@@ -249,7 +249,7 @@ def test_smoke_run_exports_the_target_network_as_a_full_original_layout_model(st
     for part in ("vae", "text_encoder"):  # the teacher's, unchanged
         mine, theirs = getattr(loaded, part).state_dict(), getattr(teacher, part).state_dict()
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), part
-    assert json.loads((workdir / "card.json").read_text())["guidance_range"] == [2.0, 12.0]
+    assert json.loads((workdir / "card.json").read_text())["guidance_range"] == [2.0, 5.0]
 
 
 def test_eval_smoke_run_reports_every_step_count(straight_run, tmp_path):
