@@ -476,3 +476,18 @@ def test_finite_check_takes_the_fast_sum_and_never_refuses_a_finite_tensor_whose
             assert not is_finite(t), (dtype, bad)
             t[537] = 1
     assert is_finite(torch.tensor([1, 2, 3]))  # integers are always finite
+
+
+def test_weights_converted_on_load_are_read_into_their_own_memory(tmp_path):
+    from ldm.checkpoints.files import open_tensor_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=gen), "b": torch.randn(7, generator=gen).half(),
+               "c": torch.arange(4), "empty": torch.zeros(0, 2)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    f = open_tensor_file(tmp_path / "w.safetensors")
+    for key, value in tensors.items():
+        mapped, copied = f.get(key), f.get(key, copy=True)
+        assert torch.equal(mapped, value) and torch.equal(copied, value) and copied.dtype == value.dtype, key
+        copied.zero_()  # its own memory: the file's view is untouched
+        assert torch.equal(f.get(key), value), key

@@ -341,7 +341,11 @@ def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torc
     state: dict[str, torch.Tensor] = {}
     bad: list[str] = []
     for key in part.keys:
-        for new_key, tensor in part.mapping(key[n:], part.file.get(key)):
+        # A weight converted to another dtype is read into its own memory, not through the
+        # mapping, so the stored copy does not stay resident beside the converted one.
+        converted = dtype is not None and part.file.dtypes[key] in FLOAT_DTYPES \
+            and part.file.dtypes[key] != str(dtype).removeprefix("torch.")
+        for new_key, tensor in part.mapping(key[n:], part.file.get(key, copy=converted)):
             state[new_key] = _convert(tensor, device, dtype)
             if not is_finite(state[new_key]) and key not in bad:
                 bad.append(key)
