@@ -75,11 +75,13 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     """
     path = Path(path)
     check_regular_file(path)
-    return _read_header(path)
+    header, metadata, _ = _read_header(path)
+    return header, metadata
 
 
-def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """:func:`read_safetensors_header` of a path already checked to be a regular file."""
+def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """:func:`read_safetensors_header` of a path already checked to be a regular file, and
+    where the tensor data starts."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
@@ -103,7 +105,7 @@ def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     for key, entry in header.items():
         _check_entry(path, key, entry, data_size)
     _check_overlaps(path, header)
-    return header, metadata
+    return header, metadata, 8 + n
 
 
 def _unique_object(path: Path):
@@ -253,16 +255,14 @@ def open_tensor_file(path: str | Path, *, allow_pickle: bool = False) -> TensorF
             f"{path}: unknown weight file type {suffix!r}; expected .safetensors "
             f"(or, with allow_pickle=True, one of {list(PICKLE_SUFFIXES)})"
         )
-    header, metadata = _read_header(path)  # checked above
+    header, metadata, data_start = _read_header(path)  # checked above
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from None
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     dtypes = {k: ST_DTYPES[v["dtype"]][0] for k, v in header.items()}
-    with open(path, "rb") as fh:
-        (header_bytes,) = struct.unpack("<Q", fh.read(8))
-    copies = _CopyReader(path, header, 8 + header_bytes)
+    copies = _CopyReader(path, header, data_start)
     return TensorFile(path, shapes, dict(metadata), {k: handle for k in shapes}, dtypes, {k: copies for k in shapes})
 
 
