@@ -245,10 +245,20 @@ def model_errors(jobs: list[Job], pipe: Any, inputs: Inputs | None = None, refin
         if sdxl_key not in found_sdxl:
             found_sdxl[sdxl_key] = _sdxl_error(pipe, refiner, job, width, height)
         message = found[key] or found_sdxl[sdxl_key] or distilled_negative_error(
-            pipe.config.unet.time_cond_proj_dim, job.negative_prompt)
+            pipe.config.unet.time_cond_proj_dim, job.negative_prompt) or _speedup_error(pipe, job)
         if message:
             errors.append(LineError(job.line, message, job.text))
     return errors
+
+
+def _speedup_error(pipe: Any, job: Job) -> str | None:
+    """A guidance-distilled model runs no classifier-free guidance for guidance_end to stop."""
+    try:
+        job.speedups.check_call(job.guidance > 1 and pipe.config.unet.time_cond_proj_dim is None, job.steps,
+                                job.edit.strength if job.edit is not None else None)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _sdxl_error(pipe: Any, refiner: Any, job: Job, width: int, height: int) -> str | None:
@@ -484,7 +494,7 @@ def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], o
                 **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
                 **control_arguments(first.job.controls, models.controlnets, first.width, first.height, first.seed,
                                     inputs.files, first.job.line),
-                **first.job.sdxl.kwargs(), **refiner,
+                **first.job.sdxl.kwargs(), **refiner, **first.job.speedups.kwargs(),
             )
             for item, image in zip(chunk, gen.images):
                 if item.key in done:

@@ -10,8 +10,9 @@ image-editing keys of :mod:`ldm.batchedit` (``image``, ``mask``, ``strength``,
 file's folder) and SDXL's (:class:`SDXLValues`): ``original_size`` and ``target_size``
 (like ``size``, any whole numbers), ``crop_offset`` (``"XxY"`` or ``[x, y]``: pixels from
 the left, from the top), ``aesthetic_score``, ``negative_aesthetic_score`` and
-``refiner_start`` (with ``ldm batch --refiner MODEL``), and ``control`` (a list of ControlNets
-with their hint pictures, :mod:`ldm.batchcontrol`). In both, blank lines and lines
+``refiner_start`` (with ``ldm batch --refiner MODEL``), ``control`` (a list of ControlNets
+with their hint pictures, :mod:`ldm.batchcontrol`), and the opt-in speed-ups
+``guidance_end`` and ``cache_interval`` (:mod:`ldm.speedups`). In both, blank lines and lines
 starting with ``#`` are skipped; missing values come from the command line (:class:`Settings`).
 
 Seeds: a line without a seed gets ``line_seed(base, line)`` = ``(base + 1000 *
@@ -38,6 +39,8 @@ from typing import Any
 
 from .batchcontrol import LineControl, controls_from_object
 from .batchedit import EDIT_KEYS, Edit, EditDefaults, check_defaults, edit_from_object
+from .speedups import KEYS as SPEEDUP_KEYS
+from .speedups import Speedups
 from .pngmeta import (
     MAX_CLIP_SKIP, GenerationParams, check_round_trip, normalize_prompt, open_regular, parse_pair, read_pair,
 )
@@ -57,7 +60,7 @@ PAIR_KEYS = {"original_size": "original_size", "crop_offset": "crops_coords_top_
              "target_size": "target_size"}
 SCORE_KEYS = ("aesthetic_score", "negative_aesthetic_score")
 JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "schedule", "spacing", "size",
-              "n", "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start", "control")
+              "n", "clip_skip", *EDIT_KEYS, *PAIR_KEYS, *SCORE_KEYS, "refiner_start", "control", *SPEEDUP_KEYS)
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
@@ -100,6 +103,7 @@ class Settings:
     refiner: bool = False  # a refiner is given (ldm batch --refiner): lines may set refiner_start
     refiner_start: float = DEFAULTS.refiner_start
     spacing: str | None = None  # None: the model's timestep spacing
+    speedups: Speedups = Speedups()
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Job:
     refiner_start: float | None = None  # None: the batch has no refiner
     controls: tuple[LineControl, ...] = ()
     spacing: str | None = None  # None: the model's timestep spacing
+    speedups: Speedups = Speedups()
 
 
 @dataclass(frozen=True)
@@ -240,10 +245,12 @@ def job_from_object(obj: Any, line: int, text: str, settings: Settings, base: Pa
     clip_skip = check_int(obj.get("clip_skip", settings.clip_skip), "clip_skip", 1, MAX_CLIP_SKIP)
     sdxl = _sdxl_values(obj, settings.sdxl)
     controls = controls_from_object(obj["control"], base) if "control" in obj else ()
+    speedups = Speedups.from_object(obj, settings.speedups)
+    speedups.check_call(guidance > 1, steps, edit.strength if edit else None)
     _check_metadata(prompt, negative, sampler, schedule, steps, guidance, size, seed, edit, clip_skip, sdxl,
                     controls, spacing)
     return Job(line, text, prompt, negative, seed, steps, guidance, sampler, schedule, size, n, edit, clip_skip,
-               sdxl, _refiner_start(obj, settings), controls, spacing)
+               sdxl, _refiner_start(obj, settings), controls, spacing, speedups)
 
 
 def check_settings(settings: Settings) -> None:

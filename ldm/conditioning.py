@@ -214,10 +214,11 @@ class ScheduledConditioning:
         return cls(tuple(segments), tuple(ends))
 
 
-def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+def run_unet(unet: Any, x: Tensor, t: Tensor, cond: Conditioning, cache: Any = None) -> Tensor:
     """Call the U-Net with what ``cond`` carries; ``cond`` is already in the U-Net's dtype
-    and on its device (cast once per call with :meth:`Conditioning.to`, not per step)."""
-    extra: dict[str, Any] = {}
+    and on its device (cast once per call with :meth:`Conditioning.to`, not per step).
+    ``cache``: the sampling run's :class:`~ldm.models.feature_cache.FeatureCache`, if any."""
+    extra: dict[str, Any] = {} if cache is None else {"cache": cache}
     if cond.pooled is not None:
         extra.update(text_embeds=cond.pooled, time_ids=cond.time_ids)
     if cond.control:

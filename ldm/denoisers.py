@@ -186,6 +186,23 @@ def step_index(sigmas: Tensor, sigma: Tensor) -> int:
     return int((inner >= sigma[0]).sum())
 
 
+def guided_steps(guidance_end: float, sigmas: Tensor | None) -> int | None:
+    """How many of the steps that run (``len(sigmas) - 1``) are guided under
+    ``guidance_end`` (a fraction in (0, 1]); None: all of them (``guidance_end`` 1)."""
+    if isinstance(guidance_end, bool) or not isinstance(guidance_end, (int, float)) or not 0 < guidance_end <= 1:
+        raise ValueError(f"guidance_end must be a fraction of the steps in (0, 1], got {guidance_end!r}")
+    if guidance_end == 1:
+        return None
+    if sigmas is None:
+        raise ValueError("guidance_end < 1 needs sigmas, the levels of the steps that run, to count the steps")
+    steps = len(sigmas) - 1
+    guided = int(steps * guidance_end)
+    if guided < 1:
+        raise ValueError(f"guidance_end {guidance_end:g} of {steps} steps leaves no guided step; "
+                         f"use at least {1 / steps:.3g} or more steps")
+    return guided
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): ``denoiser(x, sigma) -> x0``.
 
@@ -205,6 +222,12 @@ class CFGDenoiser:
     A guidance-distilled U-Net (LCM) takes its guidance scale as an input, carried in
     ``cond.timestep_cond`` (:func:`~ldm.conditioning.with_guidance_embedding`); it runs
     with ``scale <= 1`` (one pass), and guiding it again is refused, as diffusers never does.
+
+    ``guidance_end`` < 1 stops guiding after that fraction of the steps that run: from
+    step ``int(steps * guidance_end)`` on only the conditional pass runs (half the U-Net
+    work of those steps). diffusers documents this as "dynamic classifier-free guidance"
+    (a step callback that drops guidance after 40% of the steps); the late steps shape
+    fine detail, where guidance matters least. It needs ``sigmas``.
     """
 
     def __init__(
@@ -215,6 +238,7 @@ class CFGDenoiser:
         scale: float,
         *,
         sigmas: Tensor | None = None,
+        guidance_end: float = 1.0,
     ) -> None:
         kinds = (Conditioning, ScheduledConditioning)
         for name, value in (("cond", cond), ("uncond", uncond)):
@@ -237,6 +261,7 @@ class CFGDenoiser:
         self.uncond = uncond
         self.scale = scale
         self.sigmas = sigmas
+        self.guided_steps = guided_steps(guidance_end, sigmas) if scale > 1 else 0
         # Built once: the guided batch's conditioning (for each segment of a schedule).
         self._both = None
         if scale > 1:
@@ -252,7 +277,8 @@ class CFGDenoiser:
         return cond.at(step_index(self.sigmas, sigma))
 
     def __call__(self, x: Tensor, sigma: Tensor, *, t: Tensor | None = None) -> Tensor:
-        if self._both is None:
+        if self._both is None or (self.guided_steps is not None
+                                  and step_index(self.sigmas, sigma) >= self.guided_steps):
             return self.denoiser(x, sigma, self._at(self.cond, sigma), t=t)
         both = self._at(self._both, sigma)
         sigma = torch.as_tensor(sigma)

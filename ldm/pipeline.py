@@ -29,6 +29,7 @@ from .edit_request import EditRequest, plan_edit
 from .editing import DEFAULT_MASK_BLUR
 from .layouts import with_vae_layout
 from .limits import plan_batch, plan_memory
+from .models.feature_cache import FeatureCache
 from .memory import execution_device, resident_bytes, runner_of, use_plan
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_conditioning
@@ -295,6 +296,8 @@ class Pipeline:
         refiner_start: float | None = None,
         control: Control | Sequence[Control] | None = None,
         memory: str = "auto",
+        guidance_end: float = 1.0,
+        cache_interval: int = 1,
     ) -> Generation:
         """Like ``__call__`` but returns a :class:`Generation` with the seed of every image.
 
@@ -360,6 +363,13 @@ class Pipeline:
         "offload" (and models offloaded to the CPU between phases; accelerators only)
         start there. An out-of-memory error in the U-Net or the VAE redoes that phase at
         the next leaner level, with a warning; see :mod:`ldm.limits`.
+
+        Opt-in speed-ups that change the picture a little (off by default; measured on the
+        shipped model in the README): ``guidance_end`` < 1 drops the unconditional pass
+        after that fraction of the steps that run (see :class:`~ldm.denoisers.CFGDenoiser`);
+        ``cache_interval`` N > 1 runs the whole U-Net on every N-th evaluation only and
+        the shallow branch on its kept deep features in between (DeepCache; see
+        :mod:`ldm.models.feature_cache`).
         """
         tagged = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(tagged))
@@ -382,6 +392,7 @@ class Pipeline:
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps, spacing,
                              self.schedule.timestep_spacing)
         start = first_step(steps, edit.strength) if edit else 0
+        cache_interval = check.check_int(cache_interval, "cache_interval", 1)
         controls = as_controls(control)
         for c in controls:
             c.controlnet.check_fits(self.config)
@@ -408,6 +419,7 @@ class Pipeline:
         count = len(prompts)
         seeds = self._seeds(seed, count)
         guided = guidance_scale > 1 and distilled is None
+        check.check_guidance_end(guidance_end, guided, steps - start)
         per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
                               guided=guided, device=self.device)
         runner = use_plan(self, plan_memory(self.config, height, width, dtype_bytes=self.dtype.itemsize, guided=guided,
@@ -431,7 +443,7 @@ class Pipeline:
             else:
                 start_latents = self._edit_latents(edit, generators)
             run = _Run(sampler, steps, schedule == "karras", spacing, start, guidance_scale if guided else 1.0,
-                       progress, callback)
+                       progress, callback, guidance_end, cache_interval)
             parts = []
             for first in range(0, count, per_call):
                 rows = slice(first, first + per_call)
@@ -446,6 +458,8 @@ class Pipeline:
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                       guidance_embedding=guidance_scale if distilled is not None else None,
                       sampler=sampler, schedule=schedule, spacing=spacing, seed=seeds[0], clip_skip=clip_skip,
+                      guidance_end=guidance_end if guidance_end < 1 else None,
+                      cache_interval=cache_interval if cache_interval > 1 else None,
                       dtype=str(self.dtype).removeprefix("torch."),  # the U-Net's (the CPU default may be bfloat16)
                       **(micro.params() if micro is not None else {}),
                       **({"aesthetic_score": refined.aesthetic_score,
@@ -490,7 +504,9 @@ class Pipeline:
         uncond = _with_concat(uncond.select(rows), part.concat) if uncond is not None else None
         # A scheduled conditioning finds each step from the levels of the steps the call runs.
         plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras, spacing=run.spacing)
-        denoiser = self._denoiser(cond, uncond, run.guidance_scale, plan.sigmas[run.start:])
+        cache = FeatureCache(run.cache_interval) if run.cache_interval > 1 else None
+        denoiser = self._denoiser(cond, uncond, run.guidance_scale, plan.sigmas[run.start:],
+                                  guidance_end=run.guidance_end, cache=cache)
         on_step = _progress((end or run.steps) - start, run.progress, run.callback, run.sampler, rows.start)
         if part.known is not None:
             on_step = _chain(blend_callback(part, plan.sigmas[start:]), on_step)
@@ -645,17 +661,22 @@ class Pipeline:
                                    clip_skip=clip_skip, embeddings=self.embeddings,
                                    zero_empty_negatives=self.config.family in ZERO_EMPTY_NEGATIVE)
 
-    def _denoiser(self, cond: Cond, uncond: Cond | None, scale: float,
-                  sigmas: torch.Tensor | None = None) -> CFGDenoiser:
+    def _denoiser(self, cond: Cond, uncond: Cond | None, scale: float, sigmas: torch.Tensor | None = None, *,
+                  guidance_end: float = 1.0, cache: FeatureCache | None = None) -> CFGDenoiser:
         # Cast once here, not per step (for a schedule, each segment once).
         cond = cond.to(self.device, self.dtype)
         uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
-        denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction_type)
-        return CFGDenoiser(denoiser, cond, uncond, scale, sigmas=sigmas)
 
-    def _unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        def unet_call(x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            return self._unet_call(x, t, c, cache)
+
+        denoiser = Denoiser(unet_call, self.schedule, self.config.prediction_type)
+        return CFGDenoiser(denoiser, cond, uncond, scale, sigmas=sigmas, guidance_end=guidance_end)
+
+    def _unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                   cache: FeatureCache | None = None) -> torch.Tensor:
         # The sampler works in float32; the U-Net runs in the pipeline's dtype.
-        return run_unet(self.unet, x.to(self.device, self.dtype), t.to(self.device), cond).float()
+        return run_unet(self.unet, x.to(self.device, self.dtype), t.to(self.device), cond, cache).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output: Literal["pil", "np"] = "pil") -> Any:
@@ -722,6 +743,8 @@ class _Run:
     guidance_scale: float
     progress: bool
     callback: Callable | None
+    guidance_end: float = 1.0
+    cache_interval: int = 1
 
 
 def _to_pil(array: np.ndarray) -> Image.Image:

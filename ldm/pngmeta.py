@@ -69,8 +69,8 @@ from .controlmeta import KEY as CONTROL_KEY
 from .controlmeta import PREFIX as CONTROL_PREFIX
 from .controlmeta import ControlParams, check_writable, format_unit, parse_unit, unit_keys
 from .validation import (
-    A1111_SAMPLERS, check_spacing, check_finite, check_fraction, check_guidance, check_int, check_seed, check_side,
-    check_strength,
+    A1111_SAMPLERS, check_finite, check_fraction, check_guidance, check_guidance_end, check_int, check_seed,
+    check_side, check_spacing, check_strength,
 )
 
 PNG_KEY = "parameters"
@@ -96,6 +96,9 @@ SPACING = "Timestep spacing"  # ldm's own key (the web UI has no such setting), 
 # scale", which the web UI reads; --from takes either.
 GUIDANCE_EMBEDDING = "Guidance embedding"
 REFINER, REFINER_START = "Refiner", "Refiner switch at"
+# ldm's own keys for the opt-in speed-ups that change the picture (Pipeline.generate's
+# guidance_end and cache_interval), written when used so that --from makes the same picture.
+GUIDANCE_END, CACHE_INTERVAL = "Guidance end", "Cache interval"
 VAE_HASH, VAE = "VAE hash", "VAE"
 # SDXL's size-conditioning keys (ldm's own: the web UI has none) -> GenerationParams fields.
 # Each pair is written "AxB" in the order of --size ("WxH", "XxY") and held as
@@ -111,7 +114,7 @@ DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", VAE_HASH, VAE,
           STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
-          GUIDANCE_EMBEDDING,
+          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL,
           REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
@@ -157,6 +160,8 @@ class GenerationParams:
     spacing: str | None = None
     guidance_scale: float | None = None
     guidance_embedding: float | None = None
+    guidance_end: float | None = None
+    cache_interval: int | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -237,6 +242,7 @@ class GenerationParams:
             original_size=self.original_size, crops_coords_top_left=self.crops_coords_top_left,
             target_size=self.target_size, aesthetic_score=self.aesthetic_score,
             negative_aesthetic_score=self.negative_aesthetic_score, refiner=refiner,
+            guidance_end=self.guidance_end, cache_interval=self.cache_interval,
             refiner_start=self.refiner_start if refiner is not None else None, control=control,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -301,6 +307,8 @@ def format_parameters(p: GenerationParams) -> str:
         (SPACING, p.spacing),
         ("CFG scale", p.guidance_scale),
         (GUIDANCE_EMBEDDING, p.guidance_embedding),
+        (GUIDANCE_END, p.guidance_end),
+        (CACHE_INTERVAL, p.cache_interval),
         ("Seed", p.seed),
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model hash", p.model_hash),
@@ -443,6 +451,10 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["guidance_scale"] = _float("CFG scale", pairs["CFG scale"])
     if GUIDANCE_EMBEDDING in pairs:
         fields["guidance_embedding"] = _float(GUIDANCE_EMBEDDING, pairs[GUIDANCE_EMBEDDING])
+    if GUIDANCE_END in pairs:
+        fields["guidance_end"] = _float(GUIDANCE_END, pairs[GUIDANCE_END])
+    if CACHE_INTERVAL in pairs:
+        fields["cache_interval"] = _int(CACHE_INTERVAL, pairs[CACHE_INTERVAL])
     if "Size" in pairs:
         m = _SIZE.match(pairs["Size"])
         if not m:
@@ -593,6 +605,8 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
         "clip_skip": lambda v: check_int(v, CLIP_SKIP, 1, MAX_CLIP_SKIP),
         "spacing": lambda v: check_spacing(v, SPACING),
         "refiner_start": lambda v: check_fraction(v, REFINER_START),
+        "guidance_end": lambda v: check_guidance_end(v, name=GUIDANCE_END),
+        "cache_interval": lambda v: check_int(v, CACHE_INTERVAL, 1, MAX_STEPS),
     }
     for name, check in checks.items():
         value = getattr(p, name)

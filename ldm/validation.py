@@ -88,6 +88,23 @@ def check_guidance(value: Any, name: str = "guidance_scale") -> float:
     return value
 
 
+def check_guidance_end(value: Any, guided: bool = True, steps: int | None = None,
+                       name: str = "guidance_end") -> float:
+    """``guidance_end``: the fraction of the ``steps`` that run which are guided; < 1 needs
+    classifier-free guidance to drop (``guided``: a scale > 1 on a U-Net without a guidance
+    embedding) and must leave a guided step (steps ``int(steps * end)`` on are not)."""
+    value = check_finite(value, name)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction of the steps in (0, 1] (1: guide every step), got {value!r}")
+    if value < 1 and not guided:
+        raise ValueError(f"guidance_end {value:g} stops classifier-free guidance early, but this call runs none "
+                         "(guidance scale <= 1, or a guidance-distilled model); leave guidance_end at 1")
+    if value < 1 and steps is not None and int(steps * value) < 1:
+        raise ValueError(f"guidance_end {value:g} of the {steps} steps that run leaves no guided step; "
+                         "raise it or use more steps")
+    return value
+
+
 def check_distilled_negatives(time_cond_proj_dim: int | None, negatives: Sequence[str]) -> None:
     """A guidance-distilled U-Net (``time_cond_proj_dim`` set: LCM) takes the guidance scale
     as an input and runs one pass per step, with no unconditional pass for a negative prompt

@@ -500,6 +500,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
                     (out[variant].float() - ref).abs().max() / ref.abs().max()).item()
             del out
 
+        sides[SHIPPED.side].layout(*SHIPPED.layout(device))
+        opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
         # The components above ran the same shapes: no warm-up needed for the whole image.
         times, out = components("text-to-image", lambda s: s.generate(args.size, args.steps),
                                 (SHIPPED, DOCUMENTED), warmup=False)
@@ -514,7 +516,27 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
     rows.append(row(f"{label}, load + 1 image", "MiB", {n: [mem[n][key]] for n in IMPLS}))
     if device.type == "cuda":
         rows.append(row("peak RSS, fresh process, load + 1 image", "MiB", {n: [mem[n]["peak_rss_mib"]] for n in IMPLS}))
-    return rows, checks, mem
+    return rows, checks, mem, opt_in
+
+
+def bench_feature_cache(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        repeats: int, device: torch.device) -> dict[str, float]:
+    """ldm alone: the U-Net's full step against its shallow branch on kept deep features
+    (``cache_interval`` > 1, DeepCache), and what an interval of 3 makes of a step on average."""
+    from ldm.models.feature_cache import FeatureCache
+
+    cache = FeatureCache(2)
+    unet(x, t, context, cache=cache)  # a full pass keeps the feature
+
+    def shallow() -> torch.Tensor:
+        cache.calls = 1  # an evaluation the interval says to reuse
+        return unet(x, t, context, cache=cache)
+
+    times, _ = interleaved({"full": lambda: unet(x, t, context), "shallow": shallow}, repeats, device,
+                           "feature cache")
+    full, part = (float(np.median(times[k])) for k in ("full", "shallow"))
+    return {"U-Net full step (ms)": full * 1e3, "U-Net shallow step on kept features (ms)": part * 1e3,
+            "shallow / full": part / full, "cache_interval 3: mean step / full step": (full + 2 * part) / (3 * full)}
 
 
 # --- report ------------------------------------------------------------------------
@@ -616,6 +638,8 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {r['metric']} ({r['unit']}) | {' | '.join(cells)} | {r['ratio']:.3f} |")
         lines += ["", "Checks (same weights, same inputs / seed):", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
+        lines += ["", f"{SHIPPED.label} alone, opt-in DeepCache (`cache_interval`), batch 2:", ""]
+        lines += [f"- {k}: {v:.3g}" for k, v in result["opt_in"].items()]
     lines += ["", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     return "\n".join(lines) + "\n"
@@ -685,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in args.dtypes:
         peak = gemm_peak(parse_dtype(name), device)
-        rows, checks, mem = bench_dtype(name, args, flops, peak)
+        rows, checks, mem, opt_in = bench_dtype(name, args, flops, peak)
         after = gemm_peak(parse_dtype(name), device)
         if after > peak:  # the first measurement was disturbed: rescale the percentages
             for r in rows:
@@ -693,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
                     if "peak_percent" in cell:
                         cell["peak_percent"] *= peak / after
         results[name] = {"gemm_peak_gflops": max(peak, after), "gemm_peak_before_after": [peak, after],
-                         "rows": rows, "checks": checks, "memory_children": mem}
+                         "rows": rows, "checks": checks, "memory_children": mem, "opt_in": opt_in}
     info["total_wall_s"] = round(time.perf_counter() - t0, 1)
     info["load_average_end"] = load_average()
 

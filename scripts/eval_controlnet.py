@@ -187,19 +187,12 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
                             "seed": args.seed, "threads": torch.get_num_threads()},
                   strip=str(strip(pictures, texts, args.scales, STRIP_COLUMNS, args.strip)))
     report["verdict"] = verdict(report)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    eval_toy.write_files(report, markdown(report), args.out / "eval_controlnet", log)
-    return report
+    return eval_toy.finish(report, t0, markdown, args.out / "eval_controlnet", log)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # the sampling's thread count, restored after
-    try:
-        return eval_toy.run_and_print(lambda: evaluate(args), markdown)
-    finally:
-        torch.set_num_threads(threads)
+    return eval_toy.run_and_print(lambda: evaluate(args), markdown, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import eval_toy  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from eval_toy import GUIDANCE, Log, accuracy_table, heldout_prompts, render  # noqa: E402
-from train_lcm import torch_threads  # noqa: E402
 
 from ldm.paths import WEIGHTS_DIR  # noqa: E402
 from ldm.toy.roundtrip import vae_round_trips  # noqa: E402
@@ -188,15 +187,12 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
                   strip=str(strip(pictures, [r["name"] for r in report["rows"]],
                                   [p["prompt"] for p in report["prompts"]], STRIP_COLUMNS, args.strip)))
     report["verdict"] = verdict(report)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    eval_toy.write_files(report, markdown(report), args.out / "eval_lcm", log)
-    return report
+    return eval_toy.finish(report, t0, markdown, args.out / "eval_lcm", log)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with torch_threads(args.threads):
-        return eval_toy.run_and_print(lambda: evaluate(args), markdown)
+    return eval_toy.run_and_print(lambda: evaluate(args), markdown, threads=args.threads)
 
 
 if __name__ == "__main__":

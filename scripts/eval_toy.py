@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
@@ -142,15 +143,16 @@ def load_pipeline(model: Any = None, device: str = "cpu", dtype: str = "float32"
 
 def render(pipe, prompts: Sequence[str], seeds: Sequence[int], *, negative: str | None = None,
            steps: int = STEPS, guidance: float = GUIDANCE, sampler: str = SAMPLER,
-           batch_size: int = BATCH_SIZE, label: str = "", log: Log = _print) -> np.ndarray:
-    """One uint8 ``(H, W, 3)`` picture per (prompt, seed), ``batch_size`` per call."""
+           batch_size: int = BATCH_SIZE, label: str = "", log: Log = _print, **options: Any) -> np.ndarray:
+    """One uint8 ``(H, W, 3)`` picture per (prompt, seed), ``batch_size`` per call;
+    ``options``: more ``Pipeline.generate`` arguments (e.g. ``guidance_end``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     out, t0 = [], time.perf_counter()
     for lo in range(0, len(prompts), batch_size):
         gen = pipe.generate(list(prompts[lo:lo + batch_size]), negative_prompt=negative, steps=steps,
                             guidance_scale=guidance, seed=list(seeds[lo:lo + batch_size]),
-                            sampler=sampler, output="np", progress=False)
+                            sampler=sampler, output="np", progress=False, **options)
         out.append(to_uint8(gen.images))
         done = min(lo + batch_size, len(prompts))
         log(f"[{label}] {done}/{len(prompts)} pictures, {time.perf_counter() - t0:.0f} s")
@@ -469,13 +471,28 @@ def main(argv: list[str] | None = None) -> int:
         grid=args.grid, threads=args.threads), markdown)
 
 
-def run_and_print(run: Callable[[], dict[str, Any]], tables: Callable[[dict[str, Any]], str]) -> int:
-    """A script's exit code: run the evaluation, print its tables; a missing file is one line, exit 1."""
+def finish(report: dict[str, Any], t0: float, tables: Callable[[dict[str, Any]], str], path: Path,
+           log: Log) -> dict[str, Any]:
+    """A report completed with its wall seconds since ``t0``, written as ``path``.md/.json."""
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_files(report, tables(report), path, log)
+    return report
+
+
+def run_and_print(run: Callable[[], dict[str, Any]], tables: Callable[[dict[str, Any]], str],
+                  threads: int | None = None) -> int:
+    """A script's exit code: run the evaluation (at ``threads`` torch threads if given, the
+    count restored after), print its tables; a missing file is one line, exit 1."""
+    before = torch.get_num_threads()
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         report = run()
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(before)
     print()
     print(tables(report))
     return 0

@@ -19,9 +19,11 @@ from ..batchfile import SDXLValues, Settings, parse_size
 from ..dtypes import DTYPE_NAMES, canonical_dtype_name
 from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
 from ..pngmeta import DEFAULT_SCORES, MAX_CLIP_SKIP, parse_pair
+from ..speedups import KEYS as SPEEDUP_KEYS
+from ..speedups import Speedups
 from ..validation import (
-    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_finite, check_fraction, check_guidance, check_int,
-    check_margins, check_seed, check_strength,
+    A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_finite, check_fraction, check_guidance, check_guidance_end,
+    check_int, check_margins, check_seed, check_strength,
 )
 
 # Option name -> field of validation.DEFAULTS where the names differ.
@@ -90,6 +92,8 @@ clip_skip_int = _option_type(_whole_number, lambda v: check_int(v, "value", 1, M
 score_float = _option_type(float, lambda v: check_finite(v, "value"), "a number such as 6.0")
 refiner_start_float = _option_type(float, lambda v: check_fraction(v, "value"),
                                    "a number between 0 and 1 such as 0.8")
+guidance_end_float = _option_type(float, lambda v: check_guidance_end(v, name="value"),
+                                  "a fraction in (0, 1] such as 0.6")
 
 
 def _pair(minimum: int, form: str) -> Callable[[str], tuple[int, int]]:
@@ -210,6 +214,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
                    help="condition on the text encoder's N-th layer from the end, as the web UI counts: "
                    "1 the last (default), 2 the penultimate")
     add_sdxl_options(p)
+    add_speedup_options(p)
     add_model_options(p)
     if default_output is None:
         p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
@@ -219,6 +224,21 @@ def add_generation_options(p: argparse.ArgumentParser, *, seed_help: str, defaul
     p.add_argument("--grid", action="store_true", help="also write a grid of the images")
     p.add_argument("--grid-rows", type=positive_int, default=None, metavar="R",
                    help="grid rows (default: round(sqrt(images)), as the web UI does)")
+
+
+def add_speedup_options(p: argparse.ArgumentParser) -> None:
+    """The opt-in speed-ups (:mod:`ldm.speedups`): off unless asked; they change the picture a little."""
+    g = p.add_argument_group("speed-ups that change the picture a little (off by default)")
+    g.add_argument("--guidance-end", type=guidance_end_float, default=None, metavar="F",
+                   help="classifier-free guidance for this fraction of the steps only, one U-Net pass per step "
+                   "after it (e.g. 0.6; default 1: every step)")
+    g.add_argument("--cache-interval", type=positive_int, default=None, metavar="N",
+                   help="DeepCache: the whole U-Net every N-th evaluation, its shallow branch on kept deep "
+                   "features in between (e.g. 3; default 1: off)")
+
+
+def speedups_from_args(args: argparse.Namespace) -> Speedups:
+    return Speedups(**{k: getattr(args, k) for k in SPEEDUP_KEYS if getattr(args, k) is not None})
 
 
 def add_sdxl_options(p: argparse.ArgumentParser) -> None:
@@ -301,6 +321,7 @@ def settings_from_args(args: argparse.Namespace, base_seed: int = 0) -> Settings
         sampler=value(args, "sampler"), schedule=value(args, "schedule"), size=args.size,
         n=value(args, "n"), seed=base_seed if args.seed is None else args.seed, clip_skip=args.clip_skip or 1,
         sdxl=sdxl_values(args), refiner=args.refiner is not None, refiner_start=value(args, "refiner_start"),
+        speedups=speedups_from_args(args),
     )
 
 

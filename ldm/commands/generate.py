@@ -48,7 +48,8 @@ _OVERRIDES = (("prompt", "prompt"), ("negative", "negative_prompt"), ("steps", "
               ("mask_padding", "mask_padding"), ("clip_skip", "clip_skip"), ("original_size", "original_size"),
               ("crop_offset", "crops_coords_top_left"), ("target_size", "target_size"),
               ("aesthetic_score", "aesthetic_score"), ("negative_aesthetic_score", "negative_aesthetic_score"),
-              ("refiner_start", "refiner_start"), ("spacing", "spacing"))
+              ("refiner_start", "refiner_start"), ("spacing", "spacing"), ("guidance_end", "guidance_end"),
+              ("cache_interval", "cache_interval"))
 # Options that need --image, and those that need a mask (--mask or --extend).
 _NEED_IMAGE = ("mask", "extend", "strength", "mask_blur", "mask_padding", "raw_decode", "fill")
 _NEED_MASK = ("mask_blur", "mask_padding", "raw_decode")
@@ -97,7 +98,7 @@ def _params_from_args(args: argparse.Namespace) -> GenerationParams:
         guidance_scale=value(args, "guidance"), seed=_random_seed() if args.seed is None else args.seed,
         width=width, height=height, strength=args.strength, mask_blur=args.mask_blur,
         mask_padding=args.mask_padding, clip_skip=args.clip_skip, refiner_start=args.refiner_start,
-        **sdxl_values(args).kwargs(),
+        guidance_end=args.guidance_end, cache_interval=args.cache_interval, **sdxl_values(args).kwargs(),
     )
 
 
@@ -129,6 +130,9 @@ def _params(args: argparse.Namespace) -> GenerationParams:
     p = p.replace(prompt=normalize_prompt(p.prompt), negative_prompt=normalize_prompt(p.negative_prompt))
     if p.clip_skip == 1:  # the default: not written, as the web UI leaves it out
         p = p.replace(clip_skip=None)
+    if p.guidance_end == 1 or p.cache_interval == 1:  # off: not written, as pictures made without them
+        p = p.replace(guidance_end=None if p.guidance_end == 1 else p.guidance_end,
+                      cache_interval=None if p.cache_interval == 1 else p.cache_interval)
     if p.refiner_start is not None and p.refiner_label is None and not args.refiner:
         raise ValueError("--refiner-start needs --refiner (the model that takes over)")
     p.check_supported()  # refuses a sampler or schedule from the image that ldm lacks

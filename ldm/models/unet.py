@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UNetConfig
+from .feature_cache import FeatureCache
 from .layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -121,14 +122,22 @@ class UpBlock2D(nn.Module):
         context: Tensor | None = None,
         skips: Sequence[Tensor] | None = None,
         upsample_size: tuple[int, int] | None = None,
+        *,
+        first: int = 0,
+        stop: int | None = None,
     ) -> Tensor:
-        for i, resnet in enumerate(self.resnets):
+        """``first`` / ``stop``: run only resnets ``first .. stop - 1`` (and the upsampler
+        when the last one runs); resnet ``i`` takes ``skips[len(resnets) - 1 - i]``, so a
+        run from ``first`` needs only the first ``len(resnets) - first`` skips."""
+        n = len(self.resnets)
+        stop = n if stop is None else stop
+        for i in range(first, stop):
             if skips is not None:
-                x = torch.cat([x, skips[-1 - i]], dim=1)
-            x = resnet(x, temb)
+                x = torch.cat([x, skips[n - 1 - i]], dim=1)
+            x = self.resnets[i](x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == n:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
@@ -393,6 +402,7 @@ class UNet(UNetEncoder):
         down_residuals: Sequence[Tensor] | None = None,
         mid_residual: Tensor | None = None,
         timestep_cond: Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
         """Predict noise (or v) for ``sample`` [B, C, H, W] at ``timestep`` ([B] or scalar),
         conditioned on ``encoder_hidden_states`` [B, L, D] (any L); an SDXL U-Net also on
@@ -403,9 +413,17 @@ class UNet(UNetEncoder):
         ``down_residuals`` (one per skip, in order) and ``mid_residual``: a ControlNet's
         outputs, added to the skips and to the mid block's output, as diffusers'
         ``down_block_additional_residuals`` / ``mid_block_additional_residual``; both or neither.
+
+        ``cache``: a :class:`~ldm.models.feature_cache.FeatureCache` (DeepCache): a full
+        pass keeps the deep feature in it, and the evaluations it says to reuse run only
+        the shallow branch on that feature.
         """
         context = encoder_hidden_states
         temb = self.embed(sample, timestep, text_embeds, time_ids, timestep_cond)
+        if cache is not None:
+            cache.check_fits(self.unet_config.layers_per_block)
+            if cache.reuse(sample):
+                return self._shallow(sample, temb, context, cache, down_residuals)
         x, skips = self.encode(self.conv_in(sample), temb, context)
         if down_residuals is not None or mid_residual is not None:
             check_residuals(skips, x, down_residuals, mid_residual)
@@ -420,6 +438,34 @@ class UNet(UNetEncoder):
             # Upsample to the next skip's size rather than 2x, so H and W need not be
             # multiples of 2**(levels-1) (diffusers' forward_upsample_size).
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            x = block(x, temb, context, skips=block_skips, upsample_size=size)
+            if cache is not None and block is self.up_blocks[-1]:
+                first = n - 1 - cache.branch
+                x = block(x, temb, context, skips=block_skips, stop=first)
+                cache.keep(x)
+                x = block(x, temb, context, skips=block_skips, first=first)
+            else:
+                x = block(x, temb, context, skips=block_skips, upsample_size=size)
+        return self.out(x)
 
+    def out(self, x: Tensor) -> Tensor:
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def _shallow(self, sample: Tensor, temb: Tensor, context: Tensor, cache: FeatureCache,
+                 down_residuals: Sequence[Tensor] | None) -> Tensor:
+        """The shallow branch on the kept deep feature: skips ``s_0 .. s_branch`` from
+        ``conv_in`` and the first down block's first resnets, then the last up block
+        from the resnet that takes ``s_branch`` (a ControlNet's residuals for those
+        skips added, as in a full pass)."""
+        down = self.down_blocks[0]
+        x = self.conv_in(sample)
+        skips = [x]
+        for i in range(cache.branch):
+            x = down.resnets[i](x, temb)
+            if down.attentions is not None:
+                x = down.attentions[i](x, context)
+            skips.append(x)
+        if down_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
+        last = self.up_blocks[-1]
+        x = last(cache.feature, temb, context, skips=skips, first=len(last.resnets) - 1 - cache.branch)
+        return self.out(x)
