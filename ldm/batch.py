@@ -90,6 +90,7 @@ class BatchOptions:
     embedding_dirs: tuple[Path, ...] | None = None
     refiner: str | None = None
     vae: str | None = None  # a VAE file for the model (and the refiner) in place of its own
+    compile: bool = False  # torch.compile the U-Net(s): Pipeline.compile
 
 
 @dataclass(frozen=True)
@@ -390,9 +391,10 @@ def _load(opts: BatchOptions, state: Any) -> Models:
     from .pipeline import Pipeline, default_weights_path
 
     def load(path: Path) -> Any:
-        return Pipeline.from_pretrained(path, device=_rank_device(opts.device, state), dtype=opts.dtype,
+        pipe = Pipeline.from_pretrained(path, device=_rank_device(opts.device, state), dtype=opts.dtype,
                                         allow_pickle=opts.allow_pickle, lora_dirs=opts.lora_dirs,
                                         embedding_dirs=opts.embedding_dirs, vae=opts.vae)
+        return pipe.compile() if opts.compile else pipe
 
     model_path = Path(opts.model) if opts.model else default_weights_path()
     pipe, ref = load(model_path), model_ref(model_path)

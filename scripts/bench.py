@@ -502,6 +502,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
 
         sides[SHIPPED.side].layout(*SHIPPED.layout(device))
         opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
+        if args.compile:
+            opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image.
         times, out = components("text-to-image", lambda s: s.generate(args.size, args.steps),
                                 (SHIPPED, DOCUMENTED), warmup=False)
@@ -517,6 +519,42 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
     if device.type == "cuda":
         rows.append(row("peak RSS, fresh process, load + 1 image", "MiB", {n: [mem[n]["peak_rss_mib"]] for n in IMPLS}))
     return rows, checks, mem, opt_in
+
+
+def bench_compiled(sides: dict[str, Side], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   repeats: int, device: torch.device) -> dict[str, float]:
+    """Both U-Nets through ``torch.compile`` (inductor, default mode, weights not frozen:
+    what ``Pipeline.compile`` does), each in its shipped / documented layout: the compile
+    (with the first call), then the compiled step against the eager one in the same rounds.
+    Each side gets its eager U-Net back after."""
+    out: dict[str, float] = {}
+    fns: dict[str, Callable[[], Any]] = {}
+    eager = {name: side.pipe.unet for name, side in sides.items()}
+    try:
+        for variant in (SHIPPED, DOCUMENTED):
+            side = sides[variant.side]
+            side.layout(*variant.layout(device))
+            compiled = torch.compile(eager[variant.side], dynamic=False)
+            seconds, _ = timed(lambda: _with_unet(side, compiled, x, t, context), device)
+            out[f"{side.name}: torch.compile + first call (s)"] = seconds
+            fns[f"{side.name} compiled"] = lambda s=side, m=compiled: _with_unet(s, m, x, t, context)
+            fns[f"{side.name} eager"] = lambda s=side, m=eager[variant.side]: _with_unet(s, m, x, t, context)
+        times, _ = interleaved(fns, repeats, device, "compiled", warmup=False)
+    finally:
+        for name, side in sides.items():
+            side.pipe.unet = eager[name]
+    for key, samples in times.items():
+        out[f"{key} U-Net step (ms)"] = float(np.median(samples)) * 1e3
+    for side in sides.values():
+        out[f"{side.name}: compiled / eager"] = (out[f"{side.name} compiled U-Net step (ms)"]
+                                                 / out[f"{side.name} eager U-Net step (ms)"])
+    return out
+
+
+def _with_unet(side: Side, module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+               context: torch.Tensor) -> torch.Tensor:
+    side.pipe.unet = module
+    return side.unet(x, t, context)
 
 
 def bench_feature_cache(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -638,7 +676,8 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {r['metric']} ({r['unit']}) | {' | '.join(cells)} | {r['ratio']:.3f} |")
         lines += ["", "Checks (same weights, same inputs / seed):", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
-        lines += ["", f"{SHIPPED.label} alone, opt-in DeepCache (`cache_interval`), batch 2:", ""]
+        lines += ["", f"Opt-in: DeepCache (`cache_interval`, {SHIPPED.label} alone), batch 2; with --compile, "
+                  "torch.compile of both U-Nets:", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["opt_in"].items()]
     lines += ["", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
@@ -674,6 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the random-weight diffusers folder (built here if missing)")
     p.add_argument("--out", type=Path, default=CACHE / "bench-results",
                    help="results path without suffix: writes .md and .json")
+    p.add_argument("--compile", action="store_true",
+                   help="also time both U-Nets through torch.compile (compiles take minutes on a CPU)")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or (256 if args.short else 512)

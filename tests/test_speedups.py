@@ -286,3 +286,35 @@ def test_eval_speedups_smoke_run(tmp_path):
         assert row["seconds_per_picture"] > 0 and {"kind", "color", "background"} <= set(row["attributes"])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--rows", "cache_interval=two"])
+
+
+# --- torch.compile --------------------------------------------------------------------------
+
+
+def test_compiled_unet_makes_the_same_picture_and_follows_weight_changes(sd1_folder):
+    """Pipeline.compile: the compiled U-Net runs (dynamo captured a frame), its picture
+    equals the eager one to float rounding, and a weight changed in place afterwards (as a
+    LoRA changes them) applies, since weights are not frozen into the graph."""
+    from torch._dynamo.utils import counters
+
+    pipe = Pipeline.from_pretrained(sd1_folder, device="cpu")
+    kw = dict(steps=2, seed=1, width=SIZE, height=SIZE, sampler="euler", output="np", progress=False)
+    eager = pipe("a cat", **kw)
+    captured = counters["frames"]["ok"]
+    assert pipe.compile() is pipe
+    compiled = pipe("a cat", **kw)
+    assert counters["frames"]["ok"] > captured
+    assert np.abs(compiled - eager).max() < 1e-4
+    bias = pipe.unet.conv_out.bias
+    with torch.no_grad():
+        bias += 0.2
+    try:
+        changed = pipe("a cat", **kw)
+        pipe._compiled_unet = None  # the same change, eager
+        expected = pipe("a cat", **kw)
+    finally:
+        with torch.no_grad():
+            bias -= 0.2
+    assert np.abs(changed - eager).max() > 1e-2 and np.abs(changed - expected).max() < 1e-4
+    with pytest.raises(ValueError, match="compile mode 'fastest' is not one of"):
+        pipe.compile(mode="fastest")

@@ -82,6 +82,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, grid=args.grid, grid_rows=args.grid_rows, jsonl=jsonl,
         allow_pickle=args.allow_pickle, lora_dirs=tuple(args.lora_dirs or ()),
         embedding_dirs=tuple(args.embedding_dirs) if args.embedding_dirs else None, refiner=args.refiner,
-        vae=args.vae,
+        vae=args.vae, compile=args.compile,
     )
     return run_batch(opts)

@@ -235,6 +235,10 @@ def add_speedup_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-interval", type=positive_int, default=None, metavar="N",
                    help="DeepCache: the whole U-Net every N-th evaluation, its shallow branch on kept deep "
                    "features in between (e.g. 3; default 1: off)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the U-Net through torch.compile: the first picture of each size waits a minute or more "
+                   "for the compile, later ones run faster (for long batches; the picture is the same to float "
+                   "rounding)")
 
 
 def speedups_from_args(args: argparse.Namespace) -> Speedups:

@@ -185,6 +185,8 @@ def _load(args: argparse.Namespace, path: Path, what: str, name: str | None, dig
 
     pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
                                     lora_dirs=args.lora_dirs or (), embedding_dirs=args.embedding_dirs, vae=vae)
+    if args.compile:
+        pipe.compile()
     ref = model_ref(path)
     _warn_other_file(args, what, name, digest, ref)
     return pipe, ref
