@@ -132,7 +132,8 @@ def plan_chunks(items: list[Item], batch_size: int, context_chunks: Callable[[It
         j = item.job
         # A call applies one set of <lora:...> tags: lines with other tags (or weights) go apart.
         key = (item.width, item.height, j.steps, j.sampler, j.schedule, j.spacing, j.guidance, j.clip_skip, j.sdxl,
-               j.refiner_start, j.speedups, _tag_settings(j.prompt), context_chunks(item), _edit_key(item), _control_key(item))
+               j.refiner_start, j.speedups, _tag_settings(j.prompt), context_chunks(item), _edit_key(item),
+               _control_key(item))
         groups.setdefault(key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 

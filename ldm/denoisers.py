@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .conditioning import Conditioning, ScheduledConditioning
 from .config import PREDICTION_TYPES, ModelConfig, check_timestep_spacing
+from .validation import check_guidance_end
 
 # The U-Net: model(sample, timestep, conditioning) -> epsilon or v.
 Model = Callable[[Tensor, Tensor, Any], Tensor]
@@ -188,19 +189,15 @@ def step_index(sigmas: Tensor, sigma: Tensor) -> int:
 
 def guided_steps(guidance_end: float, sigmas: Tensor | None) -> int | None:
     """How many of the steps that run (``len(sigmas) - 1``) are guided under
-    ``guidance_end`` (a fraction in (0, 1]); None: all of them (``guidance_end`` 1)."""
-    if isinstance(guidance_end, bool) or not isinstance(guidance_end, (int, float)) or not 0 < guidance_end <= 1:
-        raise ValueError(f"guidance_end must be a fraction of the steps in (0, 1], got {guidance_end!r}")
-    if guidance_end == 1:
+    ``guidance_end`` (a fraction in (0, 1], see :func:`~ldm.validation.check_guidance_end`);
+    None: all of them (``guidance_end`` 1)."""
+    if check_guidance_end(guidance_end) == 1:
         return None
     if sigmas is None:
         raise ValueError("guidance_end < 1 needs sigmas, the levels of the steps that run, to count the steps")
     steps = len(sigmas) - 1
-    guided = int(steps * guidance_end)
-    if guided < 1:
-        raise ValueError(f"guidance_end {guidance_end:g} of {steps} steps leaves no guided step; "
-                         f"use at least {1 / steps:.3g} or more steps")
-    return guided
+    check_guidance_end(guidance_end, steps=steps)
+    return int(steps * guidance_end)
 
 
 class CFGDenoiser:
@@ -261,7 +258,7 @@ class CFGDenoiser:
         self.uncond = uncond
         self.scale = scale
         self.sigmas = sigmas
-        self.guided_steps = guided_steps(guidance_end, sigmas) if scale > 1 else 0
+        self.guided_steps = guided_steps(guidance_end, sigmas) if scale > 1 else None
         # Built once: the guided batch's conditioning (for each segment of a schedule).
         self._both = None
         if scale > 1:

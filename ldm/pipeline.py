@@ -35,6 +35,7 @@ from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_conditioning
 from .samplers import first_step, sample, sampling_schedule
 from .size_conditioning import SizeConditioning
+from .speedups import Speedups
 
 logger = logging.getLogger("ldm")
 
@@ -410,7 +411,7 @@ class Pipeline:
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps, spacing,
                              self.schedule.timestep_spacing)
         start = first_step(steps, edit.strength) if edit else 0
-        cache_interval = check.check_int(cache_interval, "cache_interval", 1)
+        speedups = Speedups(guidance_end, cache_interval)
         controls = as_controls(control)
         for c in controls:
             c.controlnet.check_fits(self.config)
@@ -437,7 +438,7 @@ class Pipeline:
         count = len(prompts)
         seeds = self._seeds(seed, count)
         guided = guidance_scale > 1 and distilled is None
-        check.check_guidance_end(guidance_end, guided, steps - start)
+        speedups.check_call(guided, steps, edit.strength if edit else None)
         per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
                               guided=guided, device=self.device)
         runner = use_plan(self, plan_memory(self.config, height, width, dtype_bytes=self.dtype.itemsize, guided=guided,
@@ -461,7 +462,7 @@ class Pipeline:
             else:
                 start_latents = self._edit_latents(edit, generators)
             run = _Run(sampler, steps, schedule == "karras", spacing, start, guidance_scale if guided else 1.0,
-                       progress, callback, guidance_end, cache_interval)
+                       progress, callback, speedups)
             parts = []
             for first in range(0, count, per_call):
                 rows = slice(first, first + per_call)
@@ -476,8 +477,7 @@ class Pipeline:
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                       guidance_embedding=guidance_scale if distilled is not None else None,
                       sampler=sampler, schedule=schedule, spacing=spacing, seed=seeds[0], clip_skip=clip_skip,
-                      guidance_end=guidance_end if guidance_end < 1 else None,
-                      cache_interval=cache_interval if cache_interval > 1 else None,
+                      **speedups.params(),
                       dtype=str(self.dtype).removeprefix("torch."),  # the U-Net's (the CPU default may be bfloat16)
                       **(micro.params() if micro is not None else {}),
                       **({"aesthetic_score": refined.aesthetic_score,
@@ -522,9 +522,10 @@ class Pipeline:
         uncond = _with_concat(uncond.select(rows), part.concat) if uncond is not None else None
         # A scheduled conditioning finds each step from the levels of the steps the call runs.
         plan = sampling_schedule(run.sampler, self.schedule, run.steps, karras=run.karras, spacing=run.spacing)
-        cache = FeatureCache(run.cache_interval) if run.cache_interval > 1 else None
+        interval = run.speedups.cache_interval
+        cache = FeatureCache(interval) if interval > 1 else None
         denoiser = self._denoiser(cond, uncond, run.guidance_scale, plan.sigmas[run.start:],
-                                  guidance_end=run.guidance_end, cache=cache)
+                                  guidance_end=run.speedups.guidance_end, cache=cache)
         on_step = _progress((end or run.steps) - start, run.progress, run.callback, run.sampler, rows.start)
         if part.known is not None:
             on_step = _chain(blend_callback(part, plan.sigmas[start:]), on_step)
@@ -762,8 +763,7 @@ class _Run:
     guidance_scale: float
     progress: bool
     callback: Callable | None
-    guidance_end: float = 1.0
-    cache_interval: int = 1
+    speedups: Speedups = Speedups()
 
 
 def _to_pil(array: np.ndarray) -> Image.Image:

@@ -30,6 +30,11 @@ class Speedups:
         check_int(self.cache_interval, "cache_interval", 1)
 
     @classmethod
+    def from_attributes(cls, source: Any) -> "Speedups":
+        """The values ``source`` (parsed flags, a picture's parameters) sets; None: off."""
+        return cls(**{k: v for k in KEYS if (v := getattr(source, k, None)) is not None})
+
+    @classmethod
     def from_object(cls, obj: dict[str, Any], defaults: "Speedups") -> "Speedups":
         """A JSONL line's keys over ``defaults`` (the command line's)."""
         return cls(**{k: obj.get(k, getattr(defaults, k)) for k in KEYS})

@@ -12,8 +12,9 @@ Latent consistency distillation (Luo et al. 2023) as diffusers'
 target network its moving average; the teacher, the shipped model with
 classifier-free guidance at a scale drawn from ``1 + U[w_min, w_max]``, makes one DDIM
 step of a 5-step schedule (``--num-ddim-timesteps``; diffusers' script takes 50), and the
-student learns to map both ends of that step to the same clean latent (pseudo-Huber loss). The data are train-split scenes of the toy world with their
-captions, encoded once by the model's VAE (cached in ``--workdir``, as
+student learns to map both ends of that step to the same clean latent (pseudo-Huber loss).
+The data are train-split scenes of the toy world with their captions, encoded once by the
+model's VAE (cached in ``--workdir``, as
 ``scripts/train_controlnet.py`` does). AdamW at a constant rate after a warm-up, in
 ldm's resumable stage loop: rerun the same command after an interruption and it
 continues where it stopped, bit for bit (the target network is in the checkpoint);

@@ -19,7 +19,6 @@ from ..batchfile import SDXLValues, Settings, parse_size
 from ..dtypes import DTYPE_NAMES, canonical_dtype_name
 from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR, FILLS
 from ..pngmeta import DEFAULT_SCORES, MAX_CLIP_SKIP, parse_pair
-from ..speedups import KEYS as SPEEDUP_KEYS
 from ..speedups import Speedups
 from ..validation import (
     A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_finite, check_fraction, check_guidance, check_guidance_end,
@@ -241,10 +240,6 @@ def add_speedup_options(p: argparse.ArgumentParser) -> None:
                    "rounding)")
 
 
-def speedups_from_args(args: argparse.Namespace) -> Speedups:
-    return Speedups(**{k: getattr(args, k) for k in SPEEDUP_KEYS if getattr(args, k) is not None})
-
-
 def add_sdxl_options(p: argparse.ArgumentParser) -> None:
     """SDXL's refiner and size conditioning; models that do not read a value refuse it."""
     g = p.add_argument_group("SDXL (other models refuse these)")
@@ -325,7 +320,7 @@ def settings_from_args(args: argparse.Namespace, base_seed: int = 0) -> Settings
         sampler=value(args, "sampler"), schedule=value(args, "schedule"), size=args.size,
         n=value(args, "n"), seed=base_seed if args.seed is None else args.seed, clip_skip=args.clip_skip or 1,
         sdxl=sdxl_values(args), refiner=args.refiner is not None, refiner_start=value(args, "refiner_start"),
-        speedups=speedups_from_args(args),
+        speedups=Speedups.from_attributes(args),
     )
 
 

@@ -21,6 +21,7 @@ from ..pngmeta import (
 )
 from ..editing import DEFAULT_FILL, default_size, extend, load_image, load_mask
 from ..limits import MEMORY_CHOICES
+from ..speedups import Speedups
 from ..validation import DEFAULTS, SPACINGS, check_sampling
 from .common import (
     add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, sdxl_values, value,
@@ -130,9 +131,7 @@ def _params(args: argparse.Namespace) -> GenerationParams:
     p = p.replace(prompt=normalize_prompt(p.prompt), negative_prompt=normalize_prompt(p.negative_prompt))
     if p.clip_skip == 1:  # the default: not written, as the web UI leaves it out
         p = p.replace(clip_skip=None)
-    if p.guidance_end == 1 or p.cache_interval == 1:  # off: not written, as pictures made without them
-        p = p.replace(guidance_end=None if p.guidance_end == 1 else p.guidance_end,
-                      cache_interval=None if p.cache_interval == 1 else p.cache_interval)
+    p = p.replace(**Speedups.from_attributes(p).params())  # off (1): not written, as without them
     if p.refiner_start is not None and p.refiner_label is None and not args.refiner:
         raise ValueError("--refiner-start needs --refiner (the model that takes over)")
     p.check_supported()  # refuses a sampler or schedule from the image that ldm lacks

@@ -9,8 +9,9 @@ block) from a full pass; the next ``interval - 1`` evaluations run only the shal
 branch: ``conv_in``, the first ``branch`` resnets (with their attention) of the first
 down block for the skips ``s_0 .. s_branch``, then the last up block from that resnet
 on, starting from the kept state. ``branch`` 1 is DeepCache's default for Stable
-Diffusion (its ``cache_layer_id`` 0, ``cache_block_id`` 0): on SD 1.5 a shallow
-evaluation costs about a tenth of a full one.
+Diffusion (its ``cache_layer_id`` 0, ``cache_block_id`` 0): on the SD 1.5 architecture a
+shallow evaluation measured 21% of a full one at 256x256 and 30% at 512x512 (bfloat16 on a
+CPU; its full-resolution attention dominates).
 
 The rule is per U-Net evaluation, so it holds for every sampler: evaluations
 ``0, interval, 2 * interval, ...`` of a sampling run are full, the others reuse, and a
@@ -57,7 +58,4 @@ class FeatureCache:
 
     def keep(self, feature: Tensor) -> None:
         self.feature = feature
-
-    def stats(self) -> str:
-        return f"{self.full} full U-Net passes of {self.calls} (interval {self.interval})"
 
