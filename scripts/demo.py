@@ -1,7 +1,13 @@
 """Render a few prompts with the shipped toy model (``make demo``), on the CPU, in seconds.
 
-    python scripts/demo.py                     # weights/ldm-toy.safetensors -> out/demo/
+    python scripts/demo.py                     # weights/ldm-toy-lcm.safetensors, 4 steps -> out/demo/
+    python scripts/demo.py --model weights/ldm-toy.safetensors   # the undistilled model, 20 steps
     python scripts/demo.py --model PATH --out DIR --steps 20 --seed 42
+
+The default model is the shipped toy model distilled to 4 steps (latent consistency; its
+4-step pictures score within 3 points of the 25-step original, ``scripts/eval_lcm.py``).
+A guidance-distilled model is sampled with ``lcm`` at guidance 4.5 (into its guidance
+embedding), any other with DPM++ 2M at guidance 7.5.
 
 Each picture is written atomically as out/demo/NN-<prompt>.png, with its generation
 parameters in the PNG (``ldm generate --from FILE`` makes it again), plus grid.png.
@@ -32,8 +38,10 @@ PROMPTS = (
     "a white cat on a blue background",
 )
 OUT = ROOT / "out" / "demo"
-STEPS = 20
-GUIDANCE = 7.5
+LCM_MODEL = ROOT / "weights" / "ldm-toy-lcm.safetensors"
+# (sampler, steps, guidance) for a guidance-distilled model and for any other.
+DISTILLED = ("lcm", 4, 4.5)
+UNDISTILLED = ("dpmpp_2m", 20, 7.5)
 SEED = 42
 
 
@@ -44,9 +52,10 @@ def slug(text: str, limit: int = 60) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint (default: weights/ldm-toy.safetensors, or $LDM_WEIGHTS)")
+                   help="checkpoint (default: weights/ldm-toy-lcm.safetensors, or $LDM_WEIGHTS)")
     p.add_argument("--out", type=Path, default=OUT, help="output folder (default out/demo)")
-    p.add_argument("--steps", type=int, default=STEPS, help=f"default {STEPS}")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"default {DISTILLED[1]} for a guidance-distilled model, else {UNDISTILLED[1]}")
     p.add_argument("--seed", type=int, default=SEED, help=f"seed of the first picture (default {SEED})")
     p.add_argument("--device", default="cpu", help="default cpu")
     p.add_argument("--threads", type=int, default=1,
@@ -61,30 +70,36 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.pipeline import Pipeline, default_weights_path
     from ldm.pngmeta import GenerationParams, save_png
 
-    if args.model is None and not default_weights_path().is_file():
-        print(f"error: the shipped model is missing: {default_weights_path()}\n"
+    # The distilled model unless told otherwise ($LDM_WEIGHTS names the model to use everywhere).
+    model = LCM_MODEL if args.model is None and "LDM_WEIGHTS" not in os.environ else args.model
+    if args.model is None and not (model or default_weights_path()).is_file():
+        print(f"error: the shipped model is missing: {model or default_weights_path()}\n"
               "  A full clone of the repository contains it. Otherwise train it with\n"
-              "  `python scripts/train_toy.py --bf16 vae` (1 to 3 hours on 2 CPU cores), or run\n"
+              "  `python scripts/train_toy.py --bf16 vae` (1 to 3 hours on 2 CPU cores) and distil it with\n"
+              "  `python scripts/train_lcm.py --seed 1` (30 minutes), or run\n"
               "  `python scripts/demo.py --model PATH` (or set LDM_WEIGHTS) with another checkpoint.",
               file=sys.stderr)
         return 1
     try:
         # float32 on every machine: the pictures in the README were made in it, and a CPU
         # default of bfloat16 (where that is faster) would change them slightly.
-        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype="float32")
+        pipe = Pipeline.from_pretrained(model, device=args.device, dtype="float32")
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"loaded {pipe.model.source} in {time.perf_counter() - t0:.1f} s")
 
-    gen = pipe.generate(list(PROMPTS), steps=args.steps, guidance_scale=GUIDANCE, seed=args.seed,
+    distilled = pipe.config.unet.time_cond_proj_dim is not None
+    sampler, default_steps, guidance = DISTILLED if distilled else UNDISTILLED
+    steps = default_steps if args.steps is None else args.steps
+    gen = pipe.generate(list(PROMPTS), steps=steps, sampler=sampler, guidance_scale=guidance, seed=args.seed,
                         progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = Path(pipe.model.source).stem
+    name = Path(pipe.model.source).stem
     for k, (image, prompt, seed) in enumerate(zip(gen.images, gen.prompts, gen.seeds)):
-        params = GenerationParams(prompt=prompt, steps=args.steps, sampler=gen.params["sampler"],
-                                  guidance_scale=GUIDANCE, seed=seed, width=image.width,
-                                  height=image.height, model=model)
+        params = GenerationParams(prompt=prompt, steps=steps, sampler=sampler, guidance_scale=guidance,
+                                  guidance_embedding=gen.params["guidance_embedding"], seed=seed,
+                                  width=image.width, height=image.height, model=name)
         path = save_png(image, args.out / f"{k + 1:02d}-{slug(prompt)}.png", params)
         print(f"{path}  {prompt!r} (seed {seed})")
     side = 2 * gen.images[0].width  # upscale the grid so the small pictures are visible

@@ -60,12 +60,13 @@ SMOKE = dict(n=2, steps=2)
 
 def render_controlled(pipe, controlnet: ControlNet, prompts: Sequence[str], seeds: Sequence[int],
                       hints: Sequence[np.ndarray], scale: float, *, steps: int, sampler: str,
-                      label: str, log: Log) -> np.ndarray:
+                      label: str, log: Log, end: float = 1.0, guess_mode: bool = False) -> np.ndarray:
     """One uint8 picture per (prompt, seed, hint) with the ControlNet at ``scale``: one
     call per picture, since a call takes one hint image for all its rows."""
     out, t0 = [], time.perf_counter()
     for i, (prompt, seed, image) in enumerate(zip(prompts, seeds, hints)):
-        control = Control(controlnet, image.astype(np.float32) / 255.0, scale=scale)
+        control = Control(controlnet, image.astype(np.float32) / 255.0, scale=scale, end=end,
+                          guess_mode=guess_mode)
         gen = pipe.generate(prompt, steps=steps, guidance_scale=GUIDANCE, seed=seed, sampler=sampler,
                             output="np", progress=False, control=control)
         out.append(to_uint8(gen.images))
@@ -79,9 +80,9 @@ def measures(images: np.ndarray, prompts: Sequence[Any], classifier: Any) -> dic
     size = images.shape[1]
     ious = [iou(object_mask(img, p.attributes["background"]), silhouette_mask(p.scene, size))
             for img, p in zip(images, prompts)]
+    scores = score_images(images, [p.attributes for p in prompts], classifier)
     return {"iou": float(np.mean(ious)), "iou_at_least_0.8": float(np.mean(np.array(ious) >= 0.8)),
-            "ious": [round(v, 4) for v in ious],
-            "attributes": accuracy_table(score_images(images, [p.attributes for p in prompts], classifier))}
+            "ious": [round(v, 4) for v in ious], "scores": scores, "attributes": accuracy_table(scores)}
 
 
 def sweep(pipe, controlnet: ControlNet, args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], list]:
@@ -99,7 +100,8 @@ def sweep(pipe, controlnet: ControlNet, args: argparse.Namespace, log: Log) -> t
                             batch_size=args.batch_size, label=label + " (no ControlNet)", log=log)
         else:
             images = render_controlled(pipe, controlnet, texts, seeds, hints, scale, steps=args.steps,
-                                       sampler=args.sampler, label=label, log=log)
+                                       sampler=args.sampler, label=label, log=log, end=args.end,
+                                       guess_mode=args.guess_mode)
         rows.append({"scale": scale, **measures(images, prompts, args.classifier)})
         pictures.append(images)
     ceiling = measures(vae_round_trips(pipe, [p.scene for p in prompts], args.batch_size), prompts, args.classifier)
@@ -158,6 +160,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=eval_toy.N, help="held-out prompts (default %(default)s)")
     p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
                    help="ControlNet scales (default 0 0.5 1 1.5)")
+    p.add_argument("--end", type=float, default=1.0,
+                   help="the fraction of the steps the ControlNet acts in, from the first (Control's end; "
+                        "default 1: all of them)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="the ControlNet on the conditional half of guidance only, at diffusers' per-block scales")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for eval_controlnet.md/.json (default .cache/eval)")
     p.add_argument("--strip", type=Path, default=None, help=f"picture strip (default {STRIP}; --smoke: <out>)")
@@ -170,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("n", "steps", "batch_size", "threads"):
         if getattr(args, name) < (2 if name == "n" else 1):
             p.error(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    if not 0 < args.end <= 1:
+        p.error(f"--end must be in (0, 1], got {args.end}")
     if any(not 0 <= s <= 10 for s in args.scales):
         p.error(f"--scales must be between 0 and 10, got {args.scales}")
     return args
@@ -183,7 +192,8 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
     report, pictures = sweep(pipe, controlnet, args, log)
     texts = [p["prompt"] for p in report["prompts"]]
     report.update(controlnet=str(args.controlnet), model=str(args.model or "weights/ldm-toy.safetensors"),
-                  settings={"n": args.n, "hint": args.hint, "steps": args.steps, "sampler": args.sampler,
+                  settings={"n": args.n, "hint": args.hint, "end": args.end, "guess_mode": args.guess_mode,
+                            "steps": args.steps, "sampler": args.sampler,
                             "seed": args.seed, "threads": torch.get_num_threads()},
                   strip=str(strip(pictures, texts, args.scales, STRIP_COLUMNS, args.strip)))
     report["verdict"] = verdict(report)

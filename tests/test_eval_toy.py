@@ -3,6 +3,7 @@ an untrained model's accuracies mean nothing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -198,6 +199,24 @@ def test_demo_writes_pictures(demo, tiny_checkpoint, tmp_path, capsys, keep_thre
 
     params = read_parameters(tmp_path / files[0])
     assert params.prompt == "a cat wearing a hat" and params.seed == demo.SEED and params.steps == 2
+    assert params.sampler == demo.UNDISTILLED[0] and params.guidance_embedding is None
+
+
+def test_demo_samples_a_distilled_model_in_four_lcm_steps(demo, tmp_path, keep_threads):
+    # The shipped demo model is guidance-distilled: lcm, 4 steps, its scale into the embedding.
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, time_cond_proj_dim=8))
+    text = config.text
+    model = LoadedModel(config, UNet(config.unet), AutoencoderKL(config.vae), TextEncoder(text),
+                        Tokenizer(text.pad_token, text.max_position_embeddings), "tiny", "original")
+    path = tmp_path / "tiny-lcm.safetensors"
+    save_model(model, path, layout="original")
+    assert demo.main(["--model", str(path), "--out", str(tmp_path / "out")]) == 0
+    from ldm.pngmeta import read_parameters
+
+    params = read_parameters(tmp_path / "out" / "01-a-cat-wearing-a-hat.png")
+    sampler, steps, guidance = demo.DISTILLED
+    assert (params.sampler, params.steps, params.guidance_embedding) == (sampler, steps, guidance) == ("lcm", 4, 4.5)
 
 
 def test_demo_says_when_the_weights_are_missing(demo, tmp_path, monkeypatch, capsys, keep_threads):
