@@ -415,7 +415,8 @@ def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: In
     main = state.is_main_process
     pipe = models.pipe
     items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref, models.vae_ref,
-                   models.control_refs, guidance_embedded=pipe.config.unet.time_cond_proj_dim is not None)
+                   models.control_refs, guidance_embedded=pipe.config.unet.time_cond_proj_dim is not None,
+                   dtype=str(pipe.dtype).removeprefix("torch."))
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)

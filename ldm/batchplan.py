@@ -71,12 +71,13 @@ def _now() -> str:
 
 def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | None = None,
            refiner: ModelRef | None = None, vae: ModelRef | None = None,
-           controlnets: dict[str, ModelRef] | None = None, guidance_embedded: bool = False) -> list[Item]:
+           controlnets: dict[str, ModelRef] | None = None, guidance_embedded: bool = False,
+           dtype: str | None = None) -> list[Item]:
     """Every image of every job, with the parameters its PNG will carry (``inputs``:
     the lines' input files, see :func:`ldm.batchinputs.check_inputs`; ``refiner`` and
     ``vae``: the batch's refiner and VAE file, named in every image; ``controlnets``: the
     name and hash of each ControlNet the lines use, by resolved path; ``guidance_embedded``: the
-    model is guidance-distilled, its guidance scale recorded as such)."""
+    model is guidance-distilled, its guidance scale recorded as such; ``dtype``: the U-Net's, by name)."""
     inputs = inputs or Inputs()
     items = []
     named = {"refiner": refiner.name, "refiner_hash": refiner.hash} if refiner is not None else {}
@@ -96,7 +97,7 @@ def expand(jobs: list[Job], native_size: int, model: ModelRef, inputs: Inputs | 
                 clip_skip=recorded_clip_skip(job.clip_skip), **inputs.networks.get(job.line, {}),
                 **(job.edit.params() if job.edit else {}), **sdxl, **named,
                 refiner_start=job.refiner_start if refiner is not None else None, controls=units,
-                **job.speedups.params(),
+                **job.speedups.params(), dtype=dtype,
             )
             items.append(Item(job, k, width, height, params, records, inputs.input_sizes.get(job.line)))
     return items

@@ -38,17 +38,26 @@ class Reconciled:
     unplanned: list[str] = field(default_factory=list)  # files of conflicting entries: never deleted
 
 
+# Fields a batch records since a later version than others (the U-Net's dtype): an entry
+# written before has none, and is not a conflict for lacking it.
+RECORDED_LATER = ("dtype",)
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     diffs = [f"{k} {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diffs[:3]) or "file name"
 
 
-def _settings(made: dict[str, Any] | Item) -> dict[str, Any]:
+def _settings(made: dict[str, Any] | Item, entry: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an image was (an entry) or is to be (an item) made with, its input files aside.
     Unset values (None, empty) are left out, so an entry written before a setting existed
-    equals one that leaves it at its default."""
+    equals one that leaves it at its default. For an item compared with ``entry``, the
+    fields recorded only since later versions are left out where the entry lacks them."""
     if isinstance(made, Item):
         settings = {**made.params.to_dict(), "outpaint": made.outpaint}
+        for name in RECORDED_LATER:
+            if entry is not None and name not in entry["parameters"]:
+                settings.pop(name, None)
     else:
         settings = {**made["parameters"], "outpaint": made.get("outpaint")}
     return {k: v for k, v in settings.items() if v is not None and v != {} and v != []}
@@ -80,9 +89,9 @@ def _judge_entry(outdir: Path, entry: dict[str, Any], item: Item | None, result:
         result.dropped += 1  # rendered again if still planned
     elif item is None:  # a line that is now invalid or gone: kept, not ours to judge
         result.entries.append(entry)
-    elif _settings(entry) != _settings(item) or entry["file"] != item.file:
+    elif _settings(entry) != (planned := _settings(item, entry)) or entry["file"] != item.file:
         result.conflicts.append(f"{entry['file']} (line {item.job.line}, image {item.index}): "
-                                f"{_differences(_settings(entry), _settings(item))}")
+                                f"{_differences(_settings(entry), planned)}")
         _stale(outdir, entry, item, result)
     elif changed := _changed_inputs(entry, item):
         result.changed_inputs += [c for c in changed if c not in result.changed_inputs]

@@ -73,6 +73,38 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def runs_natively(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` computes ``dtype`` in hardware: float32 everywhere, bfloat16 as
+    :func:`native_bf16` says, float16 on GPUs (a CPU's float16 is not one ldm offers as fast)."""
+    import torch
+
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return native_bf16(device)
+    return dtype == torch.float16 and device.type in ("cuda", "mps")
+
+
+def dtype_to_remake(recorded: str, device: torch.device, source: Any) -> torch.dtype | None:
+    """The dtype to make a picture again in, given the one it was made in (``recorded``, a
+    canonical name): that one where ``device`` runs it natively, so that the picture is the
+    same; otherwise None (the device's default) with a warning that says so, since an
+    emulated dtype would be many times slower. ``source`` names the picture in messages."""
+    import torch
+
+    dtype = getattr(torch, canonical_dtype_name(recorded))
+    if runs_natively(device, dtype):
+        if dtype != default_dtype(device):
+            logger.info("%s was made in %s: making it again in %s (--dtype to choose another)", source, recorded,
+                        recorded)
+        return dtype
+    fallback = str(default_dtype(device)).removeprefix("torch.")
+    logger.warning("%s was made in %s, which this %s does not compute natively: making it in %s instead, so the "
+                   "picture will differ slightly (--dtype %s forces it, many times slower)", source, recorded,
+                   device.type, fallback, recorded)
+    return None
+
+
 def warn_emulated(device: torch.device, dtype: torch.dtype) -> None:
     """A warning for bfloat16 asked on a CPU that only emulates it."""
     import torch

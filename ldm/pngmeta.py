@@ -68,6 +68,7 @@ from .atomicio import atomic_write
 from .controlmeta import KEY as CONTROL_KEY
 from .controlmeta import PREFIX as CONTROL_PREFIX
 from .controlmeta import ControlParams, check_writable, format_unit, parse_unit, unit_keys
+from .dtypes import canonical_dtype_name
 from .validation import (
     A1111_SAMPLERS, check_finite, check_fraction, check_guidance, check_guidance_end, check_int, check_seed,
     check_side, check_spacing, check_strength,
@@ -100,6 +101,10 @@ REFINER, REFINER_START = "Refiner", "Refiner switch at"
 # guidance_end and cache_interval), written when used so that --from makes the same picture.
 GUIDANCE_END, CACHE_INTERVAL = "Guidance end", "Cache interval"
 VAE_HASH, VAE = "VAE hash", "VAE"
+# ldm's own key: the dtype the U-Net ran in. The CPU default differs between machines
+# (bfloat16 where it is native and faster, else float32) and the picture with it, so
+# --from makes it again in the recorded dtype where the machine runs that natively.
+DTYPE = "Dtype"
 # SDXL's size-conditioning keys (ldm's own: the web UI has none) -> GenerationParams fields.
 # Each pair is written "AxB" in the order of --size ("WxH", "XxY") and held as
 # Pipeline.generate takes it, (height, width) / (top, left): the reverse.
@@ -114,7 +119,7 @@ DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", VAE_HASH, VAE,
           STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
-          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL,
+          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL, DTYPE,
           REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
@@ -149,7 +154,9 @@ class GenerationParams:
     (its file name with the extension, as the web UI writes it). ``controls``: the ControlNets,
     in order (:class:`ldm.controlmeta.ControlParams`). ``guidance_embedding``: for a
     guidance-distilled (LCM) model, the guidance scale its U-Net took as an input (equal to
-    ``guidance_scale``; None for other models).
+    ``guidance_scale``; None for other models). ``dtype``: the U-Net's dtype name
+    (``"bfloat16"``); not a :meth:`to_kwargs` argument but the pipeline's, as ``ldm generate
+    --from`` loads it (:func:`ldm.dtypes.dtype_to_remake`).
     """
 
     prompt: str
@@ -169,6 +176,7 @@ class GenerationParams:
     model_hash: str | None = None
     vae: str | None = None
     vae_hash: str | None = None
+    dtype: str | None = None
     strength: float | None = None
     mask_blur: int | None = None
     mask_padding: int | None = None
@@ -315,6 +323,7 @@ def format_parameters(p: GenerationParams) -> str:
         ("Model", p.model),
         (VAE_HASH, p.vae_hash),
         (VAE, p.vae),
+        (DTYPE, p.dtype),
         (STRENGTH, p.strength),
         (MASK_BLUR, p.mask_blur),
         (INPAINT_AREA, ONLY_MASKED if p.mask_padding is not None else None),
@@ -455,6 +464,11 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["guidance_end"] = _float(GUIDANCE_END, pairs[GUIDANCE_END])
     if CACHE_INTERVAL in pairs:
         fields["cache_interval"] = _int(CACHE_INTERVAL, pairs[CACHE_INTERVAL])
+    if DTYPE in pairs:
+        try:
+            fields["dtype"] = canonical_dtype_name(pairs[DTYPE])
+        except ValueError as exc:
+            raise ValueError(f"parameters: '{DTYPE}': {exc}") from None
     if "Size" in pairs:
         m = _SIZE.match(pairs["Size"])
         if not m:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, (image, prompt, seed) in enumerate(zip(gen.images, gen.prompts, gen.seeds)):
         params = GenerationParams(prompt=prompt, steps=steps, sampler=sampler, guidance_scale=guidance,
                                   guidance_embedding=gen.params["guidance_embedding"], seed=seed,
-                                  width=image.width, height=image.height, model=name)
+                                  width=image.width, height=image.height, model=name, dtype="float32")
         path = save_png(image, args.out / f"{k + 1:02d}-{slug(prompt)}.png", params)
         print(f"{path}  {prompt!r} (seed {seed})")
     side = 2 * gen.images[0].width  # upscale the grid so the small pictures are visible

@@ -256,7 +256,7 @@ def test_generate_info_and_regenerate_from_png(sd1_folder, tmp_path, capsys, mon
     text = capsys.readouterr().out.strip()
     assert text == ("a red cube\nNegative prompt: blurry, dark\nSteps: 3, Sampler: Euler a, CFG scale: 5, "
                     f"Seed: 43, Size: 64x64, Model hash: {model_hash(sd1_folder)}, Model: model, "
-                    "Batch size: 2, Batch pos: 1")
+                    "Dtype: float32, Batch size: 2, Batch pos: 1")  # the tests' CPU dtype (conftest)
     assert main(["info", "--json", str(out / "00001-43.png")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["seed"], info["sampler"], info["sampler_name"]) == (43, "euler_a", "Euler a")
@@ -284,6 +284,25 @@ def test_generate_info_and_regenerate_from_png(sd1_folder, tmp_path, capsys, mon
     assert pipe.generate(["a", "b"], seed=[5, 9], steps=1, output="latent", progress=False).seeds == [5, 9]
     with pytest.raises(ValueError, match="one per image"):
         pipe.generate(["a", "b"], seed=[5], steps=1, output="latent", progress=False)
+
+    # The dtype it was made in: again where this machine runs it natively (float32 always), so
+    # the same picture even where the default is bfloat16; otherwise the default, with a warning.
+    monkeypatch.setenv("LDM_CPU_DTYPE", "bfloat16")
+    monkeypatch.setattr("ldm.dtypes.native_bf16", lambda device: True)
+    assert main(["generate", "--from", str(single), "--device", "cpu", "-o", str(again)]) == 0
+    assert _pixels(again / "00002-42.png") == _pixels(single)
+    assert read_parameters(again / "00002-42.png").dtype == "float32"
+    assert "made in float32: making it again in float32" in caplog.text
+    as_bf16 = tmp_path / "as-bf16.png"
+    save_png(Image.open(single), as_bf16, read_parameters(single).replace(dtype="bfloat16"))
+    monkeypatch.setenv("LDM_CPU_DTYPE", "float32")
+    monkeypatch.setattr("ldm.dtypes.native_bf16", lambda device: False)
+    assert main(["generate", "--from", str(as_bf16), "--device", "cpu", "-o", str(again)]) == 0
+    assert read_parameters(again / "00003-42.png").dtype == "float32"
+    assert "as-bf16.png was made in bfloat16, which this cpu does not compute natively: making it in " \
+           "float32 instead, so the picture will differ slightly" in caplog.text
+    for name in ("00002-42.png", "00003-42.png"):
+        (again / name).unlink()
 
     # A different model hash is warned about; overrides apply.
     params = read_parameters(single).replace(model_hash="0123456789", extra={"ENSD": "31337"})
@@ -319,6 +338,20 @@ def test_resume_reconciles_manifest_and_files(sd1_folder, prompt_file, reference
     assert (out / unrecorded).stat().st_mtime_ns == mtime  # adopted, not rendered again
     assert _pngs(out) == _pngs(reference_run)
     assert _manifest(out) == _manifest(reference_run)
+
+    # The PNGs and entries record the U-Net's dtype; entries written before that field existed
+    # lack it and still count as done; another dtype is another setting.
+    assert {e["parameters"]["dtype"] for e in entries} == {"float32"}
+    assert read_parameters(out / entries[1]["file"]).dtype == "float32"
+    capsys.readouterr()
+    assert main([*args, "--dtype", "bfloat16"]) == 2
+    assert "dtype 'float32' vs now 'bfloat16'" in capsys.readouterr().err
+    older = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    for e in older:
+        del e["parameters"]["dtype"]
+    (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in older))
+    assert main(args) == 0
+    assert "0 rendered, 24 already done" in capsys.readouterr().out
 
     # Other settings for the same folder: refused, or redone with --overwrite.
     assert main([*args, "--steps", "3"]) == 2

@@ -185,3 +185,14 @@ def test_clip_skip_and_network_hashes_are_fields_and_read_back():
     # Names with ":" or "," cannot read back, so they are written without them, as the web UI does.
     text = format_parameters(BASE.replace(lora_hashes={"a:b,c": "0123"}))
     assert 'Lora hashes: "abc: 0123"' in text
+
+
+def test_the_dtype_is_written_and_read_back_by_its_canonical_name():
+    p = GenerationParams(prompt="a cat", steps=4, seed=1, width=64, height=64, dtype="bfloat16")
+    text = format_parameters(p)
+    assert "Dtype: bfloat16" in text and parse_parameters(text) == p
+    assert parse_parameters(text.replace("bfloat16", "bf16")).dtype == "bfloat16"  # an alias, typed by hand
+    assert parse_parameters("a cat\nSteps: 4, Seed: 1, Size: 64x64").dtype is None  # the web UI writes none
+    assert "dtype" not in p.to_kwargs()  # the pipeline's, not generate's
+    with pytest.raises(ValueError, match="'Dtype': dtype 'float64' is not valid"):
+        parse_parameters(text.replace("bfloat16", "float64"))

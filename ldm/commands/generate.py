@@ -176,19 +176,30 @@ def _vae_for(args: argparse.Namespace, p: GenerationParams) -> Path | None:
 
 
 def _load(args: argparse.Namespace, path: Path, what: str, name: str | None, digest: str | None,
-          vae: Path | None = None) -> tuple[Any, Any]:
-    """The Pipeline of ``path`` (with the VAE ``vae``) and its name and hash; says when the
-    image was made with another file."""
+          vae: Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """The Pipeline of ``path`` (with the VAE ``vae``, in ``--dtype``, else ``dtype``, else the
+    device's default) and its name and hash; says when the image was made with another file."""
     from ..modelref import model_ref
     from ..pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+    pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype or dtype, allow_pickle=args.allow_pickle,
                                     lora_dirs=args.lora_dirs or (), embedding_dirs=args.embedding_dirs, vae=vae)
     if args.compile:
         pipe.compile()
     ref = model_ref(path)
     _warn_other_file(args, what, name, digest, ref)
     return pipe, ref
+
+
+def _recorded_dtype(args: argparse.Namespace, p: GenerationParams) -> Any:
+    """With --from and no --dtype: the dtype the image was made in, where this device runs
+    it natively (same picture), else None (the default, with a warning that it will differ)."""
+    if not args.from_image or args.dtype or p.dtype is None:
+        return None
+    from ..dtypes import dtype_to_remake
+    from ..pipeline import resolve_device
+
+    return dtype_to_remake(p.dtype, resolve_device(args.device), args.from_image.name)
 
 
 def _vae_ref(args: argparse.Namespace, path: Path | None, p: GenerationParams) -> Any:
@@ -362,8 +373,9 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
             batch: tuple[int, int] | None, edit: dict[str, Any], requests: list[ControlRequest]) -> None:
     model_path, refiner_path = _model_for(args, p if args.from_image else None), _refiner_for(args, p)
     vae_path = _vae_for(args, p)
-    pipe, ref = _load(args, model_path, "model", p.model, p.model_hash, vae_path)
-    refiner, refiner_ref = _load(args, refiner_path, "refiner", p.refiner, p.refiner_hash, vae_path) \
+    dtype = _recorded_dtype(args, p)
+    pipe, ref = _load(args, model_path, "model", p.model, p.model_hash, vae_path, dtype)
+    refiner, refiner_ref = _load(args, refiner_path, "refiner", p.refiner, p.refiner_hash, vae_path, dtype) \
         if refiner_path else (None, None)
     vae_ref = _vae_ref(args, vae_path, p)
 
@@ -376,6 +388,7 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
     gen = _generate(args, pipe, kwargs, n, edit, requests, size)
     record = _edit_record(gen, edit)
     record.update(lora_hashes=gen.params.get("lora_hashes", {}), ti_hashes=gen.params.get("ti_hashes", {}),
+                  dtype=gen.params.get("dtype"),
                   guidance_embedding=gen.params.get("guidance_embedding"),
                   **recorded_size_fields(gen.params, gen.params["width"], gen.params["height"]),
                   refiner=refiner_ref and refiner_ref.name, refiner_hash=refiner_ref and refiner_ref.hash,
