@@ -131,3 +131,24 @@ def test_bad_inputs_are_refused(pair):
         tiled_encode(vae, torch.zeros(1, 3, 100, 64))
     with pytest.raises(ValueError, match="at least 1"):
         tile_starts(0, 8, 2)
+
+
+def test_seam_script_replays_recorded_group_norm_statistics(pair, capsys, one_thread):
+    """scripts/tiled_vae_seams.py: a GroupNorm replaying the statistics it recorded on an input
+    gives nn.GroupNorm's output on that input, and other statistics on another; the script runs."""
+    from scriptload import load_script
+
+    seams = load_script("tiled_vae_seams")
+    _, vae = pair
+    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vae.decode(z)
+        with seams.fixed_group_norm_statistics(vae, record=True):
+            vae.decode(z)
+        with seams.fixed_group_norm_statistics(vae, record=False):
+            torch.testing.assert_close(vae.decode(z), plain, atol=1e-5, rtol=1e-5)
+            tile = vae.decode(z[..., :8, :8])  # normalised with the whole input's statistics
+        assert (tile - vae.decode(z[..., :8, :8])).abs().max() > 1e-4  # nn.GroupNorm again
+    assert seams.main(["--size", "48", "--tiles", "4:1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiles of 4 latents")]
+    assert len(rows) == 3 and all(" / " in r for r in rows)
