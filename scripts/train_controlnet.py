@@ -99,12 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default="uniform",
                    help="how training timesteps are drawn: uniform (the paper), or cubic (T2I-Adapter's "
                         "t = (1 - u^3) T, mostly noisy steps, where the layout is decided); default %(default)s")
+    p.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT,
+                   help="fraction of captions replaced by the empty one (default %(default)s, the paper's)")
     p.add_argument("--threads", type=int, default=THREADS,
                    help="torch threads (default %(default)s: as fast as two on this small model, and steady "
                         "when other jobs share the cores)")
     add_size_flags(p, FULL, SMOKE)
     args = p.parse_args(argv)
     resolve_sizes(p, args, FULL, SMOKE)
+    if not 0 <= args.caption_dropout < 1:
+        p.error(f"--caption-dropout must be in [0, 1), got {args.caption_dropout}")
     if args.workdir is None:
         args.workdir = (Path(tempfile.mkdtemp(prefix="train_controlnet_")) if args.smoke
                         else ROOT / "runs" / f"controlnet-{args.hint}")
@@ -217,14 +221,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = stage_spec(args)
     result = train_controlnet(acc, settings, spec, model, loaded.unet, loaded.text_encoder, controlnet, latents,
                               loaded.tokenizer, stream=TRAIN_STREAM, hint_kind=args.hint,
-                              timesteps=args.timesteps, inputs=inputs)
+                              p_empty=args.caption_dropout, timesteps=args.timesteps, inputs=inputs)
     card: dict[str, Any] = {}
     if acc.is_main_process:
         state = cpu_copy(result.state)
         size = export(args, config, state)
         card = {"controlnet": str(args.out), "bytes": size, "base": str(args.model), "base_hash": base,
                 "init_from": str(args.init_from) if args.init_from else None, "init": inputs.get("init"),
-                "hint": args.hint, "seed": args.seed, "scenes": args.scenes, "caption_dropout": CAPTION_DROPOUT,
+                "hint": args.hint, "seed": args.seed, "scenes": args.scenes, "caption_dropout": args.caption_dropout,
                 "timesteps": args.timesteps,
                 "config": config.to_dict(), "processes": acc.num_processes, "device": str(acc.device),
                 "cpu": cpu_model(), "threads": torch.get_num_threads(),

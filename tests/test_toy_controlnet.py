@@ -229,3 +229,16 @@ def test_eval_smoke_run_reports_every_scale(straight_run, tmp_path):
     assert report["vae_round_trip"]["iou"] > 0.8
     assert report["verdict"]["run"] and (tmp_path / "controlnet.png").is_file()
     assert "| 1.5 |" in (tmp_path / "eval_controlnet.md").read_text()
+
+
+def test_caption_dropout_is_a_setting_of_the_run(train_script, straight_run, capsys):
+    assert straight_run[1]["caption_dropout"] == 0.5  # the paper's, by default
+    args = train_script.parse_args(["--smoke", "--caption-dropout", "0.1", "--workdir", str(straight_run[0])])
+    assert args.caption_dropout == 0.1
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            train_script.parse_args(["--smoke", "--caption-dropout", bad])
+        assert "--caption-dropout must be in [0, 1)" in capsys.readouterr().err
+    # A resumed run with another rate is another run (the rate is in the stage's fingerprint).
+    with pytest.raises(SystemExit, match="other settings"):
+        train_script.main([*SMOKE, "--workdir", str(straight_run[0]), "--caption-dropout", "0.2"])
