@@ -134,7 +134,9 @@ def markdown(report: dict[str, Any]) -> str:
     out = ["## The toy ControlNet (silhouette hints)", "",
            f"`{Path(report['controlnet']).name}` on `{Path(report['model']).name}`: {s['n']} held-out prompts, "
            f"each with the {s['hint']} of a scene at a random position and size; {s['sampler']}, {s['steps']} "
-           f"steps, guidance {GUIDANCE:g}, {s['threads']} thread(s); {report['seconds']:.0f} s in all. Scale 0 is "
+           f"steps, guidance {GUIDANCE:g}{', guess mode' if s.get('guess_mode') else ''}"
+           f"{', the ControlNet until %g of the steps' % s['end'] if s.get('end', 1) < 1 else ''}, "
+           f"{s['threads']} thread(s); {report['seconds']:.0f} s in all. Scale 0 is "
            "the model without the ControlNet. IoU: the generated object's mask against the hint's silhouette.",
            "", "| ControlNet scale | IoU with the hint | IoU >= 0.8 | object kind | object colour | background | "
            "hat yes/no | all attributes |", "|---|---|---|---|---|---|---|---|"]
@@ -146,7 +148,8 @@ def markdown(report: dict[str, Any]) -> str:
                    + " |")
     if v["run"]:
         met = {k: "met" if v[f"{k}_ok"] else "NOT met" for k in TARGETS}
-        out += ["", f"Targets at scale {TARGET_SCALE:g}: IoU {v['iou']:.3f} >= {TARGETS['iou']:.2f} {met['iou']}; "
+        mode = " in guess mode" if s.get("guess_mode") else ""
+        out += ["", f"Targets at scale {TARGET_SCALE:g}{mode}: IoU {v['iou']:.3f} >= {TARGETS['iou']:.2f} {met['iou']}; "
                 f"kind {v['kind']:.2f} >= {TARGETS['kind']:.2f} {met['kind']}; object colour {v['color']:.2f} >= "
                 f"{TARGETS['color']:.2f} {met['color']}."]
     return "\n".join(out + [""])
