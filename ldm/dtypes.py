@@ -90,15 +90,13 @@ def dtype_to_remake(recorded: str, device: torch.device, source: Any) -> torch.d
     canonical name): that one where ``device`` runs it natively, so that the picture is the
     same; otherwise None (the device's default) with a warning that says so, since an
     emulated dtype would be many times slower. ``source`` names the picture in messages."""
-    import torch
-
-    dtype = getattr(torch, canonical_dtype_name(recorded))
+    dtype, default = parse_dtype(recorded), default_dtype(device)
     if runs_natively(device, dtype):
-        if dtype != default_dtype(device):
+        if dtype != default:
             logger.info("%s was made in %s: making it again in %s (--dtype to choose another)", source, recorded,
                         recorded)
         return dtype
-    fallback = str(default_dtype(device)).removeprefix("torch.")
+    fallback = str(default).removeprefix("torch.")
     logger.warning("%s was made in %s, which this %s does not compute natively: making it in %s instead, so the "
                    "picture will differ slightly (--dtype %s forces it, many times slower)", source, recorded,
                    device.type, fallback, recorded)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_WEIGHTS = "ldm-toy.safetensors"
+LCM_WEIGHTS = "ldm-toy-lcm.safetensors"  # the shipped model distilled to 1-4 steps
 WEIGHTS_ENV = "LDM_WEIGHTS"
 
 

@@ -38,7 +38,6 @@ PROMPTS = (
     "a white cat on a blue background",
 )
 OUT = ROOT / "out" / "demo"
-LCM_MODEL = ROOT / "weights" / "ldm-toy-lcm.safetensors"
 # (sampler, steps, guidance) for a guidance-distilled model and for any other.
 DISTILLED = ("lcm", 4, 4.5)
 UNDISTILLED = ("dpmpp_2m", 20, 7.5)
@@ -67,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from ldm.grid import image_grid
+    from ldm.paths import LCM_WEIGHTS, WEIGHTS_DIR, WEIGHTS_ENV
     from ldm.pipeline import Pipeline, default_weights_path
     from ldm.pngmeta import GenerationParams, save_png
 
     # The distilled model unless told otherwise ($LDM_WEIGHTS names the model to use everywhere).
-    model = LCM_MODEL if args.model is None and "LDM_WEIGHTS" not in os.environ else args.model
+    model = WEIGHTS_DIR / LCM_WEIGHTS if args.model is None and WEIGHTS_ENV not in os.environ else args.model
     if args.model is None and not (model or default_weights_path()).is_file():
         print(f"error: the shipped model is missing: {model or default_weights_path()}\n"
               "  A full clone of the repository contains it. Otherwise train it with\n"
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, (image, prompt, seed) in enumerate(zip(gen.images, gen.prompts, gen.seeds)):
         params = GenerationParams(prompt=prompt, steps=steps, sampler=sampler, guidance_scale=guidance,
                                   guidance_embedding=gen.params["guidance_embedding"], seed=seed,
-                                  width=image.width, height=image.height, model=name, dtype="float32")
+                                  width=image.width, height=image.height, model=name,
+                                  dtype=gen.params["dtype"])
         path = save_png(image, args.out / f"{k + 1:02d}-{slug(prompt)}.png", params)
         print(f"{path}  {prompt!r} (seed {seed})")
     side = 2 * gen.images[0].width  # upscale the grid so the small pictures are visible

@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from eval_toy import GUIDANCE, Log, accuracy_table, heldout_prompts, render  # noqa: E402
 
-from ldm.paths import WEIGHTS_DIR  # noqa: E402
+from ldm.paths import LCM_WEIGHTS, WEIGHTS_DIR  # noqa: E402
 from ldm.toy.roundtrip import vae_round_trips  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
 
-LCM_MODEL = WEIGHTS_DIR / "ldm-toy-lcm.safetensors"
+LCM_MODEL = WEIGHTS_DIR / LCM_WEIGHTS
 STRIP = WEIGHTS_DIR / "lcm.png"
 LCM_STEPS = (1, 2, 4)
 TARGET_STEPS = 4
