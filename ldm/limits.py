@@ -19,8 +19,10 @@ fp32, two runs): the U-Net pass of one guided image grew 57-62 MiB at 512 px (es
 744-800 MiB (estimate 636).
 
 Memory levels (:func:`plan_memory`), from fastest to leanest, each keeping what the one
-before it does: ``fast`` (the VAE and attention whole), ``tiled`` (the VAE decodes and
-encodes tile by tile, :mod:`ldm.tiled_vae`), ``sliced`` (attention runs a chunk of
+before it does except where it says: ``fast`` (the VAE and attention whole), ``seamless``
+(the VAE layer by layer in tiles over the whole picture's activations, the same picture,
+:mod:`ldm.seamless_vae`), ``tiled`` (instead, the VAE decodes and encodes tile by tile,
+blended, :mod:`ldm.tiled_vae`), ``sliced`` (attention runs a chunk of
 queries at a time, :func:`ldm.models.layers.chunked_sdpa`), ``offload`` (on an
 accelerator: each model waits in CPU memory until its phase runs). ``auto`` takes the
 first level whose estimated peak, doubled, fits the free memory (the leanest when none
@@ -108,10 +110,11 @@ def _size(n: int) -> str:
     return _gib(n) if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
-MEMORY_LEVELS = ("fast", "tiled", "sliced", "offload")
+MEMORY_LEVELS = ("fast", "seamless", "tiled", "sliced", "offload")
 MEMORY_CHOICES = ("auto", *MEMORY_LEVELS)
 LEVEL_MEANING = {
     "fast": "VAE and attention whole",
+    "seamless": "seamless tiled VAE",
     "tiled": "tiled VAE",
     "sliced": "tiled VAE, sliced attention",
     "offload": "tiled VAE, sliced attention, models offloaded to CPU between phases",
@@ -194,7 +197,10 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
             n = pixels // 4**i
             scores = max(scores, _attention_scores(rows, u.num_attention_heads[i], min(queries or n, n), n, device))
     unet = rows * unet_bytes_per_row(config, height, width, dtype_bytes) + scores * dtype_bytes
-    vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= 1, queries=queries, device=device)
+    if level == "seamless":
+        vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device)
+    else:
+        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= 2, queries=queries, device=device)
     if level == "offload" and resident:
         # While one phase runs the others' weights wait in CPU memory.
         unet -= resident.get("vae", 0) + resident.get("text", 0)
@@ -219,6 +225,29 @@ def _vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, *
     return decode_bytes(config, height, width, dtype_bytes) + out + scores * dtype_bytes
 
 
+def _seamless_vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, device: Any) -> int:
+    """One image through the decoder layer by layer (:mod:`ldm.seamless_vae`): at the
+    costliest layer, its whole input and output activations (a resnet's input, middle and
+    output; an upsampler's input and 4x output) and one tile's work (the input region, its
+    float32 normalised copy, the output), and the mid-block attention on the whole latent."""
+    from .seamless_vae import TILE
+
+    widths = config.vae.block_out_channels[::-1]
+    levels = len(widths)
+    work = max(dtype_bytes, 4)
+    peak, before = 0, widths[0]
+    for i, channels in enumerate(widths):
+        pixels = height * width // 4 ** (levels - 1 - i)
+        tile = (2 * before + channels) * min(TILE**2, pixels) * work
+        peak = max(peak, (before + 2 * channels) * pixels * dtype_bytes + tile)
+        if i < levels - 1:
+            peak = max(peak, channels * (pixels // 4 + pixels) * dtype_bytes + tile)
+        before = channels
+    tokens = _latent_pixels(config, height, width)
+    attention = (3 * widths[0] * tokens + _attention_scores(1, 1, tokens, tokens, device)) * dtype_bytes
+    return max(peak, attention)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How one call runs: its memory level, and the tiles and chunk the leaner levels use."""
@@ -234,19 +263,24 @@ class MemoryPlan:
             raise ValueError(f"memory level must be one of {self.levels} here, got {self.level!r}")
 
     @property
+    def vae_seamless(self) -> bool:
+        """Whether the VAE runs layer by layer in tiles (:mod:`ldm.seamless_vae`)."""
+        return self.level == "seamless"
+
+    @property
     def vae_tiling(self) -> Tiling | None:
-        """The VAE's tiles, None where it runs whole."""
-        return self.tiling if self._rank >= 1 else None
+        """The VAE's blended tiles, None where it runs whole or seamless."""
+        return self.tiling if self._rank >= 2 else None
 
     @property
     def attention_chunk(self) -> int | None:
         """Queries per attention call, None where attention runs whole."""
-        return self.chunk if self._rank >= 2 else None
+        return self.chunk if self._rank >= 3 else None
 
     @property
     def offload(self) -> bool:
         """Whether models wait in CPU memory between phases."""
-        return self._rank >= 3
+        return self._rank >= 4
 
     @property
     def _rank(self) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .limits import ATTENTION_CHUNK, LEVEL_MEANING, MemoryLimitError, MemoryPlan, device_levels
 from .models.layers import set_attention_chunk
 from .models.vae import DiagonalGaussian
+from .seamless_vae import seamless_decode, seamless_encode
 from .tiled_vae import Tiling, tiled_decode, tiled_encode
 
 logger = logging.getLogger("ldm")
@@ -29,7 +30,7 @@ T = TypeVar("T")
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "could not allocate",
               "not enough memory")
 # The levels that change each phase's memory: tiling the VAE does nothing for the U-Net.
-PHASE_LEVELS = {"U-Net": ("sliced", "offload"), "VAE": ("tiled", "sliced", "offload")}
+PHASE_LEVELS = {"U-Net": ("sliced", "offload"), "VAE": ("seamless", "tiled", "sliced", "offload")}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -173,14 +174,16 @@ class PlannedVAE:
         return self._runner.device
 
     def decode(self, z: Tensor) -> Tensor:
-        return self._runner.run("VAE", lambda: self._tiled(tiled_decode, self._vae.decode, z))
+        return self._runner.run("VAE", lambda: self._at_level(self._vae.decode, seamless_decode, tiled_decode, z))
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        return self._runner.run("VAE", lambda: self._tiled(tiled_encode, self._vae.encode, x))
+        return self._runner.run("VAE", lambda: self._at_level(self._vae.encode, seamless_encode, tiled_encode, x))
 
-    def _tiled(self, tiled: Callable, whole: Callable, t: Tensor) -> Any:
-        tiling = self._runner.plan.vae_tiling
-        return whole(t) if tiling is None else tiled(self._vae, t, tiling)
+    def _at_level(self, whole: Callable, seamless: Callable, tiled: Callable, t: Tensor) -> Any:
+        plan = self._runner.plan
+        if plan.vae_seamless:
+            return seamless(self._vae, t)
+        return whole(t) if plan.vae_tiling is None else tiled(self._vae, t, plan.vae_tiling)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._vae, name)

@@ -378,7 +378,8 @@ class Pipeline:
         and inpainting alike; see :mod:`ldm.control`.
 
         ``memory``: "auto" (default) picks the fastest level whose estimated peak fits
-        the free memory; "fast", "tiled" (tiled VAE), "sliced" (and sliced attention),
+        the free memory; "fast", "seamless" (the VAE layer by layer in tiles, the same
+        picture), "tiled" (the VAE in blended tiles), "sliced" (and sliced attention),
         "offload" (and models offloaded to the CPU between phases; accelerators only)
         start there. An out-of-memory error in the U-Net or the VAE redoes that phase at
         the next leaner level, with a warning; see :mod:`ldm.limits`.

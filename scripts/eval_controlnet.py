@@ -22,7 +22,7 @@ object go where the hint puts it, and is it still the prompt's object?
    row per scale.
 
 Targets at scale 1: IoU >= 0.80, and kind and object colour accuracy >= 0.90.
-Sampling as ``pipe(prompt)`` does (DPM++ 2M, 25 steps, guidance 7.5), one thread.
+Sampling as ``pipe(prompt)`` does (DPM++ 2M, 25 steps, guidance 7.5 unless ``--guidance``), one thread.
 Writes ``<out>/eval_controlnet.md`` and ``.json`` (default ``.cache/eval``).
 """
 
@@ -60,14 +60,15 @@ SMOKE = dict(n=2, steps=2)
 
 def render_controlled(pipe, controlnet: ControlNet, prompts: Sequence[str], seeds: Sequence[int],
                       hints: Sequence[np.ndarray], scale: float, *, steps: int, sampler: str,
-                      label: str, log: Log, end: float = 1.0, guess_mode: bool = False) -> np.ndarray:
+                      label: str, log: Log, end: float = 1.0, guess_mode: bool = False,
+                      guidance: float = GUIDANCE) -> np.ndarray:
     """One uint8 picture per (prompt, seed, hint) with the ControlNet at ``scale``: one
     call per picture, since a call takes one hint image for all its rows."""
     out, t0 = [], time.perf_counter()
     for i, (prompt, seed, image) in enumerate(zip(prompts, seeds, hints)):
         control = Control(controlnet, image.astype(np.float32) / 255.0, scale=scale, end=end,
                           guess_mode=guess_mode)
-        gen = pipe.generate(prompt, steps=steps, guidance_scale=GUIDANCE, seed=seed, sampler=sampler,
+        gen = pipe.generate(prompt, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
                             output="np", progress=False, control=control)
         out.append(to_uint8(gen.images))
         if (i + 1) % 20 == 0 or i + 1 == len(prompts):
@@ -96,12 +97,12 @@ def sweep(pipe, controlnet: ControlNet, args: argparse.Namespace, log: Log) -> t
     for scale in args.scales:
         label = f"scale {scale:g}"
         if scale == 0:
-            images = render(pipe, texts, seeds, steps=args.steps, sampler=args.sampler,
+            images = render(pipe, texts, seeds, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                             batch_size=args.batch_size, label=label + " (no ControlNet)", log=log)
         else:
             images = render_controlled(pipe, controlnet, texts, seeds, hints, scale, steps=args.steps,
                                        sampler=args.sampler, label=label, log=log, end=args.end,
-                                       guess_mode=args.guess_mode)
+                                       guess_mode=args.guess_mode, guidance=args.guidance)
         rows.append({"scale": scale, **measures(images, prompts, args.classifier)})
         pictures.append(images)
     ceiling = measures(vae_round_trips(pipe, [p.scene for p in prompts], args.batch_size), prompts, args.classifier)
@@ -134,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
     out = ["## The toy ControlNet (silhouette hints)", "",
            f"`{Path(report['controlnet']).name}` on `{Path(report['model']).name}`: {s['n']} held-out prompts, "
            f"each with the {s['hint']} of a scene at a random position and size; {s['sampler']}, {s['steps']} "
-           f"steps, guidance {GUIDANCE:g}{', guess mode' if s.get('guess_mode') else ''}"
+           f"steps, guidance {s.get('guidance', GUIDANCE):g}{', guess mode' if s.get('guess_mode') else ''}"
            f"{', the ControlNet until %g of the steps' % s['end'] if s.get('end', 1) < 1 else ''}, "
            f"{s['threads']} thread(s); {report['seconds']:.0f} s in all. Scale 0 is "
            "the model without the ControlNet. IoU: the generated object's mask against the hint's silhouette.",
@@ -168,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default 1: all of them)")
     p.add_argument("--guess-mode", action="store_true",
                    help="the ControlNet on the conditional half of guidance only, at diffusers' per-block scales")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance (default %(default)s)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for eval_controlnet.md/.json (default .cache/eval)")
     p.add_argument("--strip", type=Path, default=None, help=f"picture strip (default {STRIP}; --smoke: <out>)")
@@ -182,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     if not 0 < args.end <= 1:
         p.error(f"--end must be in (0, 1], got {args.end}")
+    if not 1 <= args.guidance <= 30:
+        p.error(f"--guidance must be between 1 and 30, got {args.guidance}")
     if any(not 0 <= s <= 10 for s in args.scales):
         p.error(f"--scales must be between 0 and 10, got {args.scales}")
     return args
@@ -196,7 +200,7 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
     texts = [p["prompt"] for p in report["prompts"]]
     report.update(controlnet=str(args.controlnet), model=str(args.model or "weights/ldm-toy.safetensors"),
                   settings={"n": args.n, "hint": args.hint, "end": args.end, "guess_mode": args.guess_mode,
-                            "steps": args.steps, "sampler": args.sampler,
+                            "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
                             "seed": args.seed, "threads": torch.get_num_threads()},
                   strip=str(strip(pictures, texts, args.scales, STRIP_COLUMNS, args.strip)))
     report["verdict"] = verdict(report)

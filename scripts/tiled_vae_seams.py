@@ -15,10 +15,14 @@ statistics), encoded whole; its latents are decoded:
    pass 1: what the statistics alone account for (the rest is tile borders and the mid-block
    attention seeing one tile);
 4. the same, with the statistics from a decode of the latents at half size instead: a cheap
-   estimate of them (the "fast decoder" idea of the web UI's Tiled VAE extension).
+   estimate of them (the "fast decoder" idea of the web UI's Tiled VAE extension);
+5. layer by layer in tiles of 256 px over the whole picture's activations, as
+   ``pipe(..., memory="seamless")`` decodes them (:func:`ldm.seamless_vae.seamless_decode`).
 
 Printed per row: the largest and the mean difference to the whole decode, in 1/255 of the
-[0, 255] picture. A seam is invisible below about 2/255.
+[0, 255] picture, and the seconds each decode took. A seam is invisible below about 2/255.
+``--model`` takes any checkpoint, e.g. the full-size SD1.5 architecture with random weights
+that ``make bench`` builds (``.cache/bench/sd15-random``).
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from ldm.pipeline import Pipeline
+    from ldm.seamless_vae import seamless_decode
     from ldm.tiled_vae import Tiling, tiled_decode
 
     try:
@@ -117,9 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"whole decode: {time.perf_counter() - t0:.1f} s")
         with fixed_group_norm_statistics(vae, record=True):
             vae.decode(z)
+        t0 = time.perf_counter()
+        seamless = seamless_decode(vae, z)
+        print(f"layer by layer in 256 px tiles, as memory='seamless' decodes  {'%.0f / %.2f' % difference(seamless, whole)}"
+              f"  ({time.perf_counter() - t0:.1f} s)")
         for tiling in tilings:
             name = f"tiles of {tiling.tile} latents, overlap {tiling.overlap}"
-            print(f"{name}: as memory='tiled' decodes  {'%.0f / %.2f' % difference(tiled_decode(vae, z, tiling), whole)}")
+            t0 = time.perf_counter()
+            tiled = tiled_decode(vae, z, tiling)
+            print(f"{name}: as memory='tiled' decodes  {'%.0f / %.2f' % difference(tiled, whole)}"
+                  f"  ({time.perf_counter() - t0:.1f} s)")
             with fixed_group_norm_statistics(vae, record=False):
                 print(f"{name}: the whole picture's GroupNorm statistics  "
                       f"{'%.0f / %.2f' % difference(tiled_decode(vae, z, tiling), whole)}")

@@ -64,6 +64,18 @@ def test_short_memory_picks_the_tiled_vae_and_says_why(pipe, caplog):
                       available=max(tiled.values())) == 1
 
 
+def test_between_whole_and_blended_tiles_the_seamless_vae_is_chosen(pipe, caplog):
+    # At 1024 px the tiny VAE's layer-by-layer peak is below its whole forward's.
+    fast, seamless, tiled = (_needs(pipe.config, 1024, lvl) for lvl in ("fast", "seamless", "tiled"))
+    assert fast["VAE"] > seamless["VAE"] > tiled["VAE"]
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        plan = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()))
+    assert plan.level == "seamless" and plan.vae_seamless and plan.vae_tiling is None
+    assert plan.attention_chunk is None and not plan.offload
+    assert "memory: seamless (seamless tiled VAE): the VAE of a 1024x1024 image needs ~" in caplog.text
+    assert not plan.lower("test").vae_seamless and plan.lower("test").vae_tiling is not None
+
+
 def test_a_backend_that_keeps_attention_scores_gets_sliced_attention(pipe):
     # MPS's SDPA holds the score matrix: 2 rows x 2 heads x 4096 x 4096 at 512 px, 1024 queries sliced.
     sliced = _needs(pipe.config, 512, "sliced", device="mps", chunk=1024)
@@ -82,7 +94,7 @@ def test_on_an_accelerator_offloading_the_idle_models_is_the_last_level(pipe):
     plan = _plan(pipe.config, 256, max(sliced.values()) - 1, device="cuda", resident=resident)
     assert plan.level == "offload" and plan.offload
     assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40, device="cuda"))] == list(MEMORY_LEVELS)
-    assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40))] == ["fast", "tiled", "sliced"]
+    assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40))] == ["fast", "seamless", "tiled", "sliced"]
 
 
 def _chain(plan):
@@ -109,7 +121,7 @@ def test_unreadable_free_memory_runs_fast_and_a_named_level_is_kept(pipe, monkey
 
 
 @pytest.mark.parametrize("memory, message", [
-    ("turbo", r"memory must be one of \('auto', 'fast', 'tiled', 'sliced', 'offload'\), got 'turbo'"),
+    ("turbo", r"memory must be one of \('auto', 'fast', 'seamless', 'tiled', 'sliced', 'offload'\), got 'turbo'"),
     (None, "memory must be one of"), (2, "memory must be one of"),
     ("offload", "on cpu the leanest level is 'sliced'"),
 ])
@@ -175,8 +187,8 @@ def test_out_of_memory_errors_are_told_from_others():
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
-def test_a_decode_that_runs_out_of_memory_is_redone_tiled(pipe, monkeypatch, caplog, one_thread):
-    tiled = _run(pipe, memory="tiled")
+def test_a_decode_that_runs_out_of_memory_is_redone_seamless_then_tiled(pipe, monkeypatch, caplog, one_thread):
+    whole, tiled = _run(pipe, memory="fast"), _run(pipe, memory="tiled")
     real = pipe.vae.decode
     shapes = []
 
@@ -189,10 +201,28 @@ def test_a_decode_that_runs_out_of_memory_is_redone_tiled(pipe, monkeypatch, cap
     monkeypatch.setattr(pipe.vae, "decode", decode_failing_once)
     with caplog.at_level(logging.WARNING, logger="ldm"):
         images = _run(pipe, memory="fast")
-    np.testing.assert_array_equal(images, tiled)
-    # Whole, then tiles of 8 starting at 0, 6 and 12 on each side (the last 4 wide).
-    assert shapes[0] == (16, 16) and sorted(shapes[1:]) == sorted((h, w) for h in (8, 8, 4) for w in (8, 8, 4))
+    # The seamless retry gives the whole decode's picture (it does not call vae.decode).
+    assert shapes == [(16, 16)]
+    np.testing.assert_allclose(images, whole, atol=1e-5)
     assert "VAE ran out of memory at memory level 'fast' (" in caplog.text
+    assert "retrying it at 'seamless' (seamless tiled VAE)" in caplog.text
+
+    def seamless_failing(vae, z):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    def decode(z):
+        shapes.append(tuple(z.shape[-2:]))
+        return real(z)
+
+    monkeypatch.setattr("ldm.memory.seamless_decode", seamless_failing)
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+    shapes.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        images = _run(pipe, memory="seamless")
+    np.testing.assert_array_equal(images, tiled)
+    # Tiles of 8 starting at 0, 6 and 12 on each side (the last 4 wide).
+    assert sorted(shapes) == sorted((h, w) for h in (8, 8, 4) for w in (8, 8, 4))
     assert "retrying it at 'tiled' (tiled VAE)" in caplog.text
 
 
@@ -229,6 +259,7 @@ def test_other_errors_are_not_retried_and_the_leanest_level_gives_up_clearly(pip
         raise RuntimeError(CPU_OOM)
 
     monkeypatch.setattr(pipe.vae, "decode", always_oom)
+    monkeypatch.setattr("ldm.memory.seamless_decode", lambda vae, z: always_oom(z))
     with pytest.raises(MemoryLimitError, match="VAE ran out of memory on cpu even at memory level 'sliced'"):
         _run(pipe, memory="fast")
 

@@ -150,5 +150,8 @@ def test_seam_script_replays_recorded_group_norm_statistics(pair, capsys, one_th
             tile = vae.decode(z[..., :8, :8])  # normalised with the whole input's statistics
         assert (tile - vae.decode(z[..., :8, :8])).abs().max() > 1e-4  # nn.GroupNorm again
     assert seams.main(["--size", "48", "--tiles", "4:1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiles of 4 latents")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("tiles of 4 latents")]
     assert len(rows) == 3 and all(" / " in r for r in rows)
+    seamless = [line for line in out if "memory='seamless'" in line]
+    assert len(seamless) == 1 and int(seamless[0].split("decodes")[1].split("/")[0]) <= 1
