@@ -220,8 +220,11 @@ def test_init_from_continues_a_given_controlnet(train_script, straight_run, tmp_
 def test_eval_smoke_run_reports_every_scale(straight_run, tmp_path):
     evaluate = load_script("eval_controlnet")
     controlnet = straight_run[0] / "ldm-toy-controlnet-silhouette.safetensors"
-    assert evaluate.main(["--smoke", "--controlnet", str(controlnet), "--out", str(tmp_path)]) == 0
+    assert evaluate.main(["--smoke", "--controlnet", str(controlnet), "--out", str(tmp_path), "--guess-mode",
+                          "--guidance", "3"]) == 0
     report = json.loads((tmp_path / "eval_controlnet.json").read_text())
+    assert report["settings"]["guidance"] == 3 and report["settings"]["guess_mode"]
+    assert "guidance 3, guess mode" in (tmp_path / "eval_controlnet.md").read_text()
     assert [r["scale"] for r in report["scales"]] == [0.0, 0.5, 1.0, 1.5]
     for row in report["scales"]:
         assert 0 <= row["iou"] <= 1 and len(row["ious"]) == 2 and "kind" in row["attributes"]
@@ -229,6 +232,13 @@ def test_eval_smoke_run_reports_every_scale(straight_run, tmp_path):
     assert report["vae_round_trip"]["iou"] > 0.8
     assert report["verdict"]["run"] and (tmp_path / "controlnet.png").is_file()
     assert "| 1.5 |" in (tmp_path / "eval_controlnet.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["0.5", "31"])
+def test_eval_refuses_a_guidance_out_of_range(bad, capsys):
+    with pytest.raises(SystemExit):
+        load_script("eval_controlnet").parse_args(["--guidance", bad])
+    assert f"--guidance must be between 1 and 30, got {float(bad)}" in capsys.readouterr().err
 
 
 def test_caption_dropout_is_a_setting_of_the_run(train_script, straight_run, capsys):
