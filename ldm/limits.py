@@ -200,7 +200,7 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
     if level == "seamless":
         vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device)
     else:
-        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= 2, queries=queries, device=device)
+        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= MEMORY_LEVELS.index("tiled"), queries=queries, device=device)
     if level == "offload" and resident:
         # While one phase runs the others' weights wait in CPU memory.
         unet -= resident.get("vae", 0) + resident.get("text", 0)
@@ -270,21 +270,21 @@ class MemoryPlan:
     @property
     def vae_tiling(self) -> Tiling | None:
         """The VAE's blended tiles, None where it runs whole or seamless."""
-        return self.tiling if self._rank >= 2 else None
+        return self.tiling if self._at_least("tiled") else None
 
     @property
     def attention_chunk(self) -> int | None:
         """Queries per attention call, None where attention runs whole."""
-        return self.chunk if self._rank >= 3 else None
+        return self.chunk if self._at_least("sliced") else None
 
     @property
     def offload(self) -> bool:
         """Whether models wait in CPU memory between phases."""
-        return self._rank >= 4
+        return self._at_least("offload")
 
-    @property
-    def _rank(self) -> int:
-        return MEMORY_LEVELS.index(self.level)
+    def _at_least(self, level: str) -> bool:
+        """Whether this plan is ``level`` or leaner (each level keeps the ones before it)."""
+        return MEMORY_LEVELS.index(self.level) >= MEMORY_LEVELS.index(level)
 
     def lower(self, reason: str) -> "MemoryPlan | None":
         """The next leaner level (None after the last), for a retry after running out of memory."""

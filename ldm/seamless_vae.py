@@ -189,7 +189,7 @@ def seamless_decode(vae: Any, z: Tensor, tile: int = TILE, store: Any = None) ->
     """``vae.decode(z)`` (unscaled latents [B, C, h, w]) layer by layer in tiles of ``tile``
     pixels; activations kept on ``store`` (default: where the VAE computes). See the module notes."""
     layers = _layers(vae, z, "latents", tile, store)
-    dec = vae.decoder
+    dec, device = vae.decoder, z.device
     z = vae.post_quant_conv(z.to(layers.compute))
     x = layers.conv(dec.conv_in, layers.region(z), z.shape[-2:])
     x = layers.mid(dec.mid_block, x)
@@ -200,7 +200,7 @@ def seamless_decode(vae: Any, z: Tensor, tile: int = TILE, store: Any = None) ->
             h, w = x.shape[-2:]
             x = layers.conv(block.upsamplers[0].conv, layers.upsampled(x), (2 * h, 2 * w))
     x = layers.conv(dec.conv_out, layers.normed(dec.conv_norm_out, x), x.shape[-2:])
-    return x.to(z.device)
+    return x.to(device)
 
 
 @torch.no_grad()
