@@ -76,6 +76,20 @@ class ControlNet:
 
         check_controlnet_fits(self.config, config)
 
+    def check_runs_with(self, device: torch.device, dtype: torch.dtype) -> None:
+        """ValueError unless this ControlNet computes on ``device`` in ``dtype`` (a pipeline's),
+        rather than torch's shape-free "mat1 and mat2 must have the same dtype" mid-sampling."""
+        param, device = next(self.model.parameters()), torch.device(device)
+        # "cuda" and "cuda:0" are one device (an index left out is the current one, 0 here).
+        same = param.device.type == device.type and (param.device.index or 0) == (device.index or 0)
+        if not same or param.dtype != dtype:
+            def where(d: Any, t: torch.dtype) -> str:
+                return f"{str(t).removeprefix('torch.')} on {d}"
+
+            raise ValueError(f"ControlNet {self.name} is {where(param.device, param.dtype)} but the pipeline "
+                             f"computes in {where(device, dtype)}: load it with ControlNet.from_pretrained(path, "
+                             "device=pipe.device, dtype=pipe.dtype)")
+
     def __repr__(self) -> str:
         return f"ControlNet({self.source!r})"
 

@@ -416,6 +416,7 @@ class Pipeline:
         controls = as_controls(control)
         for c in controls:
             c.controlnet.check_fits(self.config)
+            c.controlnet.check_runs_with(self.device, self.dtype)
         hints = [hint_tensor(c, width, height) for c in controls]
         micro, handover, refined = self.plan_sdxl(
             height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,

@@ -44,8 +44,9 @@ def one_thread():
 def sd1_pipe(sd1_folder):
     """The tiny SD1 pipeline, loaded once per test module."""
     from ldm import Pipeline
+    from reference import TEST_DEVICE, TEST_DTYPE
 
-    return Pipeline.from_pretrained(sd1_folder, device="cpu")
+    return Pipeline.from_pretrained(sd1_folder, device=TEST_DEVICE, dtype=TEST_DTYPE)
 
 
 @pytest.fixture

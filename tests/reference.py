@@ -9,10 +9,21 @@ scheduler_config.json omits keys the way real SD folders do.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+# Where and in what dtype the parity tests run ldm and diffusers: the CPU in float32, unless
+# LDM_TEST_DEVICE / LDM_TEST_DTYPE say otherwise (scripts/gpu_check.sh runs them on CUDA in
+# float32 and float16). Only the parity modules and their fixtures read these.
+TEST_DEVICE = os.environ.get("LDM_TEST_DEVICE", "cpu")
+TEST_DTYPE = getattr(torch, os.environ.get("LDM_TEST_DTYPE", "float32"))
+# Max abs difference on [0, 1] pixels between ldm and diffusers: float32 agrees to rounding;
+# float16 rounds differently in every layer (fused kernels, other summation orders).
+# On the CPU in float16 (a check of this script's settings) the 6-step tests differed by up to 0.039.
+PIXEL_TOLERANCE = 1e-3 if TEST_DTYPE == torch.float32 else 5e-2
 
 # A real SD1.5 scheduler_config.json: written by diffusers 0.6, so it has no
 # timestep_spacing etc.; every scheduler swapped in then uses its own defaults.
@@ -193,11 +204,12 @@ def _pipeline_name(spec: TinySpec) -> str:
 
 def load_reference_pipeline(path: Path, pipeline: str = "StableDiffusionPipeline"):
     """A diffusers pipeline (StableDiffusionPipeline by default, or e.g.
-    StableDiffusionInpaintPipeline) from a folder written above, float32, CPU."""
+    StableDiffusionInpaintPipeline) from a folder written above, in TEST_DTYPE on TEST_DEVICE
+    (float32 on the CPU unless the environment says otherwise)."""
     import diffusers
 
     pipe = getattr(diffusers, pipeline).from_pretrained(
-        path, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+        path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=TEST_DTYPE
+    ).to(TEST_DEVICE)
     pipe.set_progress_bar_config(disable=True)
     return pipe

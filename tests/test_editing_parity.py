@@ -19,7 +19,9 @@ from PIL import Image
 from ldm import Pipeline
 from ldm.checkpoints import convert
 from ldm.editing import feather_alpha
-from reference import SD1_INPAINT_TINY, SD2V_INPAINT_TINY, load_reference_pipeline, save_inpaint_folder
+from reference import (
+    SD1_INPAINT_TINY, SD2V_INPAINT_TINY, TEST_DEVICE, TEST_DTYPE, load_reference_pipeline, save_inpaint_folder,
+)
 from test_pipeline_parity import NEGATIVE, PROMPTS, SCHEDULERS, SIZE, STEPS, TOLERANCE, _generators
 
 SEED = 100
@@ -85,7 +87,7 @@ def models(sd1_folder, sd2v_folder, inpaint_folders):
 @pytest.fixture(scope="module")
 def ldm_pipes(models):
     """ldm's pipelines loaded from the same folders, once each."""
-    return {key: Pipeline.from_pretrained(folder, device="cpu") for key, (_, folder) in models.items()}
+    return {key: Pipeline.from_pretrained(folder, device=TEST_DEVICE, dtype=TEST_DTYPE) for key, (_, folder) in models.items()}
 
 
 def _channels(kind: str) -> str:
@@ -142,7 +144,7 @@ def test_edit_matches_diffusers(models, ldm_pipes, kind, family, sampler, streng
 def test_single_file_edit_matches_diffusers(models, tmp_path, kind, family, sampler, strength):
     ref, folder = models[_channels(kind), family]
     single = convert(folder, tmp_path / "model.safetensors", layout="original")
-    pipe = Pipeline.from_pretrained(single, device="cpu")
+    pipe = Pipeline.from_pretrained(single, device=TEST_DEVICE, dtype=TEST_DTYPE)
     assert pipe.config.is_inpainting == (kind == "inpaint9")
     assert_parity(ldm_images(pipe, kind, sampler, strength), reference_images(ref, kind, sampler, strength))
 

@@ -14,7 +14,7 @@ import torch
 
 from ldm import Pipeline
 from ldm.checkpoints import convert
-from reference import load_reference_pipeline
+from reference import PIXEL_TOLERANCE, TEST_DEVICE, TEST_DTYPE, load_reference_pipeline
 
 SIZE = 64
 STEPS = 6
@@ -38,15 +38,15 @@ SCHEDULERS = {
 # checks it against Euler's Karras sigmas instead).
 KARRAS = ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde"]
 CASES = [(name, None) for name in SCHEDULERS] + [(name, "karras") for name in KARRAS]
-TOLERANCE = 1e-3  # max abs difference on [0, 1] pixels
+TOLERANCE = PIXEL_TOLERANCE  # max abs difference on [0, 1] pixels
 
 
 @pytest.fixture(scope="module")
 def models(sd1_folder, sd2v_folder):
     """Per family: diffusers' pipeline, and ldm's from the folder."""
     return {
-        "sd1": (load_reference_pipeline(sd1_folder), Pipeline.from_pretrained(sd1_folder, device="cpu")),
-        "sd2v": (load_reference_pipeline(sd2v_folder), Pipeline.from_pretrained(sd2v_folder, device="cpu")),
+        "sd1": (load_reference_pipeline(sd1_folder), Pipeline.from_pretrained(sd1_folder, device=TEST_DEVICE, dtype=TEST_DTYPE)),
+        "sd2v": (load_reference_pipeline(sd2v_folder), Pipeline.from_pretrained(sd2v_folder, device=TEST_DEVICE, dtype=TEST_DTYPE)),
     }
 
 
@@ -112,7 +112,7 @@ def single_files(sd1_folder, sd2v_folder, tmp_path_factory):
 @pytest.mark.parametrize("family", ["sd1", "sd2v"])
 def test_single_file_original_layout_matches_diffusers(models, single_files, family):
     ref, _ = models[family]
-    pipe = Pipeline.from_pretrained(single_files[family], device="cpu")
+    pipe = Pipeline.from_pretrained(single_files[family], device=TEST_DEVICE, dtype=TEST_DTYPE)
     expected_prediction = "v_prediction" if family == "sd2v" else "epsilon"
     assert pipe.config.prediction_type == expected_prediction
     for sampler, schedule in (("dpmpp_2m", None), ("euler_a", None), ("heun", "karras")):

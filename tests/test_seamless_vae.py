@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from reference import SD1_TINY, build_reference
+from reference import SD1_TINY, TEST_DEVICE, build_reference
 
 from ldm import seamless_vae
 from ldm.foreign_config import vae_from_diffusers
@@ -108,9 +108,15 @@ def test_the_levels_script_runs_each_level_in_its_own_process(capsys):
 
 
 def test_activations_can_live_on_another_device_than_the_tiles(pair, one_thread):
+    # On the CPU both are the CPU; scripts/gpu_check.sh runs this with the tiles on the GPU.
     _, vae = pair
+    vae = copy.deepcopy(vae).to(TEST_DEVICE)
     z = _latents(8, 8)
-    torch.testing.assert_close(seamless_decode(vae, z, tile=16, store="cpu"), seamless_decode(vae, z, tile=16))
+    with torch.no_grad():
+        whole = vae.decode(z.to(TEST_DEVICE)).cpu()
+    parked = seamless_decode(vae, z.to(TEST_DEVICE), tile=16, store="cpu")
+    assert parked.device.type == torch.device(TEST_DEVICE).type  # returned where the latents are
+    torch.testing.assert_close(parked.cpu(), whole, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("tile, latents, message", [
