@@ -12,7 +12,7 @@ file's folder) and SDXL's (:class:`SDXLValues`): ``original_size`` and ``target_
 the left, from the top), ``aesthetic_score``, ``negative_aesthetic_score`` and
 ``refiner_start`` (with ``ldm batch --refiner MODEL``), ``control`` (a list of ControlNets
 with their hint pictures, :mod:`ldm.batchcontrol`), and the opt-in speed-ups
-``guidance_end`` and ``cache_interval`` (:mod:`ldm.speedups`). In both, blank lines and lines
+``guidance_end``, ``cache_interval`` and ``token_merging`` (:mod:`ldm.speedups`). In both, blank lines and lines
 starting with ``#`` are skipped; missing values come from the command line (:class:`Settings`).
 
 Seeds: a line without a seed gets ``line_seed(base, line)`` = ``(base + 1000 *

@@ -30,6 +30,7 @@ from .editing import DEFAULT_MASK_BLUR
 from .layouts import with_vae_layout
 from .limits import plan_batch, plan_memory
 from .models.feature_cache import FeatureCache
+from .models.token_merging import set_token_merging
 from .memory import execution_device, resident_bytes, runner_of, use_plan
 from .paths import DEFAULT_WEIGHTS, WEIGHTS_DIR, default_weights_path
 from .prompts import encode_conditioning
@@ -317,6 +318,7 @@ class Pipeline:
         memory: str = "auto",
         guidance_end: float = 1.0,
         cache_interval: int = 1,
+        token_merging: float = 0.0,
     ) -> Generation:
         """Like ``__call__`` but returns a :class:`Generation` with the seed of every image.
 
@@ -389,7 +391,9 @@ class Pipeline:
         after that fraction of the steps that run (see :class:`~ldm.denoisers.CFGDenoiser`);
         ``cache_interval`` N > 1 runs the whole U-Net on every N-th evaluation only and
         the shallow branch on its kept deep features in between (DeepCache; see
-        :mod:`ldm.models.feature_cache`).
+        :mod:`ldm.models.feature_cache`); ``token_merging`` r in (0, 1) merges that fraction
+        of the tokens around self-attention at the U-Net's highest resolution (ToMe, as the
+        web UI's "Token merging ratio"; see :mod:`ldm.models.token_merging`).
         """
         tagged = _as_list(prompt, "prompt")
         negatives = self._negatives(negative_prompt, len(tagged))
@@ -412,7 +416,7 @@ class Pipeline:
         check.check_sampling(sampler, schedule, steps, self.schedule.num_train_timesteps, spacing,
                              self.schedule.timestep_spacing)
         start = first_step(steps, edit.strength) if edit else 0
-        speedups = Speedups(guidance_end, cache_interval)
+        speedups = Speedups(guidance_end, cache_interval, token_merging)
         controls = as_controls(control)
         for c in controls:
             c.controlnet.check_fits(self.config)
@@ -531,11 +535,15 @@ class Pipeline:
         on_step = _progress((end or run.steps) - start, run.progress, run.callback, run.sampler, rows.start)
         if part.known is not None:
             on_step = _chain(blend_callback(part, plan.sigmas[start:]), on_step)
-        return sample(
-            run.sampler, denoiser, part.noise, run.steps, self.schedule, karras=run.karras,
-            generators=generators[rows], callback=on_step, start=start, init=part.init, end=end,
-            spacing=run.spacing,
-        )
+        set_token_merging(self.unet, run.speedups.token_merging)
+        try:
+            return sample(
+                run.sampler, denoiser, part.noise, run.steps, self.schedule, karras=run.karras,
+                generators=generators[rows], callback=on_step, start=start, init=part.init, end=end,
+                spacing=run.spacing,
+            )
+        finally:
+            set_token_merging(self.unet, 0.0)
 
     def plan_sdxl(self, height: int, width: int, *, original_size: Any = None, crops_coords_top_left: Any = None,
                   target_size: Any = None, aesthetic_score: Any = None, negative_aesthetic_score: Any = None,

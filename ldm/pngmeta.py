@@ -70,8 +70,8 @@ from .controlmeta import PREFIX as CONTROL_PREFIX
 from .controlmeta import ControlParams, check_writable, format_unit, parse_unit, unit_keys
 from .dtypes import canonical_dtype_name
 from .validation import (
-    A1111_SAMPLERS, check_finite, check_fraction, check_guidance, check_guidance_end, check_int, check_seed,
-    check_side, check_spacing, check_strength,
+    A1111_SAMPLERS, check_finite, check_fraction, check_guidance, check_guidance_end, check_int, check_merge_ratio,
+    check_seed, check_side, check_spacing, check_strength,
 )
 
 PNG_KEY = "parameters"
@@ -100,6 +100,8 @@ REFINER, REFINER_START = "Refiner", "Refiner switch at"
 # ldm's own keys for the opt-in speed-ups that change the picture (Pipeline.generate's
 # guidance_end and cache_interval), written when used so that --from makes the same picture.
 GUIDANCE_END, CACHE_INTERVAL = "Guidance end", "Cache interval"
+# The web UI's own key for token merging (its "Token merging ratio" setting).
+TOKEN_MERGING = "Token merging ratio"
 VAE_HASH, VAE = "VAE hash", "VAE"
 # ldm's own key: the dtype the U-Net ran in. The CPU default differs between machines
 # (bfloat16 where it is native and faster, else float32) and the picture with it, so
@@ -119,7 +121,7 @@ DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", VAE_HASH, VAE,
           STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
-          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL, DTYPE,
+          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL, TOKEN_MERGING, DTYPE,
           REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
@@ -169,6 +171,7 @@ class GenerationParams:
     guidance_embedding: float | None = None
     guidance_end: float | None = None
     cache_interval: int | None = None
+    token_merging: float | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -250,7 +253,7 @@ class GenerationParams:
             original_size=self.original_size, crops_coords_top_left=self.crops_coords_top_left,
             target_size=self.target_size, aesthetic_score=self.aesthetic_score,
             negative_aesthetic_score=self.negative_aesthetic_score, refiner=refiner,
-            guidance_end=self.guidance_end, cache_interval=self.cache_interval,
+            guidance_end=self.guidance_end, cache_interval=self.cache_interval, token_merging=self.token_merging,
             refiner_start=self.refiner_start if refiner is not None else None, control=control,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -317,6 +320,7 @@ def format_parameters(p: GenerationParams) -> str:
         (GUIDANCE_EMBEDDING, p.guidance_embedding),
         (GUIDANCE_END, p.guidance_end),
         (CACHE_INTERVAL, p.cache_interval),
+        (TOKEN_MERGING, p.token_merging),
         ("Seed", p.seed),
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model hash", p.model_hash),
@@ -464,6 +468,8 @@ def parse_parameters(text: str) -> GenerationParams:
         fields["guidance_end"] = _float(GUIDANCE_END, pairs[GUIDANCE_END])
     if CACHE_INTERVAL in pairs:
         fields["cache_interval"] = _int(CACHE_INTERVAL, pairs[CACHE_INTERVAL])
+    if TOKEN_MERGING in pairs:
+        fields["token_merging"] = _float(TOKEN_MERGING, pairs[TOKEN_MERGING])
     if DTYPE in pairs:
         try:
             fields["dtype"] = canonical_dtype_name(pairs[DTYPE])
@@ -621,6 +627,7 @@ def check_params(p: GenerationParams, source: Any, skip: tuple[str, ...] = ()) -
         "refiner_start": lambda v: check_fraction(v, REFINER_START),
         "guidance_end": lambda v: check_guidance_end(v, name=GUIDANCE_END),
         "cache_interval": lambda v: check_int(v, CACHE_INTERVAL, 1, MAX_STEPS),
+        "token_merging": lambda v: check_merge_ratio(v, TOKEN_MERGING),
     }
     for name, check in checks.items():
         value = getattr(p, name)

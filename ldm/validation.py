@@ -144,6 +144,15 @@ def check_spacing(value: Any, name: str = "spacing") -> str | None:
     return value
 
 
+def check_merge_ratio(value: Any, name: str = "token_merging") -> float:
+    """Token merging's ratio: the fraction of tokens merged, in [0, 1) (0: off)."""
+    value = check_finite(value, name)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be a fraction of the tokens in [0, 1) (0: off; the web UI's 0.5 is "
+                         f"typical), got {value!r}")
+    return value
+
+
 def check_fraction(value: Any, name: str) -> float:
     """A fraction strictly between 0 and 1 (such as the refiner's switch point)."""
     value = check_finite(value, name)

@@ -502,6 +502,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
 
         sides[SHIPPED.side].layout(*SHIPPED.layout(device))
         opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
+        opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
         if args.compile:
             opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image.
@@ -575,6 +576,24 @@ def bench_feature_cache(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
     full, part = (float(np.median(times[k])) for k in ("full", "shallow"))
     return {"U-Net full step (ms)": full * 1e3, "U-Net shallow step on kept features (ms)": part * 1e3,
             "shallow / full": part / full, "cache_interval 3: mean step / full step": (full + 2 * part) / (3 * full)}
+
+
+def bench_token_merging(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        repeats: int, device: torch.device) -> dict[str, float]:
+    """ldm alone: the U-Net step with half the first level's tokens merged around
+    self-attention (``token_merging=0.5``, ToMe) against the full step."""
+    from ldm.models.token_merging import set_token_merging
+
+    def merged() -> torch.Tensor:
+        set_token_merging(unet, 0.5)
+        try:
+            return unet(x, t, context)
+        finally:
+            set_token_merging(unet, 0.0)
+
+    times, _ = interleaved({"full": lambda: unet(x, t, context), "merged": merged}, repeats, device, "token merging")
+    full, part = (float(np.median(times[k])) for k in ("full", "merged"))
+    return {"U-Net step, token_merging 0.5 (ms)": part * 1e3, "token_merging 0.5 step / full step": part / full}
 
 
 # --- report ------------------------------------------------------------------------
@@ -676,7 +695,8 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {r['metric']} ({r['unit']}) | {' | '.join(cells)} | {r['ratio']:.3f} |")
         lines += ["", "Checks (same weights, same inputs / seed):", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
-        lines += ["", f"Opt-in: DeepCache (`cache_interval`, {SHIPPED.label} alone), batch 2; with --compile, "
+        lines += ["", f"Opt-in: DeepCache (`cache_interval`) and token merging (`token_merging`), "
+                  f"{SHIPPED.label} alone, batch 2; with --compile, "
                   "torch.compile of both U-Nets:", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["opt_in"].items()]
     lines += ["", "Machine:", ""]

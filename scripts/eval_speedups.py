@@ -11,7 +11,9 @@ seconds per picture and the pixel difference to the default call, row by row.
 2. Rows (``--rows``): ``default``, then each row's ``Pipeline.generate`` options,
    ``name=value`` joined by ``+``: ``guidance_end`` (classifier-free guidance only for
    that fraction of the steps), ``cache_interval`` (DeepCache: the whole U-Net every
-   N-th evaluation, the shallow branch on kept deep features in between), ``dtype``
+   N-th evaluation, the shallow branch on kept deep features in between), ``token_merging``
+   (ToMe: that fraction of the tokens merged around self-attention at the U-Net's highest
+   resolution; on the toy model 64 tokens, too few for it to save time), ``dtype``
    (the pipeline's, e.g. ``dtype=bfloat16``: the CPU default where bf16 is native).
 3. Per row: kind, colour, background and hat accuracy (``ldm.toy.score``), the wall
    seconds per picture (``--batch-size`` pictures per call, ``--threads`` threads, one
@@ -43,8 +45,9 @@ from bench import cpu_model  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
 
 ROWS = ("default", "guidance_end=0.8", "guidance_end=0.6", "guidance_end=0.4", "cache_interval=2",
-        "cache_interval=3", "cache_interval=5", "guidance_end=0.6+cache_interval=3", "dtype=bfloat16")
-OPTIONS = {"guidance_end": float, "cache_interval": int, "dtype": str}
+        "cache_interval=3", "cache_interval=5", "guidance_end=0.6+cache_interval=3", "token_merging=0.3",
+        "token_merging=0.5", "dtype=bfloat16")
+OPTIONS = {"guidance_end": float, "cache_interval": int, "token_merging": float, "dtype": str}
 ATTRIBUTES = ("kind", "color", "background", "hat", "all")
 SMOKE = dict(n=2, steps=3)  # 3: guidance_end 0.4 keeps a guided step
 

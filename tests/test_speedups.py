@@ -90,6 +90,8 @@ def test_guidance_end_counts_unet_passes(pipes, monkeypatch):
     (dict(guidance_end=0.5, guidance_scale=1.0), "runs none"),
     (dict(cache_interval=0), "cache_interval"),
     (dict(cache_interval=2.5), "cache_interval"),
+    (dict(token_merging=1.0), r"token_merging must be a fraction of the tokens in \[0, 1\)"),
+    (dict(token_merging=-0.2), "token_merging must be a fraction"),
 ])
 def test_bad_speedup_options_are_refused(pipes, kwargs, match):
     _, ours = pipes
@@ -207,12 +209,14 @@ def test_generate_records_the_speedups_and_from_makes_the_same_picture(sd1_folde
 
     out = tmp_path / "out"
     assert main(["generate", "a cat", "--model", str(sd1_folder), "--steps", "6", "--seed", "3", "--size", "64x64",
-                 "--guidance-end", "0.5", "--cache-interval", "2", "--device", "cpu", "-o", str(out)]) == 0
+                 "--guidance-end", "0.5", "--cache-interval", "2", "--token-merging", "0.5", "--device", "cpu",
+                 "-o", str(out)]) == 0
     (made,) = out.glob("*.png")
     text = read_text(made)
-    assert "CFG scale: 7.5, Guidance end: 0.5, Cache interval: 2, Seed: 3" in text
+    assert "CFG scale: 7.5, Guidance end: 0.5, Cache interval: 2, Token merging ratio: 0.5, Seed: 3" in text
     expected = Pipeline.from_pretrained(sd1_folder, device="cpu")(
-        "a cat", steps=6, seed=3, width=64, height=64, guidance_end=0.5, cache_interval=2, progress=False)[0]
+        "a cat", steps=6, seed=3, width=64, height=64, guidance_end=0.5, cache_interval=2, token_merging=0.5,
+        progress=False)[0]
     assert np.array_equal(_pixels(made), np.asarray(expected))
     again = tmp_path / "again"
     assert main(["generate", "--from", str(made), "--model", str(sd1_folder), "--device", "cpu",
@@ -222,9 +226,9 @@ def test_generate_records_the_speedups_and_from_makes_the_same_picture(sd1_folde
     # The flags override the image's values; 1 turns each off and leaves its key out.
     off = tmp_path / "off"
     assert main(["generate", "--from", str(made), "--model", str(sd1_folder), "--guidance-end", "1",
-                 "--cache-interval", "1", "--device", "cpu", "-o", str(off)]) == 0
+                 "--cache-interval", "1", "--token-merging", "0", "--device", "cpu", "-o", str(off)]) == 0
     (plain,) = off.glob("*.png")
-    assert "Guidance end" not in read_text(plain) and "Cache interval" not in read_text(plain)
+    assert all(key not in read_text(plain) for key in ("Guidance end", "Cache interval", "Token merging"))
     assert not np.array_equal(_pixels(plain), _pixels(made))
 
 
@@ -232,6 +236,8 @@ def test_generate_records_the_speedups_and_from_makes_the_same_picture(sd1_folde
     (["--guidance-end", "0"], "must be a fraction of the steps in (0, 1]"),
     (["--guidance-end", "x"], "expected a fraction in (0, 1]"),
     (["--cache-interval", "0"], "must be an integer >= 1"),
+    (["--token-merging", "1"], "must be a fraction of the tokens in [0, 1)"),
+    (["--token-merging", "half"], "expected a fraction in [0, 1) such as 0.5"),
     (["--guidance-end", "0.5", "--guidance", "1"], "runs none"),
     (["--guidance-end", "0.1"], "leaves no guided step"),
 ])
@@ -254,17 +260,19 @@ def test_batch_lines_take_the_speedups():
     from ldm.modelref import ModelRef
     from ldm.speedups import Speedups
 
-    lines = ['{"prompt": "a", "guidance_end": 0.6, "cache_interval": 3}', '{"prompt": "b"}',
+    lines = ['{"prompt": "a", "guidance_end": 0.6, "cache_interval": 3, "token_merging": 0.5}', '{"prompt": "b"}',
              '{"prompt": "c", "guidance_end": 0}', '{"prompt": "d", "guidance_end": 0.5, "guidance": 1}',
-             '{"prompt": "e", "cache_interval": 1.5}', '{"prompt": "f", "guidance_end": 0.01}']
+             '{"prompt": "e", "cache_interval": 1.5}', '{"prompt": "f", "guidance_end": 0.01}',
+             '{"prompt": "g", "token_merging": 1}']
     jobs, errors = parse_lines(lines, Settings(speedups=Speedups(cache_interval=2)), True)
     messages = {e.line: e.message for e in errors}
-    assert set(messages) == {3, 4, 5, 6}, messages
+    assert set(messages) == {3, 4, 5, 6, 7}, messages
+    assert "token_merging must be a fraction of the tokens" in messages[7]
     assert "must be a fraction" in messages[3] and "runs none" in messages[4]
     assert "cache_interval" in messages[5] and "leaves no guided step" in messages[6]
-    assert [j.speedups for j in jobs] == [Speedups(0.6, 3), Speedups(1.0, 2)]  # b: the command line's
+    assert [j.speedups for j in jobs] == [Speedups(0.6, 3, 0.5), Speedups(1.0, 2)]  # b: the command line's
     items = expand(jobs, 64, ModelRef(Path("m"), "m", "0123456789"))
-    assert (items[0].params.guidance_end, items[0].params.cache_interval) == (0.6, 3)
+    assert (items[0].params.guidance_end, items[0].params.cache_interval, items[0].params.token_merging) == (0.6, 3, 0.5)
     assert (items[1].params.guidance_end, items[1].params.cache_interval) == (None, 2)
     assert len(plan_chunks(items, 8, lambda item: 1)) == 2  # other speed-ups: other calls
 

@@ -22,7 +22,7 @@ from ..pngmeta import DEFAULT_SCORES, MAX_CLIP_SKIP, parse_pair
 from ..speedups import Speedups
 from ..validation import (
     A1111_SAMPLERS, DEFAULTS, MAX_SEED, SCHEDULES, check_finite, check_fraction, check_guidance, check_guidance_end,
-    check_int, check_margins, check_seed, check_strength,
+    check_int, check_margins, check_merge_ratio, check_seed, check_strength,
 )
 
 # Option name -> field of validation.DEFAULTS where the names differ.
@@ -93,6 +93,7 @@ refiner_start_float = _option_type(float, lambda v: check_fraction(v, "value"),
                                    "a number between 0 and 1 such as 0.8")
 guidance_end_float = _option_type(float, lambda v: check_guidance_end(v, name="value"),
                                   "a fraction in (0, 1] such as 0.6")
+merge_ratio_float = _option_type(float, lambda v: check_merge_ratio(v, name="value"), "a fraction in [0, 1) such as 0.5")
 
 
 def _pair(minimum: int, form: str) -> Callable[[str], tuple[int, int]]:
@@ -234,6 +235,9 @@ def add_speedup_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-interval", type=positive_int, default=None, metavar="N",
                    help="DeepCache: the whole U-Net every N-th evaluation, its shallow branch on kept deep "
                    "features in between (e.g. 3; default 1: off)")
+    g.add_argument("--token-merging", type=merge_ratio_float, default=None, metavar="R",
+                   help="ToMe: merge this fraction of the tokens around self-attention at the U-Net's highest "
+                   "resolution, as the web UI's token merging ratio (e.g. 0.5; default 0: off)")
     p.add_argument("--compile", action="store_true",
                    help="run the U-Net through torch.compile: the first picture of each size waits a minute or more "
                    "for the compile, later ones run faster (for long batches; the picture is the same to float "

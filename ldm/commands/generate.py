@@ -50,7 +50,7 @@ _OVERRIDES = (("prompt", "prompt"), ("negative", "negative_prompt"), ("steps", "
               ("crop_offset", "crops_coords_top_left"), ("target_size", "target_size"),
               ("aesthetic_score", "aesthetic_score"), ("negative_aesthetic_score", "negative_aesthetic_score"),
               ("refiner_start", "refiner_start"), ("spacing", "spacing"), ("guidance_end", "guidance_end"),
-              ("cache_interval", "cache_interval"))
+              ("cache_interval", "cache_interval"), ("token_merging", "token_merging"))
 # Options that need --image, and those that need a mask (--mask or --extend).
 _NEED_IMAGE = ("mask", "extend", "strength", "mask_blur", "mask_padding", "raw_decode", "fill")
 _NEED_MASK = ("mask_blur", "mask_padding", "raw_decode")
@@ -99,7 +99,8 @@ def _params_from_args(args: argparse.Namespace) -> GenerationParams:
         guidance_scale=value(args, "guidance"), seed=_random_seed() if args.seed is None else args.seed,
         width=width, height=height, strength=args.strength, mask_blur=args.mask_blur,
         mask_padding=args.mask_padding, clip_skip=args.clip_skip, refiner_start=args.refiner_start,
-        guidance_end=args.guidance_end, cache_interval=args.cache_interval, **sdxl_values(args).kwargs(),
+        guidance_end=args.guidance_end, cache_interval=args.cache_interval, token_merging=args.token_merging,
+        **sdxl_values(args).kwargs(),
     )
 
 

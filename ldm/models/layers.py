@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .token_merging import bipartite_merge
+
 
 def timestep_embedding(
     timesteps: Tensor,
@@ -286,9 +288,16 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        # The fraction of tokens merged around self-attention (ldm.models.token_merging; 0: off).
+        self.merge_ratio = 0.0
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: Tensor, context: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """``size``: the (height, width) grid of the tokens, which token merging needs."""
+        if self.merge_ratio > 0 and size is not None:
+            merge, unmerge = bipartite_merge(x, *size, int(x.shape[1] * self.merge_ratio))
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
+        else:
+            x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -336,7 +345,7 @@ class Transformer2D(nn.Module):
         if self.linear_projection:
             tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, (h, w))
         if self.linear_projection:
             tokens = self.proj_out(tokens)
         tokens = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
