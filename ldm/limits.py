@@ -200,7 +200,8 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
     if level == "seamless":
         vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device)
     else:
-        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= MEMORY_LEVELS.index("tiled"), queries=queries, device=device)
+        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= MEMORY_LEVELS.index("tiled"),
+                         queries=queries, device=device)
     if level == "offload" and resident:
         # While one phase runs the others' weights wait in CPU memory.
         unet -= resident.get("vae", 0) + resident.get("text", 0)

@@ -19,7 +19,8 @@ from typing import Any
 from .samplers import first_step
 from .validation import check_guidance_end, check_int, check_merge_ratio
 
-KEYS = ("guidance_end", "cache_interval", "token_merging")  # JSONL keys, flags (--guidance-end ...), generate's arguments
+# JSONL keys, flags (--guidance-end ...), generate's arguments
+KEYS = ("guidance_end", "cache_interval", "token_merging")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@
 #   2. the GPU bench: scripts/bench.py --device cuda (float16, 512x512, ldm against diffusers).
 #
 #   bash scripts/gpu_check.sh          # from the repository root; logs and results in $OUT
+#   DEVICE=cpu PY=.venv/bin/python PARITY_SECONDS=900 BENCH_SECONDS=900 BENCH_ARGS="--short --dtypes float32" \
+#       OUT=/tmp/gpu-check bash scripts/gpu_check.sh     # the same steps on the CPU (a check of this script)
 #
 # A machine that has torch but not the other packages takes them as wheels in .whl/ (made
 # where pip can reach the registry, the versions of the venv):
@@ -47,7 +49,8 @@ for dtype in float32 float16; do
         || failed=1
     echo "parity on $DEVICE in $dtype:"; tail -n 3 "$OUT/parity-$dtype.log"
 done
-timeout "${BENCH_SECONDS:-270}" "$PY" scripts/bench.py --device "$DEVICE" --out "$OUT/bench" >"$OUT/bench.log" 2>&1 \
-    || failed=1
+# BENCH_ARGS: more bench options (e.g. "--compile" for diffusers' and ldm's compiled rows).
+timeout "${BENCH_SECONDS:-270}" "$PY" scripts/bench.py --device "$DEVICE" --out "$OUT/bench" ${BENCH_ARGS:-} \
+    >"$OUT/bench.log" 2>&1 || failed=1
 tail -n 40 "$OUT/bench.log"
 exit $failed

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             vae.decode(z)
         t0 = time.perf_counter()
         seamless = seamless_decode(vae, z)
-        print(f"layer by layer in 256 px tiles, as memory='seamless' decodes  {'%.0f / %.2f' % difference(seamless, whole)}"
+        print("layer by layer in 256 px tiles, as memory='seamless' decodes  "
+              f"{'%.0f / %.2f' % difference(seamless, whole)}"
               f"  ({time.perf_counter() - t0:.1f} s)")
         for tiling in tilings:
             name = f"tiles of {tiling.tile} latents, overlap {tiling.overlap}"

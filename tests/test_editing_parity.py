@@ -87,7 +87,8 @@ def models(sd1_folder, sd2v_folder, inpaint_folders):
 @pytest.fixture(scope="module")
 def ldm_pipes(models):
     """ldm's pipelines loaded from the same folders, once each."""
-    return {key: Pipeline.from_pretrained(folder, device=TEST_DEVICE, dtype=TEST_DTYPE) for key, (_, folder) in models.items()}
+    return {key: Pipeline.from_pretrained(folder, device=TEST_DEVICE, dtype=TEST_DTYPE)
+            for key, (_, folder) in models.items()}
 
 
 def _channels(kind: str) -> str:

@@ -45,8 +45,9 @@ TOLERANCE = PIXEL_TOLERANCE  # max abs difference on [0, 1] pixels
 def models(sd1_folder, sd2v_folder):
     """Per family: diffusers' pipeline, and ldm's from the folder."""
     return {
-        "sd1": (load_reference_pipeline(sd1_folder), Pipeline.from_pretrained(sd1_folder, device=TEST_DEVICE, dtype=TEST_DTYPE)),
-        "sd2v": (load_reference_pipeline(sd2v_folder), Pipeline.from_pretrained(sd2v_folder, device=TEST_DEVICE, dtype=TEST_DTYPE)),
+        family: (load_reference_pipeline(folder),
+                 Pipeline.from_pretrained(folder, device=TEST_DEVICE, dtype=TEST_DTYPE))
+        for family, folder in (("sd1", sd1_folder), ("sd2v", sd2v_folder))
     }
 
 

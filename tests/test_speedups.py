@@ -272,7 +272,8 @@ def test_batch_lines_take_the_speedups():
     assert "cache_interval" in messages[5] and "leaves no guided step" in messages[6]
     assert [j.speedups for j in jobs] == [Speedups(0.6, 3, 0.5), Speedups(1.0, 2)]  # b: the command line's
     items = expand(jobs, 64, ModelRef(Path("m"), "m", "0123456789"))
-    assert (items[0].params.guidance_end, items[0].params.cache_interval, items[0].params.token_merging) == (0.6, 3, 0.5)
+    first = items[0].params
+    assert (first.guidance_end, first.cache_interval, first.token_merging) == (0.6, 3, 0.5)
     assert (items[1].params.guidance_end, items[1].params.cache_interval) == (None, 2)
     assert len(plan_chunks(items, 8, lambda item: 1)) == 2  # other speed-ups: other calls
 

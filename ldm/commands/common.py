@@ -93,7 +93,8 @@ refiner_start_float = _option_type(float, lambda v: check_fraction(v, "value"),
                                    "a number between 0 and 1 such as 0.8")
 guidance_end_float = _option_type(float, lambda v: check_guidance_end(v, name="value"),
                                   "a fraction in (0, 1] such as 0.6")
-merge_ratio_float = _option_type(float, lambda v: check_merge_ratio(v, name="value"), "a fraction in [0, 1) such as 0.5")
+merge_ratio_float = _option_type(float, lambda v: check_merge_ratio(v, name="value"),
+                                 "a fraction in [0, 1) such as 0.5")
 
 
 def _pair(minimum: int, form: str) -> Callable[[str], tuple[int, int]]:

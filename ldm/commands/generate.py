@@ -75,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "else the sampler's own; trailing for Turbo-style models)")
     p.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
                    help="memory level: auto (default: the fastest that fits the free memory), fast, seamless (the "
-                   "VAE layer by layer in tiles, same picture), tiled (the VAE in blended tiles), sliced (and sliced attention), offload (and models offloaded to the CPU; GPU only)")
+                   "VAE layer by layer in tiles, same picture), tiled (the VAE in blended tiles), sliced (and "
+                   "sliced attention), offload (and models offloaded to the CPU; GPU only)")
     p.set_defaults(func=run)
 
 
