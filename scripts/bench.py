@@ -499,6 +499,11 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
                 checks[f"{key}: {variant.label} vs {DOCUMENTED.label}, max abs diff / max abs"] = (
                     (out[variant].float() - ref).abs().max() / ref.abs().max()).item()
             del out
+        if args.batch4:  # the GPU table's second batch size: 4 images, both guidance halves each
+            x4, t4, context4 = (v.repeat(4, *[1] * (v.ndim - 1)) for v in (x, t, context))
+            times, _ = components("unet x4", lambda s: s.unet(x4, t4, context4), (SHIPPED, DOCUMENTED))
+            rows.append(row(f"U-Net step, 4 images (batch 8 with CFG), {latent}x{latent} latents", "ms", times,
+                            1e3, 4 * flops["unet"], peak))
 
         sides[SHIPPED.side].layout(*SHIPPED.layout(device))
         opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
@@ -693,6 +698,10 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         for r in result["rows"]:
             cells = [fmt_cell(r["cells"].get(v.label)) for v in COLUMNS]
             lines.append(f"| {r['metric']} ({r['unit']}) | {' | '.join(cells)} | {r['ratio']:.3f} |")
+        steps = [r for r in result["rows"] if r["metric"].startswith("U-Net step")]
+        lines += ["", "U-Net steps per second (it/s), " + f"{SHIPPED.label} / {DOCUMENTED.label}: " + "; ".join(
+            f"{r['metric'].split(', ')[1]}: {1e3 / r['cells'][SHIPPED.label]['median']:.3g} / "
+            f"{1e3 / r['cells'][DOCUMENTED.label]['median']:.3g}" for r in steps)]
         lines += ["", "Checks (same weights, same inputs / seed):", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
         lines += ["", f"Opt-in: DeepCache (`cache_interval`) and token merging (`token_merging`), "
@@ -733,6 +742,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the random-weight diffusers folder (built here if missing)")
     p.add_argument("--out", type=Path, default=CACHE / "bench-results",
                    help="results path without suffix: writes .md and .json")
+    p.add_argument("--batch4", action=argparse.BooleanOptionalAction, default=None,
+                   help="also a U-Net step for 4 images (batch 8 with CFG; default: on CUDA only)")
     p.add_argument("--compile", action="store_true",
                    help="also time both U-Nets through torch.compile (compiles take minutes on a CPU)")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
@@ -741,6 +752,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (4 if args.short else 20)
     args.repeats = args.repeats or (1 if args.short else 3)
     args.memory_steps = args.memory_steps or (1 if args.short else args.steps)
+    args.batch4 = args.device.startswith("cuda") if args.batch4 is None else args.batch4
     args.dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes(args.device)
     for name in args.dtypes:
         try:
