@@ -60,6 +60,7 @@ from .atomicio import append_line, remove_temp_files
 from .adapters.prompt_loras import file_hash, resolve_tags, split_tags
 from .batchfile import Job, LineError, Settings, check_settings, check_steps, distilled_negative_error, read_jobs
 from .batchinputs import Inputs, check_inputs, control_arguments, edit_arguments
+from .dtypes import dtype_name
 from .grid import image_grid
 from .modelref import ModelRef
 from .batchplan import Item, expand, plan_chunks, token_chunks
@@ -416,7 +417,7 @@ def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: In
     pipe = models.pipe
     items = expand(jobs, pipe.config.default_size, models.ref, inputs, models.refiner_ref, models.vae_ref,
                    models.control_refs, guidance_embedded=pipe.config.unet.time_cond_proj_dim is not None,
-                   dtype=str(pipe.dtype).removeprefix("torch."))
+                   dtype=dtype_name(pipe.dtype))
     chunks = plan_chunks(items, opts.batch_size, token_chunks(pipe.tokenizer, getattr(pipe, "embeddings", None)))
     state.wait_for_everyone()  # nobody writes until everyone has looked
     rec = reconcile(opts.outdir, items)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .conditioning import Conditioning, ControlInput, ScheduledConditioning
 from .config import ModelConfig
+from .dtypes import dtype_name
 from .editing import fit_to_size, load_image
 
 Cond = Conditioning | ScheduledConditioning
@@ -84,7 +85,7 @@ class ControlNet:
         same = param.device.type == device.type and (param.device.index or 0) == (device.index or 0)
         if not same or param.dtype != dtype:
             def where(d: Any, t: torch.dtype) -> str:
-                return f"{str(t).removeprefix('torch.')} on {d}"
+                return f"{dtype_name(t)} on {d}"
 
             raise ValueError(f"ControlNet {self.name} is {where(param.device, param.dtype)} but the pipeline "
                              f"computes in {where(device, dtype)}: load it with ControlNet.from_pretrained(path, "

@@ -43,6 +43,11 @@ def canonical_dtype_name(name: str) -> str:
     return _CANONICAL[name]
 
 
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name PNG text, manifests and messages use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def parse_dtype(dtype: Any) -> Any:
     """A ``torch.dtype`` from a name or a dtype (floating dtypes of the table only); None stays None."""
     import torch
@@ -96,7 +101,7 @@ def dtype_to_remake(recorded: str, device: torch.device, source: Any) -> torch.d
             logger.info("%s was made in %s: making it again in %s (--dtype to choose another)", source, recorded,
                         recorded)
         return dtype
-    fallback = str(default).removeprefix("torch.")
+    fallback = dtype_name(default)
     logger.warning("%s was made in %s, which this %s does not compute natively: making it in %s instead, so the "
                    "picture will differ slightly (--dtype %s forces it, many times slower)", source, recorded,
                    device.type, fallback, recorded)
@@ -157,7 +162,7 @@ def _measured_cpu_dtype() -> torch.dtype:
     speedup = bf16_speedup()
     dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
     logger.info("default dtype on CPU: %s (bfloat16 is native here and measured %.2fx float32's speed; "
-                "bfloat16 needs >= %.2fx; pass dtype= or set %s to choose)", str(dtype).removeprefix("torch."),
+                "bfloat16 needs >= %.2fx; pass dtype= or set %s to choose)", dtype_name(dtype),
                 speedup, BF16_MIN_SPEEDUP, CPU_DTYPE_ENV)
     return dtype
 

@@ -23,7 +23,7 @@ from .config import with_changes
 from .conditioning import Conditioning, ScheduledConditioning, run_unet, with_guidance_embedding
 from .control import Control, as_controls, attach_controls, hint_tensor
 from .denoisers import CFGDenoiser, Denoiser, DiscreteSchedule
-from .dtypes import default_dtype, native_bf16, parse_dtype, warn_emulated
+from .dtypes import default_dtype, dtype_name, native_bf16, parse_dtype, warn_emulated
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
 from .edit_request import EditRequest, plan_edit
 from .editing import DEFAULT_MASK_BLUR
@@ -484,7 +484,7 @@ class Pipeline:
                       guidance_embedding=guidance_scale if distilled is not None else None,
                       sampler=sampler, schedule=schedule, spacing=spacing, seed=seeds[0], clip_skip=clip_skip,
                       **speedups.params(),
-                      dtype=str(self.dtype).removeprefix("torch."),  # the U-Net's (the CPU default may be bfloat16)
+                      dtype=dtype_name(self.dtype),  # the U-Net's (the CPU default may be bfloat16)
                       **(micro.params() if micro is not None else {}),
                       **({"aesthetic_score": refined.aesthetic_score,
                           "negative_aesthetic_score": refined.negative_aesthetic_score}
@@ -743,7 +743,7 @@ class Pipeline:
         dtype = vae_upcast_dtype(self.vae.device)
         if not self._vae_upcast_logged:
             logger.info("VAE: encoding and decoding in %s, not float16, which this VAE overflows (force_upcast in "
-                        "its config; an fp16-fix VAE, vae=..., runs in float16)", str(dtype).removeprefix("torch."))
+                        "its config; an fp16-fix VAE, vae=..., runs in float16)", dtype_name(dtype))
             self._vae_upcast_logged = True
         return dtype
 

@@ -60,6 +60,7 @@ from ..checkpoints.files import (
     FLOAT_DTYPES, SAFETENSORS_SUFFIX, CheckpointError, check_regular_file,
     open_tensor_file, pickle_refusal,
 )
+from ..dtypes import dtype_name
 from ..models.text import TextEncoder
 from ..models.tokenizer import Tokenizer
 
@@ -251,7 +252,7 @@ def _in_folder(path: Path) -> Path:
 
 def _as_matrix(vectors: torch.Tensor, where: object) -> torch.Tensor:
     """``(n, width)`` float32 on the CPU: a single ``(width,)`` vector is ``n = 1``."""
-    if str(vectors.dtype).removeprefix("torch.") not in FLOAT_DTYPES:
+    if dtype_name(vectors.dtype) not in FLOAT_DTYPES:
         raise EmbeddingError(f"{where}: embedding vectors must be floating point, found {vectors.dtype}")
     if vectors.ndim == 1:
         vectors = vectors[None]

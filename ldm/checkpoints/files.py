@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomicio import non_regular_reason
+from ..dtypes import dtype_name
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -283,7 +284,7 @@ def _open_pickle(path: Path, allow_pickle: bool) -> TensorFile:
         raise CheckpointError(f"{path}: expected a state dict, found {type(data).__name__}")
     tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+    dtypes = {k: dtype_name(v.dtype) for k, v in tensors.items()}
     return TensorFile(path, shapes, {}, {k: tensors for k in tensors}, dtypes)
 
 

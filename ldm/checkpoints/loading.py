@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import PREDICTION_TYPES, PRESETS, ModelConfig, load_config, with_changes
-from ..dtypes import parse_dtype  # also imported from here by ldm.pipeline
+from ..dtypes import dtype_name, parse_dtype  # also imported from here by ldm.pipeline
 from ..limits import check_native_size
 from ..models.tokenizer import Tokenizer
 from .detect import architecture_differences, derive_architecture, detect_config, detect_family
@@ -326,7 +326,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
 
 def nonfinite_error(where: str, keys: list[str], dtype: torch.dtype | None = None) -> CheckpointError:
     """The error for weights with NaN/inf (as stored, or after a cast to ``dtype``)."""
-    cast = f" (or that overflow {str(dtype).removeprefix('torch.')})" if dtype is not None else ""
+    cast = f" (or that overflow {dtype_name(dtype)})" if dtype is not None else ""
     return CheckpointError(
         f"{where}: {len(keys)} weight(s) hold NaN or infinite values{cast}: {name_some(keys)}; "
         "they would make black or noise images. Use an intact copy of the checkpoint"
@@ -344,7 +344,7 @@ def _load_part(module: nn.Module, part: _Part, device: torch.device, dtype: torc
         # A weight converted to another dtype is read into its own memory, not through the
         # mapping, so the stored copy does not stay resident beside the converted one.
         converted = dtype is not None and part.file.dtypes[key] in FLOAT_DTYPES \
-            and part.file.dtypes[key] != str(dtype).removeprefix("torch.")
+            and part.file.dtypes[key] != dtype_name(dtype)
         for new_key, tensor in part.mapping(key[n:], part.file.get(key, copy=converted)):
             state[new_key] = _convert(tensor, device, dtype)
             if not is_finite(state[new_key]) and key not in bad:
