@@ -500,12 +500,13 @@ def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], o
                                     inputs.files, first.job.line),
                 **first.job.sdxl.kwargs(), **refiner, **first.job.speedups.kwargs(),
             )
-            for item, image in zip(chunk, gen.images):
+            for item, image, vae_tiling in zip(chunk, gen.images, gen.vae_tiling, strict=True):
                 if item.key in done:
                     continue
+                made = item.made_with(vae_tiling)
                 with _sigint_held():  # never an image without its entry
-                    save_png(image, outdir / item.file, item.params)
-                    append_line(part, manifest.dumps(item.entry()))
+                    save_png(image, outdir / made.file, made.params)
+                    append_line(part, manifest.dumps(made.entry()))
                 written += 1
                 bar.update(1)
     return written

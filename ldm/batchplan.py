@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import manifest
@@ -52,6 +52,11 @@ class Item:
         if edit is None or edit.extend is None:
             return None
         return {"extend": list(edit.extend), "fill": edit.fill}
+
+    def made_with(self, vae_tiling: str | None) -> "Item":
+        """This item as rendered: its parameters with how the VAE ran, which the run found
+        (the memory level depends on the free memory), not the batch file."""
+        return replace(self, params=self.params.replace(vae_tiling=vae_tiling))
 
     def entry(self, time: str | None = None) -> dict[str, Any]:
         entry = {

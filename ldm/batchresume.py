@@ -21,7 +21,7 @@ from typing import Any
 
 from . import manifest
 from .batchplan import Item
-from .pngmeta import read_text
+from .pngmeta import GenerationParams, parse_parameters, read_text
 
 
 @dataclass
@@ -41,6 +41,9 @@ class Reconciled:
 # Fields a batch records since a later version than others (the U-Net's dtype): an entry
 # written before has none, and is not a conflict for lacking it.
 RECORDED_LATER = ("dtype",)
+# Fields an entry records of how the run went, not of what the batch asked (how the VAE ran
+# depends on the free memory): never a conflict.
+OUTCOMES = ("vae_tiling",)
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -60,7 +63,7 @@ def _settings(made: dict[str, Any] | Item, entry: dict[str, Any] | None = None) 
                 settings.pop(name, None)
     else:
         settings = {**made["parameters"], "outpaint": made.get("outpaint")}
-    return {k: v for k, v in settings.items() if v is not None and v != {} and v != []}
+    return {k: v for k, v in settings.items() if v is not None and v != {} and v != [] and k not in OUTCOMES}
 
 
 def _changed_inputs(entry: dict[str, Any], item: Item) -> list[str]:
@@ -101,23 +104,24 @@ def _judge_entry(outdir: Path, entry: dict[str, Any], item: Item | None, result:
         result.done.add(item.key)
 
 
-def _png_text(path: Path) -> str | None:
+def _png_params(path: Path) -> GenerationParams | None:
     try:
-        return read_text(path)
+        return parse_parameters(read_text(path))
     except Exception:  # noqa: BLE001 - whatever makes a file unreadable, it is not this image
         return None
 
 
 def _adopt(path: Path, item: Item, result: Reconciled) -> None:
     """A planned file without an entry (killed between writing it and recording it):
-    kept if its PNG parameters are this image's (and it was made from no input file,
-    which they cannot vouch for), else a conflict."""
-    if _png_text(path) != item.params.to_text():
+    kept if its PNG parameters are this image's, how the run went aside (and it was made
+    from no input file, which they cannot vouch for), else a conflict."""
+    made = _png_params(path)
+    if made is None or made.replace(**dict.fromkeys(OUTCOMES)).to_text() != item.params.to_text():
         result.conflicts.append(f"{item.file} (line {item.job.line}, image {item.index}): its PNG parameters differ")
         result.stale_files.append(path)
     elif not item.inputs:  # else rendered again: the same image if its inputs are as they were
         mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
-        result.entries.append(item.entry(mtime.isoformat(timespec="seconds")))
+        result.entries.append(item.made_with(made.vae_tiling).entry(mtime.isoformat(timespec="seconds")))
         result.done.add(item.key)
         result.adopted += 1
 

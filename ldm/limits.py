@@ -24,9 +24,11 @@ before it does except where it says: ``fast`` (the VAE and attention whole), ``s
 :mod:`ldm.seamless_vae`), ``tiled`` (instead, the VAE decodes and encodes tile by tile,
 blended, :mod:`ldm.tiled_vae`), ``sliced`` (attention runs a chunk of
 queries at a time, :func:`ldm.models.layers.chunked_sdpa`), ``offload`` (on an
-accelerator: each model waits in CPU memory until its phase runs). ``auto`` takes the
-first level whose estimated peak, doubled, fits the free memory (the leanest when none
-does), and says so in one log line.
+accelerator: each model waits in CPU memory until its phase runs). At ``sliced`` and
+``offload`` the VAE runs seamless where that fits the free memory, else in blended tiles
+(the plan's :attr:`MemoryPlan.vae_mode`, one of :data:`VAE_MODES`, which a PNG records as
+"VAE tiling"). ``auto`` takes the first level whose estimated peak, doubled, fits the free
+memory (the leanest when none does), and says so in one log line.
 """
 
 from __future__ import annotations
@@ -116,9 +118,18 @@ LEVEL_MEANING = {
     "fast": "VAE and attention whole",
     "seamless": "seamless tiled VAE",
     "tiled": "tiled VAE",
-    "sliced": "tiled VAE, sliced attention",
-    "offload": "tiled VAE, sliced attention, models offloaded to CPU between phases",
+    "sliced": "sliced attention, seamless tiled VAE where it fits, else tiled",
+    "offload": "sliced attention, seamless tiled VAE where it fits, else tiled, models offloaded to CPU "
+               "between phases",
 }
+# How the VAE runs, from fastest to leanest (the words a PNG's "VAE tiling" records): whole,
+# seamless (ldm.seamless_vae: the same picture, up to rounding) or blended tiles
+# (ldm.tiled_vae: visibly another picture where tiles overlap).
+VAE_MODES = ("none", "seamless", "blended")
+# The mode of each level; None: seamless where it fits, else blended.
+LEVEL_VAE_MODE = {"fast": "none", "seamless": "seamless", "tiled": "blended", "sliced": None, "offload": None}
+# The level that runs the VAE in each mode and nothing leaner (``memory=`` to remake a picture).
+MODE_LEVEL = {"none": "fast", "seamless": "seamless", "blended": "tiled"}
 # Devices whose SDPA kernels (flash / memory-efficient) never hold the N x N score
 # matrix: measured on this CPU, 16384 tokens grew the RSS by 8 MiB, not the 1 GiB of scores.
 _FUSED_ATTENTION = ("cpu", "cuda")
@@ -179,13 +190,31 @@ def _latent_pixels(config: ModelConfig, height: int, width: int) -> int:
     return (height // factor) * (width // factor)
 
 
+def check_vae_mode(mode: Any, name: str = "vae_tiling") -> str:
+    """``mode``, one of :data:`VAE_MODES`."""
+    if not isinstance(mode, str) or mode not in VAE_MODES:
+        raise ValueError(f"{name} must be one of {VAE_MODES}, got {mode!r:.80}")
+    return mode
+
+
+def _level_modes(level: str) -> tuple[str, ...]:
+    """The VAE modes ``level`` may run."""
+    mode = LEVEL_VAE_MODE[level]
+    return ("seamless", "blended") if mode is None else (mode,)
+
+
 def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
-                level: str, chunk: int = ATTENTION_CHUNK, resident: Mapping[str, int] | None = None) -> dict[str, int]:
+                level: str, chunk: int = ATTENTION_CHUNK, resident: Mapping[str, int] | None = None,
+                vae_mode: str | None = None) -> dict[str, int]:
     """Estimated peak bytes of each phase at ``level``: the U-Net's for one image (both
     guidance rows), the VAE's for one image. ``resident``: bytes of the weights on the
-    device (``unet``, ``vae``, ``text``), which "offload" frees while another phase runs."""
+    device (``unet``, ``vae``, ``text``), which "offload" frees while another phase runs.
+    ``vae_mode``: one the level may run (default: its leanest)."""
     if level not in MEMORY_LEVELS:
         raise ValueError(f"memory level must be one of {MEMORY_LEVELS}, got {level!r}")
+    vae_mode = _level_modes(level)[-1] if vae_mode is None else vae_mode
+    if vae_mode not in _level_modes(level):
+        raise ValueError(f"memory level {level!r} runs the VAE {' or '.join(_level_modes(level))}, not {vae_mode!r}")
     rank = MEMORY_LEVELS.index(level)
     rows = 2 if guided else 1
     u = config.unet
@@ -197,11 +226,11 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
             n = pixels // 4**i
             scores = max(scores, _attention_scores(rows, u.num_attention_heads[i], min(queries or n, n), n, device))
     unet = rows * unet_bytes_per_row(config, height, width, dtype_bytes) + scores * dtype_bytes
-    if level == "seamless":
+    if vae_mode == "seamless":
         vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device)
     else:
-        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=rank >= MEMORY_LEVELS.index("tiled"),
-                         queries=queries, device=device)
+        vae = _vae_bytes(config, height, width, dtype_bytes, tiled=vae_mode == "blended", queries=queries,
+                         device=device)
     if level == "offload" and resident:
         # While one phase runs the others' weights wait in CPU memory.
         unet -= resident.get("vae", 0) + resident.get("text", 0)
@@ -251,27 +280,39 @@ def _seamless_vae_bytes(config: ModelConfig, height: int, width: int, dtype_byte
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How one call runs: its memory level, and the tiles and chunk the leaner levels use."""
+    """How one call runs: its memory level, how its VAE runs, and the tiles and chunk the
+    leaner levels use."""
 
     level: str
     tiling: Tiling
     chunk: int
     levels: tuple[str, ...]  # the levels of the device, fastest first
     reason: str
+    vae_mode: str | None = None  # one of VAE_MODES; None: the level's leanest
 
     def __post_init__(self) -> None:
         if self.level not in self.levels:
             raise ValueError(f"memory level must be one of {self.levels} here, got {self.level!r}")
+        if self.vae_mode is None:
+            object.__setattr__(self, "vae_mode", _level_modes(self.level)[-1])
+        elif self.vae_mode not in _level_modes(self.level):
+            raise ValueError(f"memory level {self.level!r} runs the VAE {' or '.join(_level_modes(self.level))}, "
+                             f"not {self.vae_mode!r}")
+
+    @property
+    def label(self) -> str:
+        """The level, what it means and the VAE's mode, for messages."""
+        return f"{self.level} ({LEVEL_MEANING[self.level]}; VAE tiling {self.vae_mode})"
 
     @property
     def vae_seamless(self) -> bool:
         """Whether the VAE runs layer by layer in tiles (:mod:`ldm.seamless_vae`)."""
-        return self.level == "seamless"
+        return self.vae_mode == "seamless"
 
     @property
     def vae_tiling(self) -> Tiling | None:
         """The VAE's blended tiles, None where it runs whole or seamless."""
-        return self.tiling if self._at_least("tiled") else None
+        return self.tiling if self.vae_mode == "blended" else None
 
     @property
     def attention_chunk(self) -> int | None:
@@ -287,47 +328,84 @@ class MemoryPlan:
         """Whether this plan is ``level`` or leaner (each level keeps the ones before it)."""
         return MEMORY_LEVELS.index(self.level) >= MEMORY_LEVELS.index(level)
 
+    def at(self, level: str, reason: str) -> "MemoryPlan":
+        """This plan at the leaner ``level``, its VAE in the least lean mode there that is
+        no less lean than this one's."""
+        mode = next(m for m in _level_modes(level) if VAE_MODES.index(m) >= VAE_MODES.index(self.vae_mode))
+        return replace(self, level=level, vae_mode=mode, reason=reason)
+
     def lower(self, reason: str) -> "MemoryPlan | None":
-        """The next leaner level (None after the last), for a retry after running out of memory."""
+        """The next leaner plan (None after the last), for a retry after running out of
+        memory: the next level, its VAE never less lean than this one's; after the last
+        level, a seamless VAE in blended tiles."""
         rank = self.levels.index(self.level)
-        if rank + 1 >= len(self.levels):
-            return None
-        return replace(self, level=self.levels[rank + 1], reason=reason)
+        if rank + 1 < len(self.levels):
+            return self.at(self.levels[rank + 1], reason)
+        if self.vae_mode == "seamless":
+            return replace(self, vae_mode="blended", reason=reason)
+        return None
 
 
 def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
                 memory: str = "auto", available: int | None = None,
-                resident: Mapping[str, int] | None = None) -> MemoryPlan:
+                resident: Mapping[str, int] | None = None, vae_mode: str | None = None) -> MemoryPlan:
     """The memory level for one image of ``height`` x ``width``: ``memory`` when a level
     is named, else ("auto") the first level of :data:`MEMORY_LEVELS` whose estimated
     peak fits ``available`` (default: what :func:`available_bytes` reads) with
-    :data:`CHOICE_HEADROOM`, else the leanest. One log line
-    says which and why. Raises :class:`MemoryLimitError` (with the numbers) when even
-    the leanest level cannot fit."""
+    :data:`CHOICE_HEADROOM`, else the leanest. At "sliced" and "offload" the VAE runs
+    seamless when that fits, else in blended tiles. ``vae_mode`` (remaking a picture that
+    recorded one): with "auto", the first level that fits running the VAE so; where none
+    does, or ``memory`` names a level that runs it otherwise, a warning says the picture
+    may differ. One log line says which and why. Raises :class:`MemoryLimitError` (with the
+    numbers) when even the leanest level cannot fit."""
     from .tiled_vae import Tiling
 
     memory = check_memory(memory, device)
+    if vae_mode is not None:
+        check_vae_mode(vae_mode)
     levels = device_levels(device)
     available = available_bytes(device) if available is None else available
     chunk = attention_chunk(config, height, width, dtype_bytes=dtype_bytes, guided=guided, budget=available)
-    needs = {lvl: level_needs(config, height, width, dtype_bytes=dtype_bytes, guided=guided, device=device,
-                              level=lvl, chunk=chunk, resident=resident) for lvl in levels}
+
+    def needs(level: str, mode: str | None = None) -> dict[str, int]:
+        return level_needs(config, height, width, dtype_bytes=dtype_bytes, guided=guided, device=device,
+                           level=level, chunk=chunk, resident=resident, vae_mode=mode)
+
+    def fits(level: str, mode: str | None = None) -> bool:
+        return available is not None and CHOICE_HEADROOM * max(needs(level, mode).values()) <= available
+
     if available is not None:
-        _refuse_over(needs[levels[-1]], available, width, height, guided, device, levels[-1])
+        _refuse_over(needs(levels[-1]), available, width, height, guided, device, levels[-1])
+    kept = [lvl for lvl in levels if vae_mode in _level_modes(lvl) and fits(lvl, vae_mode)]
+    # The recorded mode is kept where it fits, or where a level is asked for or nothing can be measured.
+    keep = vae_mode if kept or memory != "auto" or available is None else None
+
+    def mode_of(level: str) -> str:
+        """The VAE mode ``level`` runs: the one to keep where it may, else the least lean that fits."""
+        modes = _level_modes(level)
+        return keep if keep in modes else next((m for m in modes if fits(level, m)), modes[-1])
+
     if memory != "auto":
         level, reason = memory, f"asked for (memory={memory!r})"
     elif available is None:
-        level, reason = "fast", f"the free memory of {device} cannot be read"
+        level, reason = MODE_LEVEL[vae_mode or "none"], f"the free memory of {device} cannot be read"
+    elif kept:
+        level = kept[0]
+        reason = f"the picture was made with VAE tiling {vae_mode!r}; {_size(available)} free on {device}"
     else:
-        level = next((lvl for lvl in levels if CHOICE_HEADROOM * max(needs[lvl].values()) <= available),
-                     levels[-1])
-        phase = max(PHASES, key=lambda p: needs["fast"][p])
-        reason = f"the {phase} of a {width}x{height} image needs ~{_size(needs['fast'][phase])} at 'fast'"
+        level = next((lvl for lvl in levels if fits(lvl, mode_of(lvl))), levels[-1])
+        fast = needs("fast")
+        phase = max(PHASES, key=lambda p: fast[p])
+        reason = f"the {phase} of a {width}x{height} image needs ~{_size(fast[phase])} at 'fast'"
         if level != "fast":
-            reason += f", ~{_size(max(needs[level].values()))} at {level!r}"
+            reason += f", ~{_size(max(needs(level, mode_of(level)).values()))} at {level!r}"
         reason += f"; {_size(available)} free on {device}"
-    plan = MemoryPlan(level, Tiling.for_vae(config.vae), chunk, levels, reason)
-    logger.info("memory: %s (%s): %s", level, LEVEL_MEANING[level], reason)
+    mode = mode_of(level)
+    plan = MemoryPlan(level, Tiling.for_vae(config.vae), chunk, levels, reason, mode)
+    logger.info("memory: %s: %s", plan.label, reason)
+    if vae_mode is not None and mode != vae_mode:
+        logger.warning("the picture was made with VAE tiling %r, this run uses %r (%s): it may differ %s", vae_mode,
+                       mode, reason, "by rounding" if "blended" not in (mode, vae_mode) else "where tiles overlap")
     return plan
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .limits import ATTENTION_CHUNK, LEVEL_MEANING, MemoryLimitError, MemoryPlan, device_levels
+from .limits import ATTENTION_CHUNK, MemoryLimitError, MemoryPlan, device_levels
 from .models.layers import set_attention_chunk
 from .models.vae import DiagonalGaussian
 from .seamless_vae import seamless_decode, seamless_encode
@@ -130,22 +130,30 @@ class MemoryRunner:
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
                     raise
-                failed = self.plan.level
+                failed = self.plan.label
                 lower = self._lower(phase)
                 if lower is None:
                     raise MemoryLimitError(f"{phase} ran out of memory on {self.device} even at memory level "
-                                           f"{failed!r} ({LEVEL_MEANING[failed]}): {exc}") from exc
+                                           f"{failed}: {exc}") from exc
                 message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            logger.warning("%s ran out of memory at memory level %r (%s); retrying it at %r (%s)",
-                           phase, failed, message, lower.level, LEVEL_MEANING[lower.level])
+            logger.warning("%s ran out of memory at memory level %s (%s); retrying it at %s",
+                           phase, failed, message, lower.label)
             self._free_cache()
             self.apply(lower)
             for g, state in zip(generators, states):
                 g.set_state(state)
 
     def _lower(self, phase: str) -> MemoryPlan | None:
-        plan = self.plan.lower(f"{phase} ran out of memory at {self.plan.level!r}")
-        while plan is not None and plan.level not in PHASE_LEVELS[phase]:
+        """The next plan that lowers ``phase``'s memory: for the U-Net the next level of
+        PHASE_LEVELS (the VAE as lean as it was), for the VAE the next leaner plan that
+        changes its mode or level."""
+        before = self.plan
+        reason = f"{phase} ran out of memory at {before.level!r} (VAE tiling {before.vae_mode!r})"
+        if phase == "U-Net":
+            later = before.levels[before.levels.index(before.level) + 1:]
+            return next((before.at(level, reason) for level in later if level in PHASE_LEVELS[phase]), None)
+        plan = before.lower(reason)
+        while plan is not None and plan.vae_mode == before.vae_mode and plan.level not in PHASE_LEVELS[phase]:
             plan = plan.lower(plan.reason)
         return plan
 

@@ -93,6 +93,9 @@ class Generation:
     prompts: list[str]
     negative_prompts: list[str]
     params: dict[str, Any] = field(default_factory=dict)
+    # How the VAE ran for each image ("none", "seamless" or "blended": ldm.limits.VAE_MODES),
+    # which a PNG records as "VAE tiling"; empty for output="latent".
+    vae_tiling: list[str] = field(default_factory=list)
 
 
 def _as_list(value: str | Sequence[str], name: str) -> list[str]:
@@ -316,6 +319,7 @@ class Pipeline:
         refiner_start: float | None = None,
         control: Control | Sequence[Control] | None = None,
         memory: str = "auto",
+        vae_tiling: str | None = None,
         guidance_end: float = 1.0,
         cache_interval: int = 1,
         token_merging: float = 0.0,
@@ -383,8 +387,13 @@ class Pipeline:
         the free memory; "fast", "seamless" (the VAE layer by layer in tiles, the same
         picture), "tiled" (the VAE in blended tiles), "sliced" (and sliced attention),
         "offload" (and models offloaded to the CPU between phases; accelerators only)
-        start there. An out-of-memory error in the U-Net or the VAE redoes that phase at
-        the next leaner level, with a warning; see :mod:`ldm.limits`.
+        start there; at "sliced" and "offload" the VAE runs seamless where that fits, else
+        in blended tiles. An out-of-memory error in the U-Net or the VAE redoes that phase
+        at the next leaner level, with a warning; see :mod:`ldm.limits`. How the VAE ran for
+        each image is :attr:`Generation.vae_tiling`. ``vae_tiling`` ("none", "seamless" or
+        "blended"; a picture's recorded "VAE tiling", as ``ldm generate --from`` passes
+        it): run the VAE so where a level that fits allows it, else warn that the picture may
+        differ.
 
         Opt-in speed-ups that change the picture a little (off by default; measured on the
         shipped model in the README): ``guidance_end`` < 1 drops the unconditional pass
@@ -447,8 +456,9 @@ class Pipeline:
         speedups.check_call(guided, steps, edit.strength if edit else None)
         per_call = plan_batch(self.config, count, height, width, dtype_bytes=self.dtype.itemsize,
                               guided=guided, device=self.device)
-        runner = use_plan(self, plan_memory(self.config, height, width, dtype_bytes=self.dtype.itemsize, guided=guided,
-                                            device=self.device, memory=memory, resident=resident_bytes(self)))
+        runner = self._plan_memory(height, width, guided, memory, vae_tiling)
+        if refiner is not None:
+            refiner_runner = refiner._plan_memory(height, width, guided, memory, vae_tiling)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with tagged_loras(self.loras, lora_tags, self.lora_dirs, allow_pickle=self.allow_pickle) as lora_hashes:
             cond, uncond = self.encode_prompts(prompts, negatives if guided else None, steps=steps,
@@ -475,11 +485,13 @@ class Pipeline:
                 latents_ = runner.run("U-Net", lambda: self._sample(run, cond, uncond, start_latents.rows(rows),
                                                                     generators, rows, end=handover), generators[rows])
                 if refiner is not None:
-                    latents_ = refiner._refine(run, handover, latents_, r_cond, r_uncond, generators, rows)
+                    base_latents = latents_
+                    latents_ = refiner_runner.run("U-Net", lambda: refiner._refine(
+                        run, handover, base_latents, r_cond, r_uncond, generators, rows), generators[rows])
                 parts.append(latents_)
             result = torch.cat(parts)
         finisher = refiner if refiner is not None else self
-        images = result if output == "latent" else finisher._finish(result, edit, output)
+        images, vae_modes = (result, []) if output == "latent" else finisher._finish(result, edit, output)
         params = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                       guidance_embedding=guidance_scale if distilled is not None else None,
                       sampler=sampler, schedule=schedule, spacing=spacing, seed=seeds[0], clip_skip=clip_skip,
@@ -498,7 +510,13 @@ class Pipeline:
                       lora_hashes=lora_hashes,
                       ti_hashes=self.embeddings.ti_hashes(prompts + (negatives if guided else [])),
                       **(edit.params() if edit else dict(strength=None, mask_blur=None, mask_padding=None)))
-        return Generation(images, seeds, tagged, negatives, params)
+        return Generation(images, seeds, tagged, negatives, params, vae_modes)
+
+    def _plan_memory(self, height: int, width: int, guided: bool, memory: str, vae_tiling: str | None) -> Any:
+        """This pipeline's runner, set to the memory plan of a call (see :func:`ldm.limits.plan_memory`)."""
+        return use_plan(self, plan_memory(self.config, height, width, dtype_bytes=self.dtype.itemsize, guided=guided,
+                                          device=self.device, memory=memory, resident=resident_bytes(self),
+                                          vae_mode=vae_tiling))
 
     def _edit_latents(self, edit: EditRequest, generators: list[torch.Generator]) -> EditLatents:
         """Init latents, noise and mask inputs of an edit, per image from its generator."""
@@ -611,14 +629,16 @@ class Pipeline:
         part = EditLatents(init, torch.zeros_like(init))
         return self._sample(run, cond, uncond, part, generators, rows, start=switch)
 
-    def _finish(self, latents: torch.Tensor, edit: EditRequest | None, output: str) -> Any:
-        """Decode, then (for an edit) keep the unmasked pixels / paste crops back."""
+    def _finish(self, latents: torch.Tensor, edit: EditRequest | None, output: str) -> tuple[Any, list[str]]:
+        """Decode, then (for an edit) keep the unmasked pixels / paste crops back; with
+        the VAE mode of each image."""
+        array, modes = self._decode_all(latents)
         if edit is None:
-            return self.decode(latents, output)
-        arrays = edit.finish(self.decode(latents, "np"))
+            return (array if output == "np" else [_to_pil(a) for a in array]), modes
+        arrays = edit.finish(array)
         if output == "np":
-            return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
-        return [_to_pil(a) for a in arrays]
+            return (np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays), modes
+        return [_to_pil(a) for a in arrays], modes
 
     def _negatives(self, negative: str | Sequence[str] | None, n: int) -> list[str]:
         if negative is None:
@@ -711,11 +731,19 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output: Literal["pil", "np"] = "pil") -> Any:
         """Latents (VP scaled, as samplers return them) to images in [0, 1]."""
-        pixels = torch.cat([self._decode_one(z[None], k) for k, z in enumerate(latents)])
-        array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        array, _ = self._decode_all(latents)
         if output == "np":
             return array
         return [_to_pil(a) for a in array]
+
+    def _decode_all(self, latents: torch.Tensor) -> tuple[np.ndarray, list[str]]:
+        """Images in [0, 1] (N, H, W, C), and how the VAE ran for each: the runner's mode
+        after its decode, which covers its encode too (a call's plan only gets leaner)."""
+        pixels, modes = [], []
+        for k, z in enumerate(latents):
+            pixels.append(self._decode_one(z[None], k))
+            modes.append(runner_of(self).plan.vae_mode)
+        return torch.cat(pixels).permute(0, 2, 3, 1).cpu().numpy(), modes
 
     def _decode_one(self, z: torch.Tensor, index: int) -> torch.Tensor:
         # One image at a time bounds the decoder's memory, which dominates at 512+.

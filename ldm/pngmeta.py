@@ -69,6 +69,7 @@ from .controlmeta import KEY as CONTROL_KEY
 from .controlmeta import PREFIX as CONTROL_PREFIX
 from .controlmeta import ControlParams, check_writable, format_unit, parse_unit, unit_keys
 from .dtypes import canonical_dtype_name
+from .limits import check_vae_mode
 from .validation import (
     A1111_SAMPLERS, check_finite, check_fraction, check_guidance, check_guidance_end, check_int, check_merge_ratio,
     check_seed, check_side, check_spacing, check_strength,
@@ -107,6 +108,10 @@ VAE_HASH, VAE = "VAE hash", "VAE"
 # (bfloat16 where it is native and faster, else float32) and the picture with it, so
 # --from makes it again in the recorded dtype where the machine runs that natively.
 DTYPE = "Dtype"
+# ldm's own key: how the VAE ran ("none", "seamless", "blended": ldm.limits.VAE_MODES). The
+# memory level "auto" picks depends on the machine's free memory, and blended tiles change
+# the picture, so --from runs the VAE the recorded way where that fits.
+VAE_TILING = "VAE tiling"
 # SDXL's size-conditioning keys (ldm's own: the web UI has none) -> GenerationParams fields.
 # Each pair is written "AxB" in the order of --size ("WxH", "XxY") and held as
 # Pipeline.generate takes it, (height, width) / (top, left): the reverse.
@@ -121,7 +126,7 @@ DEFAULT_PADDING = 32
 # Keys this module turns into fields; everything else goes to ``extra``.
 _KNOWN = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", VAE_HASH, VAE,
           STRENGTH, MASK_BLUR, INPAINT_AREA, PADDING, CLIP_SKIP, LORA_HASHES, TI_HASHES, REFINER, SPACING,
-          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL, TOKEN_MERGING, DTYPE,
+          GUIDANCE_EMBEDDING, GUIDANCE_END, CACHE_INTERVAL, TOKEN_MERGING, DTYPE, VAE_TILING,
           REFINER_START, *SIZE_KEYS, *SCORE_KEYS)
 # A txt2img with the web UI's hires fix writes "Denoising strength" for its second pass.
 _HIRES_PREFIX = "Hires "
@@ -158,7 +163,8 @@ class GenerationParams:
     guidance-distilled (LCM) model, the guidance scale its U-Net took as an input (equal to
     ``guidance_scale``; None for other models). ``dtype``: the U-Net's dtype name
     (``"bfloat16"``); not a :meth:`to_kwargs` argument but the pipeline's, as ``ldm generate
-    --from`` loads it (:func:`ldm.dtypes.dtype_to_remake`).
+    --from`` loads it (:func:`ldm.dtypes.dtype_to_remake`). ``vae_tiling``: how the VAE
+    ran (:attr:`ldm.pipeline.Generation.vae_tiling`), passed on to remake it so where it fits.
     """
 
     prompt: str
@@ -180,6 +186,7 @@ class GenerationParams:
     vae: str | None = None
     vae_hash: str | None = None
     dtype: str | None = None
+    vae_tiling: str | None = None
     strength: float | None = None
     mask_blur: int | None = None
     mask_padding: int | None = None
@@ -254,7 +261,7 @@ class GenerationParams:
             target_size=self.target_size, aesthetic_score=self.aesthetic_score,
             negative_aesthetic_score=self.negative_aesthetic_score, refiner=refiner,
             guidance_end=self.guidance_end, cache_interval=self.cache_interval, token_merging=self.token_merging,
-            refiner_start=self.refiner_start if refiner is not None else None, control=control,
+            vae_tiling=self.vae_tiling, refiner_start=self.refiner_start if refiner is not None else None, control=control,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -328,6 +335,7 @@ def format_parameters(p: GenerationParams) -> str:
         (VAE_HASH, p.vae_hash),
         (VAE, p.vae),
         (DTYPE, p.dtype),
+        (VAE_TILING, p.vae_tiling),
         (STRENGTH, p.strength),
         (MASK_BLUR, p.mask_blur),
         (INPAINT_AREA, ONLY_MASKED if p.mask_padding is not None else None),
@@ -428,6 +436,13 @@ def _float(key: str, value: str) -> float:
         raise ValueError(f"parameters: {key!r} must be a finite number, got {value!r}") from None
 
 
+def _vae_tiling(value: str) -> str:
+    try:
+        return check_vae_mode(value, VAE_TILING)
+    except ValueError as exc:
+        raise ValueError(f"parameters: {exc}") from None
+
+
 def _sampler(value: str) -> tuple[str | None, str]:
     """Web UI sampler name -> (ldm sampler or None, schedule)."""
     name, schedule = value.strip(), "default"
@@ -475,6 +490,8 @@ def parse_parameters(text: str) -> GenerationParams:
             fields["dtype"] = canonical_dtype_name(pairs[DTYPE])
         except ValueError as exc:
             raise ValueError(f"parameters: '{DTYPE}': {exc}") from None
+    if VAE_TILING in pairs:
+        fields["vae_tiling"] = _vae_tiling(pairs[VAE_TILING])
     if "Size" in pairs:
         m = _SIZE.match(pairs["Size"])
         if not m:

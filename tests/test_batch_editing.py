@@ -72,7 +72,8 @@ def calls(monkeypatch) -> list[dict]:
     def generate(self, prompt, negative_prompt=None, **kwargs):
         recorded.append({"prompt": prompt, **kwargs})
         picture = Image.new("RGB", (kwargs["width"], kwargs["height"]), (90, 90, 90))
-        return Generation([picture] * len(prompt), list(kwargs["seed"]), list(prompt), list(negative_prompt))
+        return Generation([picture] * len(prompt), list(kwargs["seed"]), list(prompt), list(negative_prompt),
+                          vae_tiling=["none"] * len(prompt))
 
     monkeypatch.setattr(Pipeline, "generate", generate)
     return recorded

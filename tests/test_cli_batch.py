@@ -256,7 +256,7 @@ def test_generate_info_and_regenerate_from_png(sd1_folder, tmp_path, capsys, mon
     text = capsys.readouterr().out.strip()
     assert text == ("a red cube\nNegative prompt: blurry, dark\nSteps: 3, Sampler: Euler a, CFG scale: 5, "
                     f"Seed: 43, Size: 64x64, Model hash: {model_hash(sd1_folder)}, Model: model, "
-                    "Dtype: float32, Batch size: 2, Batch pos: 1")  # the tests' CPU dtype (conftest)
+                    "Dtype: float32, VAE tiling: none, Batch size: 2, Batch pos: 1")  # the tests' CPU dtype (conftest)
     assert main(["info", "--json", str(out / "00001-43.png")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["seed"], info["sampler"], info["sampler_name"]) == (43, "euler_a", "Euler a")
@@ -349,6 +349,17 @@ def test_resume_reconciles_manifest_and_files(sd1_folder, prompt_file, reference
     older = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     for e in older:
         del e["parameters"]["dtype"]
+    (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in older))
+    assert main(args) == 0
+    assert "0 rendered, 24 already done" in capsys.readouterr().out
+
+    # They record how the VAE ran too (whole here: memory to spare), also for the adopted
+    # image. That is how the run went, which the free memory decides, not a setting of the
+    # batch: an entry that ran it otherwise is still done.
+    assert {e["parameters"]["vae_tiling"] for e in entries} == {"none"}
+    assert read_parameters(out / unrecorded).vae_tiling == "none"
+    for e in older:
+        e["parameters"]["vae_tiling"] = "blended"
     (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in older))
     assert main(args) == 0
     assert "0 rendered, 24 already done" in capsys.readouterr().out

@@ -44,7 +44,8 @@ class FakePipeline:
         self.calls.append(kwargs)
         n, seed = kwargs["num_images"], kwargs["seed"]
         return SimpleNamespace(images=[Image.new("RGB", (8, 8)) for _ in range(n)],
-                               seeds=[seed + k for k in range(n)], params={"width": 8, "height": 8})
+                               seeds=[seed + k for k in range(n)], params={"width": 8, "height": 8},
+                               vae_tiling=["none"] * n)
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from ldm import Pipeline
-from ldm.cli import UsageError, build_parser
+from ldm.cli import UsageError, build_parser, main
 from ldm.limits import (
     CHOICE_HEADROOM, MEMORY_LEVELS, MemoryLimitError, MemoryPlan, decode_bytes, level_needs, plan_batch, plan_memory,
 )
 from ldm.memory import is_out_of_memory, runner_of, use_plan
+from ldm.pngmeta import read_parameters
 from ldm.models.layers import Attention, chunked_sdpa, set_attention_chunk
 from ldm.tiled_vae import Tiling, tiled_decode
 
@@ -58,7 +59,7 @@ def test_short_memory_picks_the_tiled_vae_and_says_why(pipe, caplog):
         plan = _plan(pipe.config, 256, CHOICE_HEADROOM * max(tiled.values()))
     assert plan.level == "tiled" and plan.vae_tiling == Tiling(8, 2) and plan.attention_chunk is None
     line = [r.message for r in caplog.records if r.message.startswith("memory:")][-1]
-    assert line.startswith("memory: tiled (tiled VAE): the VAE of a 256x256 image needs ~") and "free on cpu" in line
+    assert line.startswith("memory: tiled (tiled VAE; VAE tiling blended): the VAE of a 256x256 image needs ~") and "free on cpu" in line
     # Where only tiling fits, the call is no longer refused (it was: the whole decode > free).
     assert plan_batch(pipe.config, 1, 256, 256, dtype_bytes=4, guided=True, device="cpu",
                       available=max(tiled.values())) == 1
@@ -72,7 +73,7 @@ def test_between_whole_and_blended_tiles_the_seamless_vae_is_chosen(pipe, caplog
         plan = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()))
     assert plan.level == "seamless" and plan.vae_seamless and plan.vae_tiling is None
     assert plan.attention_chunk is None and not plan.offload
-    assert "memory: seamless (seamless tiled VAE): the VAE of a 1024x1024 image needs ~" in caplog.text
+    assert "memory: seamless (seamless tiled VAE; VAE tiling seamless): the VAE of a 1024x1024 image needs ~" in caplog.text
     assert not plan.lower("test").vae_seamless and plan.lower("test").vae_tiling is not None
 
 
@@ -81,9 +82,12 @@ def test_a_backend_that_keeps_attention_scores_gets_sliced_attention(pipe):
     sliced = _needs(pipe.config, 512, "sliced", device="mps", chunk=1024)
     tiled = _needs(pipe.config, 512, "tiled", device="mps")
     assert tiled["U-Net"] >= 2 * 2 * 4096 * 4096 * 4 > sliced["U-Net"]
-    plan = _plan(pipe.config, 512, CHOICE_HEADROOM * max(sliced.values()), device="mps")
+    available = CHOICE_HEADROOM * max(sliced.values())
+    plan = _plan(pipe.config, 512, available, device="mps")
     assert plan.level == "sliced" and plan.attention_chunk is not None and plan.attention_chunk <= 1024
-    assert plan.vae_tiling is not None
+    # Its VAE runs seamless where that fits, else in blended tiles.
+    seamless = _needs(pipe.config, 512, "sliced", device="mps", chunk=plan.chunk, vae_mode="seamless")
+    assert plan.vae_mode == ("seamless" if CHOICE_HEADROOM * max(seamless.values()) <= available else "blended")
 
 
 def test_on_an_accelerator_offloading_the_idle_models_is_the_last_level(pipe):
@@ -95,6 +99,119 @@ def test_on_an_accelerator_offloading_the_idle_models_is_the_last_level(pipe):
     assert plan.level == "offload" and plan.offload
     assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40, device="cuda"))] == list(MEMORY_LEVELS)
     assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40))] == ["fast", "seamless", "tiled", "sliced"]
+
+
+def test_sliced_and_offload_run_the_vae_seamless_where_it_fits(pipe):
+    # Weights that, offloaded, leave room for the U-Net and the seamless VAE but not at "sliced".
+    resident = {"unet": 2**27, "vae": 2**25, "text": 0}
+    seamless, blended = (_needs(pipe.config, 1024, "offload", device="cuda", resident=resident, vae_mode=mode)
+                         for mode in ("seamless", "blended"))
+    sliced = _needs(pipe.config, 1024, "sliced", device="cuda", resident=resident, vae_mode="blended")
+    assert sliced["U-Net"] > seamless["VAE"] > max(blended["VAE"], seamless["U-Net"])
+    roomy = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()), device="cuda", resident=resident)
+    assert (roomy.level, roomy.vae_mode, roomy.vae_tiling) == ("offload", "seamless", None)
+    tight = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()) - 1, device="cuda", resident=resident)
+    assert (tight.level, tight.vae_mode) == ("offload", "blended") and tight.vae_tiling is not None
+    # Named without a measure of the free memory, they take the leanest VAE.
+    assert _plan(pipe.config, 256, None, memory="sliced").vae_mode in ("seamless", "blended")
+
+
+def test_a_retry_never_runs_the_vae_less_lean_than_it_was(pipe):
+    plan = _plan(pipe.config, 64, 2**40, device="cuda", memory="sliced")
+    assert plan.vae_mode == "seamless"
+    steps = [(p.level, p.vae_mode) for p in _chain(plan)]
+    assert steps == [("sliced", "seamless"), ("offload", "seamless"), ("offload", "blended")]
+    tiled = _plan(pipe.config, 64, 2**40, device="cuda", memory="tiled")
+    assert [(p.level, p.vae_mode) for p in _chain(tiled)] == [
+        ("tiled", "blended"), ("sliced", "blended"), ("offload", "blended")]
+    with pytest.raises(ValueError, match="memory level 'fast' runs the VAE none, not 'seamless'"):
+        MemoryPlan("fast", Tiling(8, 2), 64, MEMORY_LEVELS, "test", "seamless")
+
+
+def test_a_seamless_vae_that_runs_out_of_memory_at_sliced_is_redone_in_blended_tiles(pipe, monkeypatch, caplog,
+                                                                                     one_thread):
+    tiled = _run(pipe, memory="tiled")
+
+    def seamless_failing(vae, z):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr("ldm.memory.seamless_decode", seamless_failing)
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        gen = pipe.generate("a cat", steps=2, output="np", progress=False, seed=0, width=SIZE, height=SIZE,
+                            memory="sliced")
+    np.testing.assert_array_equal(gen.images, tiled)
+    assert gen.vae_tiling == ["blended"]
+    assert "VAE ran out of memory at memory level sliced (" in caplog.text
+    assert "retrying it at sliced (sliced attention, seamless tiled VAE where it fits, else tiled; VAE tiling " \
+        "blended)" in caplog.text
+
+
+@pytest.mark.parametrize("recorded, room, level, mode, warning", [
+    ("blended", None, "tiled", "blended", None),  # kept although the whole VAE would fit
+    ("seamless", None, "seamless", "seamless", None),
+    ("none", None, "fast", "none", None),
+    ("none", "seamless", "seamless", "seamless", "it may differ by rounding"),
+    ("seamless", "tiled", "tiled", "blended", "it may differ where tiles overlap"),
+])
+def test_a_recorded_vae_tiling_is_kept_where_it_fits(pipe, caplog, recorded, room, level, mode, warning):
+    available = 2**40 if room is None else CHOICE_HEADROOM * max(_needs(pipe.config, 1024, room).values())
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        plan = _plan(pipe.config, 1024, available, vae_mode=recorded)
+    assert (plan.level, plan.vae_mode) == (level, mode)
+    if warning:
+        assert f"the picture was made with VAE tiling {recorded!r}, this run uses {mode!r}" in caplog.text
+        assert warning in caplog.text
+    else:
+        assert "the picture was made with VAE tiling" in caplog.text and "this run uses" not in caplog.text
+
+
+def test_a_named_level_wins_over_a_recorded_vae_tiling_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        plan = _plan(pipe.config, 256, 2**40, memory="fast", vae_mode="blended")
+    assert (plan.level, plan.vae_mode) == ("fast", "none")
+    assert "made with VAE tiling 'blended', this run uses 'none' (asked for (memory='fast'))" in caplog.text
+    with pytest.raises(ValueError, match=r"vae_tiling must be one of \('none', 'seamless', 'blended'\), got 'x'"):
+        _run(pipe, vae_tiling="x")
+
+
+def test_each_image_records_how_its_vae_ran(pipe, monkeypatch, one_thread):
+    assert pipe.generate("a", steps=1, output="np", progress=False, num_images=2, memory="seamless",
+                         width=SIZE, height=SIZE).vae_tiling == ["seamless", "seamless"]
+    assert pipe.generate("a", steps=1, output="latent", progress=False).vae_tiling == []
+    real, calls = pipe.vae.decode, []
+
+    def second_decode_fails(z):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError(CPU_OOM)
+        return real(z)
+
+    monkeypatch.setattr(pipe.vae, "decode", second_decode_fails)
+    gen = pipe.generate("a", steps=1, output="np", progress=False, num_images=2, memory="fast", width=SIZE,
+                        height=SIZE)
+    assert gen.vae_tiling == ["none", "seamless"]
+
+
+def test_from_runs_the_vae_as_the_picture_recorded(sd1_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_MODEL_PATH", str(sd1_folder.parent))
+    args = ["--steps", "2", "--seed", "3", "--size", f"{SIZE}x{SIZE}", "--model", str(sd1_folder),
+            "--device", "cpu"]
+    assert main(["generate", "a red cube", *args, "--memory", "tiled", "-o", str(tmp_path / "tiled")]) == 0
+    assert main(["generate", "a red cube", *args, "-o", str(tmp_path / "auto")]) == 0
+    tiled, auto = tmp_path / "tiled" / "00000-3.png", tmp_path / "auto" / "00000-3.png"
+    assert (read_parameters(tiled).vae_tiling, read_parameters(auto).vae_tiling) == ("blended", "none")
+    assert _pixels(tiled) != _pixels(auto)  # blended tiles make another picture here
+    # Plenty of memory, so "auto" alone would decode whole: --from keeps the blended tiles.
+    again = tmp_path / "again"
+    assert main(["generate", "--from", str(tiled), "--device", "cpu", "-o", str(again)]) == 0
+    assert _pixels(again / "00000-3.png") == _pixels(tiled)
+    assert read_parameters(again / "00000-3.png") == read_parameters(tiled)
+
+
+def _pixels(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).tobytes()
 
 
 def _chain(plan):
@@ -204,8 +321,8 @@ def test_a_decode_that_runs_out_of_memory_is_redone_seamless_then_tiled(pipe, mo
     # The seamless retry gives the whole decode's picture (it does not call vae.decode).
     assert shapes == [(16, 16)]
     np.testing.assert_allclose(images, whole, atol=1e-5)
-    assert "VAE ran out of memory at memory level 'fast' (" in caplog.text
-    assert "retrying it at 'seamless' (seamless tiled VAE)" in caplog.text
+    assert "VAE ran out of memory at memory level fast (VAE and attention whole; VAE tiling none) (" in caplog.text
+    assert "retrying it at seamless (seamless tiled VAE; VAE tiling seamless)" in caplog.text
 
     def seamless_failing(vae, z):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
@@ -223,7 +340,7 @@ def test_a_decode_that_runs_out_of_memory_is_redone_seamless_then_tiled(pipe, mo
     np.testing.assert_array_equal(images, tiled)
     # Tiles of 8 starting at 0, 6 and 12 on each side (the last 4 wide).
     assert sorted(shapes) == sorted((h, w) for h in (8, 8, 4) for w in (8, 8, 4))
-    assert "retrying it at 'tiled' (tiled VAE)" in caplog.text
+    assert "retrying it at tiled (tiled VAE; VAE tiling blended)" in caplog.text
 
 
 def test_a_unet_that_runs_out_of_memory_mid_sampling_redoes_the_batch_with_the_same_noise(
@@ -244,7 +361,9 @@ def test_a_unet_that_runs_out_of_memory_mid_sampling_redoes_the_batch_with_the_s
         images = _run(pipe, memory="fast", num_images=2, **kwargs)
     np.testing.assert_allclose(images, expected, atol=1e-6)
     assert len(calls) == 1 + 1 + 3  # one step, the failure, then all three again
-    assert "U-Net ran out of memory at memory level 'fast'" in caplog.text and "at 'sliced'" in caplog.text
+    assert "U-Net ran out of memory at memory level fast (" in caplog.text
+    assert "retrying it at sliced (sliced attention, seamless tiled VAE where it fits, else tiled; VAE tiling " \
+        "seamless)" in caplog.text
 
 
 def test_other_errors_are_not_retried_and_the_leanest_level_gives_up_clearly(pipe, monkeypatch):
@@ -260,7 +379,7 @@ def test_other_errors_are_not_retried_and_the_leanest_level_gives_up_clearly(pip
 
     monkeypatch.setattr(pipe.vae, "decode", always_oom)
     monkeypatch.setattr("ldm.memory.seamless_decode", lambda vae, z: always_oom(z))
-    with pytest.raises(MemoryLimitError, match="VAE ran out of memory on cpu even at memory level 'sliced'"):
+    with pytest.raises(MemoryLimitError, match=r"VAE ran out of memory on cpu even at memory level sliced \(.*VAE tiling blended\)"):
         _run(pipe, memory="fast")
 
 

@@ -75,8 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "else the sampler's own; trailing for Turbo-style models)")
     p.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
                    help="memory level: auto (default: the fastest that fits the free memory), fast, seamless (the "
-                   "VAE layer by layer in tiles, same picture), tiled (the VAE in blended tiles), sliced (and "
-                   "sliced attention), offload (and models offloaded to the CPU; GPU only)")
+                   "VAE layer by layer in tiles, same picture), tiled (the VAE in blended tiles), sliced (sliced "
+                   "attention, the VAE seamless where it fits, else blended), offload (and models offloaded to the "
+                   "CPU; GPU only). With --from, auto runs the VAE as the picture's 'VAE tiling' says where that fits")
     p.set_defaults(func=run)
 
 
@@ -368,6 +369,7 @@ def _generate(args: argparse.Namespace, pipe: Any, kwargs: dict[str, Any], n: in
     for more in gens[1:]:
         gen.images += more.images
         gen.seeds += more.seeds
+        gen.vae_tiling += more.vae_tiling
     return gen
 
 
@@ -407,7 +409,7 @@ def _render(args: argparse.Namespace, p: GenerationParams, out: Path, written: l
     for i, k in enumerate(keep):
         extra = {BATCH_SIZE: str(n), BATCH_POS: str(k)} if one_call else {}
         params = p.replace(seed=gen.seeds[k], width=gen.params["width"], height=gen.params["height"],
-                           model=ref.name, model_hash=ref.hash, extra=extra, **record)
+                           model=ref.name, model_hash=ref.hash, extra=extra, vae_tiling=gen.vae_tiling[k], **record)
         path = out / f"{first + i:05d}-{gen.seeds[k]}.png"
         save_png(gen.images[k], path, params)
         written.append((gen.images[k], params))
