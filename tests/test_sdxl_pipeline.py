@@ -158,6 +158,30 @@ def test_base_then_refiner_matches_diffusers_denoising_end_and_start(base, refin
     assert np.abs(alone - expected).max() > 10 * TOLERANCE  # the refiner did something
 
 
+def test_the_refiner_decodes_and_retries_at_the_call_s_memory_level(base, refiner, monkeypatch, caplog):
+    import logging
+
+    _, pipe = base
+    _, pipe_refiner = refiner
+    kwargs = dict(steps=6, seed=3, width=WIDTH, height=HEIGHT, output="np", progress=False, refiner=pipe_refiner)
+    # The refiner decodes the picture: it runs the VAE as the call's plan says.
+    assert pipe.generate("x", memory="seamless", **kwargs).vae_tiling == ["seamless"]
+    expected = pipe("x", memory="sliced", **kwargs)
+    real, calls = pipe_refiner.unet.forward, []
+
+    def forward_failing_once(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipe_refiner.unet, "forward", forward_failing_once)
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        got = pipe("x", memory="fast", **kwargs)
+    assert "U-Net ran out of memory at memory level fast" in caplog.text
+    np.testing.assert_array_equal(got, expected)
+
+
 def _edit_inputs():
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)).resize(
