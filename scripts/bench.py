@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from reference import SD1_SCHEDULER_CONFIG, _randomize, write_pipeline_files  # noqa: E402
 
 from ldm.dtypes import BF16_MIN_SPEEDUP, bf16_speedup, default_dtype, native_bf16, parse_dtype  # noqa: E402
+from ldm.cpuinfo import cpu_flags, cpu_model  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 IMPLS = ("ldm", "diffusers")
@@ -508,6 +509,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
         sides[SHIPPED.side].layout(*SHIPPED.layout(device))
         opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
         opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
         if args.compile:
             opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image.
@@ -583,6 +586,37 @@ def bench_feature_cache(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
             "shallow / full": part / full, "cache_interval 3: mean step / full step": (full + 2 * part) / (3 * full)}
 
 
+def bench_gemm_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                         repeats: int, device: torch.device) -> dict[str, float]:
+    """ldm alone, bfloat16 on the CPU: the U-Net step with its attention as GEMMs
+    (ldm.models.gemm_attention, on by default where the CPU suits it) against torch's
+    SDPA, and each one's distance to the float32 U-Net on the same (bfloat16) inputs."""
+    from ldm.models.gemm_attention import cpu_suits_gemm_attention, set_gemm_attention
+
+    def step(mode: str) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            previous = set_gemm_attention(mode)
+            try:
+                return unet(x, t, context)
+            finally:
+                set_gemm_attention(previous)
+        return run
+
+    times, out = interleaved({"gemm": step("on"), "sdpa": step("off")}, repeats, device, "GEMM attention")
+    unet.float()  # bfloat16 -> float32 -> bfloat16 is exact: the weights come back unchanged
+    try:
+        ref = unet(x.float(), t, context.float()).float()
+    finally:
+        unet.to(torch.bfloat16)
+    gemm, sdpa = (float(np.median(times[k])) for k in ("gemm", "sdpa"))
+    distance = {k: ((out[k].float() - ref).norm() / ref.norm()).item() for k in ("gemm", "sdpa")}
+    return {"U-Net step, GEMM attention (ms)": gemm * 1e3, "U-Net step, SDPA attention (ms)": sdpa * 1e3,
+            "GEMM attention step / SDPA step": gemm / sdpa,
+            "GEMM attention on by default here (AVX512-BF16, no AMX)": float(cpu_suits_gemm_attention()),
+            "U-Net output vs float32, relative, GEMM attention": distance["gemm"],
+            "U-Net output vs float32, relative, SDPA attention": distance["sdpa"]}
+
+
 def bench_token_merging(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                         repeats: int, device: torch.device) -> dict[str, float]:
     """ldm alone: the U-Net step with half the first level's tokens merged around
@@ -602,26 +636,6 @@ def bench_token_merging(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 # --- report ------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def load_average() -> str:
@@ -705,8 +719,8 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         lines += ["", "Checks (same weights, same inputs / seed):", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
         lines += ["", f"Opt-in: DeepCache (`cache_interval`) and token merging (`token_merging`), "
-                  f"{SHIPPED.label} alone, batch 2; with --compile, "
-                  "torch.compile of both U-Nets:", ""]
+                  f"{SHIPPED.label} alone, batch 2; in bfloat16 on the CPU, its attention as GEMMs against "
+                  "torch's SDPA; with --compile, torch.compile of both U-Nets:", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["opt_in"].items()]
     lines += ["", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]

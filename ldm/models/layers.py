@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gemm_attention import BLOCK as GEMM_BLOCK
+from .gemm_attention import gemm_attention, use_gemm_attention
 from .token_merging import bipartite_merge
 
 
@@ -220,7 +222,11 @@ def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, chunk: int | None) -> Tensor:
     output depends only on its own row of scores, so the result is the unsliced one,
     while a backend that keeps the score matrix (the math kernel) holds ``chunk x M``
     of it instead of ``N x M`` (diffusers' ``SlicedAttnProcessor`` slices the batch
-    instead, which does not bound one image's 65536 x 65536 self-attention at 2048 px)."""
+    instead, which does not bound one image's 65536 x 65536 self-attention at 2048 px).
+    bfloat16 on a CPU without AMX runs :func:`~ldm.models.gemm_attention.gemm_attention`
+    instead, faster there, in blocks of at most ``chunk`` queries of one head."""
+    if use_gemm_attention(q, k):
+        return gemm_attention(q, k, v, min(chunk or GEMM_BLOCK, GEMM_BLOCK))
     if chunk is None or q.shape[2] <= chunk:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(chunk, dim=2)], dim=2)

@@ -1,0 +1,102 @@
+"""Attention as GEMMs for bfloat16 on CPUs without AMX (ldm.models.gemm_attention): the
+formula, where it is used, and the U-Net it runs in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm import Pipeline
+from ldm.models import gemm_attention as ga
+from ldm.models.layers import chunked_sdpa
+
+
+def _qkv(b, h, n, m, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g)
+    k, v = (torch.randn(b, h, m, d, generator=g) for _ in range(2))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _formula(q, k, v):
+    q, k, v = q.double(), k.double(), v.double()
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+@pytest.fixture
+def mode():
+    previous = ga.set_gemm_attention("auto")
+    yield ga.set_gemm_attention
+    ga.set_gemm_attention(previous)
+
+
+@pytest.mark.parametrize("block", [1, 7, 256, 5000])
+def test_it_is_the_attention_formula(block):
+    # In float32 only rounding separates it from the formula: blocks, odd sizes, the transposes.
+    q, k, v = _qkv(2, 3, 301, 1030, 24)
+    out = ga.gemm_attention(q, k, v, block)
+    assert out.shape == (2, 3, 301, 24)
+    torch.testing.assert_close(out.double(), _formula(q, k, v), atol=2e-6, rtol=2e-6)
+
+
+def test_in_bfloat16_it_is_within_rounding_of_the_formula():
+    q, k, v = _qkv(2, 8, 512, 1024, 40, torch.bfloat16)
+    expected = _formula(q, k, v)
+    err = (ga.gemm_attention(q, k, v).double() - expected).abs().max().item()
+    # Scores of about +-5 rounded to bfloat16 (8 significant bits) move a probability by up to
+    # ~1%, averaging out over 1,024 keys, and the output is rounded: within 0.5% of the values'
+    # range, and far from float32's 1e-6.
+    assert 1e-4 < err < 0.005 * v.abs().max().item()
+
+
+def test_it_runs_on_bfloat16_cpus_without_amx_only(monkeypatch, mode):
+    q, k, _ = _qkv(1, 2, 8, 1024, 8, torch.bfloat16)
+    monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert ga.use_gemm_attention(q, k)
+    assert not ga.use_gemm_attention(q.float(), k.float())  # float32: SDPA's kernel is the faster
+    assert not ga.use_gemm_attention(q, k[:, :, :77])  # cross-attention over a prompt's tokens
+    monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert not ga.use_gemm_attention(q, k)  # AMX: flash's bfloat16 tiles
+    monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset())
+    assert not ga.use_gemm_attention(q, k)  # flags unknown: SDPA
+    mode("on")
+    assert ga.use_gemm_attention(q, k) and not ga.use_gemm_attention(q.float(), k.float())
+    mode("off")
+    monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert not ga.use_gemm_attention(q, k)
+    with pytest.raises(ValueError, match=r"GEMM attention mode must be one of \('auto', 'on', 'off'\), got 'x'"):
+        mode("x")
+
+
+def test_sliced_attention_bounds_its_blocks(monkeypatch, mode):
+    mode("on")
+    q, k, v = _qkv(1, 2, 100, 1024, 16, torch.bfloat16)
+    blocks = []
+    real = ga.gemm_attention
+
+    def spy(q, k, v, block=ga.BLOCK):
+        blocks.append(block)
+        return real(q, k, v, block)
+
+    monkeypatch.setattr("ldm.models.layers.gemm_attention", spy)
+    torch.testing.assert_close(chunked_sdpa(q, k, v, None), real(q, k, v))
+    chunked_sdpa(q, k, v, 16)
+    assert blocks == [ga.BLOCK, 16]
+
+
+def test_in_the_unet_it_is_as_close_to_float32_as_sdpa(sd1_folder, mode, one_thread):
+    # 256 px: 1,024 tokens at the tiny U-Net's first level, so its self-attention runs here.
+    pipe = Pipeline.from_pretrained(sd1_folder, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    x, context = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([700.0, 300.0])
+    with torch.inference_mode():
+        ref = pipe.unet(x, t, context)
+        pipe.unet.to(torch.bfloat16)
+        out = {}
+        for m in ("on", "off"):
+            mode(m)
+            out[m] = pipe.unet(x.bfloat16(), t, context.bfloat16()).float()
+    distance = {m: ((o - ref).norm() / ref.norm()).item() for m, o in out.items()}
+    assert not torch.equal(out["on"], out["off"])  # the GEMM path did run
+    assert distance["on"] < 1.25 * distance["off"]
