@@ -62,6 +62,7 @@ from .batchfile import Job, LineError, Settings, check_settings, check_steps, di
 from .batchinputs import Inputs, check_inputs, control_arguments, edit_arguments
 from .dtypes import dtype_name
 from .grid import image_grid
+from .limits import check_memory
 from .modelref import ModelRef
 from .batchplan import Item, expand, plan_chunks, token_chunks
 from .batchresume import Reconciled, own_file, reconcile
@@ -92,6 +93,7 @@ class BatchOptions:
     refiner: str | None = None
     vae: str | None = None  # a VAE file for the model (and the refiner) in place of its own
     compile: bool = False  # torch.compile the U-Net(s): Pipeline.compile
+    memory: str = "auto"  # the memory level each call starts at (ldm.limits)
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,9 @@ def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchl
     check_settings(opts.settings)
     jobs, errors = read_jobs(opts.prompts, opts.settings, opts.jsonl)
     state = _distributed_state(opts.device)
+    from .pipeline import resolve_device
+
+    check_memory(opts.memory, resolve_device(_rank_device(opts.device, state)))  # before any folder or model
     main = state.is_main_process
     if main:
         report_errors(opts.prompts, errors)
@@ -431,7 +436,7 @@ def _render_into(opts: BatchOptions, models: Models, jobs: list[Job], inputs: In
     state.wait_for_everyone()
 
     mine = [c for i, c in enumerate(chunks) if i % state.num_processes == state.process_index]
-    rendered = _render(models, mine, rec.done, opts.outdir, inputs, state)
+    rendered = _render(models, mine, rec.done, opts.outdir, inputs, state, opts.memory)
     state.wait_for_everyone()
     if main:
         entries = manifest.merge(opts.outdir)
@@ -477,7 +482,7 @@ def _prepare_folder(outdir: Path, rec: Reconciled) -> None:
 
 
 def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], outdir: Path, inputs: Inputs,
-            state: Any) -> int:
+            state: Any, memory: str) -> int:
     from tqdm.auto import tqdm
 
     todo = [c for c in chunks if any(item.key not in done for item in c)]
@@ -498,7 +503,7 @@ def _render(models: Models, chunks: list[list[Item]], done: set[manifest.Key], o
                 **edit_arguments([(i.job.line, i.job.edit) for i in chunk], inputs.files),
                 **control_arguments(first.job.controls, models.controlnets, first.width, first.height, first.seed,
                                     inputs.files, first.job.line),
-                **first.job.sdxl.kwargs(), **refiner, **first.job.speedups.kwargs(),
+                **first.job.sdxl.kwargs(), **refiner, **first.job.speedups.kwargs(), memory=memory,
             )
             for item, image, vae_tiling in zip(chunk, gen.images, gen.vae_tiling, strict=True):
                 if item.key in done:

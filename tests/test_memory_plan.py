@@ -208,6 +208,28 @@ def test_from_runs_the_vae_as_the_picture_recorded(sd1_folder, tmp_path, monkeyp
     assert read_parameters(again / "00000-3.png") == read_parameters(tiled)
 
 
+def test_batch_takes_a_memory_level_and_records_how_the_vae_ran(sd1_folder, tmp_path, capsys):
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--model", str(sd1_folder), "--device", "cpu", "--steps", "2",
+            "--size", f"{SIZE}x{SIZE}", "-o", str(out)]
+    assert main([*args, "--memory", "tiled"]) == 0
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["parameters"]["vae_tiling"] for e in entries] == ["blended", "blended"]
+    assert {read_parameters(out / e["file"]).vae_tiling for e in entries} == {"blended"}
+    # How the VAE ran is not a setting: a rerun that would decode whole has nothing to do.
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 rendered, 2 already done" in capsys.readouterr().out
+    # A level the device lacks is refused before any folder or model.
+    assert main([*args[:-1], str(tmp_path / "new"), "--memory", "offload"]) == 2
+    assert "memory='offload' moves models between an accelerator and the CPU" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def _pixels(path):
     from PIL import Image
 

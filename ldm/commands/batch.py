@@ -11,7 +11,9 @@ from ..batchedit import EditDefaults
 from ..batchfile import Settings
 from ..editing import DEFAULT_FILL, DEFAULT_MASK_BLUR
 from ..validation import SPACINGS
-from .common import add_editing_options, add_generation_options, positive_int, settings_from_args
+from .common import (
+    add_editing_options, add_generation_options, add_memory_option, positive_int, settings_from_args,
+)
 
 FORMATS = {"auto": None, "text": False, "jsonl": True}
 
@@ -46,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompt file format (default: by suffix)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="timestep spacing for lines without a spacing key (default: the model's, else the sampler's)")
+    add_memory_option(p, ". Each PNG and manifest entry records how the VAE ran ('VAE tiling')")
     p.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
                    help="run N processes (one per GPU, or CPU processes over gloo) via torchrun")
     p.set_defaults(func=run)
@@ -82,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, grid=args.grid, grid_rows=args.grid_rows, jsonl=jsonl,
         allow_pickle=args.allow_pickle, lora_dirs=tuple(args.lora_dirs or ()),
         embedding_dirs=tuple(args.embedding_dirs) if args.embedding_dirs else None, refiner=args.refiner,
-        vae=args.vae, compile=args.compile,
+        vae=args.vae, compile=args.compile, memory=args.memory,
     )
     return run_batch(opts)

@@ -176,6 +176,16 @@ def check_output_dir(folder: Path, flag: str = "-o") -> None:
         raise ValueError(f"{flag} {folder}: {existing} is not writable")
 
 
+def add_memory_option(p: argparse.ArgumentParser, more: str = "") -> None:
+    from ..limits import MEMORY_CHOICES
+
+    p.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
+                   help="memory level: auto (default: the fastest that fits the free memory), fast, seamless (the "
+                   "VAE layer by layer in tiles, same picture), tiled (the VAE in blended tiles), sliced (sliced "
+                   "attention, the VAE seamless where it fits, else blended), offload (and models offloaded to the "
+                   "CPU; GPU only)" + more)
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint (.safetensors) or diffusers folder (default: the shipped model, $LDM_WEIGHTS)")

@@ -20,11 +20,11 @@ from ..pngmeta import (
     save_png,
 )
 from ..editing import DEFAULT_FILL, default_size, extend, load_image, load_mask
-from ..limits import MEMORY_CHOICES
 from ..speedups import Speedups
 from ..validation import DEFAULTS, SPACINGS, check_sampling
 from .common import (
-    add_editing_options, add_generation_options, check_output_dir, printable, resolve_model, sdxl_values, value,
+    add_editing_options, add_generation_options, add_memory_option, check_output_dir, printable, resolve_model,
+    sdxl_values, value,
 )
 from .controls import (
     ControlRequest, add_control_options, check_control_flags, check_units, control_requests, controls_for,
@@ -73,11 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="timestep spacing of the schedule, as diffusers' timestep_spacing (default: the model's, "
                    "else the sampler's own; trailing for Turbo-style models)")
-    p.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
-                   help="memory level: auto (default: the fastest that fits the free memory), fast, seamless (the "
-                   "VAE layer by layer in tiles, same picture), tiled (the VAE in blended tiles), sliced (sliced "
-                   "attention, the VAE seamless where it fits, else blended), offload (and models offloaded to the "
-                   "CPU; GPU only). With --from, auto runs the VAE as the picture's 'VAE tiling' says where that fits")
+    add_memory_option(p, ". With --from, auto runs the VAE as the picture's 'VAE tiling' says where that fits")
     p.set_defaults(func=run)
 
 
