@@ -27,7 +27,7 @@ from .dtypes import default_dtype, dtype_name, native_bf16, parse_dtype, warn_em
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
 from .edit_request import EditRequest, plan_edit
 from .editing import DEFAULT_MASK_BLUR
-from .layouts import with_vae_layout
+from .layouts import with_unet_layout, with_vae_layout
 from .limits import plan_batch, plan_memory
 from .models.feature_cache import FeatureCache
 from .models.token_merging import set_token_merging
@@ -117,7 +117,7 @@ class Pipeline:
                  embedding_dirs: Sequence[str | Path] | None = None, allow_pickle: bool = False) -> None:
         self.model = model
         self.config = model.config
-        self.unet = model.unet.eval()
+        self.unet = with_unet_layout(model.unet.eval())  # channels_last on CPU in bfloat16: measured faster
         self.vae = with_vae_layout(model.vae.eval())  # channels_last on CPU: measured faster
         self.text_encoder = model.text_encoder.eval()
         self.tokenizer = model.tokenizer
@@ -196,6 +196,7 @@ class Pipeline:
             warn_emulated(device or self.device, dtype)
         for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device=device, dtype=dtype)
+        with_unet_layout(self.unet)
         return self
 
     def compile(self, *, mode: str | None = None) -> "Pipeline":

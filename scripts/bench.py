@@ -19,7 +19,7 @@ and reporting medians:
 
 The U-Net and the VAE of each library run in both memory layouts (contiguous NCHW and
 channels_last); "ldm as shipped" is the layout ldm picks for the device (ldm.layouts:
-on CPU a channels_last VAE and a contiguous U-Net), diffusers' documented CPU settings are
+on CPU a channels_last VAE, and a channels_last U-Net in bfloat16 only), diffusers' documented CPU settings are
 SDPA attention and a channels_last U-Net and VAE, and the ratio column compares the two.
 The GEMM peak is measured before and after each dtype's rows (the better counts: on a
 shared machine the worse one saw other load); oneDNN's direct 3x3 convolutions can beat
@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from reference import SD1_SCHEDULER_CONFIG, _randomize, write_pipeline_files  # noqa: E402
 
 from ldm.dtypes import BF16_MIN_SPEEDUP, bf16_speedup, default_dtype, native_bf16, parse_dtype  # noqa: E402
-from ldm.cpuinfo import cpu_flags, cpu_model  # noqa: E402
+from ldm.models.cpuinfo import cpu_flags, cpu_model  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 IMPLS = ("ldm", "diffusers")
@@ -263,12 +263,12 @@ class Variant:
         return f"{self.side} {'channels_last' if self.channels_last else 'contiguous'}" + (
             " (documented)" if self == DOCUMENTED else "")
 
-    def layout(self, device: torch.device) -> tuple[bool, bool]:
+    def layout(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, bool]:
         """(U-Net, VAE) channels_last."""
         if self.channels_last is None:
-            from ldm.layouts import vae_channels_last
+            from ldm.layouts import unet_channels_last, vae_channels_last
 
-            return False, vae_channels_last(device)
+            return unet_channels_last(device, dtype), vae_channels_last(device)
         return self.channels_last, self.channels_last
 
 
@@ -338,7 +338,7 @@ def bench_load(folder: Path, device: torch.device, dtype: torch.dtype, repeats: 
     def load(name: str) -> Callable[[], None]:
         def run() -> None:
             side = SIDES[name](folder, device, dtype)
-            side.layout(*AS_USED[name].layout(device))  # loaded as it is used
+            side.layout(*AS_USED[name].layout(device, dtype))  # loaded as it is used
             del side
             gc.collect()
             if device.type == "cuda":
@@ -412,7 +412,7 @@ def child_main(args: argparse.Namespace) -> None:
     rss_before = peak_rss_mib()
     with torch.inference_mode():
         side = SIDES[args.child](args.folder, device, dtype)
-        side.layout(*AS_USED[args.child].layout(device))
+        side.layout(*AS_USED[args.child].layout(device, dtype))
         side.generate(args.size, args.memory_steps)
     result = {"peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": rss_before}
     if device.type == "cuda":
@@ -468,7 +468,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
         sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
 
         def before(variant: Variant) -> None:
-            sides[variant.side].layout(*variant.layout(device))
+            sides[variant.side].layout(*variant.layout(device, dtype))
 
         def components(label: str, call: Callable[[Side], Any], variants: tuple[Variant, ...] = VARIANTS,
                        warmup: bool = True) -> tuple[dict, dict]:
@@ -492,7 +492,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
             ("encode", f"VAE encode, 1 image {args.size}x{args.size}", lambda s: s.encode(image)),
         ):
             times, out = components(key, call)
-            unet_cl, vae_cl = SHIPPED.layout(device)
+            unet_cl, vae_cl = SHIPPED.layout(device, dtype)
             shipped = LDM_CL if (unet_cl if key == "unet" else vae_cl) else LDM
             rows.append(row(label, "ms", times, 1e3, flops[key], peak, shipped))
             ref = out[DOCUMENTED].float()
@@ -506,7 +506,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
             rows.append(row(f"U-Net step, 4 images (batch 8 with CFG), {latent}x{latent} latents", "ms", times,
                             1e3, 4 * flops["unet"], peak))
 
-        sides[SHIPPED.side].layout(*SHIPPED.layout(device))
+        sides[SHIPPED.side].layout(*SHIPPED.layout(device, dtype))
         opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
         opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
         if device.type == "cpu" and dtype == torch.bfloat16:
@@ -542,7 +542,7 @@ def bench_compiled(sides: dict[str, Side], x: torch.Tensor, t: torch.Tensor, con
     try:
         for variant in (SHIPPED, DOCUMENTED):
             side = sides[variant.side]
-            side.layout(*variant.layout(device))
+            side.layout(*variant.layout(device, x.dtype))
             compiled = torch.compile(eager[variant.side], dynamic=False)
             seconds, _ = timed(lambda: _with_unet(side, compiled, x, t, context), device)
             out[f"{side.name}: torch.compile + first call (s)"] = seconds

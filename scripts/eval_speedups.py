@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from eval_toy import GUIDANCE, Log, accuracy_table, heldout_prompts, render  # noqa: E402
 
-from ldm.cpuinfo import cpu_model  # noqa: E402
+from ldm.models.cpuinfo import cpu_model  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
 
 ROWS = ("default", "guidance_end=0.8", "guidance_end=0.6", "guidance_end=0.4", "cache_interval=2",

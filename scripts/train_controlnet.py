@@ -45,7 +45,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a file from a checkout without i
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
 
-from ldm.cpuinfo import cpu_model  # noqa: E402
+from ldm.models.cpuinfo import cpu_model  # noqa: E402
 
 from ldm.atomicio import atomic_write_bytes  # noqa: E402
 from ldm.checkpoints import LoadedControlNet, load_controlnet, load_model, save_controlnet  # noqa: E402

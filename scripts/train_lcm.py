@@ -53,7 +53,7 @@ from train_controlnet import (  # noqa: E402  (puts the checkout on the path)
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
-from ldm.cpuinfo import cpu_model  # noqa: E402
+from ldm.models.cpuinfo import cpu_model  # noqa: E402
 
 from ldm.atomicio import atomic_write_bytes  # noqa: E402
 from ldm.checkpoints import CheckpointError, LoadedModel, load_model  # noqa: E402

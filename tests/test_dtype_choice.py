@@ -150,7 +150,8 @@ def contiguous_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_cpu_vae_is_channels_last_and_decodes_the_same(sd1_pipe, one_thread):
-    # ldm.layouts: channels_last measured faster for the VAE on CPU; the U-Net stays contiguous.
+    # ldm.layouts: channels_last measured faster for the VAE on CPU; the U-Net stays contiguous
+    # in float32 (these tests' CPU dtype).
     vae, unet = sd1_pipe.vae, sd1_pipe.unet
     convs = [m.weight for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
@@ -169,9 +170,32 @@ def test_cpu_vae_is_channels_last_and_decodes_the_same(sd1_pipe, one_thread):
     assert decoded.is_contiguous(memory_format=torch.channels_last)  # the layout really changed
 
 
-def test_layout_rule_is_per_device_and_validated():
-    from ldm.layouts import vae_channels_last, with_vae_layout
+def test_a_bfloat16_unet_on_cpu_is_channels_last_and_back_in_float32(sd1_folder):
+    from ldm import Pipeline
 
+    pipe = Pipeline.from_pretrained(sd1_folder, device="cpu", dtype=torch.bfloat16)
+
+    def layouts(unet):
+        convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+        return {(w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()) for w in convs}
+
+    assert layouts(pipe.unet) == {(True, False)}
+    pipe.to(dtype=torch.float32)
+    assert layouts(pipe.unet) == {(False, True)}
+    pipe.to(dtype=torch.bfloat16)
+    assert layouts(pipe.unet) == {(True, False)}
+
+
+def test_layout_rule_is_per_device_and_validated():
+    from ldm.layouts import unet_channels_last, vae_channels_last, with_unet_layout, with_vae_layout
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert unet_channels_last(cpu, torch.bfloat16) and not unet_channels_last(cpu, torch.float32)
+    assert not unet_channels_last(cuda, torch.bfloat16) and not unet_channels_last(cuda, torch.float16)
+    with pytest.raises(TypeError, match="torch.device"):
+        unet_channels_last("cpu", torch.bfloat16)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        with_unet_layout("unet")
     assert vae_channels_last(torch.device("cpu")) and not vae_channels_last(torch.device("cuda"))
     with pytest.raises(TypeError, match="torch.device"):
         vae_channels_last("cpu")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..cpuinfo import cpu_flags
+from .cpuinfo import cpu_flags
 
 BLOCK = 256  # queries per GEMM: a block's scores over 4,096 keys fit a 2 MiB cache
 MIN_KEYS = 1024
