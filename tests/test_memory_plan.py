@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from failures import failing_on
 from ldm import Pipeline
 from ldm.cli import UsageError, build_parser, main
 from ldm.limits import (
@@ -178,15 +179,7 @@ def test_each_image_records_how_its_vae_ran(pipe, monkeypatch, one_thread):
     assert pipe.generate("a", steps=1, output="np", progress=False, num_images=2, memory="seamless",
                          width=SIZE, height=SIZE).vae_tiling == ["seamless", "seamless"]
     assert pipe.generate("a", steps=1, output="latent", progress=False).vae_tiling == []
-    real, calls = pipe.vae.decode, []
-
-    def second_decode_fails(z):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError(CPU_OOM)
-        return real(z)
-
-    monkeypatch.setattr(pipe.vae, "decode", second_decode_fails)
+    monkeypatch.setattr(pipe.vae, "decode", failing_on(2, pipe.vae.decode, RuntimeError(CPU_OOM)))
     gen = pipe.generate("a", steps=1, output="np", progress=False, num_images=2, memory="fast", width=SIZE,
                         height=SIZE)
     assert gen.vae_tiling == ["none", "seamless"]
@@ -370,19 +363,13 @@ def test_a_unet_that_runs_out_of_memory_mid_sampling_redoes_the_batch_with_the_s
     # euler_a draws fresh noise every step: the retry must rewind each image's generator.
     kwargs = dict(sampler="euler_a", steps=3)
     expected = _run(pipe, memory="sliced", num_images=2, **kwargs)
-    real, calls = pipe.unet.forward, []
-
-    def forward_failing_on_the_second_step(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(pipe.unet, "forward", forward_failing_on_the_second_step)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    forward = failing_on(2, pipe.unet.forward, oom)  # on the second step
+    monkeypatch.setattr(pipe.unet, "forward", forward)
     with caplog.at_level(logging.WARNING, logger="ldm"):
         images = _run(pipe, memory="fast", num_images=2, **kwargs)
     np.testing.assert_allclose(images, expected, atol=1e-6)
-    assert len(calls) == 1 + 1 + 3  # one step, the failure, then all three again
+    assert len(forward.calls) == 1 + 1 + 3  # one step, the failure, then all three again
     assert "U-Net ran out of memory at memory level fast (" in caplog.text
     assert "retrying it at sliced (sliced attention, seamless tiled VAE where it fits, else tiled; VAE tiling " \
         "seamless)" in caplog.text

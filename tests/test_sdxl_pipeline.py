@@ -161,21 +161,16 @@ def test_base_then_refiner_matches_diffusers_denoising_end_and_start(base, refin
 def test_the_refiner_decodes_and_retries_at_the_call_s_memory_level(base, refiner, monkeypatch, caplog):
     import logging
 
+    from failures import failing_on
+
     _, pipe = base
     _, pipe_refiner = refiner
     kwargs = dict(steps=6, seed=3, width=WIDTH, height=HEIGHT, output="np", progress=False, refiner=pipe_refiner)
     # The refiner decodes the picture: it runs the VAE as the call's plan says.
     assert pipe.generate("x", memory="seamless", **kwargs).vae_tiling == ["seamless"]
     expected = pipe("x", memory="sliced", **kwargs)
-    real, calls = pipe_refiner.unet.forward, []
-
-    def forward_failing_once(*args, **kw):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(pipe_refiner.unet, "forward", forward_failing_once)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(pipe_refiner.unet, "forward", failing_on(1, pipe_refiner.unet.forward, oom))
     with caplog.at_level(logging.WARNING, logger="ldm"):
         got = pipe("x", memory="fast", **kwargs)
     assert "U-Net ran out of memory at memory level fast" in caplog.text
