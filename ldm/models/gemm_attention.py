@@ -11,9 +11,16 @@ the output ``V^T P^T`` a second GEMM (40 rows by 256 columns: 181 GFLOP/s in tha
 tokens, 80 channels) and 1.9x on the VAE's mid-block (one head of 512 channels); a whole
 U-Net step 8-11% faster.
 
-The probabilities are rounded to bfloat16 before the second GEMM (flash keeps them in
-float32): on the full SD1.5 architecture the U-Net output's distance to float32 stayed
-the same (1.37% relative against flash's 1.38%, one step at 512 px).
+The scores and probabilities are rounded to bfloat16 (flash keeps both in float32). Alone,
+the call is further from exact (max error 0.0025 against flash's 0.0006 for the shape
+above), but in the whole U-Net, where every activation is bfloat16, it does not show: on the
+full SD1.5 architecture the output's distance to float32 was 1.37% relative against
+flash's 1.38% (one step at 512 px; 1.35% vs 1.36% in ``scripts/bench.py``'s run).
+
+Beyond its inputs and output it holds transposed copies of the keys and values and one
+block's scores and probabilities (2 x 256 x keys values: 64 MiB at 2048 px, 65,536 tokens),
+never the whole score matrix, so the memory plan's fused-attention estimate holds
+(:mod:`ldm.limits`).
 
 Used where (:func:`use_gemm_attention`): a CPU tensor in bfloat16, at least
 :data:`MIN_KEYS` keys (cross-attention over 77 tokens stays with SDPA), on a CPU whose
