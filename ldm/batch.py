@@ -359,11 +359,11 @@ def _stopped(outdir: Path, merge: bool) -> int:
 
 
 def _run(opts: BatchOptions, print_fn: Callable[[str], None], locks: list[batchlock.FolderLock]) -> int:
+    from .pipeline import resolve_device
+
     check_settings(opts.settings)
     jobs, errors = read_jobs(opts.prompts, opts.settings, opts.jsonl)
     state = _distributed_state(opts.device)
-    from .pipeline import resolve_device
-
     check_memory(opts.memory, resolve_device(_rank_device(opts.device, state)))  # before any folder or model
     main = state.is_main_process
     if main:

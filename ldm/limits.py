@@ -203,6 +203,16 @@ def _level_modes(level: str) -> tuple[str, ...]:
     return ("seamless", "blended") if mode is None else (mode,)
 
 
+def _level_mode(level: str, mode: str | None) -> str:
+    """``mode`` if ``level`` may run it (None: the level's leanest), else ValueError."""
+    modes = _level_modes(level)
+    if mode is None:
+        return modes[-1]
+    if mode not in modes:
+        raise ValueError(f"memory level {level!r} runs the VAE {' or '.join(modes)}, not {mode!r}")
+    return mode
+
+
 def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
                 level: str, chunk: int = ATTENTION_CHUNK, resident: Mapping[str, int] | None = None,
                 vae_mode: str | None = None) -> dict[str, int]:
@@ -212,9 +222,7 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
     ``vae_mode``: one the level may run (default: its leanest)."""
     if level not in MEMORY_LEVELS:
         raise ValueError(f"memory level must be one of {MEMORY_LEVELS}, got {level!r}")
-    vae_mode = _level_modes(level)[-1] if vae_mode is None else vae_mode
-    if vae_mode not in _level_modes(level):
-        raise ValueError(f"memory level {level!r} runs the VAE {' or '.join(_level_modes(level))}, not {vae_mode!r}")
+    vae_mode = _level_mode(level, vae_mode)
     rank = MEMORY_LEVELS.index(level)
     rows = 2 if guided else 1
     u = config.unet
@@ -293,11 +301,7 @@ class MemoryPlan:
     def __post_init__(self) -> None:
         if self.level not in self.levels:
             raise ValueError(f"memory level must be one of {self.levels} here, got {self.level!r}")
-        if self.vae_mode is None:
-            object.__setattr__(self, "vae_mode", _level_modes(self.level)[-1])
-        elif self.vae_mode not in _level_modes(self.level):
-            raise ValueError(f"memory level {self.level!r} runs the VAE {' or '.join(_level_modes(self.level))}, "
-                             f"not {self.vae_mode!r}")
+        object.__setattr__(self, "vae_mode", _level_mode(self.level, self.vae_mode))
 
     @property
     def label(self) -> str:

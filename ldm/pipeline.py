@@ -98,6 +98,16 @@ class Generation:
     vae_tiling: list[str] = field(default_factory=list)
 
 
+def _as_output(pictures: np.ndarray | list[np.ndarray], output: str) -> Any:
+    """Pictures in [0, 1] (an array, or a list from an edit) as ``output`` asks: PIL images,
+    or "np": one array where they share a size, else the list."""
+    if output != "np":
+        return [_to_pil(a) for a in pictures]
+    if isinstance(pictures, np.ndarray) or len({a.shape for a in pictures}) != 1:
+        return pictures
+    return np.stack(pictures)
+
+
 def _as_list(value: str | Sequence[str], name: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -634,12 +644,7 @@ class Pipeline:
         """Decode, then (for an edit) keep the unmasked pixels / paste crops back; with
         the VAE mode of each image."""
         array, modes = self._decode_all(latents)
-        if edit is None:
-            return (array if output == "np" else [_to_pil(a) for a in array]), modes
-        arrays = edit.finish(array)
-        if output == "np":
-            return (np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays), modes
-        return [_to_pil(a) for a in arrays], modes
+        return _as_output(array if edit is None else edit.finish(array), output), modes
 
     def _negatives(self, negative: str | Sequence[str] | None, n: int) -> list[str]:
         if negative is None:
@@ -732,10 +737,7 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output: Literal["pil", "np"] = "pil") -> Any:
         """Latents (VP scaled, as samplers return them) to images in [0, 1]."""
-        array, _ = self._decode_all(latents)
-        if output == "np":
-            return array
-        return [_to_pil(a) for a in array]
+        return _as_output(self._decode_all(latents)[0], output)
 
     def _decode_all(self, latents: torch.Tensor) -> tuple[np.ndarray, list[str]]:
         """Images in [0, 1] (N, H, W, C), and how the VAE ran for each: the runner's mode
