@@ -10,8 +10,9 @@ channels_last (encode 2-5%), while the U-Net step was 13% *slower* in float32 an
 faster in bfloat16. On an AMD EPYC with AVX512-BF16 at 512x512 in bfloat16, two runs gave the
 U-Net 2.6% and 2.8% faster with channels_last (13.0 s vs 13.4 s, 9.95 s vs 10.24 s). So on
 CPU the VAE is channels_last, and the U-Net too in bfloat16 but contiguous in float32.
-Converting the full-size U-Net's weights takes about 1.5 s at load on that EPYC, which two
-512 px steps (0.86 s saved each, 2 repeats) win back.
+Converting the full-size U-Net's weights after loading took about 1.5 s on that EPYC;
+:func:`channels_last_components` instead has the loader write each weight in its final
+dtype and layout as it is read, in one copy.
 """
 
 from __future__ import annotations
@@ -55,3 +56,13 @@ def with_unet_layout(unet: nn.Module) -> nn.Module:
     channels_last = unet_channels_last(weight.device, weight.dtype)
     unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return unet
+
+
+def channels_last_components(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The components (``"unet"``, ``"vae"``) to load channels_last on ``device`` in
+    ``dtype``, for :func:`ldm.load_model`'s ``channels_last``: converting as the weights are
+    read costs no copy beyond the dtype's."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    return tuple(name for name, wanted in (("unet", unet_channels_last(device, dtype)),
+                                           ("vae", vae_channels_last(device))) if wanted)

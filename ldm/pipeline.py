@@ -27,7 +27,7 @@ from .dtypes import default_dtype, dtype_name, native_bf16, parse_dtype, warn_em
 from .edit_latents import EditLatents, binary_mask, blend_callback, prepare, to_model_pixels
 from .edit_request import EditRequest, plan_edit
 from .editing import DEFAULT_MASK_BLUR
-from .layouts import with_unet_layout, with_vae_layout
+from .layouts import channels_last_components, with_unet_layout, with_vae_layout
 from .limits import plan_batch, plan_memory
 from .models.feature_cache import FeatureCache
 from .models.token_merging import set_token_merging
@@ -183,8 +183,8 @@ class Pipeline:
                 )
         source = open_vae(vae, allow_pickle=allow_pickle) if vae is not None else None  # errors before the model
         model = load_model(
-            path, device=device, dtype=dtype, config=config,
-            prediction_type=prediction_type, allow_pickle=allow_pickle,
+            path, device=device, dtype=dtype, config=config, prediction_type=prediction_type,
+            allow_pickle=allow_pickle, channels_last=channels_last_components(device, dtype),
         )
         pipe = cls(model, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, allow_pickle=allow_pickle)
         if source is not None:

@@ -491,3 +491,33 @@ def test_weights_converted_on_load_are_read_into_their_own_memory(tmp_path):
         assert torch.equal(mapped, value) and torch.equal(copied, value) and copied.dtype == value.dtype, key
         copied.zero_()  # its own memory: the file's view is untouched
         assert torch.equal(f.get(key), value), key
+
+
+def test_buffer_reads_are_views_of_one_block_and_loaded_weights_never_share_it(singles, sd1_folder, tmp_path):
+    from ldm.checkpoints.files import ReadBuffer, open_tensor_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=gen), "b": torch.randn(7, generator=gen).half(), "empty": torch.zeros(0, 2)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    f = open_tensor_file(tmp_path / "w.safetensors")
+    buffer = ReadBuffer(max(f.nbytes(k) for k in tensors))
+    assert [f.nbytes(k) for k in tensors] == [60, 14, 0]
+    a = f.get("a", copy=True, buffer=buffer)
+    assert torch.equal(a, tensors["a"])
+    b = f.get("b", copy=True, buffer=buffer)  # the same block: a is overwritten, as documented
+    assert torch.equal(b, tensors["b"]) and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert f.get("empty", copy=True, buffer=buffer).shape == (0, 2)
+    # Loading converts every weight out of the buffer into memory of its own: each holds the
+    # stored value (cast), none shares storage with another (the buffer is reused per tensor),
+    # also for weights the key maps split (SD2's fused qkv) or reshape (the VAE's 1x1 convs).
+    for source in (singles["sd1"], singles["sd2v"], sd1_folder):
+        stored = load_model(source, dtype=torch.float32)
+        for dtype in (torch.bfloat16, torch.float16):
+            loaded = load_model(source, dtype=dtype, channels_last=("unet", "vae"))
+            for name, module in loaded.modules().items():
+                reference = dict(stored.modules()[name].state_dict())
+                pointers = set()
+                for key, value in module.state_dict().items():
+                    assert value.dtype == dtype and torch.equal(value, reference[key].to(dtype)), (source, key)
+                    pointers.add(value.untyped_storage().data_ptr())
+                assert len(pointers) == len(module.state_dict()), (source, name)

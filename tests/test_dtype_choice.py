@@ -201,3 +201,34 @@ def test_layout_rule_is_per_device_and_validated():
         vae_channels_last("cpu")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         with_vae_layout("vae")
+
+
+def test_components_load_channels_last_as_read_in_the_rule_s_layout(sd1_folder):
+    from ldm.checkpoints import load_model
+    from ldm.layouts import channels_last_components
+
+    assert channels_last_components(CPU, torch.bfloat16) == ("unet", "vae")
+    assert channels_last_components(CPU, torch.float32) == ("vae",)
+    assert channels_last_components(torch.device("cuda"), torch.float16) == ()
+    with pytest.raises(TypeError, match="torch.dtype"):
+        channels_last_components(CPU, "bfloat16")
+
+    def layouts(module):
+        convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+        return {(w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()) for w in convs}
+
+    plain = load_model(sd1_folder, dtype=torch.bfloat16)
+    loaded = load_model(sd1_folder, dtype=torch.bfloat16, channels_last=("unet",))
+    assert layouts(loaded.unet) == {(True, False)} and layouts(loaded.vae) == {(False, True)}
+    for key, value in loaded.unet.state_dict().items():
+        assert torch.equal(value, plain.unet.state_dict()[key]), key
+    # Loaded in the rule's layout, the pipeline's own layout pass copies nothing.
+    from ldm.layouts import with_unet_layout
+    pointers = [w.data_ptr() for w in loaded.unet.parameters()]
+    assert [w.data_ptr() for w in with_unet_layout(loaded.unet).parameters()] == pointers
+    pipe = Pipeline.from_pretrained(sd1_folder, device="cpu", dtype=torch.bfloat16)
+    assert layouts(pipe.unet) == {(True, False)} and layouts(pipe.vae) == {(True, False)}
+    with pytest.raises(ValueError, match=r"unknown component\(s\) \['unte'\]"):
+        load_model(sd1_folder, channels_last=("unte",))
+    with pytest.raises(TypeError, match="collection of component names"):
+        load_model(sd1_folder, channels_last="unet")

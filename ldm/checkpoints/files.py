@@ -187,6 +187,22 @@ def _check_overlaps(path: Path, header: dict[str, dict]) -> None:
             )
 
 
+class ReadBuffer:
+    """One block of memory that tensors read only to be converted at once are read into,
+    one after another: a view of it is valid until the next read. Loading the float32
+    SD1.5 folder in bfloat16 spent 1.8 s zero-filling and faulting in a fresh bytearray per
+    tensor (4.3 GB in all) on a 2-core AMD EPYC; reused, the block is faulted in once."""
+
+    def __init__(self, nbytes: int = 0) -> None:
+        self._data = bytearray(nbytes)  # sized for the largest tensor up front: no regrowth
+
+    def view(self, nbytes: int) -> memoryview:
+        if nbytes > len(self._data):
+            self._data = bytearray(0)  # release the old block before the larger one is made
+            self._data = bytearray(nbytes)
+        return memoryview(self._data)[:nbytes]
+
+
 class _CopyReader:
     """Tensors of a checked safetensors file read into memory of their own, not views of a
     mapping: what a loader converting to another dtype wants, since the pages of a mapping
@@ -196,10 +212,11 @@ class _CopyReader:
     def __init__(self, path: Path, header: dict[str, dict], data_start: int) -> None:
         self.path, self.header, self.data_start = path, header, data_start
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str, buffer: ReadBuffer | None = None) -> torch.Tensor:
         entry = self.header[key]
         start, end = entry["data_offsets"]
-        data = bytearray(end - start)  # read straight into it: one copy, not bytes then bytearray
+        # Read straight into it: one copy, not bytes then bytearray.
+        data = bytearray(end - start) if buffer is None else buffer.view(end - start)
         with open(self.path, "rb") as fh:
             fh.seek(self.data_start + start)
             got = fh.readinto(data)
@@ -227,12 +244,21 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self.shapes)
 
-    def get(self, key: str, *, copy: bool = False) -> torch.Tensor:
+    def nbytes(self, key: str) -> int:
+        """The stored size of tensor ``key`` in bytes."""
+        numel = 1
+        for d in self.shapes[key]:
+            numel *= d
+        return numel * getattr(torch, self.dtypes[key]).itemsize
+
+    def get(self, key: str, *, copy: bool = False, buffer: ReadBuffer | None = None) -> torch.Tensor:
         """The tensor ``key``: a view of the mapped file (no copy: best when it is used as
-        stored), or with ``copy`` read into its own memory (best when it is converted)."""
+        stored), or with ``copy`` read into its own memory (best when it is converted), or
+        into ``buffer`` (a view valid until its next read: for a loader that converts it
+        into memory of its own at once)."""
         if copy and key in self._copy_readers:
             try:
-                return self._copy_readers[key].get_tensor(key)
+                return self._copy_readers[key].get_tensor(key, buffer)
             except OSError as exc:
                 raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {exc}") from None
         reader = self._readers[key]
