@@ -27,7 +27,9 @@ queries at a time, :func:`ldm.models.layers.chunked_sdpa`), ``offload`` (on an
 accelerator: each model waits in CPU memory until its phase runs). At ``sliced`` and
 ``offload`` the VAE runs seamless where that fits the free memory, else in blended tiles
 (the plan's :attr:`MemoryPlan.vae_mode`, one of :data:`VAE_MODES`, which a PNG records as
-"VAE tiling"). ``auto`` takes the first level whose estimated peak, doubled, fits the free
+"VAE tiling"). On an accelerator a seamless VAE's activations may instead wait in CPU
+memory, only a tile's work on the device (:attr:`MemoryPlan.vae_store`): where they do
+not fit the device but fit there, rather than blended tiles. ``auto`` takes the first level whose estimated peak, doubled, fits the free
 memory (the leanest when none does), and says so in one log line.
 """
 
@@ -215,14 +217,16 @@ def _level_mode(level: str, mode: str | None) -> str:
 
 def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
                 level: str, chunk: int = ATTENTION_CHUNK, resident: Mapping[str, int] | None = None,
-                vae_mode: str | None = None) -> dict[str, int]:
-    """Estimated peak bytes of each phase at ``level``: the U-Net's for one image (both
-    guidance rows), the VAE's for one image. ``resident``: bytes of the weights on the
-    device (``unet``, ``vae``, ``text``), which "offload" frees while another phase runs.
-    ``vae_mode``: one the level may run (default: its leanest)."""
+                vae_mode: str | None = None, vae_store: str | None = None) -> dict[str, int]:
+    """Estimated peak bytes on the device of each phase at ``level``: the U-Net's for one
+    image (both guidance rows), the VAE's for one image. ``resident``: bytes of the weights
+    on the device (``unet``, ``vae``, ``text``), which "offload" frees while another phase
+    runs. ``vae_mode``: one the level may run (default: its leanest); ``vae_store="cpu"``: a
+    seamless VAE's activations wait in CPU memory (:func:`seamless_host_bytes`)."""
     if level not in MEMORY_LEVELS:
         raise ValueError(f"memory level must be one of {MEMORY_LEVELS}, got {level!r}")
     vae_mode = _level_mode(level, vae_mode)
+    _check_store(vae_store, vae_mode, device_levels(device))
     rank = MEMORY_LEVELS.index(level)
     rows = 2 if guided else 1
     u = config.unet
@@ -235,7 +239,7 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
             scores = max(scores, _attention_scores(rows, u.num_attention_heads[i], min(queries or n, n), n, device))
     unet = rows * unet_bytes_per_row(config, height, width, dtype_bytes) + scores * dtype_bytes
     if vae_mode == "seamless":
-        vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device)
+        vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device, stored=vae_store is None)
     else:
         vae = _vae_bytes(config, height, width, dtype_bytes, tiled=vae_mode == "blended", queries=queries,
                          device=device)
@@ -263,27 +267,60 @@ def _vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, *
     return decode_bytes(config, height, width, dtype_bytes) + out + scores * dtype_bytes
 
 
-def _seamless_vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, device: Any) -> int:
+def _seamless_vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, device: Any,
+                        stored: bool = True) -> int:
     """One image through the decoder layer by layer (:mod:`ldm.seamless_vae`): at the
     costliest layer, its whole input and output activations (a resnet's input, middle and
-    output; an upsampler's input and 4x output) and one tile's work (the input region, its
-    float32 normalised copy, the output), and the mid-block attention on the whole latent."""
+    output; an upsampler's input and 4x output; none with ``stored=False``, where they wait
+    in CPU memory) and one tile's work (the input region, its float32 normalised copy, the
+    output), and the mid-block attention on the whole latent."""
     from .seamless_vae import TILE
 
-    widths = config.vae.block_out_channels[::-1]
-    levels = len(widths)
     work = max(dtype_bytes, 4)
-    peak, before = 0, widths[0]
-    for i, channels in enumerate(widths):
-        pixels = height * width // 4 ** (levels - 1 - i)
+    peak, before = 0, None
+    for channels, pixels, activations in _seamless_layers(config, height, width, dtype_bytes):
+        before = before or channels
         tile = (2 * before + channels) * min(TILE**2, pixels) * work
-        peak = max(peak, (before + 2 * channels) * pixels * dtype_bytes + tile)
-        if i < levels - 1:
-            peak = max(peak, channels * (pixels // 4 + pixels) * dtype_bytes + tile)
+        peak = max(peak, (activations if stored else 0) + tile)
         before = channels
+    widths = config.vae.block_out_channels[::-1]
     tokens = _latent_pixels(config, height, width)
     attention = (3 * widths[0] * tokens + _attention_scores(1, 1, tokens, tokens, device)) * dtype_bytes
     return max(peak, attention)
+
+
+def _seamless_layers(config: ModelConfig, height: int, width: int, dtype_bytes: int) -> list[tuple[int, int, int]]:
+    """The seamless decoder's levels, latent side first: (channels, pixels, bytes of the
+    whole activations its costliest layer holds at once)."""
+    widths = config.vae.block_out_channels[::-1]
+    levels = len(widths)
+    out, before = [], widths[0]
+    for i, channels in enumerate(widths):
+        pixels = height * width // 4 ** (levels - 1 - i)
+        held = (before + 2 * channels) * pixels
+        if i < levels - 1:
+            held = max(held, channels * (pixels // 4 + pixels))
+        out.append((channels, pixels, held * dtype_bytes))
+        before = channels
+    return out
+
+
+def seamless_host_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int) -> int:
+    """CPU memory a seamless VAE whose activations wait there (``vae_store="cpu"``) needs
+    for one image: the costliest layer's whole activations."""
+    return max(held for _, _, held in _seamless_layers(config, height, width, dtype_bytes))
+
+
+VAE_STORES = (None, "cpu")
+
+
+def _check_store(store: Any, mode: str, levels: tuple[str, ...]) -> None:
+    if store not in VAE_STORES:
+        raise ValueError(f"vae_store must be one of {VAE_STORES}, got {store!r:.80}")
+    if store is not None and (mode != "seamless" or "offload" not in levels):
+        raise ValueError("vae_store='cpu' keeps a seamless VAE's activations in CPU memory while it computes on "
+                         f"an accelerator; not for VAE tiling {mode!r}"
+                         + ("" if "offload" in levels else " on the CPU"))
 
 
 @dataclass(frozen=True)
@@ -297,16 +334,19 @@ class MemoryPlan:
     levels: tuple[str, ...]  # the levels of the device, fastest first
     reason: str
     vae_mode: str | None = None  # one of VAE_MODES; None: the level's leanest
+    vae_store: str | None = None  # "cpu": a seamless VAE's activations wait in CPU memory
 
     def __post_init__(self) -> None:
         if self.level not in self.levels:
             raise ValueError(f"memory level must be one of {self.levels} here, got {self.level!r}")
         object.__setattr__(self, "vae_mode", _level_mode(self.level, self.vae_mode))
+        _check_store(self.vae_store, self.vae_mode, self.levels)
 
     @property
     def label(self) -> str:
         """The level, what it means and the VAE's mode, for messages."""
-        return f"{self.level} ({LEVEL_MEANING[self.level]}; VAE tiling {self.vae_mode})"
+        store = ", activations in CPU memory" if self.vae_store else ""
+        return f"{self.level} ({LEVEL_MEANING[self.level]}; VAE tiling {self.vae_mode}{store})"
 
     @property
     def vae_seamless(self) -> bool:
@@ -334,25 +374,30 @@ class MemoryPlan:
 
     def at(self, level: str, reason: str) -> "MemoryPlan":
         """This plan at the leaner ``level``, its VAE in the least lean mode there that is
-        no less lean than this one's."""
+        no less lean than this one's (activations kept where they were)."""
         mode = next(m for m in _level_modes(level) if VAE_MODES.index(m) >= VAE_MODES.index(self.vae_mode))
-        return replace(self, level=level, vae_mode=mode, reason=reason)
+        return replace(self, level=level, vae_mode=mode, reason=reason,
+                       vae_store=self.vae_store if mode == "seamless" else None)
 
     def lower(self, reason: str) -> "MemoryPlan | None":
         """The next leaner plan (None after the last), for a retry after running out of
-        memory: the next level, its VAE never less lean than this one's; after the last
-        level, a seamless VAE in blended tiles."""
+        memory: on an accelerator a seamless VAE first keeps its activations in CPU memory
+        (the same picture); then the next level, its VAE never less lean than this one's;
+        after the last level, a seamless VAE in blended tiles."""
+        if self.vae_mode == "seamless" and self.vae_store is None and "offload" in self.levels:
+            return replace(self, vae_store="cpu", reason=reason)
         rank = self.levels.index(self.level)
         if rank + 1 < len(self.levels):
             return self.at(self.levels[rank + 1], reason)
         if self.vae_mode == "seamless":
-            return replace(self, vae_mode="blended", reason=reason)
+            return replace(self, vae_mode="blended", vae_store=None, reason=reason)
         return None
 
 
 def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool, device: Any,
                 memory: str = "auto", available: int | None = None,
-                resident: Mapping[str, int] | None = None, vae_mode: str | None = None) -> MemoryPlan:
+                resident: Mapping[str, int] | None = None, vae_mode: str | None = None,
+                host_available: int | None = None) -> MemoryPlan:
     """The memory level for one image of ``height`` x ``width``: ``memory`` when a level
     is named, else ("auto") the first level of :data:`MEMORY_LEVELS` whose estimated
     peak fits ``available`` (default: what :func:`available_bytes` reads) with
@@ -360,8 +405,11 @@ def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
     seamless when that fits, else in blended tiles. ``vae_mode`` (remaking a picture that
     recorded one): with "auto", the first level that fits running the VAE so; where none
     does, or ``memory`` names a level that runs it otherwise, a warning says the picture
-    may differ. One log line says which and why. Raises :class:`MemoryLimitError` (with the
-    numbers) when even the leanest level cannot fit."""
+    may differ. On an accelerator a seamless VAE whose activations do not fit the device
+    keeps them in CPU memory where they fit there (``host_available``, default: the CPU's
+    free memory), rather than giving up the seamless picture. One log line says which and
+    why. Raises :class:`MemoryLimitError` (with the numbers) when even the leanest level
+    cannot fit."""
     from .tiled_vae import Tiling
 
     memory = check_memory(memory, device)
@@ -371,12 +419,29 @@ def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
     available = available_bytes(device) if available is None else available
     chunk = attention_chunk(config, height, width, dtype_bytes=dtype_bytes, guided=guided, budget=available)
 
-    def needs(level: str, mode: str | None = None) -> dict[str, int]:
+    host_free = None
+    if "offload" in levels:  # an accelerator: activations may wait in CPU memory
+        host_free = available_bytes("cpu") if host_available is None else host_available
+
+    def needs(level: str, mode: str | None = None, store: str | None = None) -> dict[str, int]:
         return level_needs(config, height, width, dtype_bytes=dtype_bytes, guided=guided, device=device,
-                           level=level, chunk=chunk, resident=resident, vae_mode=mode)
+                           level=level, chunk=chunk, resident=resident, vae_mode=mode, vae_store=store)
+
+    def fits_as(level: str, mode: str | None, store: str | None) -> bool:
+        return available is not None and CHOICE_HEADROOM * max(needs(level, mode, store).values()) <= available
+
+    def store_of(level: str, mode: str | None) -> str | None:
+        """Where a seamless VAE at ``level`` keeps its activations: on the device where they
+        fit, else in CPU memory where they fit there (the offloaded weights wait there too)."""
+        mode = _level_mode(level, mode)
+        if mode != "seamless" or host_free is None or fits_as(level, mode, None):
+            return None
+        host = seamless_host_bytes(config, height, width, dtype_bytes)
+        host += sum((resident or {}).values()) if level == "offload" else 0
+        return "cpu" if CHOICE_HEADROOM * host <= host_free and fits_as(level, mode, "cpu") else None
 
     def fits(level: str, mode: str | None = None) -> bool:
-        return available is not None and CHOICE_HEADROOM * max(needs(level, mode).values()) <= available
+        return fits_as(level, mode, store_of(level, mode))
 
     if available is not None:
         _refuse_over(needs(levels[-1]), available, width, height, guided, device, levels[-1])
@@ -402,10 +467,15 @@ def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
         phase = max(PHASES, key=lambda p: fast[p])
         reason = f"the {phase} of a {width}x{height} image needs ~{_size(fast[phase])} at 'fast'"
         if level != "fast":
-            reason += f", ~{_size(max(needs(level, mode_of(level)).values()))} at {level!r}"
+            mode = mode_of(level)
+            reason += f", ~{_size(max(needs(level, mode, store_of(level, mode)).values()))} at {level!r}"
         reason += f"; {_size(available)} free on {device}"
     mode = mode_of(level)
-    plan = MemoryPlan(level, Tiling.for_vae(config.vae), chunk, levels, reason, mode)
+    store = store_of(level, mode)
+    if store is not None:
+        reason += f" (the VAE's activations, ~{_size(seamless_host_bytes(config, height, width, dtype_bytes))}, " \
+                  f"wait in CPU memory: {_size(host_free)} free there)"
+    plan = MemoryPlan(level, Tiling.for_vae(config.vae), chunk, levels, reason, mode, store)
     logger.info("memory: %s: %s", plan.label, reason)
     if vae_mode is not None and mode != vae_mode:
         logger.warning("the picture was made with VAE tiling %r, this run uses %r (%s): it may differ %s", vae_mode,

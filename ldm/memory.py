@@ -108,13 +108,18 @@ class MemoryRunner:
         self._hooks = {}
 
     def _enter(self, phase: str) -> None:
-        """Offloaded: the other phases' models back to CPU memory before ``phase`` runs."""
+        """Offloaded: the other phases' models back to CPU memory before ``phase`` runs, and
+        its own onto the device. Their hooks would move them when their forward runs, but
+        the seamless VAE calls their layers one by one, never the forward: without this it
+        would compute in CPU memory."""
         if not self._hooks:
             return
         own = self._phase_modules()[phase]
         for module, hook in self._hooks.items():
             if module not in own:
                 hook.offload()
+        for module in own:
+            module.to(self.device)
 
     def run(self, phase: str, fn: Callable[[], T], generators: Sequence[torch.Generator] = ()) -> T:
         """``fn()``; after an out-of-memory error, again at the next level that lowers
@@ -153,7 +158,8 @@ class MemoryRunner:
             later = before.levels[before.levels.index(before.level) + 1:]
             return next((before.at(level, reason) for level in later if level in PHASE_LEVELS[phase]), None)
         plan = before.lower(reason)
-        while plan is not None and plan.vae_mode == before.vae_mode and plan.level not in PHASE_LEVELS[phase]:
+        while plan is not None and (plan.vae_mode, plan.vae_store) == (before.vae_mode, before.vae_store) \
+                and plan.level not in PHASE_LEVELS[phase]:
             plan = plan.lower(plan.reason)
         return plan
 
@@ -190,7 +196,7 @@ class PlannedVAE:
     def _at_level(self, whole: Callable, seamless: Callable, tiled: Callable, t: Tensor) -> Any:
         plan = self._runner.plan
         if plan.vae_seamless:
-            return seamless(self._vae, t)
+            return seamless(self._vae, t, store=plan.vae_store)
         return whole(t) if plan.vae_tiling is None else tiled(self._vae, t, plan.vae_tiling)
 
     def __getattr__(self, name: str) -> Any:

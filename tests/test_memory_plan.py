@@ -14,6 +14,7 @@ from ldm import Pipeline
 from ldm.cli import UsageError, build_parser, main
 from ldm.limits import (
     CHOICE_HEADROOM, MEMORY_LEVELS, MemoryLimitError, MemoryPlan, decode_bytes, level_needs, plan_batch, plan_memory,
+    seamless_host_bytes,
 )
 from ldm.memory import is_out_of_memory, runner_of, use_plan
 from ldm.pngmeta import read_parameters
@@ -98,7 +99,9 @@ def test_on_an_accelerator_offloading_the_idle_models_is_the_last_level(pipe):
     assert offload["U-Net"] == 0 < sliced["U-Net"]  # the idle weights free more than it needs
     plan = _plan(pipe.config, 256, max(sliced.values()) - 1, device="cuda", resident=resident)
     assert plan.level == "offload" and plan.offload
-    assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40, device="cuda"))] == list(MEMORY_LEVELS)
+    # A seamless VAE that runs out of memory on the device keeps its activations in CPU memory next.
+    assert [(p.level, p.vae_store) for p in _chain(_plan(pipe.config, 64, 2**40, device="cuda"))] == [
+        ("fast", None), ("seamless", None), ("seamless", "cpu"), ("tiled", None), ("sliced", None), ("offload", None)]
     assert [p.level for p in _chain(_plan(pipe.config, 64, 2**40))] == ["fast", "seamless", "tiled", "sliced"]
 
 
@@ -111,17 +114,77 @@ def test_sliced_and_offload_run_the_vae_seamless_where_it_fits(pipe):
     assert sliced["U-Net"] > seamless["VAE"] > max(blended["VAE"], seamless["U-Net"])
     roomy = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()), device="cuda", resident=resident)
     assert (roomy.level, roomy.vae_mode, roomy.vae_tiling) == ("offload", "seamless", None)
-    tight = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()) - 1, device="cuda", resident=resident)
+    tight = _plan(pipe.config, 1024, CHOICE_HEADROOM * max(seamless.values()) - 1, device="cuda", resident=resident,
+                  host_available=0)  # no room in CPU memory for the seamless VAE's activations either
     assert (tight.level, tight.vae_mode) == ("offload", "blended") and tight.vae_tiling is not None
     # Named without a measure of the free memory, they take the leanest VAE.
     assert _plan(pipe.config, 256, None, memory="sliced").vae_mode in ("seamless", "blended")
 
 
+def test_on_an_accelerator_a_seamless_vae_too_big_for_the_device_keeps_its_activations_in_cpu_memory(pipe, caplog):
+    on_device, stored = (_needs(pipe.config, 1024, "seamless", device="cuda", vae_store=store) for store in (None, "cpu"))
+    host = seamless_host_bytes(pipe.config, 1024, 1024, 4)
+    # Independently of the planner: keeping the activations elsewhere saves at most what they take.
+    assert 0 < on_device["VAE"] - stored["VAE"] <= host and on_device["VAE"] > on_device["U-Net"]
+    available = CHOICE_HEADROOM * max(stored.values())
+    assert available < CHOICE_HEADROOM * max(on_device.values())
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        plan = _plan(pipe.config, 1024, available, device="cuda", host_available=CHOICE_HEADROOM * host)
+    assert (plan.level, plan.vae_mode, plan.vae_store, plan.vae_tiling) == ("seamless", "seamless", "cpu", None)
+    assert "VAE tiling seamless, activations in CPU memory" in plan.label
+    assert "wait in CPU memory" in caplog.text
+    # Where CPU memory cannot hold them either, blended tiles; on the CPU there is nowhere else.
+    short = _plan(pipe.config, 1024, available, device="cuda", host_available=CHOICE_HEADROOM * host - 1)
+    assert (short.level, short.vae_store) == ("tiled", None)
+    assert _plan(pipe.config, 1024, available, device="cpu").vae_store is None
+    with pytest.raises(ValueError, match="keeps a seamless VAE's activations in CPU memory .* on the CPU"):
+        MemoryPlan("seamless", plan.tiling, plan.chunk, MEMORY_LEVELS[:-1], "test", "seamless", "cpu")
+    with pytest.raises(ValueError, match="not for VAE tiling 'blended'"):
+        MemoryPlan("tiled", plan.tiling, plan.chunk, MEMORY_LEVELS, "test", "blended", "cpu")
+    with pytest.raises(ValueError, match=r"vae_store must be one of \(None, 'cpu'\), got 'disk'"):
+        _needs(pipe.config, 1024, "seamless", device="cuda", vae_store="disk")
+
+
+def test_the_planned_vae_passes_its_store_and_an_offloaded_vae_computes_on_the_device(pipe, monkeypatch, one_thread):
+    import ldm.memory as memory
+
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    whole = pipe.decode(z, "np")
+    calls = []
+
+    def seamless(vae, z, store=None):
+        calls.append((store, next(vae.decoder.parameters()).device))
+        return memory_seamless(vae, z, store=store)
+
+    memory_seamless = memory.seamless_decode
+    monkeypatch.setattr("ldm.memory.seamless_decode", seamless)
+    fast = runner_of(pipe).plan
+    moved = []
+    real_to = pipe.vae.decoder.to
+    monkeypatch.setattr(pipe.vae.decoder, "to", lambda *a, **k: moved.append(a) or real_to(*a, **k))
+    try:
+        use_plan(pipe, MemoryPlan("seamless", fast.tiling, fast.chunk, MEMORY_LEVELS, "test", "seamless", "cpu"))
+        stored = pipe.decode(z, "np")
+        # Offloaded, the decoder's hook would move it only when its forward runs, which the
+        # seamless VAE never calls: the runner moves it to the execution device itself.
+        use_plan(pipe, MemoryPlan("offload", fast.tiling, fast.chunk, MEMORY_LEVELS, "test", "seamless"))
+        moved.clear()
+        offloaded = pipe.decode(z, "np")
+        moved_for_decode = list(moved)
+    finally:
+        use_plan(pipe, MemoryPlan("fast", fast.tiling, fast.chunk, fast.levels, "test"))
+    assert [store for store, _ in calls] == ["cpu", None]
+    assert (torch.device("cpu"),) in moved_for_decode
+    np.testing.assert_allclose(stored, whole, atol=1e-5)
+    np.testing.assert_allclose(offloaded, whole, atol=1e-5)
+
+
 def test_a_retry_never_runs_the_vae_less_lean_than_it_was(pipe):
     plan = _plan(pipe.config, 64, 2**40, device="cuda", memory="sliced")
     assert plan.vae_mode == "seamless"
-    steps = [(p.level, p.vae_mode) for p in _chain(plan)]
-    assert steps == [("sliced", "seamless"), ("offload", "seamless"), ("offload", "blended")]
+    steps = [(p.level, p.vae_mode, p.vae_store) for p in _chain(plan)]
+    assert steps == [("sliced", "seamless", None), ("sliced", "seamless", "cpu"), ("offload", "seamless", "cpu"),
+                     ("offload", "blended", None)]
     tiled = _plan(pipe.config, 64, 2**40, device="cuda", memory="tiled")
     assert [(p.level, p.vae_mode) for p in _chain(tiled)] == [
         ("tiled", "blended"), ("sliced", "blended"), ("offload", "blended")]
@@ -133,7 +196,7 @@ def test_a_seamless_vae_that_runs_out_of_memory_at_sliced_is_redone_in_blended_t
                                                                                      one_thread):
     tiled = _run(pipe, memory="tiled")
 
-    def seamless_failing(vae, z):
+    def seamless_failing(vae, z, store=None):
         raise RuntimeError(CPU_OOM)
 
     monkeypatch.setattr("ldm.memory.seamless_decode", seamless_failing)
@@ -339,7 +402,7 @@ def test_a_decode_that_runs_out_of_memory_is_redone_seamless_then_tiled(pipe, mo
     assert "VAE ran out of memory at memory level fast (VAE and attention whole; VAE tiling none) (" in caplog.text
     assert "retrying it at seamless (seamless tiled VAE; VAE tiling seamless)" in caplog.text
 
-    def seamless_failing(vae, z):
+    def seamless_failing(vae, z, store=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
     def decode(z):
@@ -387,7 +450,7 @@ def test_other_errors_are_not_retried_and_the_leanest_level_gives_up_clearly(pip
         raise RuntimeError(CPU_OOM)
 
     monkeypatch.setattr(pipe.vae, "decode", always_oom)
-    monkeypatch.setattr("ldm.memory.seamless_decode", lambda vae, z: always_oom(z))
+    monkeypatch.setattr("ldm.memory.seamless_decode", lambda vae, z, store=None: always_oom(z))
     with pytest.raises(MemoryLimitError, match=r"VAE ran out of memory on cpu even at memory level sliced \(.*VAE tiling blended\)"):
         _run(pipe, memory="fast")
 
