@@ -4,7 +4,8 @@
 #   1. parity with diffusers on the GPU, in float32 and in float16: txt2img with every
 #      sampler (SD1 and SD2-v), img2img and inpainting, ControlNet (tests/test_pipeline_parity.py,
 #      test_editing_parity.py, test_controlnet_pipeline.py with LDM_TEST_DEVICE / LDM_TEST_DTYPE),
-#      and the seamless VAE with its activations kept in CPU memory (test_seamless_vae.py);
+#      and the seamless VAE with its activations kept in CPU memory, alone and as the memory
+#      runner plans it, offloaded too (test_seamless_vae.py);
 #   2. the GPU bench: scripts/bench.py --device cuda (float16, 512x512, ldm against diffusers:
 #      U-Net steps per second for 1 and 4 images, a 20-step image, peak CUDA memory).
 #

@@ -119,6 +119,43 @@ def test_activations_can_live_on_another_device_than_the_tiles(pair, one_thread)
     torch.testing.assert_close(parked.cpu(), whole, atol=1e-4, rtol=0)
 
 
+def test_a_planned_seamless_vae_computes_on_the_device_parked_or_offloaded(sd1_pipe, monkeypatch, one_thread):
+    # Through the memory runner, on the test device (scripts/gpu_check.sh: CUDA). An offloaded
+    # VAE's hooks move it only when its forward runs, which the seamless VAE never calls: the
+    # runner must move it onto the device itself, or it would compute in CPU memory.
+    from ldm.limits import MEMORY_LEVELS, MemoryPlan
+    from ldm.memory import runner_of, use_plan
+
+    pipe = sd1_pipe
+    z = _latents(16, 16)[:1].to(TEST_DEVICE)
+    whole = pipe.decode(z, "np")
+    calls = []
+    real = seamless_vae.seamless_decode
+
+    def spy(vae, z, store=None):
+        calls.append((store, next(vae.decoder.parameters()).device.type))
+        return real(vae, z, store=store)
+
+    monkeypatch.setattr("ldm.memory.seamless_decode", spy)
+    moves, real_to = [], pipe.vae.decoder.to  # on the CPU the only trace of the move
+    monkeypatch.setattr(pipe.vae.decoder, "to", lambda *a, **k: moves.append(a) or real_to(*a, **k))
+    fast = runner_of(pipe).plan
+    decoded, moved = {}, {}
+    try:
+        for level, store in (("seamless", "cpu"), ("offload", None), ("offload", "cpu")):
+            use_plan(pipe, MemoryPlan(level, fast.tiling, fast.chunk, MEMORY_LEVELS, "test", "seamless", store))
+            moves.clear()
+            decoded[level, store] = pipe.decode(z, "np")
+            moved[level, store] = list(moves)
+    finally:
+        use_plan(pipe, MemoryPlan("fast", fast.tiling, fast.chunk, fast.levels, "test"))
+    device = torch.device(TEST_DEVICE).type
+    assert calls == [("cpu", device), (None, device), ("cpu", device)]
+    assert all((pipe.device,) in moved[key] for key in (("offload", None), ("offload", "cpu")))
+    for key, image in decoded.items():
+        assert abs(image - whole).max() < 2e-3, key  # the same picture, to rounding
+
+
 @pytest.mark.parametrize("tile, latents, message", [
     (4, _latents(8, 8), "tile must be an int of at least 8 pixels, got 4"),
     (8.0, _latents(8, 8), "tile must be an int of at least 8 pixels, got 8.0"),
