@@ -29,8 +29,9 @@ accelerator: each model waits in CPU memory until its phase runs). At ``sliced``
 (the plan's :attr:`MemoryPlan.vae_mode`, one of :data:`VAE_MODES`, which a PNG records as
 "VAE tiling"). On an accelerator a seamless VAE's activations may instead wait in CPU
 memory, only a tile's work on the device (:attr:`MemoryPlan.vae_store`): where they do
-not fit the device but fit there, rather than blended tiles. ``auto`` takes the first level whose estimated peak, doubled, fits the free
-memory (the leanest when none does), and says so in one log line.
+not fit the device but fit there, rather than blended tiles. ``auto`` takes the first
+level whose estimated peak, doubled, fits the free memory (the leanest when none does),
+and says so in one log line.
 """
 
 from __future__ import annotations
@@ -277,21 +278,20 @@ def _seamless_vae_bytes(config: ModelConfig, height: int, width: int, dtype_byte
     from .seamless_vae import TILE
 
     work = max(dtype_bytes, 4)
-    peak, before = 0, None
-    for channels, pixels, activations in _seamless_layers(config, height, width, dtype_bytes):
-        before = before or channels
+    peak = 0
+    for before, channels, pixels, activations in _seamless_layers(config, height, width, dtype_bytes):
         tile = (2 * before + channels) * min(TILE**2, pixels) * work
         peak = max(peak, (activations if stored else 0) + tile)
-        before = channels
     widths = config.vae.block_out_channels[::-1]
     tokens = _latent_pixels(config, height, width)
     attention = (3 * widths[0] * tokens + _attention_scores(1, 1, tokens, tokens, device)) * dtype_bytes
     return max(peak, attention)
 
 
-def _seamless_layers(config: ModelConfig, height: int, width: int, dtype_bytes: int) -> list[tuple[int, int, int]]:
-    """The seamless decoder's levels, latent side first: (channels, pixels, bytes of the
-    whole activations its costliest layer holds at once)."""
+def _seamless_layers(config: ModelConfig, height: int, width: int,
+                     dtype_bytes: int) -> list[tuple[int, int, int, int]]:
+    """The seamless decoder's levels, latent side first: (the previous level's channels,
+    channels, pixels, bytes of the whole activations its costliest layer holds at once)."""
     widths = config.vae.block_out_channels[::-1]
     levels = len(widths)
     out, before = [], widths[0]
@@ -300,7 +300,7 @@ def _seamless_layers(config: ModelConfig, height: int, width: int, dtype_bytes: 
         held = (before + 2 * channels) * pixels
         if i < levels - 1:
             held = max(held, channels * (pixels // 4 + pixels))
-        out.append((channels, pixels, held * dtype_bytes))
+        out.append((before, channels, pixels, held * dtype_bytes))
         before = channels
     return out
 
@@ -308,7 +308,7 @@ def _seamless_layers(config: ModelConfig, height: int, width: int, dtype_bytes: 
 def seamless_host_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int) -> int:
     """CPU memory a seamless VAE whose activations wait there (``vae_store="cpu"``) needs
     for one image: the costliest layer's whole activations."""
-    return max(held for _, _, held in _seamless_layers(config, height, width, dtype_bytes))
+    return max(held for *_, held in _seamless_layers(config, height, width, dtype_bytes))
 
 
 VAE_STORES = (None, "cpu")
@@ -443,6 +443,11 @@ def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
     def fits(level: str, mode: str | None = None) -> bool:
         return fits_as(level, mode, store_of(level, mode))
 
+    def run_of(level: str) -> tuple[str, str | None]:
+        """How the VAE runs at ``level``: its mode and where its activations wait."""
+        mode = mode_of(level)
+        return mode, store_of(level, mode)
+
     if available is not None:
         _refuse_over(needs(levels[-1]), available, width, height, guided, device, levels[-1])
     kept = [lvl for lvl in levels if vae_mode in _level_modes(lvl) and fits(lvl, vae_mode)]
@@ -467,11 +472,9 @@ def plan_memory(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
         phase = max(PHASES, key=lambda p: fast[p])
         reason = f"the {phase} of a {width}x{height} image needs ~{_size(fast[phase])} at 'fast'"
         if level != "fast":
-            mode = mode_of(level)
-            reason += f", ~{_size(max(needs(level, mode, store_of(level, mode)).values()))} at {level!r}"
+            reason += f", ~{_size(max(needs(level, *run_of(level)).values()))} at {level!r}"
         reason += f"; {_size(available)} free on {device}"
-    mode = mode_of(level)
-    store = store_of(level, mode)
+    mode, store = run_of(level)
     if store is not None:
         reason += f" (the VAE's activations, ~{_size(seamless_host_bytes(config, height, width, dtype_bytes))}, " \
                   f"wait in CPU memory: {_size(host_free)} free there)"
