@@ -511,6 +511,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
         opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
         if device.type == "cpu" and dtype == torch.bfloat16:
             opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
+        if device.type == "cpu":
+            opt_in.update(bench_winograd(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
         if args.compile:
             opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image.
@@ -586,6 +588,32 @@ def bench_feature_cache(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
             "shallow / full": part / full, "cache_interval 3: mean step / full step": (full + 2 * part) / (3 * full)}
 
 
+def with_mode(setter: Callable[[str], str], mode: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` run with a module-wide switch (``set_gemm_attention``, ``set_winograd``) at ``mode``."""
+    def run() -> torch.Tensor:
+        previous = setter(mode)
+        try:
+            return fn()
+        finally:
+            setter(previous)
+    return run
+
+
+def in_float32(module: torch.nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn``'s output with ``module`` in float32 (a reduced-precision module's weights come
+    back unchanged: bfloat16 -> float32 -> bfloat16 is exact); ``fn`` casts its inputs."""
+    dtype = next(module.parameters()).dtype
+    module.float()
+    try:
+        return fn().float()
+    finally:
+        module.to(dtype)
+
+
+def distance(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
 def bench_gemm_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                          repeats: int, device: torch.device) -> dict[str, float]:
     """ldm alone, bfloat16 on the CPU: the U-Net step with its attention as GEMMs
@@ -593,28 +621,37 @@ def bench_gemm_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
     SDPA, and each one's distance to the float32 U-Net on the same (bfloat16) inputs."""
     from ldm.models.gemm_attention import cpu_suits_gemm_attention, set_gemm_attention
 
-    def step(mode: str) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            previous = set_gemm_attention(mode)
-            try:
-                return unet(x, t, context)
-            finally:
-                set_gemm_attention(previous)
-        return run
-
-    times, out = interleaved({"gemm": step("on"), "sdpa": step("off")}, repeats, device, "GEMM attention")
-    unet.float()  # bfloat16 -> float32 -> bfloat16 is exact: the weights come back unchanged
-    try:
-        ref = unet(x.float(), t, context.float()).float()
-    finally:
-        unet.to(torch.bfloat16)
+    step = {k: with_mode(set_gemm_attention, mode, lambda: unet(x, t, context)) for k, mode in (("gemm", "on"), ("sdpa", "off"))}
+    times, out = interleaved(step, repeats, device, "GEMM attention")
+    ref = in_float32(unet, lambda: unet(x.float(), t, context.float()))
     gemm, sdpa = (float(np.median(times[k])) for k in ("gemm", "sdpa"))
-    distance = {k: ((out[k].float() - ref).norm() / ref.norm()).item() for k in ("gemm", "sdpa")}
     return {"U-Net step, GEMM attention (ms)": gemm * 1e3, "U-Net step, SDPA attention (ms)": sdpa * 1e3,
             "GEMM attention step / SDPA step": gemm / sdpa,
             "GEMM attention on by default here (AVX512-BF16, no AMX)": float(cpu_suits_gemm_attention()),
-            "U-Net output vs float32, relative, GEMM attention": distance["gemm"],
-            "U-Net output vs float32, relative, SDPA attention": distance["sdpa"]}
+            "U-Net output vs float32, relative, GEMM attention": distance(out["gemm"], ref),
+            "U-Net output vs float32, relative, SDPA attention": distance(out["sdpa"], ref)}
+
+
+def bench_winograd(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z: torch.Tensor,
+                   repeats: int, device: torch.device) -> dict[str, float]:
+    """ldm alone on the CPU: the U-Net step and the VAE decode with Winograd 3x3
+    convolutions where they pay (ldm.models.winograd, the default) against the direct
+    convolution everywhere, and each one's distance to the float32 direct result."""
+    from ldm.models.winograd import set_winograd
+
+    result: dict[str, float] = {}
+    for key, module, call in (("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt))),
+                              ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)))):
+        dtype = next(module.parameters()).dtype
+        fns = {mode: with_mode(set_winograd, mode, lambda: call(dtype)) for mode in ("auto", "off")}
+        times, out = interleaved(fns, repeats, device, f"Winograd {key}")
+        ref = with_mode(set_winograd, "off", lambda: in_float32(module, lambda: call(torch.float32)))()
+        auto, off = (float(np.median(times[k])) for k in ("auto", "off"))
+        result.update({f"{key}, Winograd where it pays (ms)": auto * 1e3, f"{key}, direct convolutions (ms)": off * 1e3,
+                       f"{key}: Winograd / direct": auto / off,
+                       f"{key} vs float32 direct, relative, Winograd": distance(out["auto"], ref),
+                       f"{key} vs float32 direct, relative, direct": distance(out["off"], ref)})
+    return result
 
 
 def bench_token_merging(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
+from ldm.models.winograd import MODES, set_winograd  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
 from ldm.toy.roundtrip import to_uint8, vae_round_trips  # noqa: E402
@@ -441,6 +442,9 @@ def common_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     p.add_argument("--classifier", type=Path, default=None, help="toy classifier (default: weights/)")
+    p.add_argument("--winograd", choices=MODES, default="auto",
+                   help="Winograd 3x3 convolutions (ldm.models.winograd): auto (default: where they pay), "
+                        "on (every eligible layer, to see their rounding on this small model), off")
     return p
 
 
@@ -464,6 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_winograd(args.winograd)
     return run_and_print(lambda: evaluate(
         args.model, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scales=args.scales,
         negative_seeds=args.negative_seeds, seed=args.seed, batch_size=args.batch_size, device=args.device,

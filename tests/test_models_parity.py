@@ -12,6 +12,7 @@ from ldm.foreign_config import unet_from_diffusers, unet_to_diffusers, vae_from_
 from ldm.models.layers import Attention
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
+from ldm.models.winograd import set_winograd
 from reference import SD1_TINY, SD2V_TINY, _randomize, build_reference
 
 TOL = 1e-4
@@ -26,6 +27,14 @@ def pair(request):
     vae = AutoencoderKL(vae_from_diffusers(dict(ref_vae.config))).eval()
     vae.load_state_dict(ref_vae.state_dict(), strict=True)
     return ref_unet, unet, ref_vae, vae
+
+
+@pytest.fixture(params=["auto", "on"])
+def winograd(request):
+    """Each parity test also with every eligible 3x3 convolution as Winograd (on the CPU)."""
+    previous = set_winograd(request.param)
+    yield request.param
+    set_winograd(previous)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +52,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
 )
 @torch.no_grad()
-def test_unet_matches_diffusers(pair, shape, timestep, context_len):
+def test_unet_matches_diffusers(pair, shape, timestep, context_len, winograd):
     ref, ours, _, _ = pair
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen)
@@ -83,7 +92,7 @@ def test_three_level_unet_with_deep_transformers_matches_diffusers():
 
 
 @torch.no_grad()
-def test_vae_matches_diffusers(pair):
+def test_vae_matches_diffusers(pair, winograd):
     _, _, ref, ours = pair
     gen = torch.Generator().manual_seed(1)
     image = torch.rand(2, 3, 32, 24, generator=gen) * 2 - 1

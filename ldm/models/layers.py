@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .gemm_attention import BLOCK as GEMM_BLOCK
 from .gemm_attention import gemm_attention, use_gemm_attention
+from .winograd import Conv3x3
 from .token_merging import bipartite_merge
 
 
@@ -114,11 +115,11 @@ class ResnetBlock2D(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
@@ -155,7 +156,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         if x.shape[0] >= 64:

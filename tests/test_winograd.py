@@ -1,0 +1,150 @@
+"""Winograd 3x3 convolutions (ldm.models.winograd): the convolution they compute, where
+they run, and the layer that uses them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models import winograd as wg
+
+
+@pytest.fixture
+def mode():
+    previous = wg.set_winograd("auto")
+    yield wg.set_winograd
+    wg.set_winograd(previous)
+
+
+def _case(n, c_in, c_out, h, w, dtype=torch.float32, channels_last=False, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g).to(dtype)
+    weight = (torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5).to(dtype)
+    b = torch.randn(c_out, generator=g).to(dtype) if bias else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, weight, b
+
+
+def _exact(x, weight, bias):
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+
+
+def _relative(got, expected):
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
+SHAPES = [(1, 3, 5, 7, 9), (2, 8, 4, 16, 16), (1, 16, 16, 13, 6), (3, 4, 8, 1, 1), (1, 6, 6, 4, 21)]
+
+
+@pytest.mark.parametrize("tf", [wg.F2, wg.F4], ids=["F2", "F4"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_it_is_the_convolution(tf, shape, channels_last):
+    # float32: only rounding separates it from the convolution, at any size (partial tiles at
+    # the edges, a 1x1 map), batch and layout; the output keeps the input's memory format.
+    x, weight, bias = _case(*shape, channels_last=channels_last, bias=shape[0] != 3)
+    got = wg.winograd_conv2d(x, weight, bias, tf)
+    expected = _exact(x, weight, bias)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    fmt = torch.channels_last if channels_last and shape[2:] != (1, 1) else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
+
+
+def test_rows_of_tiles_are_done_a_chunk_at_a_time(monkeypatch):
+    # 3 tile columns and a chunk of 2 tiles: one row per chunk, and a last chunk of one row.
+    x, weight, bias = _case(2, 5, 7, 19, 11)
+    monkeypatch.setattr(wg, "TILES_PER_CHUNK", 2)
+    torch.testing.assert_close(wg.winograd_conv2d(x, weight, bias, wg.F4).double(), _exact(x, weight, bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_in_bfloat16_f2_is_within_twice_the_rounding_of_the_direct_convolution():
+    # F(2x2, 3x3), bfloat16's choice: its transforms only add, subtract and halve, so the
+    # error stays near the direct convolution's (2.6e-3 vs 4.4e-3 measured at 320 channels).
+    x, weight, bias = _case(2, 64, 64, 24, 24, torch.bfloat16)
+    expected = _exact(x, weight, bias)
+    direct = _relative(F.conv2d(x, weight, bias, padding=1), expected)
+    f2 = _relative(wg.winograd_conv2d(x, weight, bias, wg.F2), expected)
+    f4 = _relative(wg.winograd_conv2d(x, weight, bias, wg.F4), expected)
+    assert 0 < direct < f2 < 2.5 * direct
+    assert f4 > 4 * direct  # why bfloat16 does not use F(4x4, 3x3)
+    assert wg.TRANSFORMS[torch.bfloat16] is wg.F2 and wg.TRANSFORMS[torch.float32] is wg.F4
+
+
+def test_the_transforms_reproduce_a_tile_exactly():
+    # Y = A^T [(G g G^T) * (B^T d B)] A is the 3x3 correlation of one tile, in float64.
+    g = torch.Generator().manual_seed(1)
+    for tf in (wg.F2, wg.F4):
+        d = torch.randn(tf.alpha, tf.alpha, generator=g, dtype=torch.float64)
+        k = torch.randn(3, 3, generator=g, dtype=torch.float64)
+        y = tf.output @ ((tf.filter @ k.flatten()) * (tf.input @ d.flatten()))
+        expected = F.conv2d(d[None, None], k[None, None]).flatten()
+        torch.testing.assert_close(y, expected, atol=1e-12, rtol=1e-12)
+
+
+def _conv(c_in=64, c_out=64, **kw):
+    return wg.Conv3x3(c_in, c_out, 3, padding=1, **kw)
+
+
+def test_where_it_runs(monkeypatch, mode):
+    conv = _conv().requires_grad_(False)  # a loaded model's weights
+    x = torch.zeros(2, 64, 64, 64)  # 8,192 pixels: the smallest size it runs at
+    monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert wg.use_winograd(conv, x)
+    assert not wg.use_winograd(conv, x[:1])  # 4,096 pixels: transforming the filter costs more
+    assert not wg.use_winograd(_conv(32, 64), x[:, :32])  # too few channels
+    assert not wg.use_winograd(_conv(stride=2), x)
+    assert not wg.use_winograd(wg.Conv3x3(64, 64, 3, padding=2, dilation=2), x)
+    assert not wg.use_winograd(wg.Conv3x3(64, 64, 3, padding=1, groups=2), x)
+    assert not wg.use_winograd(wg.Conv3x3(64, 64, 3, padding=1, padding_mode="reflect"), x)
+    assert not wg.use_winograd(conv, x.half())  # float16 on the CPU: not measured
+    assert not wg.use_winograd(conv, x.to("meta"))  # only on the CPU
+    assert not wg.use_winograd(conv, x.requires_grad_())  # training: the direct convolution
+    assert not wg.use_winograd(_conv(), x.detach())
+    with torch.no_grad():
+        assert wg.use_winograd(_conv(), x)
+    conv.bfloat16()
+    assert wg.use_winograd(conv, x.detach().bfloat16())
+    monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert not wg.use_winograd(conv, x.detach().bfloat16())  # AMX: not measured
+    monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert not wg.use_winograd(conv, x.detach().bfloat16())  # emulated bfloat16
+    assert wg.use_winograd(conv.float(), x.detach())  # float32: everywhere
+    mode("on")
+    assert wg.use_winograd(conv, x[:1, :, :3, :3].detach())  # any size
+    mode("off")
+    assert not wg.use_winograd(conv, x.detach())
+    with pytest.raises(ValueError, match="Winograd mode must be one of"):
+        mode("fast")
+
+
+def test_the_layer_is_an_nn_conv2d_that_computes_the_same(mode):
+    # Same parameters and state-dict keys; the same output up to rounding; a weight changed in
+    # place (a LoRA merged in) is used at once: the filter is transformed on each call.
+    torch.manual_seed(0)
+    plain = nn.Conv2d(8, 16, 3, padding=1)
+    conv = wg.Conv3x3(8, 16, 3, padding=1)
+    assert isinstance(conv, nn.Conv2d)
+    conv.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(2, 8, 12, 10)
+    mode("on")
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
+        delta = torch.randn_like(plain.weight) * 0.1
+        conv.weight.add_(delta)
+        plain.weight.add_(delta)
+        torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
+    mode("off")
+    with torch.no_grad():
+        assert torch.equal(conv(x), plain(x))
+
+
+def test_gradients_flow_through_the_direct_convolution(mode):
+    mode("on")
+    conv = wg.Conv3x3(4, 4, 3, padding=1)
+    conv(torch.randn(1, 4, 8, 8)).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
