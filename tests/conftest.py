@@ -90,3 +90,15 @@ def controlnet_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("controlnets")
     return {family: save_controlnet_folder(spec, root / family, seed=6 + i)
             for i, (family, spec) in enumerate((("sd1", SD1_TINY), ("sd2", SD2V_TINY)))}
+
+
+@pytest.fixture(params=["auto", "on"])
+def winograd(request):
+    """A parity test as shipped and again with every eligible 3x3 convolution on the CPU as
+    Winograd (ldm.models.winograd), whatever its size: the tiny models never reach the sizes
+    where it runs by default."""
+    from ldm.models.winograd import set_winograd
+
+    previous = set_winograd(request.param)
+    yield request.param
+    set_winograd(previous)

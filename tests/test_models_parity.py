@@ -12,7 +12,6 @@ from ldm.foreign_config import unet_from_diffusers, unet_to_diffusers, vae_from_
 from ldm.models.layers import Attention
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
-from ldm.models.winograd import set_winograd
 from reference import SD1_TINY, SD2V_TINY, _randomize, build_reference
 
 TOL = 1e-4
@@ -27,14 +26,6 @@ def pair(request):
     vae = AutoencoderKL(vae_from_diffusers(dict(ref_vae.config))).eval()
     vae.load_state_dict(ref_vae.state_dict(), strict=True)
     return ref_unet, unet, ref_vae, vae
-
-
-@pytest.fixture(params=["auto", "on"])
-def winograd(request):
-    """Each parity test also with every eligible 3x3 convolution as Winograd (on the CPU)."""
-    previous = set_winograd(request.param)
-    yield request.param
-    set_winograd(previous)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ def _latents(h: int, w: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("h, w, tile", [(13, 21, 16), (16, 16, 8), (9, 7, 256)])
-def test_decode_is_diffusers_untiled_decode(pair, h, w, tile, one_thread):
+def test_decode_is_diffusers_untiled_decode(pair, h, w, tile, one_thread, winograd):
     ref, vae = pair
     z = _latents(h, w)
     with torch.no_grad():

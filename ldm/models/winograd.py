@@ -178,6 +178,15 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     return out.permute(0, 3, 1, 2)
 
 
+def same_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv`` (stride 1, "same" padding) applied to ``x`` as Winograd where
+    :func:`use_winograd` says, else directly; its module hooks do not run (the seamless VAE
+    calls layers this way, region by region)."""
+    if use_winograd(conv, x):
+        return winograd_conv2d(x, conv.weight, conv.bias, TRANSFORMS[x.dtype])
+    return F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
+
+
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state-dict keys) that runs as Winograd where
     :func:`use_winograd` says."""
