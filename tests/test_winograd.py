@@ -86,29 +86,31 @@ def test_the_transforms_reproduce_a_tile_exactly():
         torch.testing.assert_close(y, expected, atol=1e-12, rtol=1e-12)
 
 
-def _conv(c_in=64, c_out=64, **kw):
-    return wg.Conv3x3(c_in, c_out, 3, padding=1, **kw)
+def _conv(c_in=256, c_out=256, **kw):
+    return wg.Conv3x3(c_in, c_out, 3, **{"padding": 1, **kw}).requires_grad_(False)  # as loaded
 
 
 def test_where_it_runs(monkeypatch, mode):
-    conv = _conv().requires_grad_(False)  # a loaded model's weights
-    x = torch.zeros(2, 64, 64, 64)  # 8,192 pixels: the smallest size it runs at
+    conv = _conv()
+    x = torch.zeros(2, 256, 64, 64)  # 8,192 pixels: the smallest size it runs at
     monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert wg.use_winograd(conv, x)
     assert not wg.use_winograd(conv, x[:1])  # 4,096 pixels: transforming the filter costs more
-    assert not wg.use_winograd(_conv(32, 64), x[:, :32])  # too few channels
+    assert not wg.use_winograd(_conv(64, 256), x[:, :64])  # too few channels
+    assert wg.use_winograd(_conv(128, 256), x[:, :128])  # float32: 128 are enough
     assert not wg.use_winograd(_conv(stride=2), x)
-    assert not wg.use_winograd(wg.Conv3x3(64, 64, 3, padding=2, dilation=2), x)
-    assert not wg.use_winograd(wg.Conv3x3(64, 64, 3, padding=1, groups=2), x)
-    assert not wg.use_winograd(wg.Conv3x3(64, 64, 3, padding=1, padding_mode="reflect"), x)
+    assert not wg.use_winograd(_conv(padding=2, dilation=2), x)
+    assert not wg.use_winograd(_conv(groups=2), x)
+    assert not wg.use_winograd(_conv(padding_mode="reflect"), x)
     assert not wg.use_winograd(conv, x.half())  # float16 on the CPU: not measured
     assert not wg.use_winograd(conv, x.to("meta"))  # only on the CPU
     assert not wg.use_winograd(conv, x.requires_grad_())  # training: the direct convolution
-    assert not wg.use_winograd(_conv(), x.detach())
+    assert not wg.use_winograd(_conv().requires_grad_(), x.detach())
     with torch.no_grad():
-        assert wg.use_winograd(_conv(), x)
+        assert wg.use_winograd(_conv().requires_grad_(), x)
     conv.bfloat16()
     assert wg.use_winograd(conv, x.detach().bfloat16())
+    assert not wg.use_winograd(_conv(128, 256).bfloat16(), x[:, :128].detach().bfloat16())  # bfloat16: 256
     monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
     assert not wg.use_winograd(conv, x.detach().bfloat16())  # AMX: not measured
     monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx2"}))
