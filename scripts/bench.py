@@ -621,7 +621,8 @@ def bench_gemm_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
     SDPA, and each one's distance to the float32 U-Net on the same (bfloat16) inputs."""
     from ldm.models.gemm_attention import cpu_suits_gemm_attention, set_gemm_attention
 
-    step = {k: with_mode(set_gemm_attention, mode, lambda: unet(x, t, context)) for k, mode in (("gemm", "on"), ("sdpa", "off"))}
+    step = {k: with_mode(set_gemm_attention, mode, lambda: unet(x, t, context))
+            for k, mode in (("gemm", "on"), ("sdpa", "off"))}
     times, out = interleaved(step, repeats, device, "GEMM attention")
     ref = in_float32(unet, lambda: unet(x.float(), t, context.float()))
     gemm, sdpa = (float(np.median(times[k])) for k in ("gemm", "sdpa"))

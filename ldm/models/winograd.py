@@ -25,20 +25,21 @@ So float32 uses F4 (:data:`TRANSFORMS`) and bfloat16 F2: F4 in bfloat16 tripled 
 SD1.5 U-Net's distance to float32 (1.35% -> 4.0%) and made the VAE decode's 6.2%.
 
 Measured on one thread of an AMD EPYC with AVX512-BF16 (no AMX), full SD1.5 architecture
-at 512 px (``scripts/bench.py`` prints these lines for its size): single layers ran
-1.1-2.4x faster in float32 and 1.1-1.5x in bfloat16 at 8,192 or more output pixels
-(batch x height x width); below that, transforming the filter on each call cost more than
-it saved (a 1280-channel filter takes 170 ms), so those layers stay direct. The U-Net
-step (batch 2, only its 64x64 level qualifies) was 8% faster in both dtypes; the VAE
-decode 1.46x in float32 and 1.15x in bfloat16. Distance to the float32 direct result:
-U-Net 3e-6 in float32, 1.48% in bfloat16 (1.35% direct); decode 5e-6, 1.60% (1.25%).
+at 512 px (``scripts/bench.py`` prints these lines for its size): qualifying layers ran
+1.2-2.4x faster in float32 and 1.2-1.5x in bfloat16. The filter is transformed on each
+call (a 1280-channel one takes 170 ms), so below 8,192 output pixels (batch x height x
+width) it costs more than it saves, and with few channels the GEMM is too small to pay
+for the transforms; those layers stay direct. The U-Net step (batch 2: only its 64x64
+level qualifies) took 0.95 of the direct one in float32 and 0.95-1.01 in bfloat16; the VAE
+decode 0.68 in float32 and 0.80 in bfloat16. Distance to the float32 direct result: U-Net
+3e-6 in float32, 1.48% in bfloat16 (1.35% direct); decode 5e-6, 1.57% (1.25%).
 
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
 flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
 convolution's tiles are expected to win), without gradients, through a 3x3 stride-1
 padding-1 :class:`Conv3x3` with at least :data:`MIN_CHANNELS` channels in and out (128 in
-float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels. :func:`set_winograd` turns it off or on everywhere
-eligible, for comparisons.
+float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels.
+:func:`set_winograd` turns it off, or on for every eligible layer whatever its size.
 """
 
 from __future__ import annotations
