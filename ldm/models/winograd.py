@@ -30,8 +30,8 @@ at 512 px (``scripts/bench.py`` prints these lines for its size): qualifying lay
 call (a 1280-channel one takes 170 ms), so below 8,192 output pixels (batch x height x
 width) it costs more than it saves, and with few channels the GEMM is too small to pay
 for the transforms; those layers stay direct. The U-Net step (batch 2: only its 64x64
-level qualifies) took 0.95 of the direct one in float32 and 0.95-1.01 in bfloat16; the VAE
-decode 0.68 in float32 and 0.80 in bfloat16. Distance to the float32 direct result: U-Net
+level qualifies) took 0.95 of the direct one in float32 and 0.98 in bfloat16; the VAE
+decode 0.68 in float32 and 0.86 in bfloat16. Distance to the float32 direct result: U-Net
 3e-6 in float32, 1.48% in bfloat16 (1.35% direct); decode 5e-6, 1.57% (1.25%).
 
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
