@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .models.layers import ResnetBlock2D
 from .models.unet import MidBlock2D
 from .models.vae import DiagonalGaussian
-from .models.winograd import same_conv2d
+from .models.winograd import conv_forward
 
 # Output pixels per tile side at every layer: 256 x 256 x 128 channels of float32 is 32 MiB.
 TILE = 256
@@ -138,7 +138,7 @@ class _Layers:
                 p1 = min(p0 + self.tile, wo)
                 c0, c1, left, right = _span(p0, p1, sw, kw, pad[2], w)
                 if same:
-                    t = same_conv2d(conv, source(r0, r1, c0, c1))
+                    t = conv_forward(conv, source(r0, r1, c0, c1))
                     t = t[:, :, o0 - r0:o1 - r0, p0 - c0:p1 - c0]
                 else:
                     t = F.pad(source(r0, r1, c0, c1), (left, right, above, below))

@@ -129,7 +129,7 @@ def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
 
 def transform_filter(weight: Tensor, tf: Transforms) -> Tensor:
     """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [alpha^2, C_in, C_out] in the
-    weight's dtype (computed in float64, rounded once)."""
+    weight's dtype (computed in float32, rounded once)."""
     c_out, c_in = weight.shape[:2]
     g = weight.detach().float().permute(2, 3, 1, 0).reshape(9, c_in * c_out)
     return (tf.filter.to(weight.device, torch.float32) @ g).reshape(-1, c_in, c_out).to(weight.dtype)
@@ -181,13 +181,13 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     return out.permute(0, 3, 1, 2)
 
 
-def same_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv`` (stride 1, "same" padding) applied to ``x`` as Winograd where
-    :func:`use_winograd` says, else directly; its module hooks do not run (the seamless VAE
-    calls layers this way, region by region)."""
+def conv_forward(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv`` applied to ``x``: as Winograd where :func:`use_winograd` says, else as
+    ``nn.Conv2d`` computes it; its module hooks do not run (the seamless VAE calls layers
+    this way, region by region)."""
     if use_winograd(conv, x):
         return winograd_conv2d(x, conv.weight, conv.bias, TRANSFORMS[x.dtype])
-    return F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
+    return conv._conv_forward(x, conv.weight, conv.bias)
 
 
 class Conv3x3(nn.Conv2d):
@@ -195,6 +195,4 @@ class Conv3x3(nn.Conv2d):
     :func:`use_winograd` says."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not use_winograd(self, x):
-            return super().forward(x)
-        return winograd_conv2d(x, self.weight, self.bias, TRANSFORMS[x.dtype])
+        return conv_forward(self, x)
