@@ -92,10 +92,13 @@ def _conv(c_in=256, c_out=256, **kw):
 
 def test_where_it_runs(monkeypatch, mode):
     conv = _conv()
-    x = torch.zeros(2, 256, 64, 64)  # 8,192 pixels: the smallest size it runs at
+    x = torch.zeros(2, 256, 32, 32)  # 2,048 pixels: the smallest size it runs at in float32
     monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert wg.use_winograd(conv, x)
-    assert not wg.use_winograd(conv, x[:1])  # 4,096 pixels: transforming the filter costs more
+    assert not wg.use_winograd(conv, x[:1])  # 1,024 pixels: transforming the filter costs more
+    assert wg.use_winograd(conv.bfloat16(), x[:1].bfloat16())  # bfloat16's smaller tiles: enough
+    assert not wg.use_winograd(conv, x[:1, :, :16].bfloat16())  # 512 pixels
+    conv.float()
     assert not wg.use_winograd(_conv(64, 256), x[:, :64])  # too few channels
     assert wg.use_winograd(_conv(128, 256), x[:, :128])  # float32: 128 are enough
     assert not wg.use_winograd(_conv(stride=2), x)

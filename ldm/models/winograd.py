@@ -27,9 +27,10 @@ SD1.5 U-Net's distance to float32 (1.35% -> 4.0%) and made the VAE decode's 6.2%
 Measured on one thread of an AMD EPYC with AVX512-BF16 (no AMX), full SD1.5 architecture
 at 512 px (``scripts/bench.py`` prints these lines for its size): qualifying layers ran
 1.2-2.4x faster in float32 and 1.2-1.5x in bfloat16. The filter is transformed on each
-call (a 1280-channel one takes 170 ms), so below 8,192 output pixels (batch x height x
-width) it costs more than it saves, and with few channels the GEMM is too small to pay
-for the transforms; those layers stay direct. The U-Net step (batch 2: only its 64x64
+call (one GEMM over the weight: a 1280-channel bfloat16 one takes 35-40 ms), so over too
+few output pixels (batch x height x width, :data:`MIN_PIXELS`) it costs more than it
+saves, and with few channels the GEMM is too small to pay for the transforms; those
+layers stay direct. The U-Net step (batch 2: only its 64x64
 level qualifies) took 0.95 of the direct one in float32 and 0.98 in bfloat16; the VAE
 decode 0.68 in float32 and 0.86 in bfloat16. Distance to the float32 direct result: U-Net
 3e-6 in float32, 1.48% in bfloat16 (1.35% direct); decode 5e-6, 1.57% (1.25%).
@@ -50,7 +51,10 @@ from torch import Tensor, nn
 
 from .cpuinfo import cpu_flags
 
-MIN_PIXELS = 8192  # batch x height x width: below, transforming the filter costs more than it saves
+# Batch x height x width: below, transforming the filter costs more than the GEMMs save. Measured
+# at SD1.5's U-Net levels at 512 px: float32 paid from 2,048 (128 F4 tiles: 1.3-1.8x, 0.5-0.7x at
+# 512) and bfloat16 from 1,024 (256 F2 tiles: 1.2-1.5x; 0.6-0.8x at 512).
+MIN_PIXELS = {torch.float32: 2048, torch.bfloat16: 1024}
 # Fewer channels make the GEMM too small to pay for the transforms: at 128 channels a bfloat16
 # layer measured 0.6-0.8x (1.2-1.3x from 256), a float32 one at 64 channels 0.9-1.0x (1.2-1.4x from 128).
 MIN_CHANNELS = {torch.float32: 128, torch.bfloat16: 256}
@@ -123,16 +127,24 @@ def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
     if _mode == "on":
         return True
     n, _, h, w = x.shape
-    return (n * h * w >= MIN_PIXELS and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS[x.dtype]
+    return (n * h * w >= MIN_PIXELS[x.dtype] and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS[x.dtype]
             and cpu_suits_winograd(x.dtype))
 
 
 def transform_filter(weight: Tensor, tf: Transforms) -> Tensor:
     """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [alpha^2, C_in, C_out] in the
-    weight's dtype (computed in float32, rounded once)."""
+    weight's dtype, rounded once: one GEMM over the weight as it lies (contiguous, or
+    copied so once), with float32 accumulation, in the weight's dtype where the transform's
+    entries are exact in it (F2's halves and quarters in bfloat16) and else in float32. The
+    result is the transpose of a contiguous [alpha^2, C_out, C_in], which the GEMMs read
+    as it is; a float32 copy and a permuted copy made a 1280-channel bfloat16 filter take
+    170 ms against 35-40 ms."""
     c_out, c_in = weight.shape[:2]
-    g = weight.detach().float().permute(2, 3, 1, 0).reshape(9, c_in * c_out)
-    return (tf.filter.to(weight.device, torch.float32) @ g).reshape(-1, c_in, c_out).to(weight.dtype)
+    exact = tf.filter.to(weight.dtype).double().equal(tf.filter)
+    dtype = weight.dtype if exact else torch.float32
+    g = weight.detach().contiguous().reshape(c_out * c_in, 9).to(dtype)
+    products = tf.filter.to(weight.device, dtype) @ g.t()
+    return products.to(weight.dtype).view(-1, c_out, c_in).transpose(1, 2)
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transforms) -> Tensor:
