@@ -512,7 +512,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
         if device.type == "cpu" and dtype == torch.bfloat16:
             opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
         if device.type == "cpu":
-            opt_in.update(bench_winograd(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
+            opt_in.update(bench_conv_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
         if args.compile:
             opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image.
@@ -589,7 +589,7 @@ def bench_feature_cache(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 def with_mode(setter: Callable[[str], str], mode: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``fn`` run with a module-wide switch (``set_gemm_attention``, ``set_winograd``) at ``mode``."""
+    """``fn`` run with a module-wide switch (``set_gemm_attention``, ``set_winograd``, ...) at ``mode``."""
     def run() -> torch.Tensor:
         previous = setter(mode)
         try:
@@ -633,25 +633,33 @@ def bench_gemm_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
             "U-Net output vs float32, relative, SDPA attention": distance(out["sdpa"], ref)}
 
 
-def bench_winograd(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z: torch.Tensor,
-                   repeats: int, device: torch.device) -> dict[str, float]:
-    """ldm alone on the CPU: the U-Net step and the VAE decode with Winograd 3x3
-    convolutions where they pay (ldm.models.winograd, the default) against the direct
-    convolution everywhere, and each one's distance to the float32 direct result."""
+def bench_conv_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z: torch.Tensor,
+                     repeats: int, device: torch.device) -> dict[str, float]:
+    """ldm alone on the CPU, for each of its convolution fast paths (Winograd 3x3
+    convolutions, ldm.models.winograd; upsampling convolutions as four phases,
+    ldm.models.upsample_conv): the U-Net step and the VAE decode with it where it pays
+    (the default) against without it, and each one's distance to the float32 result with
+    neither."""
+    from ldm.models.upsample_conv import set_upsample_phases
     from ldm.models.winograd import set_winograd
 
+    def plain(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return with_mode(set_winograd, "off", with_mode(set_upsample_phases, "off", fn))
+
     result: dict[str, float] = {}
-    for key, module, call in (("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt))),
-                              ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)))):
-        dtype = next(module.parameters()).dtype
-        fns = {mode: with_mode(set_winograd, mode, lambda: call(dtype)) for mode in ("auto", "off")}
-        times, out = interleaved(fns, repeats, device, f"Winograd {key}")
-        ref = with_mode(set_winograd, "off", lambda: in_float32(module, lambda: call(torch.float32)))()
-        auto, off = (float(np.median(times[k])) for k in ("auto", "off"))
-        result.update({f"{key}, Winograd where it pays (ms)": auto * 1e3, f"{key}, direct convolutions (ms)": off * 1e3,
-                       f"{key}: Winograd / direct": auto / off,
-                       f"{key} vs float32 direct, relative, Winograd": distance(out["auto"], ref),
-                       f"{key} vs float32 direct, relative, direct": distance(out["off"], ref)})
+    for path, setter, without in (("Winograd", set_winograd, "direct convolutions"),
+                                  ("upsample phases", set_upsample_phases, "interpolate + conv")):
+        for key, module, call in (("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt))),
+                                  ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)))):
+            dtype = next(module.parameters()).dtype
+            fns = {mode: with_mode(setter, mode, lambda: call(dtype)) for mode in ("auto", "off")}
+            times, out = interleaved(fns, repeats, device, f"{path} {key}")
+            ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()
+            auto, off = (float(np.median(times[k])) for k in ("auto", "off"))
+            result.update({f"{key}, {path} where it pays (ms)": auto * 1e3, f"{key}, {without} (ms)": off * 1e3,
+                           f"{key}: {path} / {without}": auto / off,
+                           f"{key} vs float32 without both, relative, {path}": distance(out["auto"], ref),
+                           f"{key} vs float32 without both, relative, {without}": distance(out["off"], ref)})
     return result
 
 
@@ -758,7 +766,8 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
         lines += ["", f"Opt-in: DeepCache (`cache_interval`) and token merging (`token_merging`), "
                   f"{SHIPPED.label} alone, batch 2; in bfloat16 on the CPU, its attention as GEMMs against "
-                  "torch's SDPA; with --compile, torch.compile of both U-Nets:", ""]
+                  "torch's SDPA; on the CPU, its convolution fast paths against their absence; with --compile, "
+                  "torch.compile of both U-Nets:", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["opt_in"].items()]
     lines += ["", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]

@@ -62,7 +62,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
-from ldm.models.winograd import MODES, set_winograd  # noqa: E402
+from ldm.models.switches import MODES  # noqa: E402
+from ldm.models.winograd import set_winograd  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
 from ldm.toy.roundtrip import to_uint8, vae_round_trips  # noqa: E402

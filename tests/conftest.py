@@ -94,11 +94,15 @@ def controlnet_folders(tmp_path_factory):
 
 @pytest.fixture(params=["auto", "on"])
 def winograd(request):
-    """A parity test as shipped and again with every eligible 3x3 convolution on the CPU as
-    Winograd (ldm.models.winograd), whatever its size: the tiny models never reach the sizes
-    where it runs by default."""
+    """A parity test as shipped and again with the CPU's convolution fast paths on wherever
+    they can run, whatever the size: every eligible 3x3 convolution as Winograd
+    (ldm.models.winograd) and every upsampling convolution as four phases
+    (ldm.models.upsample_conv); the tiny models never reach the sizes where they run by
+    default."""
+    from ldm.models.upsample_conv import set_upsample_phases
     from ldm.models.winograd import set_winograd
 
-    previous = set_winograd(request.param)
+    previous = set_winograd(request.param), set_upsample_phases(request.param)
     yield request.param
-    set_winograd(previous)
+    set_winograd(previous[0])
+    set_upsample_phases(previous[1])

@@ -35,22 +35,18 @@ import torch
 from torch import Tensor
 
 from .cpuinfo import cpu_flags
+from .switches import Switch
 
 BLOCK = 256  # queries per GEMM: a block's scores over 4,096 keys fit a 2 MiB cache
 MIN_KEYS = 1024
-MODES = ("auto", "on", "off")
-_mode = "auto"
+SWITCH = Switch("GEMM attention")
 
 
 def set_gemm_attention(mode: str) -> str:
     """``"auto"`` (default: where :func:`use_gemm_attention`'s CPU test says), ``"on"``
     (every bfloat16 CPU attention over enough keys) or ``"off"`` (always SDPA); returns
     the mode it replaces."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"GEMM attention mode must be one of {MODES}, got {mode!r:.80}")
-    previous, _mode = _mode, mode
-    return previous
+    return SWITCH.set(mode)
 
 
 def cpu_suits_gemm_attention() -> bool:
@@ -61,9 +57,9 @@ def cpu_suits_gemm_attention() -> bool:
 
 def use_gemm_attention(q: Tensor, k: Tensor) -> bool:
     """Whether attention of ``q`` over the keys ``k`` ([B, heads, N, d]) runs here."""
-    if _mode == "off" or q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.shape[-2] < MIN_KEYS:
+    if SWITCH.mode == "off" or q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.shape[-2] < MIN_KEYS:
         return False
-    return _mode == "on" or cpu_suits_gemm_attention()
+    return SWITCH.mode == "on" or cpu_suits_gemm_attention()
 
 
 def gemm_attention(q: Tensor, k: Tensor, v: Tensor, block: int = BLOCK) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .gemm_attention import BLOCK as GEMM_BLOCK
 from .gemm_attention import gemm_attention, use_gemm_attention
+from .upsample_conv import upsample_conv2d, use_upsample_phases
 from .winograd import Conv3x3
 from .token_merging import bipartite_merge
 
@@ -162,6 +163,8 @@ class Upsample2D(nn.Module):
         if x.shape[0] >= 64:
             # upsample_nearest_nhwc fails on large batches (diffusers issue #984).
             x = x.contiguous()
+        if (size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])) and use_upsample_phases(self.conv, x):
+            return upsample_conv2d(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:

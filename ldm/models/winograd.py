@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cpuinfo import cpu_flags
+from .switches import Switch
 
 # Batch x height x width: below, transforming the filter costs more than the GEMMs save. Measured
 # at SD1.5's U-Net levels at 512 px: float32 paid from 2,048 (128 F4 tiles: 1.3-1.8x, 0.5-0.7x at
@@ -59,8 +60,7 @@ MIN_PIXELS = {torch.float32: 2048, torch.bfloat16: 1024}
 # layer measured 0.6-0.8x (1.2-1.3x from 256), a float32 one at 64 channels 0.9-1.0x (1.2-1.4x from 128).
 MIN_CHANNELS = {torch.float32: 128, torch.bfloat16: 256}
 TILES_PER_CHUNK = 256  # tiles transformed at once: ~9 MiB of bfloat16 at 512 channels
-MODES = ("auto", "on", "off")
-_mode = "auto"
+SWITCH = Switch("Winograd")
 
 
 def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
@@ -94,11 +94,7 @@ TRANSFORMS = {torch.float32: F4, torch.bfloat16: F2}
 def set_winograd(mode: str) -> str:
     """``"auto"`` (default: where :func:`use_winograd` says), ``"on"`` (every eligible
     CPU convolution, whatever the CPU and size) or ``"off"``; returns the mode it replaces."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"Winograd mode must be one of {MODES}, got {mode!r:.80}")
-    previous, _mode = _mode, mode
-    return previous
+    return SWITCH.set(mode)
 
 
 def cpu_suits_winograd(dtype: torch.dtype) -> bool:
@@ -118,33 +114,38 @@ def eligible(conv: nn.Conv2d) -> bool:
 
 def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``conv`` applied to ``x`` runs as Winograd here (see the module docs)."""
-    if _mode == "off" or x.device.type != "cpu" or x.dim() != 4 or not eligible(conv):
+    if SWITCH.mode == "off" or x.device.type != "cpu" or x.dim() != 4 or not eligible(conv):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or conv.weight.dtype != x.dtype:
         return False
-    if _mode == "on":
+    if SWITCH.mode == "on":
         return True
     n, _, h, w = x.shape
     return (n * h * w >= MIN_PIXELS[x.dtype] and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS[x.dtype]
             and cpu_suits_winograd(x.dtype))
 
 
-def transform_filter(weight: Tensor, tf: Transforms) -> Tensor:
-    """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [alpha^2, C_in, C_out] in the
-    weight's dtype, rounded once: one GEMM over the weight as it lies (contiguous, or
-    copied so once), with float32 accumulation, in the weight's dtype where the transform's
-    entries are exact in it (F2's halves and quarters in bfloat16) and else in float32. The
-    result is the transpose of a contiguous [alpha^2, C_out, C_in], which the GEMMs read
-    as it is; a float32 copy and a permuted copy made a 1280-channel bfloat16 filter take
-    170 ms against 35-40 ms."""
+def filter_products(weight: Tensor, matrix: Tensor) -> Tensor:
+    """``matrix`` [rows, 9] times every flattened [C_out, C_in, 3, 3] filter, as a
+    contiguous [rows, C_out, C_in] in the weight's dtype, rounded once: one GEMM over the
+    weight as it lies (contiguous, or copied so once), with float32 accumulation, in the
+    weight's dtype where the matrix's entries are exact in it (F2's halves and quarters
+    in bfloat16) and else in float32. A float32 copy and a permuted copy made a
+    1280-channel bfloat16 Winograd filter take 170 ms against 35-40 ms."""
     c_out, c_in = weight.shape[:2]
-    exact = tf.filter.to(weight.dtype).double().equal(tf.filter)
+    exact = matrix.to(weight.dtype).double().equal(matrix.double())
     dtype = weight.dtype if exact else torch.float32
     g = weight.detach().contiguous().reshape(c_out * c_in, 9).to(dtype)
-    products = tf.filter.to(weight.device, dtype) @ g.t()
-    return products.to(weight.dtype).view(-1, c_out, c_in).transpose(1, 2)
+    return (matrix.to(weight.device, dtype) @ g.t()).to(weight.dtype).view(-1, c_out, c_in)
+
+
+def transform_filter(weight: Tensor, tf: Transforms) -> Tensor:
+    """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [alpha^2, C_in, C_out] in the
+    weight's dtype: the transpose of :func:`filter_products`' contiguous result, which
+    the GEMMs read as it is."""
+    return filter_products(weight, tf.filter).transpose(1, 2)
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transforms) -> Tensor:

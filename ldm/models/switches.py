@@ -1,0 +1,21 @@
+"""Module-wide "auto" / "on" / "off" settings of the CPU fast paths, for comparisons
+(``scripts/bench.py``, ``scripts/eval_toy.py``) and for turning one off."""
+
+from __future__ import annotations
+
+MODES = ("auto", "on", "off")
+
+
+class Switch:
+    """One fast path's setting: ``"auto"`` (default: where it was measured to pay), ``"on"``
+    (wherever it can run) or ``"off"``."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.mode = name, "auto"
+
+    def set(self, mode: str) -> str:
+        """Sets the mode; returns the one it replaces."""
+        if mode not in MODES:
+            raise ValueError(f"{self.name} mode must be one of {MODES}, got {mode!r:.80}")
+        previous, self.mode = self.mode, mode
+        return previous
