@@ -416,6 +416,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    eval_toy.set_fast_paths(args)
     return eval_toy.run_and_print(lambda: evaluate(
         args.model, n=args.n, strengths=args.strengths, steps=args.steps, sampler=args.sampler,
         guidance=args.guidance, mask_blur=args.mask_blur, seed=args.seed, batch_size=args.batch_size,

@@ -339,6 +339,7 @@ def evaluate(args: argparse.Namespace, log: Log = eval_toy._print) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    eval_toy.set_fast_paths(args)
     return eval_toy.run_and_print(lambda: evaluate(args), markdown)
 
 

@@ -63,6 +63,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
 from ldm.models.switches import MODES  # noqa: E402
+from ldm.models.upsample_conv import set_upsample_phases  # noqa: E402
 from ldm.models.winograd import set_winograd  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
@@ -446,6 +447,9 @@ def common_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--winograd", choices=MODES, default="auto",
                    help="Winograd 3x3 convolutions (ldm.models.winograd): auto (default: where they pay), "
                         "on (every eligible layer, to see their rounding on this small model), off")
+    p.add_argument("--upsample-phases", choices=MODES, default="auto",
+                   help="upsampling convolutions as four phases (ldm.models.upsample_conv): auto (default: where "
+                        "they pay), on (every upsampling layer), off")
     return p
 
 
@@ -467,9 +471,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def set_fast_paths(args: argparse.Namespace) -> None:
+    """The CPU convolution fast paths' modes from ``--winograd`` and ``--upsample-phases``."""
+    set_winograd(args.winograd)
+    set_upsample_phases(args.upsample_phases)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    set_winograd(args.winograd)
+    set_fast_paths(args)
     return run_and_print(lambda: evaluate(
         args.model, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scales=args.scales,
         negative_seeds=args.negative_seeds, seed=args.seed, batch_size=args.batch_size, device=args.device,

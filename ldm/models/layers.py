@@ -153,7 +153,8 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling (or to ``size``), then a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling (or to ``size``), then a 3x3 conv; to twice the size
+    on the CPU, as four 2x2 convolutions of the input where :mod:`.upsample_conv` says."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()

@@ -22,11 +22,12 @@ upsampled pixel and channel pair where the phases need 4 per input pixel, 16 per
 quad: measured as fast, 1.5-2.3x the direct convolution, with more rounding).
 :func:`set_upsample_phases` turns it off, or on wherever it can run.
 
-Measured on one thread of an AMD EPYC with AVX512-BF16 (``runs``-style probe of
-:class:`~ldm.models.layers.Upsample2D` at SD1.5's sizes for a 512 px image): in bfloat16
-1.8-2.1x faster than interpolating and convolving (Winograd on the upsampled tensor:
-1.4-1.6x), with less rounding (2.4e-3 relative to float32 against 5.1e-3 for Winograd,
-1.7e-3 direct).
+Measured on one thread of an AMD EPYC with AVX512-BF16, :class:`~ldm.models.layers.Upsample2D`
+alone at SD1.5's sizes for a 512 px image (the U-Net's 640 channels over 2x32x32, the
+VAE's 512 over 64x64 and 128x128, 256 over 256x256): in bfloat16 1.8-2.1x faster than
+interpolating and convolving (Winograd on the upsampled tensor: 1.4-1.6x), with less
+rounding (2.4e-3 relative to float32, against 5.1e-3 for Winograd and 1.7e-3 direct); in
+float32 2.0-2.2x (Winograd 1.7-2.3x), 1e-6 from float32's direct result (Winograd 3e-6).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .switches import Switch
-from .winograd import eligible, filter_products, use_winograd
+from .winograd import filter_products, runnable, use_winograd
 
 SWITCH = Switch("Upsample phases")
 # Input pixels (batch x height x width): with fewer, summing the filters costs more than the
@@ -64,11 +65,7 @@ def set_upsample_phases(mode: str) -> str:
 
 def use_upsample_phases(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``conv`` applied to ``x`` upsampled 2x runs here as four phases of ``x``."""
-    if SWITCH.mode == "off" or x.device.type != "cpu" or x.dim() != 4 or not eligible(conv):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
-        return False
-    if x.dtype not in (torch.float32, torch.bfloat16) or conv.weight.dtype != x.dtype:
+    if not runnable(SWITCH, conv, x):
         return False
     if SWITCH.mode == "on":
         return True

@@ -30,16 +30,17 @@ at 512 px (``scripts/bench.py`` prints these lines for its size): qualifying lay
 call (one GEMM over the weight: a 1280-channel bfloat16 one takes 35-40 ms), so over too
 few output pixels (batch x height x width, :data:`MIN_PIXELS`) it costs more than it
 saves, and with few channels the GEMM is too small to pay for the transforms; those
-layers stay direct. The U-Net step (batch 2: only its 64x64
-level qualifies) took 0.95 of the direct one in float32 and 0.98 in bfloat16; the VAE
-decode 0.68 in float32 and 0.86 in bfloat16. Distance to the float32 direct result: U-Net
-3e-6 in float32, 1.48% in bfloat16 (1.35% direct); decode 5e-6, 1.57% (1.25%).
+layers stay direct. At 512 px (batch 2: the 64x64 and 32x32 levels qualify) the U-Net step
+took 0.93 of the direct one in float32 and 0.94 in bfloat16; the VAE decode 0.72 in
+float32 and 0.81 in bfloat16. Distance to the float32 direct result: U-Net 3.4e-6 in
+float32, 1.38% in bfloat16 (1.27% direct); decode 5.9e-6, 1.45% (1.21%).
 
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
 flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
 convolution's tiles are expected to win), without gradients, through a 3x3 stride-1
 padding-1 :class:`Conv3x3` with at least :data:`MIN_CHANNELS` channels in and out (128 in
-float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels.
+float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels (2,048 in float32,
+1,024 in bfloat16).
 :func:`set_winograd` turns it off, or on for every eligible layer whatever its size.
 """
 
@@ -112,13 +113,19 @@ def eligible(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def runnable(switch: Switch, conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether a CPU convolution fast path set by ``switch`` can run ``conv`` on ``x`` at
+    all: not switched off, an :func:`eligible` layer, a 4-D CPU tensor in float32 or
+    bfloat16 (the weight's dtype) and no gradients wanted (training runs the direct
+    convolution, as diffusers)."""
+    return (switch.mode != "off" and x.device.type == "cpu" and x.dim() == 4 and eligible(conv)
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and x.dtype in (torch.float32, torch.bfloat16) and conv.weight.dtype == x.dtype)
+
+
 def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``conv`` applied to ``x`` runs as Winograd here (see the module docs)."""
-    if SWITCH.mode == "off" or x.device.type != "cpu" or x.dim() != 4 or not eligible(conv):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
-        return False
-    if x.dtype not in (torch.float32, torch.bfloat16) or conv.weight.dtype != x.dtype:
+    if not runnable(SWITCH, conv, x):
         return False
     if SWITCH.mode == "on":
         return True
