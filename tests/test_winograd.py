@@ -153,3 +153,20 @@ def test_gradients_flow_through_the_direct_convolution(mode):
     conv = wg.Conv3x3(4, 4, 3, padding=1)
     conv(torch.randn(1, 4, 8, 8)).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_filter_is_transformed_in_one_rounding(channels_last):
+    # bfloat16 F2: one GEMM in bfloat16 with float32 accumulation, rounded once, so the
+    # exact (float64) transform rounded to bfloat16 (ties aside); F4 in float32 to rounding.
+    _, weight, _ = _case(1, 24, 40, 1, 1, dtype=torch.bfloat16)
+    if channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    exact = (wg.F2.filter @ weight.double().permute(2, 3, 1, 0).reshape(9, -1)).reshape(16, 24, 40)
+    got = wg.transform_filter(weight, wg.F2)
+    assert got.shape == (16, 24, 40) and got.dtype == torch.bfloat16
+    assert (got.double() == exact.bfloat16().double()).float().mean() > 0.999
+    torch.testing.assert_close(got.double(), exact, atol=0, rtol=2 ** -8)  # within one bfloat16 ulp
+    w32 = weight.float()
+    exact32 = (wg.F4.filter @ w32.double().permute(2, 3, 1, 0).reshape(9, -1)).reshape(36, 24, 40)
+    torch.testing.assert_close(wg.transform_filter(w32, wg.F4).double(), exact32, atol=1e-6, rtol=1e-6)
