@@ -17,9 +17,9 @@ bfloat16, the rounding of the summed filters.
 Where it runs (:func:`use_upsample_phases`): the U-Net's and the VAE's upsampling layers
 (:class:`ldm.models.layers.Upsample2D`, to twice the size) on a CPU tensor in float32 or
 bfloat16 without gradients, from :data:`MIN_PIXELS` input pixels. In float32 not where
-:mod:`ldm.models.winograd` runs that convolution (its F(4x4, 3x3) needs 9 products per
-upsampled pixel and channel pair where the phases need 4 per input pixel, 16 per output
-quad: measured as fast, 1.5-2.3x the direct convolution, with more rounding).
+:mod:`ldm.models.winograd` runs that convolution: its F(4x4, 3x3) on the upsampled tensor
+needs 9 products per input pixel and channel pair where the phases need 16, but pays for
+its transforms, and measured as fast (1.5-2.3x the direct convolution, more rounding).
 :func:`set_upsample_phases` turns it off, or on wherever it can run.
 
 Measured on one thread of an AMD EPYC with AVX512-BF16, :class:`~ldm.models.layers.Upsample2D`

@@ -32,7 +32,7 @@ few output pixels (batch x height x width, :data:`MIN_PIXELS`) it costs more tha
 saves, and with few channels the GEMM is too small to pay for the transforms; those
 layers stay direct. At 512 px (batch 2: the 64x64 and 32x32 levels qualify) the U-Net step
 took 0.93 of the direct one in float32 and 0.94 in bfloat16; the VAE decode 0.72 in
-float32 and 0.81 in bfloat16. Distance to the float32 direct result: U-Net 3.4e-6 in
+float32 and 0.81-0.84 in bfloat16. Distance to the float32 direct result: U-Net 3.4e-6 in
 float32, 1.38% in bfloat16 (1.27% direct); decode 5.9e-6, 1.45% (1.21%).
 
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
