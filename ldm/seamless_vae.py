@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .models.layers import ResnetBlock2D
 from .models.unet import MidBlock2D
 from .models.vae import DiagonalGaussian
+from .models.upsample_conv import phase_filters, upsample_conv2d, use_upsample_phases
 from .models.winograd import conv_forward
 
 # Output pixels per tile side at every layer: 256 x 256 x 128 channels of float32 is 32 MiB.
@@ -148,6 +149,26 @@ class _Layers:
                 out[:, :, o0:o1, p0:p1] = t.to(self.store)
         return out
 
+    def upsample_conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """``conv`` over ``x`` upsampled 2x (nearest): as four phases of ``x``
+        (:mod:`ldm.models.upsample_conv`) where the whole layer would run so, each output
+        tile from its input region plus a one-pixel halo; else over :meth:`upsampled`."""
+        h, w = x.shape[-2:]
+        if not use_upsample_phases(conv, x[:, :, :1, :1].to(self.compute).expand(x.shape)):
+            return self.conv(conv, self.upsampled(x), (2 * h, 2 * w))
+        filters, step = phase_filters(conv.weight), max(1, self.tile // 2)  # input pixels per tile side
+        out = torch.empty(self.batch, conv.out_channels, 2 * h, 2 * w, dtype=conv.weight.dtype, device=self.store)
+        for i0 in range(0, h, step):
+            i1 = min(i0 + step, h)
+            r0, r1, above, below = _span(i0, i1, 1, 3, 1, h)
+            for j0 in range(0, w, step):
+                j1 = min(j0 + step, w)
+                c0, c1, left, right = _span(j0, j1, 1, 3, 1, w)
+                t = F.pad(self.region(x)(r0, r1, c0, c1), (left, right, above, below))
+                t = upsample_conv2d(t, conv.weight, conv.bias, bordered=True, filters=filters)
+                out[:, :, 2 * i0:2 * i1, 2 * j0:2 * j1] = t.to(self.store)
+        return out
+
     def resnet(self, block: ResnetBlock2D, x: Tensor) -> Tensor:
         """GroupNorm-SiLU-conv twice plus the shortcut (the VAE's resnet: no timestep)."""
         if block.time_emb_proj is not None:
@@ -197,8 +218,7 @@ def seamless_decode(vae: Any, z: Tensor, tile: int = TILE, store: Any = None) ->
         for resnet in block.resnets:
             x = layers.resnet(resnet, x)
         if block.upsamplers is not None:
-            h, w = x.shape[-2:]
-            x = layers.conv(block.upsamplers[0].conv, layers.upsampled(x), (2 * h, 2 * w))
+            x = layers.upsample_conv(block.upsamplers[0].conv, x)
     x = layers.conv(dec.conv_out, layers.normed(dec.conv_norm_out, x), x.shape[-2:])
     return x.to(device)
 

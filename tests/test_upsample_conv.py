@@ -125,3 +125,42 @@ def test_the_upsampling_layer_computes_the_same(mode):
         assert torch.equal(layer(x, size=(9, 13)), odd)
     layer(x.requires_grad_()).sum().backward()
     assert x.grad is not None and layer.conv.weight.grad.abs().sum() > 0
+
+
+def test_a_bordered_tile_is_its_interior_of_the_whole():
+    # A tile with its neighbours as border (ldm.seamless_vae's tiles) gives exactly the
+    # whole result's pixels of its interior; with zeros as border, the picture's edge.
+    x, weight, bias = _case(2, 6, 5, 9, 11)
+    whole = uc.upsample_conv2d(x, weight, bias)
+    filters = uc.phase_filters(weight)
+    tile = uc.upsample_conv2d(x[:, :, 2:7, 3:9], weight, bias, bordered=True, filters=filters)
+    assert tile.shape == (2, 5, 6, 8)
+    torch.testing.assert_close(tile, whole[:, :, 6:12, 8:16], atol=1e-6, rtol=1e-6)  # interior rows 3-5, columns 4-7
+    edge = uc.upsample_conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias, bordered=True)
+    torch.testing.assert_close(edge, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_the_seamless_vae_upsamples_in_phases_tile_by_tile(mode, monkeypatch):
+    # ldm.seamless_vae runs the upsampling layers as phases of halo'd input tiles when the
+    # whole layer would: the decode is the whole decode's, and the phases did run.
+    from ldm.config import VAEConfig
+    from ldm.models.vae import AutoencoderKL
+    from ldm.seamless_vae import seamless_decode
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)).eval()
+    calls = []
+    monkeypatch.setattr("ldm.seamless_vae.upsample_conv2d",
+                        lambda *a, **k: calls.append(a[0].shape) or uc.upsample_conv2d(*a, **k))
+    z = torch.randn(1, 4, 13, 10)
+    mode("on")
+    with torch.no_grad():
+        whole = vae.decode(z)
+        got = seamless_decode(vae, z, tile=8)
+    assert len(calls) == 4 * 3  # 13 x 10 latents in 4 x 4 input tiles
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+    mode("off")
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(seamless_decode(vae, z, tile=8), whole, atol=1e-5, rtol=1e-5)
+    assert not calls

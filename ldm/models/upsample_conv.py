@@ -84,14 +84,19 @@ def phase_filters(weight: Tensor) -> Tensor:
     return sums.permute(0, 1, 4, 5, 2, 3).reshape(4 * c_out, c_in, 2, 2).contiguous(memory_format=fmt)
 
 
-def upsample_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def upsample_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, *, bordered: bool = False,
+                    filters: Tensor | None = None) -> Tensor:
     """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)``
     for a 3x3 ``weight``, computed from ``x`` [N, C_in, H, W]; the output is channels_last
-    where the convolution's would be (the input or the weight channels_last)."""
-    n, _, h, w = x.shape
-    c_out = weight.shape[0]
+    where the convolution's would be (the input or the weight channels_last).
+    ``bordered``: ``x`` carries a one-pixel border (its neighbours in a larger picture, or
+    zeros), and the result is that of its interior, [N, C_out, 2 (H - 2), 2 (W - 2)] (a
+    tile of :mod:`ldm.seamless_vae`). ``filters``: :func:`phase_filters` of ``weight``,
+    when the caller reuses them across tiles."""
+    filters = phase_filters(weight) if filters is None else filters
     # Over x padded by one, output (i + a, j + b) of phase (a, b) is output pixel (2i + a, 2j + b).
-    phases = F.conv2d(x, phase_filters(weight), None if bias is None else bias.repeat(4), padding=1)
+    phases = F.conv2d(x, filters, None if bias is None else bias.repeat(4), padding=0 if bordered else 1)
+    n, c_out, h, w = phases.shape[0], weight.shape[0], phases.shape[2] - 1, phases.shape[3] - 1
     channels_last = phases.is_contiguous(memory_format=torch.channels_last) and not phases.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
