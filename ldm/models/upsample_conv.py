@@ -15,7 +15,8 @@ convolution up to the order of additions (float32: within 1e-6 relative) and, in
 bfloat16, the rounding of the summed filters.
 
 Where it runs (:func:`use_upsample_phases`): the U-Net's and the VAE's upsampling layers
-(:class:`ldm.models.layers.Upsample2D`, to twice the size) on a CPU tensor in float32 or
+(:class:`ldm.models.layers.Upsample2D`, to twice the size, and the seamless VAE's tiles of
+them, :mod:`ldm.seamless_vae`) on a CPU tensor in float32 or
 bfloat16 without gradients, from :data:`MIN_PIXELS` input pixels. In float32 not where
 :mod:`ldm.models.winograd` runs that convolution: its F(4x4, 3x3) on the upsampled tensor
 needs 9 products per input pixel and channel pair where the phases need 16, but pays for
