@@ -11,7 +11,10 @@ GroupNorm statistics, taken to every layer):
 
 - a convolution computes its output tile by tile, each tile reading its input region
   plus the halo its kernel needs (zero padding only at the picture's own border), so
-  every output pixel is what the whole convolution gives;
+  every output pixel is what the whole convolution gives; an upsampling convolution reads
+  the 2x upsampled activation region by region, or, where the whole layer would run as
+  four phases of its input (:mod:`ldm.models.upsample_conv`), convolves input tiles with
+  a one-pixel halo;
 - a GroupNorm takes its per-group mean and variance over the whole activation (reduced
   in chunks, merged in float64), then normalises each tile with them;
 - the mid-block attention runs on the whole feature map at latent resolution (its
