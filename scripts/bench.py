@@ -647,14 +647,14 @@ def bench_conv_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
         return with_mode(set_winograd, "off", with_mode(set_upsample_phases, "off", fn))
 
     result: dict[str, float] = {}
-    for path, setter, without in (("Winograd", set_winograd, "direct convolutions"),
-                                  ("upsample phases", set_upsample_phases, "interpolate + conv")):
-        for key, module, call in (("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt))),
-                                  ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)))):
-            dtype = next(module.parameters()).dtype
+    for key, module, call in (("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt))),
+                              ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)))):
+        dtype = next(module.parameters()).dtype
+        ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()  # one reference for both paths
+        for path, setter, without in (("Winograd", set_winograd, "direct convolutions"),
+                                      ("upsample phases", set_upsample_phases, "interpolate + conv")):
             fns = {mode: with_mode(setter, mode, lambda: call(dtype)) for mode in ("auto", "off")}
             times, out = interleaved(fns, repeats, device, f"{path} {key}")
-            ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()
             auto, off = (float(np.median(times[k])) for k in ("auto", "off"))
             result.update({f"{key}, {path} where it pays (ms)": auto * 1e3, f"{key}, {without} (ms)": off * 1e3,
                            f"{key}: {path} / {without}": auto / off,
