@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .limits import ATTENTION_CHUNK, MemoryLimitError, MemoryPlan, device_levels
 from .models.layers import set_attention_chunk
 from .models.vae import DiagonalGaussian
+from .models.winograd import filter_workspace
 from .seamless_vae import seamless_decode, seamless_encode
 from .tiled_vae import Tiling, tiled_decode, tiled_encode
 
@@ -131,7 +132,8 @@ class MemoryRunner:
         while True:
             self._enter(phase)
             try:
-                return fn()
+                with filter_workspace():  # a phase's convolutions share one buffer for their filters
+                    return fn()
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
                     raise

@@ -65,6 +65,7 @@ from reference import SD1_SCHEDULER_CONFIG, _randomize, write_pipeline_files  # 
 
 from ldm.dtypes import BF16_MIN_SPEEDUP, bf16_speedup, default_dtype, native_bf16, parse_dtype  # noqa: E402
 from ldm.models.cpuinfo import cpu_flags, cpu_model  # noqa: E402
+from ldm.models.winograd import filter_workspace  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 IMPLS = ("ldm", "diffusers")
@@ -463,7 +464,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
     print(f"--- {dtype_name} ---", file=sys.stderr)
     mem = {name: peak_memory(name, dtype_name, args) for name in IMPLS}  # before this process holds a model
     rows, checks = [], {}
-    with torch.inference_mode():
+    # ldm's phases run inside one filter workspace (ldm.models.winograd), reused from step to step.
+    with torch.inference_mode(), filter_workspace():
         rows.append(row("load", "s", bench_load(args.folder, device, dtype, args.repeats)))
         sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
 
@@ -512,7 +514,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
         if device.type == "cpu" and dtype == torch.bfloat16:
             opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
         if device.type == "cpu":
-            opt_in.update(bench_conv_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
+            opt_in.update(bench_fast_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
         if args.compile:
             opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image.
@@ -633,13 +635,14 @@ def bench_gemm_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
             "U-Net output vs float32, relative, SDPA attention": distance(out["sdpa"], ref)}
 
 
-def bench_conv_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z: torch.Tensor,
+def bench_fast_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z: torch.Tensor,
                      repeats: int, device: torch.device) -> dict[str, float]:
-    """ldm alone on the CPU, for each of its convolution fast paths (Winograd 3x3
+    """ldm alone on the CPU, for each of its convolution and linear fast paths (Winograd 3x3
     convolutions, ldm.models.winograd; upsampling convolutions as four phases,
-    ldm.models.upsample_conv): the U-Net step and the VAE decode with it where it pays
-    (the default) against without it, and each one's distance to the float32 result with
-    neither."""
+    ldm.models.upsample_conv; biases and GEGLU fused into the GEMM, ldm.models.fused_linear):
+    the U-Net step and the VAE decode with it where it pays (the default) against without
+    it, and each one's distance to the float32 result without the convolution paths."""
+    from ldm.models.fused_linear import set_fused_linear
     from ldm.models.upsample_conv import set_upsample_phases
     from ldm.models.winograd import set_winograd
 
@@ -652,7 +655,8 @@ def bench_conv_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
         dtype = next(module.parameters()).dtype
         ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()  # one reference for both paths
         for path, setter, without in (("Winograd", set_winograd, "direct convolutions"),
-                                      ("upsample phases", set_upsample_phases, "interpolate + conv")):
+                                      ("upsample phases", set_upsample_phases, "interpolate + conv"),
+                                      ("fused linear", set_fused_linear, "F.linear + GELU")):
             fns = {mode: with_mode(setter, mode, lambda: call(dtype)) for mode in ("auto", "off")}
             times, out = interleaved(fns, repeats, device, f"{path} {key}")
             auto, off = (float(np.median(times[k])) for k in ("auto", "off"))

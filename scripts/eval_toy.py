@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
+from ldm.models.fused_linear import set_fused_linear  # noqa: E402
 from ldm.models.switches import MODES  # noqa: E402
 from ldm.models.upsample_conv import set_upsample_phases  # noqa: E402
 from ldm.models.winograd import set_winograd  # noqa: E402
@@ -450,6 +451,9 @@ def common_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--upsample-phases", choices=MODES, default="auto",
                    help="upsampling convolutions as four phases (ldm.models.upsample_conv): auto (default: where "
                         "they pay), on (every upsampling layer), off")
+    p.add_argument("--fused-linear", choices=MODES, default="auto",
+                   help="biases and GEGLU fused into oneDNN's GEMM (ldm.models.fused_linear): auto or on "
+                        "(default; the same), off (F.linear and GELU as separate passes)")
     return p
 
 
@@ -472,9 +476,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def set_fast_paths(args: argparse.Namespace) -> None:
-    """The CPU convolution fast paths' modes from ``--winograd`` and ``--upsample-phases``."""
+    """The CPU fast paths' modes from ``--winograd``, ``--upsample-phases`` and ``--fused-linear``."""
     set_winograd(args.winograd)
     set_upsample_phases(args.upsample_phases)
+    set_fused_linear(args.fused_linear)
 
 
 def main(argv: list[str] | None = None) -> int:

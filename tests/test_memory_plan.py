@@ -440,3 +440,15 @@ def test_offloaded_models_compute_on_the_execution_device_and_come_back(pipe, on
     assert not hasattr(pipe.unet, "_hf_hook") and not hasattr(pipe.vae.decoder, "_hf_hook")
     np.testing.assert_allclose(decoded, expected.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert all(m.chunk is None for m in pipe.unet.modules() if isinstance(m, Attention))
+
+
+def test_each_phase_runs_inside_one_filter_workspace_freed_after_it(pipe):
+    # ldm.models.winograd.filter_workspace: the buffer for per-call filters lives for a phase.
+    from ldm.models import winograd
+
+    seen = []
+    runner = runner_of(pipe)
+    runner.run("U-Net", lambda: seen.append(winograd._WORKSPACE.get()))
+    runner.run("VAE", lambda: seen.append(winograd._WORKSPACE.get()))
+    assert seen == [{}, {}] and seen[0] is not seen[1]
+    assert winograd._WORKSPACE.get() is None

@@ -221,7 +221,9 @@ def test_zero_init_leaves_the_model_as_it_was(sd1_folder):
         during = model.unet(x, torch.tensor([500]), ctx)
         network.detach()
         after = model.unet(x, torch.tensor([500]), ctx)
-    assert torch.equal(before, during) and torch.equal(before, after)
+    # A hooked GEGLU projection is called as a layer, not fused with its GELU (ldm.models.fused_linear):
+    # the same products, rounded differently.
+    assert (during - before).abs().max() <= 1e-6 * before.abs().max() and torch.equal(before, after)
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in network.state_dict())
     kv = LoRANetwork(model.unet, None, LoRASpec(rank=2, layers=("attn2.to_k", "attn2.to_v")))
     names = [name for name, _ in kv.named_children()]
@@ -376,8 +378,9 @@ def test_output_preservation_trains_ordinary_pictures_towards_the_base_model(sd1
     batch = {"latents": latents, "caption": torch.tensor([0, 1]), "picture": torch.tensor([0, 1])}
     model, network, task = _reg_task(sd1_folder, "base", 1.0, [True, True])
     # The LoRA starts as a no-op (its up weights are zero): the model is the base model,
-    # so every regularisation picture's loss is exactly 0 ...
-    assert float(task(batch, torch.Generator().manual_seed(3))[0].detach()) == 0.0
+    # so every regularisation picture's loss is 0 (to rounding: the base model's pass, without
+    # gradients, runs the fused linear layers of ldm.models.fused_linear) ...
+    assert float(task(batch, torch.Generator().manual_seed(3))[0].detach()) < 1e-10
     for _, branch, _ in network.branches():
         torch.nn.init.normal_(branch.lora_up.weight, std=0.05)
     # ... and once the LoRA changes the model, it is the mean squared distance to the

@@ -170,3 +170,54 @@ def test_the_filter_is_transformed_in_one_rounding(channels_last):
     w32 = weight.float()
     exact32 = (wg.F4.filter @ w32.double().permute(2, 3, 1, 0).reshape(9, -1)).reshape(36, 24, 40)
     torch.testing.assert_close(wg.transform_filter(w32, wg.F4).double(), exact32, atol=1e-6, rtol=1e-6)
+
+
+def test_the_filter_workspace_is_one_buffer_reused_and_grown_inside_its_context():
+    # Outside: a fresh filter each call. Inside: the same transform written into one buffer,
+    # reused for a smaller filter, replaced by a larger one; nested contexts share it.
+    _, small, _ = _case(1, 8, 16, 1, 1)
+    _, large, _ = _case(1, 16, 24, 1, 1, seed=1)
+    expected = wg.transform_filter(small, wg.F4)
+    assert wg._scratch(10, torch.float32, small.device) is None
+    with wg.filter_workspace():
+        got = wg.transform_filter(small, wg.F4, scratch=True)
+        assert torch.equal(got, expected)
+        again = wg.transform_filter(small, wg.F2, scratch=True)  # 16 rows: fits in the 36-row buffer
+        assert again.data_ptr() == got.data_ptr()
+        torch.testing.assert_close(again, wg.transform_filter(small, wg.F2), atol=0, rtol=0)
+        with wg.filter_workspace():
+            bigger = wg.transform_filter(large, wg.F4, scratch=True)
+        assert torch.equal(bigger, wg.transform_filter(large, wg.F4))
+        assert wg.transform_filter(small, wg.F4, scratch=True).data_ptr() == bigger.data_ptr()
+        assert wg.transform_filter(small, wg.F4).data_ptr() != bigger.data_ptr()  # scratch only when asked
+    assert wg._WORKSPACE.get() is None
+
+
+def test_inside_the_workspace_it_runs_over_fewer_pixels_and_float32_there_is_f2(monkeypatch, mode):
+    monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    conv = _conv()
+    x = torch.zeros(1, 256, 8, 8)  # 64 pixels
+    assert not wg.use_winograd(conv, x)
+    with wg.filter_workspace():
+        assert wg.use_winograd(conv, x)
+        assert not wg.use_winograd(conv, x[:, :, :4])  # 32 pixels
+        assert not wg.use_winograd(conv.bfloat16(), x.bfloat16())  # bfloat16: from 256 pixels
+        assert wg.use_winograd(conv, torch.zeros(1, 256, 16, 16).bfloat16())
+    assert wg.transforms_for(x) is wg.F2 and wg.transforms_for(torch.zeros(2, 1, 32, 32)) is wg.F4
+    assert wg.transforms_for(x.bfloat16()) is wg.F2 and wg.transforms_for(torch.zeros(2, 1, 64, 64).bfloat16()) is wg.F2
+
+
+def test_the_layer_inside_the_workspace_computes_the_convolution(mode):
+    # float32 under 2,048 pixels (F2) and over (F4), bfloat16: each within its rounding of the
+    # direct convolution, in one workspace whose buffer each layer overwrites, twice round.
+    torch.manual_seed(0)
+    mode("on")
+    cases = []
+    for shape, dtype, tol in (((1, 8, 12, 8, 8), torch.float32, 1e-5), ((2, 12, 8, 32, 32), torch.float32, 1e-5),
+                              ((1, 8, 12, 16, 16), torch.bfloat16, 2e-2)):
+        conv = wg.Conv3x3(shape[1], shape[2], 3, padding=1).to(dtype).requires_grad_(False)
+        x = _case(shape[0], shape[1], shape[2], *shape[3:], dtype=dtype)[0]
+        cases.append((conv, x, _exact(x, conv.weight, conv.bias), tol))
+    with wg.filter_workspace():
+        for conv, x, expected, tol in cases + cases:
+            assert _relative(conv(x), expected) < tol

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused_linear import FusedLinear, geglu
 from .gemm_attention import BLOCK as GEMM_BLOCK
 from .gemm_attention import gemm_attention, use_gemm_attention
 from .upsample_conv import upsample_conv2d, use_upsample_phases
@@ -198,11 +199,11 @@ class Attention(nn.Module):
         self.upcast = upcast
         # Queries per SDPA call (None: all at once); see set_attention_chunk.
         self.chunk: int | None = None
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_q = FusedLinear(query_dim, inner, bias=bias)
+        self.to_k = FusedLinear(context_dim, inner, bias=bias)
+        self.to_v = FusedLinear(context_dim, inner, bias=bias)
         # Linear + Dropout as in the original models (hence the key ``to_out.0``).
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        self.to_out = nn.ModuleList([FusedLinear(inner, query_dim), nn.Dropout(dropout)])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -269,11 +270,10 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = FusedLinear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -282,7 +282,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), FusedLinear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -337,8 +337,8 @@ class Transformer2D(nn.Module):
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         if linear_projection:
-            self.proj_in: nn.Module = nn.Linear(channels, channels)
-            self.proj_out: nn.Module = nn.Linear(channels, channels)
+            self.proj_in: nn.Module = FusedLinear(channels, channels)
+            self.proj_out: nn.Module = FusedLinear(channels, channels)
         else:
             self.proj_in = nn.Conv2d(channels, channels, 1)
             self.proj_out = nn.Conv2d(channels, channels, 1)

@@ -35,16 +35,30 @@ took 0.93 of the direct one in float32 and 0.94 in bfloat16; the VAE decode 0.72
 float32 and 0.81-0.84 in bfloat16. Distance to the float32 direct result: U-Net 3.4e-6 in
 float32, 1.38% in bfloat16 (1.27% direct); decode 5.9e-6, 1.45% (1.21%).
 
+Most of a large filter's transform was the first touch of fresh memory (a 1280-channel
+filter is over glibc's 32 MB limit for reusing freed memory), so inside
+:func:`filter_workspace`, which the pipeline's memory runner enters around each phase, the
+filters are written into one reused buffer: a third of the time, and the U-Net's 16x16 and
+8x8 levels pay too (:data:`MIN_PIXELS_WORKSPACE`; float32 there with F2, :func:`transforms_for`).
+One float32 U-Net step at 512 px took 15.2 s against 16.6 s without the workspace (two
+steps each, twice); bfloat16 8.3-8.5 s against 8.5. Keeping every transformed filter
+instead measured 7.8 s in bfloat16 (1.8 GB more memory, 3.9 s more on the first step; F4's
+float32 filters would be 4x the weights): not done.
+
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
 flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
 convolution's tiles are expected to win), without gradients, through a 3x3 stride-1
 padding-1 :class:`Conv3x3` with at least :data:`MIN_CHANNELS` channels in and out (128 in
 float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels (2,048 in float32,
-1,024 in bfloat16).
+1,024 in bfloat16; inside the workspace 64 and 256).
 :func:`set_winograd` turns it off, or on for every eligible layer whatever its size.
 """
 
 from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +74,16 @@ MIN_PIXELS = {torch.float32: 2048, torch.bfloat16: 1024}
 # Fewer channels make the GEMM too small to pay for the transforms: at 128 channels a bfloat16
 # layer measured 0.6-0.8x (1.2-1.3x from 256), a float32 one at 64 channels 0.9-1.0x (1.2-1.4x from 128).
 MIN_CHANNELS = {torch.float32: 128, torch.bfloat16: 256}
+# Inside filter_workspace() transforming costs about a third as much, and float32 layers under
+# 2,048 pixels run F(2x2, 3x3), whose filters are 16/9 of the weights (F4's 4x). Timed layer by
+# layer at SD1.5's 1280-channel levels, transform included: float32 F2 0.63-0.80x the direct
+# time over 16x16 and 8x8, batch 1 and 2 (down to 64 pixels); bfloat16 0.67-0.88x from 256
+# pixels, 1.35-1.5x over 128 and 64 at 1280 channels in.
+MIN_PIXELS_WORKSPACE = {torch.float32: 64, torch.bfloat16: 256}
 TILES_PER_CHUNK = 256  # tiles transformed at once: ~9 MiB of bfloat16 at 512 channels
 SWITCH = Switch("Winograd")
+# (dtype, device) -> one flat buffer inside filter_workspace(); None outside.
+_WORKSPACE: ContextVar[dict[tuple, Tensor] | None] = ContextVar("ldm_filter_workspace", default=None)
 
 
 def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
@@ -90,6 +112,15 @@ F4 = Transforms(4, ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1,
                  (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
                 ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
 TRANSFORMS = {torch.float32: F4, torch.bfloat16: F2}
+
+
+def transforms_for(x: Tensor) -> Transforms:
+    """The transform for a layer over ``x``: :data:`TRANSFORMS` of its dtype, but F(2x2, 3x3)
+    for float32 under :data:`MIN_PIXELS` (only inside :func:`filter_workspace` do such layers
+    run): its filter is 16/9 of the weight where F4's is 4x, and a 1280-channel layer over
+    2x8x8 took 0.80x the direct time with F2, 1.6x with F4, transforms included."""
+    n, _, h, w = x.shape
+    return F2 if x.dtype == torch.float32 and n * h * w < MIN_PIXELS[torch.float32] else TRANSFORMS[x.dtype]
 
 
 def set_winograd(mode: str) -> str:
@@ -130,29 +161,71 @@ def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
     if SWITCH.mode == "on":
         return True
     n, _, h, w = x.shape
-    return (n * h * w >= MIN_PIXELS[x.dtype] and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS[x.dtype]
+    least = (MIN_PIXELS if _WORKSPACE.get() is None else MIN_PIXELS_WORKSPACE)[x.dtype]
+    return (n * h * w >= least and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS[x.dtype]
             and cpu_suits_winograd(x.dtype))
 
 
-def filter_products(weight: Tensor, matrix: Tensor) -> Tensor:
+@contextlib.contextmanager
+def filter_workspace() -> Iterator[None]:
+    """Within this context, filters transformed per call (Winograd's, the upsampling phases')
+    are written into one buffer, kept and grown to the largest, instead of a fresh
+    allocation each time. A 1280-channel filter is 52 MB in bfloat16, over glibc's 32 MB
+    limit for reusing freed memory, so each fresh one is new pages of the OS, whose first
+    touch cost two thirds of the transform: 35 -> 11 ms (bfloat16 F2), 144 -> 48 ms (float32
+    F4), one thread of an AMD EPYC. Then Winograd pays over fewer pixels
+    (:data:`MIN_PIXELS_WORKSPACE`): SD1.5's 16x16 and 8x8 levels. The buffer holds the
+    largest filter transformed (at 512 px in SD1.5: 105 MB in bfloat16, 210 MB in float32)
+    until the context ends. The memory runner enters it around each phase on the CPU;
+    nested uses share the outermost one's buffer."""
+    if _WORKSPACE.get() is not None:
+        yield
+        return
+    token = _WORKSPACE.set({})
+    try:
+        yield
+    finally:
+        _WORKSPACE.reset(token)
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """``numel`` values of the workspace's buffer (valid until the next call), or None
+    outside :func:`filter_workspace`."""
+    buffers = _WORKSPACE.get()
+    if buffers is None:
+        return None
+    key = (dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # the smaller one goes before the larger is made
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def filter_products(weight: Tensor, matrix: Tensor, scratch: bool = False) -> Tensor:
     """``matrix`` [rows, 9] times every flattened [C_out, C_in, 3, 3] filter, as a
     contiguous [rows, C_out, C_in] in the weight's dtype, rounded once: one GEMM over the
     weight as it lies (contiguous, or copied so once), with float32 accumulation, in the
     weight's dtype where the matrix's entries are exact in it (F2's halves and quarters
     in bfloat16) and else in float32. A float32 copy and a permuted copy made a
-    1280-channel bfloat16 Winograd filter take 170 ms against 35-40 ms."""
+    1280-channel bfloat16 Winograd filter take 170 ms against 35-40 ms. ``scratch``: in
+    :func:`filter_workspace`'s buffer where there is one, valid until the next such call."""
     c_out, c_in = weight.shape[:2]
     exact = matrix.to(weight.dtype).double().equal(matrix.double())
     dtype = weight.dtype if exact else torch.float32
     g = weight.detach().contiguous().reshape(c_out * c_in, 9).to(dtype)
-    return (matrix.to(weight.device, dtype) @ g.t()).to(weight.dtype).view(-1, c_out, c_in)
+    m = matrix.to(weight.device, dtype)
+    out = _scratch(m.shape[0] * c_out * c_in, dtype, weight.device) if scratch and dtype == weight.dtype else None
+    if out is None:
+        return (m @ g.t()).to(weight.dtype).view(-1, c_out, c_in)
+    return torch.mm(m, g.t(), out=out.view(m.shape[0], c_out * c_in)).view(-1, c_out, c_in)
 
 
-def transform_filter(weight: Tensor, tf: Transforms) -> Tensor:
+def transform_filter(weight: Tensor, tf: Transforms, scratch: bool = False) -> Tensor:
     """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [alpha^2, C_in, C_out] in the
     weight's dtype: the transpose of :func:`filter_products`' contiguous result, which
     the GEMMs read as it is."""
-    return filter_products(weight, tf.filter).transpose(1, 2)
+    return filter_products(weight, tf.filter, scratch).transpose(1, 2)
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transforms) -> Tensor:
@@ -164,7 +237,7 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     the whole input."""
     n, c_in, h, w = x.shape
     m, alpha = tf.m, tf.alpha
-    filters = transform_filter(weight, tf)
+    filters = transform_filter(weight, tf, scratch=True)
     c_out = filters.shape[2]
     rows, cols = -(-h // m), -(-w // m)
     to_input = tf.input.to(device=x.device, dtype=x.dtype)
@@ -206,7 +279,7 @@ def conv_forward(conv: nn.Conv2d, x: Tensor) -> Tensor:
     ``nn.Conv2d`` computes it; its module hooks do not run (the seamless VAE calls layers
     this way, region by region)."""
     if use_winograd(conv, x):
-        return winograd_conv2d(x, conv.weight, conv.bias, TRANSFORMS[x.dtype])
+        return winograd_conv2d(x, conv.weight, conv.bias, transforms_for(x))
     return conv._conv_forward(x, conv.weight, conv.bias)
 
 
