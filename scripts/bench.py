@@ -28,6 +28,7 @@ the GEMM, so a VAE figure above 100% is possible.
     python scripts/bench.py --short --threads 1   # CPU, a few minutes: 256x256, 4 steps, 1 repeat
     python scripts/bench.py                       # full: 512x512, 20 steps, 3 repeats
     python scripts/bench.py --device cuda         # CUDA: float16
+    python scripts/bench.py --unet-only --repeats 5 --threads 1   # the U-Net step alone, one line per dtype
 
 Only diffusers' timings from the same run are comparable with ldm's: on a shared
 machine absolute numbers move, the ratios much less.
@@ -458,6 +459,14 @@ def row(metric: str, unit: str, samples: dict[Any, list[float]], scale: float = 
     return {"metric": metric, "unit": unit, "cells": cells, "ratio": ratio}
 
 
+def unet_inputs(latent: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A U-Net step's inputs at batch 2 (CFG): latents, timesteps, text context."""
+    x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    return x, t, torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+
+
 def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, float],
                 peak: float | None) -> tuple[list[dict], dict[str, float], dict[str, Any]]:
     device, dtype = torch.device(args.device), parse_dtype(dtype_name)
@@ -483,9 +492,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
 
         gen = torch.Generator("cpu").manual_seed(0)
         latent = args.size // 8
-        x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
-        t = torch.tensor([500.0, 500.0], device=device)
-        context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+        x, t, context = unet_inputs(latent, device, dtype, gen)
         z = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype)
         image = (torch.rand(1, 3, args.size, args.size, generator=gen) * 2 - 1).to(device, dtype)
         for key, label, call in (
@@ -532,6 +539,23 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
     if device.type == "cuda":
         rows.append(row("peak RSS, fresh process, load + 1 image", "MiB", {n: [mem[n]["peak_rss_mib"]] for n in IMPLS}))
     return rows, checks, mem, opt_in
+
+
+def bench_unet_only(dtype_name: str, args: argparse.Namespace) -> str:
+    """The U-Net step of ldm as shipped against diffusers as documented, interleaved, on the
+    inputs of the full run's row; one line with the medians, their ratio and every time."""
+    device, dtype = torch.device(args.device), parse_dtype(dtype_name)
+    with torch.inference_mode(), filter_workspace():
+        sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
+        latent = args.size // 8
+        x, t, context = unet_inputs(latent, device, dtype, torch.Generator("cpu").manual_seed(0))
+        fns = {v: (lambda s=sides[v.side]: s.unet(x, t, context)) for v in (SHIPPED, DOCUMENTED)}
+        times, _ = interleaved(fns, args.repeats, device, "unet",
+                               lambda v: sides[v.side].layout(*v.layout(device, dtype)))
+    ldm, diffusers = (statistics.median(times[v]) for v in (SHIPPED, DOCUMENTED))
+    every = "; ".join(f"{v.label}: {', '.join(f'{s:.2f}' for s in times[v])}" for v in times)
+    return (f"{dtype_name}, U-Net step, batch 2, {latent}x{latent} latents, median of {args.repeats}: ldm {ldm:.2f} s, "
+            f"diffusers {diffusers:.2f} s, ratio {ldm / diffusers:.3f} ({diffusers / ldm:.2f}x) ({every} s)")
 
 
 def bench_compiled(sides: dict[str, Side], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -811,6 +835,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also a U-Net step for 4 images (batch 8 with CFG; default: on CUDA only)")
     p.add_argument("--compile", action="store_true",
                    help="also time both U-Nets through torch.compile (compiles take minutes on a CPU)")
+    p.add_argument("--unet-only", action="store_true",
+                   help="only the U-Net step, ldm as shipped against diffusers as documented, per dtype: a "
+                        "quick ratio with more repeats (prints one line per dtype, writes nothing)")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or (256 if args.short else 512)
@@ -843,6 +870,10 @@ def main(argv: list[str] | None = None) -> None:
     build_folder(args.folder)
     info = machine_info(args)
     print(f"folder ready in {time.perf_counter() - t0:.0f} s; {info}", file=sys.stderr)
+    if args.unet_only:
+        for name in args.dtypes:
+            print(bench_unet_only(name, args))
+        return
     flops = count_flops(args.size)
     results = {}
     for name in args.dtypes:

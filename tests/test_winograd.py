@@ -195,14 +195,16 @@ def test_the_filter_workspace_is_one_buffer_reused_and_grown_inside_its_context(
 
 def test_inside_the_workspace_it_runs_over_fewer_pixels_and_float32_there_is_f2(monkeypatch, mode):
     monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    conv = _conv()
-    x = torch.zeros(1, 256, 8, 8)  # 64 pixels
+    conv = _conv(1280, 1280)
+    x = torch.zeros(1, 1280, 8, 8)  # 64 pixels
     assert not wg.use_winograd(conv, x)
     with wg.filter_workspace():
         assert wg.use_winograd(conv, x)
         assert not wg.use_winograd(conv, x[:, :, :4])  # 32 pixels
+        assert not wg.use_winograd(_conv(640, 1280), x[:, :640])  # too few channels for so few pixels
+        assert wg.use_winograd(_conv(640, 1280), torch.zeros(2, 640, 32, 32))  # enough pixels: as outside
         assert not wg.use_winograd(conv.bfloat16(), x.bfloat16())  # bfloat16: from 256 pixels
-        assert wg.use_winograd(conv, torch.zeros(1, 256, 16, 16).bfloat16())
+        assert wg.use_winograd(conv, torch.zeros(1, 1280, 16, 16).bfloat16())
     assert wg.transforms_for(x) is wg.F2 and wg.transforms_for(torch.zeros(2, 1, 32, 32)) is wg.F4
     assert wg.transforms_for(x.bfloat16()) is wg.F2 and wg.transforms_for(torch.zeros(2, 1, 64, 64).bfloat16()) is wg.F2
 

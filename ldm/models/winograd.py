@@ -39,7 +39,8 @@ Most of a large filter's transform was the first touch of fresh memory (a 1280-c
 filter is over glibc's 32 MB limit for reusing freed memory), so inside
 :func:`filter_workspace`, which the pipeline's memory runner enters around each phase, the
 filters are written into one reused buffer: a third of the time, and the U-Net's 16x16 and
-8x8 levels pay too (:data:`MIN_PIXELS_WORKSPACE`; float32 there with F2, :func:`transforms_for`).
+8x8 levels (1280 channels) pay too (:data:`MIN_PIXELS_WORKSPACE`, :data:`MIN_CHANNELS_WORKSPACE`;
+float32 there with F2, :func:`transforms_for`).
 One float32 U-Net step at 512 px took 15.2 s against 16.6 s without the workspace (two
 steps each, twice); bfloat16 8.3-8.5 s against 8.5. Keeping every transformed filter
 instead measured 7.8 s in bfloat16 (1.8 GB more memory, 3.9 s more on the first step; F4's
@@ -50,7 +51,7 @@ flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
 convolution's tiles are expected to win), without gradients, through a 3x3 stride-1
 padding-1 :class:`Conv3x3` with at least :data:`MIN_CHANNELS` channels in and out (128 in
 float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels (2,048 in float32,
-1,024 in bfloat16; inside the workspace 64 and 256).
+1,024 in bfloat16; inside the workspace 64 and 256 with 1,280 channels).
 :func:`set_winograd` turns it off, or on for every eligible layer whatever its size.
 """
 
@@ -78,8 +79,10 @@ MIN_CHANNELS = {torch.float32: 128, torch.bfloat16: 256}
 # 2,048 pixels run F(2x2, 3x3), whose filters are 16/9 of the weights (F4's 4x). Timed layer by
 # layer at SD1.5's 1280-channel levels, transform included: float32 F2 0.63-0.80x the direct
 # time over 16x16 and 8x8, batch 1 and 2 (down to 64 pixels); bfloat16 0.67-0.88x from 256
-# pixels, 1.35-1.5x over 128 and 64 at 1280 channels in.
+# pixels, 1.35-1.5x over 128 and 64 at 1280 channels in. With fewer channels the GEMMs are too
+# small: 640 channels over 2x16x16 1.0x (float32) and 1.17x (bfloat16), 320 over 2x8x8 2.4x.
 MIN_PIXELS_WORKSPACE = {torch.float32: 64, torch.bfloat16: 256}
+MIN_CHANNELS_WORKSPACE = 1280
 TILES_PER_CHUNK = 256  # tiles transformed at once: ~9 MiB of bfloat16 at 512 channels
 SWITCH = Switch("Winograd")
 # (dtype, device) -> one flat buffer inside filter_workspace(); None outside.
@@ -161,23 +164,25 @@ def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
     if SWITCH.mode == "on":
         return True
     n, _, h, w = x.shape
-    least = (MIN_PIXELS if _WORKSPACE.get() is None else MIN_PIXELS_WORKSPACE)[x.dtype]
-    return (n * h * w >= least and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS[x.dtype]
-            and cpu_suits_winograd(x.dtype))
+    pixels, channels = n * h * w, min(conv.in_channels, conv.out_channels)
+    if pixels < MIN_PIXELS[x.dtype] and (_WORKSPACE.get() is None or pixels < MIN_PIXELS_WORKSPACE[x.dtype]
+                                         or channels < MIN_CHANNELS_WORKSPACE):
+        return False
+    return channels >= MIN_CHANNELS[x.dtype] and cpu_suits_winograd(x.dtype)
 
 
 @contextlib.contextmanager
 def filter_workspace() -> Iterator[None]:
-    """Within this context, filters transformed per call (Winograd's, the upsampling phases')
-    are written into one buffer, kept and grown to the largest, instead of a fresh
-    allocation each time. A 1280-channel filter is 52 MB in bfloat16, over glibc's 32 MB
-    limit for reusing freed memory, so each fresh one is new pages of the OS, whose first
-    touch cost two thirds of the transform: 35 -> 11 ms (bfloat16 F2), 144 -> 48 ms (float32
-    F4), one thread of an AMD EPYC. Then Winograd pays over fewer pixels
-    (:data:`MIN_PIXELS_WORKSPACE`): SD1.5's 16x16 and 8x8 levels. The buffer holds the
-    largest filter transformed (at 512 px in SD1.5: 105 MB in bfloat16, 210 MB in float32)
-    until the context ends. The memory runner enters it around each phase on the CPU;
-    nested uses share the outermost one's buffer."""
+    """Within this context, the filters Winograd transforms on each call are written into
+    one buffer, kept and grown to the largest, instead of a fresh allocation each time. A
+    1280-channel filter is 52 MB in bfloat16, over glibc's 32 MB limit for reusing freed
+    memory, so each fresh one is new pages of the OS, whose first touch cost two thirds of
+    the transform: 35 -> 11 ms (bfloat16 F2), 144 -> 48 ms (float32 F4), one thread of an
+    AMD EPYC. Then Winograd pays over fewer pixels with many channels
+    (:data:`MIN_PIXELS_WORKSPACE`, :data:`MIN_CHANNELS_WORKSPACE`): SD1.5's 16x16 and 8x8
+    levels. The buffer holds the largest filter transformed (at 512 px in SD1.5: 105 MB in
+    bfloat16, 210 MB in float32) until the context ends. The memory runner enters it around
+    each phase; nested uses share the outermost one's buffer."""
     if _WORKSPACE.get() is not None:
         yield
         return
