@@ -105,6 +105,13 @@ def test_training_and_hooks_get_the_plain_layers():
     with torch.no_grad():
         module(torch.randn(5, 24))
     assert seen == [(5, 32)]
+    # A forward patched onto the projection (accelerate's hooks do so) is called too.
+    patched = GEGLU(24, 16).requires_grad_(False)
+    plain_forward = patched.proj.forward
+    patched.proj.forward = lambda x: seen.append("patched") or plain_forward(x)
+    with torch.no_grad():
+        patched(torch.randn(5, 24))
+    assert seen[-1] == "patched"
 
 
 def test_where_it_runs(monkeypatch):
@@ -114,6 +121,7 @@ def test_where_it_runs(monkeypatch):
     assert not fl.use_fused_linear(layer, x.half())
     assert not fl.use_fused_linear(nn.Linear(24, 40, bias=False), x)  # nothing to fuse
     assert not fl.use_fused_linear(layer, x.to("meta"))  # only on the CPU
+    assert not fl.use_fused_linear(_linear().to("meta"), x)  # weights elsewhere (offloaded)
     assert not fl.use_fused_linear(layer, x[0])  # 1-D
     monkeypatch.setattr(fl.torch.compiler, "is_compiling", lambda: True)
     assert not fl.use_fused_linear(layer, x)  # torch.compile fuses on its own

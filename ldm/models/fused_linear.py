@@ -58,7 +58,7 @@ def use_fused_linear(layer: nn.Linear, x: Tensor) -> bool:
     if torch.compiler.is_compiling():  # first: what follows would break dynamo's graph, resumed with the op
         return False
     return (SWITCH.mode != "off" and layer.bias is not None and x.device.type == "cpu" and x.dim() >= 2
-            and x.dtype in _fusable_dtypes() and layer.weight.dtype == x.dtype
+            and layer.weight.device.type == "cpu" and x.dtype in _fusable_dtypes() and layer.weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)))
 
 
@@ -74,8 +74,9 @@ class FusedLinear(nn.Linear):
 
 def geglu(proj: nn.Linear, x: Tensor) -> Tensor:
     """``h * gelu(g)`` where ``h, g`` are the two halves of ``proj(x)`` (exact, erf GELU)."""
-    # Hooks on ``proj`` (a LoRA being trained, offloading) expect it to be called.
-    if proj._forward_hooks or proj._forward_pre_hooks or not use_fused_linear(proj, x):
+    # Hooks on ``proj`` (a LoRA being trained) or a forward patched onto it (accelerate's
+    # offloading) expect it to be called.
+    if proj._forward_hooks or proj._forward_pre_hooks or "forward" in vars(proj) or not use_fused_linear(proj, x):
         h, gate = proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
     # Rows of a [2 x width, C_in] weight: each half is a contiguous block, no copy.
