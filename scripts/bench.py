@@ -794,7 +794,7 @@ def markdown(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         lines += [f"- {k}: {v:.3g}" for k, v in result["checks"].items()]
         lines += ["", f"Opt-in: DeepCache (`cache_interval`) and token merging (`token_merging`), "
                   f"{SHIPPED.label} alone, batch 2; in bfloat16 on the CPU, its attention as GEMMs against "
-                  "torch's SDPA; on the CPU, its convolution fast paths against their absence; with --compile, "
+                  "torch's SDPA; on the CPU, its convolution and linear fast paths against their absence; with --compile, "
                   "torch.compile of both U-Nets:", ""]
         lines += [f"- {k}: {v:.3g}" for k, v in result["opt_in"].items()]
     lines += ["", "Machine:", ""]
