@@ -11,7 +11,7 @@ from torch import nn
 from ldm.models import fused_linear as fl
 from ldm.models.layers import GEGLU
 
-pytestmark = pytest.mark.skipif(torch.float32 not in fl._fusable_dtypes(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(torch.float32 not in fl.fusable_dtypes(), reason="torch built without oneDNN")
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_it_calls_onednn_where_it_runs(monkeypatch, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_geglu_gates_one_half_by_the_gelu_of_the_other(dtype):
     # Against the formula in float64; bfloat16 within twice the unfused path's rounding.
-    if dtype not in fl._fusable_dtypes():
+    if dtype not in fl.fusable_dtypes():
         pytest.skip("bfloat16 not native in oneDNN here")
     module = GEGLU(32, 48).requires_grad_(False)
     x = torch.randn(2, 9, 32)
@@ -126,13 +126,13 @@ def test_where_it_runs(monkeypatch):
     monkeypatch.setattr(fl.torch.compiler, "is_compiling", lambda: True)
     assert not fl.use_fused_linear(layer, x)  # torch.compile fuses on its own
     monkeypatch.undo()
-    fl._fusable_dtypes.cache_clear()
+    fl.fusable_dtypes.cache_clear()
     monkeypatch.setattr(fl.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     try:
-        assert fl._fusable_dtypes() == (torch.float32,)  # emulated bfloat16: not fused
+        assert fl.fusable_dtypes() == (torch.float32,)  # emulated bfloat16: not fused
         assert not fl.use_fused_linear(layer.bfloat16(), x.bfloat16())
     finally:
         monkeypatch.undo()
-        fl._fusable_dtypes.cache_clear()
+        fl.fusable_dtypes.cache_clear()
     with pytest.raises(ValueError, match="fused linear mode must be one of"):
         fl.set_fused_linear("fast")

@@ -8,6 +8,7 @@ import torch
 
 from ldm import Pipeline
 from ldm.models import gemm_attention as ga
+from ldm.models.fused_linear import fusable_dtypes
 from ldm.models.layers import chunked_sdpa
 
 
@@ -47,6 +48,69 @@ def test_in_bfloat16_it_is_within_rounding_of_the_formula():
     # ~1%, averaging out over 1,024 keys, and the output is rounded: within 0.5% of the values'
     # range, and far from float32's 1e-6.
     assert 1e-4 < err < 0.005 * v.abs().max().item()
+
+
+def _far_bound_qkv():
+    # One query far from every key's direction: the Cauchy-Schwarz bound (|q| x the largest
+    # key's norm, 400 here) overshoots its largest score (about 10) by far more than
+    # exp's range, so every shifted score underflows.
+    d = 16
+    q, k, v = _qkv(1, 1, 8, 1024, d)
+    q = torch.zeros_like(q)
+    q[..., 0] = 40 * d**0.5
+    k = 0.1 * k
+    k[..., 0, :] = 0
+    k[..., 0, 1] = 10
+    return q, k, v
+
+
+def _softmax_calls(monkeypatch) -> list:
+    calls = []
+    real = torch.Tensor.softmax
+    monkeypatch.setattr(torch.Tensor, "softmax", lambda self, *a, **kw: calls.append(self.shape) or real(self, *a, **kw))
+    return calls
+
+
+def test_a_block_whose_bound_overshoots_is_computed_by_softmax(monkeypatch):
+    q, k, v = _far_bound_qkv()
+    calls = _softmax_calls(monkeypatch)
+    torch.testing.assert_close(ga.gemm_attention(q, k, v, block=4).double(), _formula(q, k, v), atol=2e-6, rtol=2e-6)
+    assert len(calls) == 2  # both blocks of the head: after one, the head's next skips the fused try
+    # Without the check the block's probabilities would all be 0 and its output 0 / 0.
+    monkeypatch.setattr(ga, "MIN_PROBABILITY", 0.0)
+    assert ga.gemm_attention(q, k, v).isnan().all()
+
+
+def test_keys_with_a_large_common_part_keep_a_tight_bound(monkeypatch):
+    # Keys = a common vector of norm 400 orthogonal to the queries + small parts: |q| max|k|
+    # overshoots by ~400 x |q|, the bound around the keys' mean does not; no softmax call.
+    q, k, v = _qkv(1, 2, 64, 1024, 16)
+    q[..., 0] = 0
+    k = 0.1 * k
+    k[..., 0] = 400
+    calls = _softmax_calls(monkeypatch)
+    out = ga.gemm_attention(q, k, v)
+    assert calls == []
+    torch.testing.assert_close(out.double(), _formula(q, k, v), atol=2e-6, rtol=2e-6)
+    bound = -ga.exp_shift(q.reshape(2, 64, 16) * 0.25, k.reshape(2, 1024, 16)) - ga.SIGMOID_MARGIN[torch.float32]
+    scores = (q.reshape(2, 64, 16) * 0.25) @ k.reshape(2, 1024, 16).transpose(1, 2)
+    assert (bound >= scores.amax(-1)).all() and (bound < scores.amax(-1) + 20).all()
+
+
+@pytest.mark.skipif(torch.bfloat16 not in fusable_dtypes(), reason="bfloat16 not native in oneDNN here")
+def test_probabilities_come_from_the_first_gemm(monkeypatch):
+    # exp is oneDNN's sigmoid applied in the scores' GEMM; float32 and bfloat16 alike.
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(ga.torch.ops.mkldnn, "_linear_pointwise", spy, raising=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        ga.gemm_attention(*_qkv(1, 2, 300, 1024, 8, dtype), block=256)
+    assert calls == ["sigmoid"] * 8  # 2 heads x 2 blocks, twice
 
 
 def test_it_runs_on_bfloat16_cpus_without_amx_only(monkeypatch, mode):

@@ -47,7 +47,8 @@ def set_fused_linear(mode: str) -> str:
 
 
 @functools.cache
-def _fusable_dtypes() -> tuple[torch.dtype, ...]:
+def fusable_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's fused matmul computes natively here (none without oneDNN)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return ()
     return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
@@ -58,7 +59,7 @@ def use_fused_linear(layer: nn.Linear, x: Tensor) -> bool:
     if torch.compiler.is_compiling():  # first: what follows would break dynamo's graph, resumed with the op
         return False
     return (SWITCH.mode != "off" and layer.bias is not None and x.device.type == "cpu" and x.dim() >= 2
-            and layer.weight.device.type == "cpu" and x.dtype in _fusable_dtypes() and layer.weight.dtype == x.dtype
+            and layer.weight.device.type == "cpu" and x.dtype in fusable_dtypes() and layer.weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)))
 
 

@@ -1,24 +1,37 @@
-"""Attention as two GEMMs and a softmax per head and block of queries, for bfloat16 on
-CPUs that compute it natively without AMX tiles.
+"""Attention as two GEMMs per head and block of queries, for bfloat16 on CPUs that compute
+it natively without AMX tiles.
 
 torch's CPU flash-attention kernel (what SDPA runs there) computes bfloat16 at about
 float32's speed on such a CPU. On an AMD EPYC with AVX512-BF16 (one thread), 8 heads of 40
 channels over 4,096 tokens (SD1.5's first level at 512 px, batch 2) took 0.65 s, about 65
 GFLOP/s, where a bfloat16 GEMM runs at 188. Here each head's scores for a block of 256
-queries (2 MiB at 4,096 keys) are one oneDNN GEMM, their softmax one call of torch's, and
-the output ``V^T P^T`` a second GEMM (40 rows by 256 columns: 181 GFLOP/s in that order,
-125 as ``P V``). That call took 0.43-0.49 s; 1.7x faster at the second level (1,024
-tokens, 80 channels) and 1.9x on the VAE's mid-block (one head of 512 channels); a whole
-U-Net step 8-11% faster.
+queries (2 MiB at 4,096 keys) are one oneDNN GEMM and the output ``V^T P^T`` a second (40
+rows by 256 columns: 181 GFLOP/s in that order, 125 as ``P V``).
 
-The scores and probabilities are rounded to bfloat16 (flash keeps both in float32). Alone,
-the call is further from exact (max error 0.0025 against flash's 0.0006 for the shape
-above), but in the whole U-Net, where every activation is bfloat16, it does not show: on the
-full SD1.5 architecture the output's distance to float32 was 1.37% relative against
-flash's 1.38% (one step at 512 px; 1.35% vs 1.36% in ``scripts/bench.py``'s run).
+The exponentials are oneDNN's too, applied to each block of scores inside the first GEMM:
+``sigmoid(y) = exp(y) / (1 + exp(y))`` is ``exp(y)`` to within ``exp(y)`` relative, so with
+each query's scores shifted (the GEMM's bias) below ``-``:data:`SIGMOID_MARGIN` by an upper
+bound of them (:func:`exp_shift`), its post-op is the unnormalised softmax. A row of ones
+under the transposed values makes the second GEMM's last row each query's sum, which
+divides the other 40 (softmax is unchanged by a shift per row). A block whose bound
+overshot its largest score by so much that its probabilities underflow
+(:data:`MIN_PROBABILITY`) is computed again with torch's softmax. Per block of 256 queries
+over 4,096 keys: scores 0.42 ms + softmax 0.62 ms + output 0.46 ms before, scores with exp
+0.80 ms + output 0.47 ms now (torch's softmax is bound by its exp, 0.49 ms of it). The
+whole call took 0.43-0.49 s with torch's softmax (1.7x faster than flash at the second
+level, 1,024 tokens of 80 channels, and 1.9x on the VAE's mid-block, one head of 512);
+0.39-0.41 s now.
 
-Beyond its inputs and output it holds transposed copies of the keys and values and one
-block's scores and probabilities (2 x 256 x keys values: 64 MiB at 2048 px, 65,536 tokens),
+The scores are rounded to bfloat16 only as probabilities (flash keeps both in float32;
+torch's softmax here read bfloat16 scores). Alone, the call's relative error against
+float64 for the shape above is 3.7e-3 (4.9e-3 with softmax, 2.3e-3 flash's), and in the
+whole U-Net, where every activation is bfloat16, it does not show: on the full SD1.5
+architecture the output's distance to float32 was 1.37% relative against flash's 1.38%
+(one step at 512 px, with softmax).
+
+Beyond its inputs and output it holds copies of the keys and (transposed) values and one
+block's probabilities (256 x keys values, 32 MiB at 2048 px, 65,536 tokens; twice that in
+a block computed again),
 never the whole score matrix, so the memory plan's fused-attention estimate holds
 (:mod:`ldm.limits`).
 
@@ -31,14 +44,25 @@ expected to win (not measured), and where the flags are unknown SDPA is kept.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .cpuinfo import cpu_flags
+from .fused_linear import fusable_dtypes
 from .switches import Switch
 
 BLOCK = 256  # queries per GEMM: a block's scores over 4,096 keys fit a 2 MiB cache
 MIN_KEYS = 1024
+# sigmoid(y) = exp(y) / (1 + exp(y)) is exp(y) to within exp(y) relative, so with every
+# shifted score at most -margin the probabilities are exp's to within exp(-margin):
+# 4.5e-5 in bfloat16 (whose rounding is 2e-3), 2e-9 in float32.
+SIGMOID_MARGIN = {torch.bfloat16: 10.0, torch.float32: 20.0}
+# Below exp(-87.3) (float32's and bfloat16's smallest normal number) probabilities lose
+# precision and then vanish; a block in which some query's probabilities sum to under
+# keys x exp(-76) (its bound overshot its largest score by ~60) is computed again by softmax.
+MIN_PROBABILITY = math.exp(-76.0)
 SWITCH = Switch("GEMM attention")
 
 
@@ -68,11 +92,44 @@ def gemm_attention(q: Tensor, k: Tensor, v: Tensor, block: int = BLOCK) -> Tenso
     b, h, n, d = q.shape
     m = k.shape[2]
     queries = (q * d**-0.5).reshape(b * h, n, d)
-    keys_t = k.reshape(b * h, m, d).transpose(1, 2).contiguous()
-    values_t = v.reshape(b * h, m, d).transpose(1, 2).contiguous()
+    keys = k.reshape(b * h, m, d).contiguous()
+    # The values transposed, and under them a row of ones: the second GEMM's last row is
+    # then each query's sum of (unnormalised) probabilities.
+    values_t = q.new_empty(b * h, d + 1, m)
+    values_t[:, :d] = v.reshape(b * h, m, d).transpose(1, 2)
+    values_t[:, d] = 1
+    shift = exp_shift(queries, keys) if q.dtype in fusable_dtypes() else None
+    floor = m * MIN_PROBABILITY
     out_t = q.new_empty(b * h, d, n)
     for i in range(b * h):
+        fused = shift is not None
         for start in range(0, n, block):
-            scores = torch.mm(queries[i, start:start + block], keys_t[i])
-            out_t[i, :, start:start + block] = torch.mm(values_t[i], scores.softmax(-1).t())
+            rows = slice(start, start + block)
+            out = out_t[i, :, rows]
+            if fused:
+                # [M, block]: exp(score - shift) for each key and query, computed in the GEMM.
+                probs_t = torch.ops.mkldnn._linear_pointwise(keys[i], queries[i, rows], shift[i, rows], "sigmoid", [], "")
+                weighted = torch.mm(values_t[i], probs_t)
+                if weighted[d].float().min() >= floor:
+                    torch.div(weighted[:d], weighted[d], out=out)
+                    continue
+                fused = False  # the bound is loose for this head: its other blocks too, likely
+            scores = torch.mm(queries[i, rows], keys[i].t())
+            out.copy_(torch.mm(values_t[i, :d], scores.softmax(-1).t()))
     return out_t.view(b, h, d, n).transpose(2, 3)
+
+
+def exp_shift(queries: Tensor, keys: Tensor) -> Tensor:
+    """Per query, minus an upper bound of its scores and :data:`SIGMOID_MARGIN`, in the
+    queries' dtype ([heads, N]): the bias that puts every shifted score where sigmoid is exp
+    (raised by 2^-7 of itself first, so that rounding to bfloat16, which shifts a whole row,
+    as softmax allows, cannot take it below the scores). The bound is the lower of two (Cauchy-Schwarz): ``|q| max|k|``, and ``q.c + |q| max|k - c|``
+    around the keys' mean ``c``, tight where the keys share a large common part."""
+    norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32)
+    keys = keys.float()
+    centre = keys.mean(1, keepdim=True)  # [heads, 1, d]
+    radius = torch.linalg.vector_norm(keys - centre, dim=-1).amax(-1, keepdim=True)
+    around_centre = torch.bmm(queries.float(), centre.transpose(1, 2)).squeeze(-1) + norms * radius
+    around_zero = norms * torch.linalg.vector_norm(keys, dim=-1).amax(-1, keepdim=True)
+    bound = torch.minimum(around_centre, around_zero)
+    return (-(bound + bound.abs() * 2**-7 + SIGMOID_MARGIN[queries.dtype])).to(queries.dtype)
