@@ -43,8 +43,10 @@ filters are written into one reused buffer: a third of the time, and the U-Net's
 float32 there with F2, :func:`transforms_for`).
 One float32 U-Net step at 512 px took 15.2 s against 16.6 s without the workspace (two
 steps each, twice); bfloat16 8.3-8.5 s against 8.5. Keeping every transformed filter
-instead measured 7.8 s in bfloat16 (1.8 GB more memory, 3.9 s more on the first step; F4's
-float32 filters would be 4x the weights): not done.
+instead measured 7.8 s in bfloat16 before the workspace (1.8 GB more memory, 3.9 s more on
+the first step); on top of the workspace, the 881 MiB of filters kept over a denoising
+loop's steps gave no step time outside this machine's noise (9.0-9.6 s against 9.1-9.7)
+and 1.3-1.7 s more on the first step (F4's float32 filters would be 4x the weights): not done.
 
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
 flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
