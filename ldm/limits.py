@@ -9,6 +9,8 @@ that a refusal always means "this cannot fit", never "this might not":
   about twenty working tensors at the widest level (resnet intermediates, the
   attention's q/k/v and output, GEGLU's 8x-wide feed-forward input). Attention runs
   through torch SDPA, whose CPU and CUDA kernels do not keep the full score matrix.
+- The filter buffer of Winograd convolutions on the CPU (:func:`filter_workspace_bytes`,
+  210 MB in float32 and 105 MB in bfloat16 at SD1.5's widths).
 - VAE decode, one image at a time (the pipeline decodes them one by one): about three
   tensors of ``channels x pixels`` at every decoder level, the full-resolution
   level dominating.
@@ -239,6 +241,7 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
             n = pixels // 4**i
             scores = max(scores, _attention_scores(rows, u.num_attention_heads[i], min(queries or n, n), n, device))
     unet = rows * unet_bytes_per_row(config, height, width, dtype_bytes) + scores * dtype_bytes
+    unet += filter_workspace_bytes(config, dtype_bytes, device)
     if vae_mode == "seamless":
         vae = _seamless_vae_bytes(config, height, width, dtype_bytes, device=device, stored=vae_store is None)
     else:
@@ -249,6 +252,24 @@ def level_needs(config: ModelConfig, height: int, width: int, *, dtype_bytes: in
         unet -= resident.get("vae", 0) + resident.get("text", 0)
         vae -= resident.get("unet", 0) + resident.get("text", 0)
     return {"U-Net": max(unet, 0), "VAE": max(vae, 0)}
+
+
+def filter_workspace_bytes(config: ModelConfig, dtype_bytes: int, device: Any) -> int:
+    """The buffer Winograd convolutions transform their filters into during the U-Net's
+    phase (:func:`ldm.models.winograd.filter_workspace`), on a CPU that runs them: the
+    largest layer's filter (the up path's first, two of the deepest level's widths in, one
+    out) in F(2x2, 3x3), 16 values per weight's 9; float32 layers over many pixels use F4,
+    36 (so this errs low, as the estimates do). Float16 on the CPU is counted as bfloat16
+    (it has no Winograd path: up to 105 MB high for SD1.5)."""
+    import torch
+
+    from .models.winograd import cpu_suits_winograd
+
+    dtype = {4: torch.float32, 2: torch.bfloat16}.get(dtype_bytes)
+    if torch.device(device).type != "cpu" or dtype is None or not cpu_suits_winograd(dtype):
+        return 0
+    widest = max(config.unet.block_out_channels)
+    return 16 * 2 * widest * widest * dtype_bytes
 
 
 def _vae_bytes(config: ModelConfig, height: int, width: int, dtype_bytes: int, *, tiled: bool,

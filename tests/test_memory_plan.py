@@ -13,8 +13,8 @@ from failures import failing_on
 from ldm import Pipeline
 from ldm.cli import UsageError, build_parser, main
 from ldm.limits import (
-    CHOICE_HEADROOM, MEMORY_LEVELS, MemoryLimitError, MemoryPlan, decode_bytes, level_needs, plan_batch, plan_memory,
-    seamless_host_bytes,
+    CHOICE_HEADROOM, MEMORY_LEVELS, MemoryLimitError, MemoryPlan, decode_bytes, filter_workspace_bytes, level_needs,
+    plan_batch, plan_memory, seamless_host_bytes,
 )
 from ldm.memory import is_out_of_memory, runner_of, use_plan
 from ldm.pngmeta import read_parameters
@@ -303,6 +303,21 @@ def test_the_generate_command_takes_a_memory_level():
     assert parser.parse_args(["generate", "a cat"]).memory == "auto"
     with pytest.raises(UsageError, match=r"--memory: invalid choice: 'huge' \(choose from 'auto', 'fast'"):
         parser.parse_args(["generate", "a cat", "--memory", "huge"])
+
+
+def test_the_unet_estimate_counts_the_winograd_filter_buffer_where_it_runs(pipe, monkeypatch):
+    # The widest layer's F(2x2) filter: 16 values per 3x3 filter of (2 x widest) in, widest out.
+    widest = max(pipe.config.unet.block_out_channels)
+
+    def needs(flags):
+        monkeypatch.setattr("ldm.models.winograd.cpu_flags", lambda: frozenset(flags))
+        return level_needs(pipe.config, 256, 256, dtype_bytes=2, guided=True, device="cpu", level="fast")
+
+    native, emulated = needs({"avx512_bf16"}), needs(())
+    assert native["U-Net"] - emulated["U-Net"] == 16 * 2 * widest * widest * 2 and native["VAE"] == emulated["VAE"]
+    assert filter_workspace_bytes(pipe.config, 2, "cpu") == 0  # emulated bfloat16: no Winograd
+    assert filter_workspace_bytes(pipe.config, 4, "cpu") == 16 * 2 * widest * widest * 4  # float32: any CPU
+    assert filter_workspace_bytes(pipe.config, 4, "meta") == 0  # only on the CPU
 
 
 # --- sliced attention -------------------------------------------------------------------
