@@ -532,11 +532,12 @@ def plan_batch(config: ModelConfig, count: int, height: int, width: int, *, dtyp
     needs = level_needs(config, height, width, dtype_bytes=dtype_bytes, guided=guided, device=device,
                         level=leanest)
     _refuse_over(needs, available, width, height, guided, device, leanest)
-    per_image = needs["U-Net"]
-    fit = max(1, min(count, available // max(per_image, 1)))
+    shared = filter_workspace_bytes(config, dtype_bytes, device)  # one buffer for the whole call
+    per_image = needs["U-Net"] - shared
+    fit = max(1, min(count, (available - shared) // max(per_image, 1)))
     if fit < count:
         logger.warning("%d images of %dx%d need %s at once, %s is free: running the U-Net %d at a time",
-                       count, width, height, _gib(count * per_image), _gib(available), fit)
+                       count, width, height, _gib(shared + count * per_image), _gib(available), fit)
     return int(fit)
 
 
