@@ -20,14 +20,16 @@ over 4,096 keys: scores 0.42 ms + softmax 0.62 ms + output 0.46 ms before, score
 0.80 ms + output 0.47 ms now (torch's softmax is bound by its exp, 0.49 ms of it). The
 whole call took 0.43-0.49 s with torch's softmax (1.7x faster than flash at the second
 level, 1,024 tokens of 80 channels, and 1.9x on the VAE's mid-block, one head of 512);
-0.39-0.41 s now.
+0.39-0.43 s now (in the U-Net, the first level's five calls 2.29 s a step against 2.43 s,
+the two versions alternating; the mid-block's, where exp is a small part, unchanged).
 
 The scores are rounded to bfloat16 only as probabilities (flash keeps both in float32;
 torch's softmax here read bfloat16 scores). Alone, the call's relative error against
 float64 for the shape above is 3.7e-3 (4.9e-3 with softmax, 2.3e-3 flash's), and in the
 whole U-Net, where every activation is bfloat16, it does not show: on the full SD1.5
-architecture the output's distance to float32 was 1.37% relative against flash's 1.38%
-(one step at 512 px, with softmax).
+architecture, one step at 512 px, the output's distance to float32 was 1.722% relative
+against 1.731% with torch's softmax and 1.705% with flash (1.40% against flash's 1.38% in
+``scripts/bench.py``'s run, other inputs).
 
 Beyond its inputs and output it holds copies of the keys and (transposed) values and one
 block's probabilities (256 x keys values, 32 MiB at 2048 px, 65,536 tokens; twice that in
@@ -123,8 +125,9 @@ def exp_shift(queries: Tensor, keys: Tensor) -> Tensor:
     """Per query, minus an upper bound of its scores and :data:`SIGMOID_MARGIN`, in the
     queries' dtype ([heads, N]): the bias that puts every shifted score where sigmoid is exp
     (raised by 2^-7 of itself first, so that rounding to bfloat16, which shifts a whole row,
-    as softmax allows, cannot take it below the scores). The bound is the lower of two (Cauchy-Schwarz): ``|q| max|k|``, and ``q.c + |q| max|k - c|``
-    around the keys' mean ``c``, tight where the keys share a large common part."""
+    as softmax allows, cannot take it below the scores). The bound is the lower of two
+    (Cauchy-Schwarz): ``|q| max|k|``, and ``q.c + |q| max|k - c|`` around the keys' mean
+    ``c``, tight where the keys share a large common part."""
     norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32)
     keys = keys.float()
     centre = keys.mean(1, keepdim=True)  # [heads, 1, d]
