@@ -7,10 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ldm import Pipeline
 from ldm.config import UNetConfig
 from ldm.models.feature_cache import FeatureCache
+from ldm.models.layers import ResnetBlock2D, norm_silu
 from ldm.models.unet import UNet
 from reference import load_reference_pipeline
 
@@ -327,3 +330,47 @@ def test_compiled_unet_makes_the_same_picture_and_follows_weight_changes(sd1_fol
     assert np.abs(changed - eager).max() > 1e-2 and np.abs(changed - expected).max() < 1e-4
     with pytest.raises(ValueError, match="compile mode 'fastest' is not one of"):
         pipe.compile(mode="fastest")
+
+
+# --- in-place steps of the resnet blocks ----------------------------------------------------
+
+class _KeptNorm(nn.GroupNorm):
+    """A GroupNorm that remembers the tensor it returned."""
+
+    def forward(self, x):
+        self.last = super().forward(x)
+        return self.last
+
+
+def test_norm_silu_overwrites_the_normalised_tensor_only_where_nothing_else_needs_it():
+    norm, x = _KeptNorm(4, 16), torch.randn(2, 16, 5, 5)
+    expected = F.silu(F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+    with torch.no_grad():
+        out = norm_silu(norm, x)
+    assert out is norm.last and torch.equal(out, expected)  # in place: no second tensor
+    out = norm_silu(norm, x)  # gradients wanted (the weights require them)
+    assert out is not norm.last and torch.equal(out, expected) and out.requires_grad
+    seen = []
+    norm.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        out = norm_silu(norm, x)
+    assert out is not seen[0] and torch.equal(seen[0], F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+
+
+def test_resnet_block_in_place_is_the_formula_with_and_without_gradients():
+    block = ResnetBlock2D(8, 16, 12, groups=4, eps=1e-5)  # a shortcut, and a timestep embedding
+    x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+
+    def formula(x):
+        h = block.conv1(F.silu(block.norm1(x))) + block.time_emb_proj(F.silu(temb))[:, :, None, None]
+        return block.conv_shortcut(x) + block.conv2(F.silu(block.norm2(h)))
+
+    with torch.inference_mode():
+        assert torch.equal(block(x, temb), formula(x))
+    grads = []
+    for fn in (lambda x: block(x, temb), formula):
+        leaf = x.clone().requires_grad_(True)
+        fn(leaf).square().sum().backward()
+        grads.append((leaf.grad, block.conv1.weight.grad.clone()))
+        block.zero_grad()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -99,6 +99,23 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
+def no_grad_wanted(*tensors: Tensor) -> bool:
+    """Whether nothing here records gradients, so a fresh intermediate may be overwritten."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
+    """``silu(norm(x))``, the SiLU in place on the normalised tensor where no gradient is
+    wanted and no hook on ``norm`` may hold its output: the same values, one fresh tensor
+    fewer. At the VAE's full-resolution level one is 67 MB (128 channels x 512 x 512 in
+    bfloat16), over glibc's 32 MB limit for reusing freed memory, so each fresh one is new
+    pages of the OS: a SiLU took 48 ms out of place, 19 in place; a 512 px bfloat16 decode
+    9.5-9.7 s against 10.0-10.4 s with these and the resnets' adds in place (one thread of an
+    AMD EPYC, alternating), the U-Net step unchanged (its tensors are smaller)."""
+    h = norm(x)
+    return F.silu(h, inplace=no_grad_wanted(h) and not norm._forward_hooks)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added in between.
 
@@ -125,13 +142,14 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        # conv2's output is fresh: the sum may go into it (h + x is x + h, bit for bit).
+        return h.add_(x) if no_grad_wanted(h, x) and not self.conv2._forward_hooks else x + h
 
 
 class Downsample2D(nn.Module):

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UNetConfig
@@ -26,6 +25,7 @@ from .layers import (
     Timesteps,
     Transformer2D,
     Upsample2D,
+    norm_silu,
     timestep_embedding,
 )
 
@@ -448,7 +448,7 @@ class UNet(UNetEncoder):
         return self.out(x)
 
     def out(self, x: Tensor) -> Tensor:
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
     def _shallow(self, sample: Tensor, temb: Tensor, context: Tensor, cache: FeatureCache,
                  down_residuals: Sequence[Tensor] | None) -> Tensor:

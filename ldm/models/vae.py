@@ -10,11 +10,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import VAEConfig
-from .layers import AttentionBlock2D
+from .layers import AttentionBlock2D, norm_silu
 from .unet import DownBlock2D, MidBlock2D, UpBlock2D
 
 # The VAE normalises with eps=1e-6 everywhere (the U-Net uses config.norm_eps).
@@ -67,7 +66,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x, _ = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
 
 class Decoder(nn.Module):
@@ -104,7 +103,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
 
 class DiagonalGaussian:
