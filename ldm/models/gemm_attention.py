@@ -31,9 +31,9 @@ architecture, one step at 512 px, the output's distance to float32 was 1.722% re
 against 1.731% with torch's softmax and 1.705% with flash (1.40% against flash's 1.38% in
 ``scripts/bench.py``'s run, other inputs).
 
-Beyond its inputs and output it holds copies of the keys and (transposed) values and one
-block's probabilities (256 x keys values, 32 MiB at 2048 px, 65,536 tokens; twice that in
-a block computed again),
+Beyond its inputs and output it holds copies of the keys and (transposed) values, one
+head's keys and queries in float32 for its bound, and one block's probabilities (256 x keys
+values, 32 MiB at 2048 px, 65,536 tokens; twice that in a block computed again),
 never the whole score matrix, so the memory plan's fused-attention estimate holds
 (:mod:`ldm.limits`).
 
@@ -100,39 +100,39 @@ def gemm_attention(q: Tensor, k: Tensor, v: Tensor, block: int = BLOCK) -> Tenso
     values_t = q.new_empty(b * h, d + 1, m)
     values_t[:, :d] = v.reshape(b * h, m, d).transpose(1, 2)
     values_t[:, d] = 1
-    shift = exp_shift(queries, keys) if q.dtype in fusable_dtypes() else None
+    fusable = q.dtype in fusable_dtypes()
     floor = m * MIN_PROBABILITY
     out_t = q.new_empty(b * h, d, n)
     for i in range(b * h):
-        fused = shift is not None
+        shift = exp_shift(queries[i], keys[i]) if fusable else None  # one head at a time: its float32 copies
         for start in range(0, n, block):
             rows = slice(start, start + block)
             out = out_t[i, :, rows]
-            if fused:
+            if shift is not None:
                 # [M, block]: exp(score - shift) for each key and query, computed in the GEMM.
-                probs_t = torch.ops.mkldnn._linear_pointwise(keys[i], queries[i, rows], shift[i, rows], "sigmoid", [], "")
+                probs_t = torch.ops.mkldnn._linear_pointwise(keys[i], queries[i, rows], shift[rows], "sigmoid", [], "")
                 weighted = torch.mm(values_t[i], probs_t)
                 if weighted[d].float().min() >= floor:
                     torch.div(weighted[:d], weighted[d], out=out)
                     continue
-                fused = False  # the bound is loose for this head: its other blocks too, likely
+                shift = None  # the bound is loose for this head: its other blocks too, likely
             scores = torch.mm(queries[i, rows], keys[i].t())
             out.copy_(torch.mm(values_t[i, :d], scores.softmax(-1).t()))
     return out_t.view(b, h, d, n).transpose(2, 3)
 
 
 def exp_shift(queries: Tensor, keys: Tensor) -> Tensor:
-    """Per query, minus an upper bound of its scores and :data:`SIGMOID_MARGIN`, in the
-    queries' dtype ([heads, N]): the bias that puts every shifted score where sigmoid is exp
+    """Per query ([..., N, d] against keys [..., M, d]), minus an upper bound of its scores
+    and :data:`SIGMOID_MARGIN`, in the queries' dtype ([..., N]): the bias that puts every shifted score where sigmoid is exp
     (raised by 2^-7 of itself first, so that rounding to bfloat16, which shifts a whole row,
     as softmax allows, cannot take it below the scores). The bound is the lower of two
     (Cauchy-Schwarz): ``|q| max|k|``, and ``q.c + |q| max|k - c|`` around the keys' mean
     ``c``, tight where the keys share a large common part."""
     norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32)
     keys = keys.float()
-    centre = keys.mean(1, keepdim=True)  # [heads, 1, d]
+    centre = keys.mean(-2, keepdim=True)  # [..., 1, d]
     radius = torch.linalg.vector_norm(keys - centre, dim=-1).amax(-1, keepdim=True)
-    around_centre = torch.bmm(queries.float(), centre.transpose(1, 2)).squeeze(-1) + norms * radius
+    around_centre = (queries.float() @ centre.transpose(-1, -2)).squeeze(-1) + norms * radius
     around_zero = norms * torch.linalg.vector_norm(keys, dim=-1).amax(-1, keepdim=True)
     bound = torch.minimum(around_centre, around_zero)
     return (-(bound + bound.abs() * 2**-7 + SIGMOID_MARGIN[queries.dtype])).to(queries.dtype)
