@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .switches import Switch
+from .switches import Switch, no_grad_wanted
 
 SWITCH = Switch("fused linear")
 
@@ -60,7 +60,7 @@ def use_fused_linear(layer: nn.Linear, x: Tensor) -> bool:
         return False
     return (SWITCH.mode != "off" and layer.bias is not None and x.device.type == "cpu" and x.dim() >= 2
             and layer.weight.device.type == "cpu" and x.dtype in fusable_dtypes() and layer.weight.dtype == x.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)))
+            and no_grad_wanted(x, layer.weight))
 
 
 class FusedLinear(nn.Linear):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .fused_linear import FusedLinear, geglu
 from .gemm_attention import BLOCK as GEMM_BLOCK
 from .gemm_attention import gemm_attention, use_gemm_attention
+from .switches import no_grad_wanted
 from .upsample_conv import upsample_conv2d, use_upsample_phases
 from .winograd import Conv3x3
 from .token_merging import bipartite_merge
@@ -97,11 +98,6 @@ class TimestepEmbedding(nn.Module):
         if condition is not None:
             emb = emb + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(emb)))
-
-
-def no_grad_wanted(*tensors: Tensor) -> bool:
-    """Whether nothing here records gradients, so a fresh intermediate may be overwritten."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:

@@ -1,7 +1,11 @@
 """Module-wide "auto" / "on" / "off" settings of the CPU fast paths, for comparisons
-(``scripts/bench.py``, ``scripts/eval_toy.py``) and for turning one off."""
+(``scripts/bench.py``, ``scripts/eval_toy.py``) and for turning one off, and the test each
+of them makes first: that no gradient is wanted (they have no backward, or overwrite)."""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
 
 MODES = ("auto", "on", "off")
 
@@ -19,3 +23,9 @@ class Switch:
             raise ValueError(f"{self.name} mode must be one of {MODES}, got {mode!r:.80}")
         previous, self.mode = self.mode, mode
         return previous
+
+
+def no_grad_wanted(*tensors: Tensor) -> bool:
+    """Whether nothing records gradients through ``tensors`` (a fast path without a backward
+    may run, a fresh intermediate may be overwritten)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cpuinfo import cpu_flags
-from .switches import Switch
+from .switches import Switch, no_grad_wanted
 
 # Batch x height x width: below, transforming the filter costs more than the GEMMs save. Measured
 # at SD1.5's U-Net levels at 512 px: float32 paid from 2,048 (128 F4 tiles: 1.3-1.8x, 0.5-0.7x at
@@ -155,7 +155,7 @@ def runnable(switch: Switch, conv: nn.Conv2d, x: Tensor) -> bool:
     bfloat16 (the weight's dtype) and no gradients wanted (training runs the direct
     convolution, as diffusers)."""
     return (switch.mode != "off" and x.device.type == "cpu" and x.dim() == 4 and eligible(conv)
-            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and no_grad_wanted(x, conv.weight)
             and x.dtype in (torch.float32, torch.bfloat16) and conv.weight.dtype == x.dtype)
 
 
