@@ -93,7 +93,10 @@ def gemm_attention(q: Tensor, k: Tensor, v: Tensor, block: int = BLOCK) -> Tenso
     ``block`` queries of one head at a time; the output is a [B, heads, N, d] view."""
     b, h, n, d = q.shape
     m = k.shape[2]
-    queries = (q * d**-0.5).reshape(b * h, n, d)
+    # Contiguous, whatever the batch: at batch 1 the reshape would be a view whose rows are
+    # the heads' interleaved channels, and oneDNN's GEMM with such a strided second operand
+    # ran 700x slower (1.2 s a block of 256 queries over 4,096 keys). Scaled as it is copied.
+    queries = torch.mul(q, d**-0.5, out=q.new_empty(b, h, n, d)).view(b * h, n, d)
     keys = k.reshape(b * h, m, d).contiguous()
     # The values transposed, and under them a row of ones: the second GEMM's last row is
     # then each query's sum of (unnormalised) probabilities.
