@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ControlNetConfig
-from .unet import UNetEncoder
+from .unet import UNetEncoder, repeated_halves
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,11 @@ class ControlNetModel(UNetEncoder):
         self.check_hint(sample, hint)
         context = encoder_hidden_states
         temb = self.embed(sample, timestep)
-        x = self.conv_in(sample) + self.controlnet_cond_embedding(hint.to(sample.device, sample.dtype))
-        x, skips = self.encode(x, temb, context)
+        hint = hint.to(sample.device, sample.dtype)
+        repeat = 2 if repeated_halves(sample, temb, hint) else 1
+        half = len(sample) // repeat  # a hint of one row broadcasts: hint[:half] is all of it
+        x = self.conv_in(sample[:half]) + self.controlnet_cond_embedding(hint[:half])
+        x, skips = self.encode(x, temb, context, repeat)
         x = self.mid_block(x, temb, context)
         down = tuple(conv(skip) for conv, skip in zip(self.controlnet_down_blocks, skips))
         mid = self.controlnet_mid_block(x)

@@ -26,8 +26,10 @@ from .layers import (
     Transformer2D,
     Upsample2D,
     norm_silu,
+    repeat_rows,
     timestep_embedding,
 )
+from .switches import Switch, no_grad_wanted
 
 # Builds the attention module that follows a resnet, given its channel count.
 # It is called as ``attention(x, context)``.
@@ -35,6 +37,32 @@ AttentionFactory = Callable[[int], nn.Module]
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+SHARED_FIRST_LAYERS = Switch("shared first layers")
+
+
+def set_shared_first_layers(mode: str) -> str:
+    """``"auto"`` / ``"on"`` (default; the same) or ``"off"`` (every layer on the whole
+    batch) for :func:`repeated_halves`; returns the mode it replaces."""
+    return SHARED_FIRST_LAYERS.set(mode)
+
+
+def repeated_halves(sample: Tensor, *inputs: Tensor) -> bool:
+    """Whether the batch's second half repeats its first exactly, in ``sample`` (the
+    U-Net's input) and in each of ``inputs`` (the vector its resnets take, a ControlNet's
+    hint; one row broadcast to the batch counts as repeating): classifier-free guidance's
+    batch, the same latents at the same timestep for the unconditional and the conditional
+    prediction. Everything before the text context first enters (``conv_in``, the first
+    resnet, the first transformer's self-attention) is then the same for both halves, so
+    it runs on one. SDXL's added embedding carries the pooled text, so its halves differ
+    and it runs whole. Not where gradients are wanted: the inputs' second halves would get
+    none (the parameters' would be the same)."""
+    if SHARED_FIRST_LAYERS.mode == "off" or len(sample) < 2 or len(sample) % 2 or not no_grad_wanted(sample, *inputs):
+        return False
+    half = len(sample) // 2
+    return torch.equal(sample[:half], sample[half:]) and all(
+        len(t) == 1 or torch.equal(t[:half], t[half:]) for t in inputs)
 
 
 def _attentions(factory: AttentionFactory | None, channels: int, n: int) -> nn.ModuleList | None:
@@ -74,13 +102,19 @@ class DownBlock2D(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None
+        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None, repeat: int = 1
     ) -> tuple[Tensor, list[Tensor]]:
+        """``repeat``: ``x`` is the first 1/repeat of the batch (``temb`` the whole batch's),
+        which the rest repeats: the first resnet, and the first attention until the context
+        enters, run on it once (:func:`repeated_halves`); the outputs are the whole batch's."""
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            once = repeat if i == 0 else 1
+            x = resnet(x, temb if once == 1 else temb[: len(x)])
             if self.attentions is not None:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, repeat=once)
+            else:
+                x = repeat_rows(x, once)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -342,12 +376,14 @@ class UNetEncoder(nn.Module):
         temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype, timestep_cond)
         return temb if added is None else temb + added
 
-    def encode(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def encode(self, x: Tensor, temb: Tensor, context: Tensor, repeat: int = 1) -> tuple[Tensor, list[Tensor]]:
         """Run the down blocks on ``x`` (``conv_in``'s output); return the lowest-resolution
-        features and the skips: ``x`` itself, then every resnet's and downsampler's output."""
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
+        features and the skips: ``x`` itself, then every resnet's and downsampler's output.
+        ``repeat``: ``x`` is the first 1/repeat of the batch, which the rest repeats
+        (:func:`repeated_halves`); the outputs are the whole batch's."""
+        skips = [repeat_rows(x, repeat)]
+        for i, block in enumerate(self.down_blocks):
+            x, block_skips = block(x, temb, context, repeat=repeat if i == 0 else 1)
             skips.extend(block_skips)
         return x, skips
 
@@ -424,7 +460,8 @@ class UNet(UNetEncoder):
             cache.check_fits(self.unet_config.layers_per_block)
             if cache.reuse(sample):
                 return self._shallow(sample, temb, context, cache, down_residuals)
-        x, skips = self.encode(self.conv_in(sample), temb, context)
+        repeat = 2 if repeated_halves(sample, temb) else 1
+        x, skips = self.encode(self.conv_in(sample[: len(sample) // repeat]), temb, context, repeat)
         if down_residuals is not None or mid_residual is not None:
             check_residuals(skips, x, down_residuals, mid_residual)
             skips = [skip + residual for skip, residual in zip(skips, down_residuals)]

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .memory_format import memory_format_of
 from .switches import Switch
 from .winograd import filter_products, runnable, use_winograd
 
@@ -98,9 +99,7 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, *, bordered:
     # Over x padded by one, output (i + a, j + b) of phase (a, b) is output pixel (2i + a, 2j + b).
     phases = F.conv2d(x, filters, None if bias is None else bias.repeat(4), padding=0 if bordered else 1)
     n, c_out, h, w = phases.shape[0], weight.shape[0], phases.shape[2] - 1, phases.shape[3] - 1
-    channels_last = phases.is_contiguous(memory_format=torch.channels_last) and not phases.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(phases))
     grid = out.view(n, c_out, h, 2, w, 2)
     for a in (0, 1):
         for b in (0, 1):

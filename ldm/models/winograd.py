@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cpuinfo import cpu_flags
+from .memory_format import memory_format_of
 from .switches import Switch, no_grad_wanted
 
 # Batch x height x width: below, transforming the filter costs more than the GEMMs save. Measured
@@ -249,9 +250,8 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     rows, cols = -(-h // m), -(-w // m)
     to_input = tf.input.to(device=x.device, dtype=x.dtype)
     to_output = tf.output.to(device=x.device, dtype=x.dtype)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=fmt).permute(0, 2, 3, 1)
+    out = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format_of(x)).permute(0, 2, 3, 1)
     nhwc = x.permute(0, 2, 3, 1)
     chunk = max(1, TILES_PER_CHUNK // cols)
     row_stride = (cols * m + 2) * c_in
