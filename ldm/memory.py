@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .limits import ATTENTION_CHUNK, MemoryLimitError, MemoryPlan, device_levels
+from .limits import ATTENTION_CHUNK, MemoryLimitError, MemoryPlan, device_levels, keeps_filters
 from .models.layers import set_attention_chunk
 from .models.vae import DiagonalGaussian
-from .models.winograd import filter_workspace
+from .models.winograd import KEEP_MIN_STEPS, filter_workspace
 from .seamless_vae import seamless_decode, seamless_encode
 from .tiled_vae import Tiling, tiled_decode, tiled_encode
 
@@ -122,17 +122,22 @@ class MemoryRunner:
         for module in own:
             module.to(self.device)
 
-    def run(self, phase: str, fn: Callable[[], T], generators: Sequence[torch.Generator] = ()) -> T:
+    def run(self, phase: str, fn: Callable[[], T], generators: Sequence[torch.Generator] = (),
+            evaluations: int = 1) -> T:
         """``fn()``; after an out-of-memory error, again at the next level that lowers
         ``phase``'s memory (``generators`` are rewound, so the retry draws the same noise).
-        :class:`~ldm.limits.MemoryLimitError` when no leaner level is left."""
+        :class:`~ldm.limits.MemoryLimitError` when no leaner level is left. ``evaluations``:
+        of the U-Net in ``fn``; from :data:`~ldm.models.winograd.KEEP_MIN_STEPS` on, at a level
+        that keeps the U-Net whole (before "sliced"), its Winograd filters are kept between them."""
         if phase not in PHASE_LEVELS:
             raise ValueError(f"phase must be one of {tuple(PHASE_LEVELS)}, got {phase!r}")
         states = [g.get_state() for g in generators]
         while True:
             self._enter(phase)
             try:
-                with filter_workspace():  # a phase's convolutions share one buffer for their filters
+                # A phase's convolutions share one buffer for their filters, or keep them.
+                with filter_workspace(keep=phase == "U-Net" and evaluations >= KEEP_MIN_STEPS
+                                      and keeps_filters(self.plan.level)):
                     return fn()
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):

@@ -494,11 +494,13 @@ class Pipeline:
             for first in range(0, count, per_call):
                 rows = slice(first, first + per_call)
                 latents_ = runner.run("U-Net", lambda: self._sample(run, cond, uncond, start_latents.rows(rows),
-                                                                    generators, rows, end=handover), generators[rows])
+                                                                    generators, rows, end=handover), generators[rows],
+                                      evaluations=run_steps)
                 if refiner is not None:
                     base_latents = latents_
                     latents_ = refiner_runner.run("U-Net", lambda: refiner._refine(
-                        run, handover, base_latents, r_cond, r_uncond, generators, rows), generators[rows])
+                        run, handover, base_latents, r_cond, r_uncond, generators, rows), generators[rows],
+                        evaluations=steps - handover)
                 parts.append(latents_)
             result = torch.cat(parts)
         finisher = refiner if refiner is not None else self

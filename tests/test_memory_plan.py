@@ -320,6 +320,59 @@ def test_the_unet_estimate_counts_the_winograd_filter_buffer_where_it_runs(pipe,
     assert filter_workspace_bytes(pipe.config, 4, "meta") == 0  # only on the CPU
 
 
+def test_kept_winograd_filters_are_counted_at_the_levels_that_keep_them(monkeypatch):
+    # SD1.5 at 512 px, guided, bfloat16: the resnets' 3x3 layers that run as Winograd are
+    # those of the 64x64 level (8,192 pixels), the 32x32 (2,048) and the 1280-channel ones of
+    # the 16x16 (512 pixels, 256 inside the workspace); the 8x8 (128) stays direct. Their
+    # channels in x out, by hand from the architecture:
+    #   64x64: down 4 x 320x320; up 960, 640, 640 in x 320 and 3 x 320x320 -> 1,433,600
+    #   32x32: down 320x640 and 3 x 640x640; up 1920, 1280, 960 in x 640 and 3 x 640x640 -> 5,324,800
+    #   16x16: down 3 x 1280x1280 (640 -> 1280 has too few); up 2560, 2560, 1920 in x 1280 and
+    #          3 x 1280x1280 -> 18,841,600
+    # 25,600,000 pairs, 16 bfloat16 values each.
+    from ldm.config import SD1
+    from ldm.limits import kept_filter_bytes
+
+    monkeypatch.setattr("ldm.models.winograd.cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    kept = kept_filter_bytes(SD1, 512, 512, dtype_bytes=2, guided=True, device="cpu")
+    assert kept == 25_600_000 * 16 * 2
+    needs = {level: level_needs(SD1, 512, 512, dtype_bytes=2, guided=True, device="cpu", level=level)["U-Net"]
+             for level in ("fast", "tiled", "sliced")}
+    assert needs["fast"] == needs["tiled"] == needs["sliced"] + kept  # sliced keeps none (CPU attention is fused)
+    assert kept_filter_bytes(SD1, 512, 512, dtype_bytes=4, guided=True, device="cpu") == 0  # float32: F4, not kept
+    assert kept_filter_bytes(SD1, 512, 512, dtype_bytes=2, guided=True, device="meta") == 0
+    monkeypatch.setattr("ldm.models.winograd.cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert kept_filter_bytes(SD1, 512, 512, dtype_bytes=2, guided=True, device="cpu") == 0  # no Winograd there
+
+
+def test_the_unet_phase_keeps_its_filters_over_enough_steps_at_a_whole_level(pipe):
+    from ldm.models import winograd
+
+    def kept(phase, evaluations, level="fast"):
+        fast = runner_of(pipe).plan
+        runner = use_plan(pipe, MemoryPlan(level, fast.tiling, fast.chunk, fast.levels, "test"))
+        seen = []
+        runner.run(phase, lambda: seen.append(winograd._KEPT.get()), evaluations=evaluations)
+        use_plan(pipe, fast)
+        return seen[0] is not None
+
+    steps = winograd.KEEP_MIN_STEPS
+    assert kept("U-Net", steps) and kept("U-Net", steps, "seamless")
+    assert not kept("U-Net", steps - 1) and not kept("VAE", steps) and not kept("U-Net", steps, "sliced")
+    assert winograd._KEPT.get() is None
+
+
+def test_generation_tells_the_runner_how_many_steps_run(pipe, monkeypatch):
+    from ldm.memory import MemoryRunner
+
+    told = []
+    real = MemoryRunner.run
+    monkeypatch.setattr(MemoryRunner, "run", lambda self, phase, fn, generators=(), evaluations=1:
+                        told.append((phase, evaluations)) or real(self, phase, fn, generators, evaluations))
+    _run(pipe, steps=3)
+    assert told[0] == ("U-Net", 3)
+
+
 # --- sliced attention -------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [None, 1, 7, 64, 99, 100, 1000])

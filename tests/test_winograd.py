@@ -193,6 +193,43 @@ def test_the_filter_workspace_is_one_buffer_reused_and_grown_inside_its_context(
     assert wg._WORKSPACE.get() is None
 
 
+def test_kept_filters_are_made_once_per_weight_and_again_when_it_changes(monkeypatch, mode):
+    # filter_workspace(keep=True): a bfloat16 layer's filters are made on its first call and
+    # reused; a weight changed in place (a LoRA merged) or replaced is transformed again;
+    # float32 (F4, 4x the weight) and contexts without keep transform on every call.
+    mode("on")
+    made = []
+    real = wg.filter_products
+    monkeypatch.setattr(wg, "filter_products", lambda *a, **k: made.append(a[0].dtype) or real(*a, **k))
+    torch.manual_seed(0)
+    conv = wg.Conv3x3(8, 12, 3, padding=1).bfloat16().requires_grad_(False)
+    x = _case(1, 8, 12, 16, 16, dtype=torch.bfloat16)[0]
+    plain = conv(x)
+    with wg.filter_workspace(keep=True):
+        outputs = [conv(x), conv(x), conv(x)]
+        assert len(made) == 2  # once outside, once inside
+        assert all(torch.equal(out, plain) for out in outputs)
+        with torch.no_grad():
+            conv.weight.add_(0.05)
+        changed = conv(x)
+        assert len(made) == 3 and not torch.equal(changed, plain)
+        conv.weight = nn.Parameter(conv.weight * 2, requires_grad=False)
+        replaced = conv(x)
+        assert len(made) == 4
+        conv32 = wg.Conv3x3(8, 12, 3, padding=1).requires_grad_(False)
+        conv32(x.float()), conv32(x.float())
+        assert made[-2:] == [torch.float32, torch.float32]
+    assert wg._KEPT.get() is None
+    assert torch.equal(replaced, conv(x))  # the kept filters were the weight's own
+    with torch.no_grad():
+        conv.weight.mul_(0.5)  # back where "changed" was made
+    with wg.filter_workspace():
+        count = len(made)
+        assert torch.equal(conv(x), changed) and torch.equal(conv(x), changed)
+        assert len(made) == count + 2  # without keep: every call
+        assert wg._KEPT.get() is None
+
+
 def test_inside_the_workspace_it_runs_over_fewer_pixels_and_float32_there_is_f2(monkeypatch, mode):
     monkeypatch.setattr(wg, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     conv = _conv(1280, 1280)

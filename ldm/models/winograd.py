@@ -86,10 +86,17 @@ MIN_CHANNELS = {torch.float32: 128, torch.bfloat16: 256}
 # small: 640 channels over 2x16x16 1.0x (float32) and 1.17x (bfloat16), 320 over 2x8x8 2.4x.
 MIN_PIXELS_WORKSPACE = {torch.float32: 64, torch.bfloat16: 256}
 MIN_CHANNELS_WORKSPACE = 1280
+# Kept filters pay from this many U-Net evaluations on (see filter_workspace): SD1.5 at
+# 512 px in bfloat16 (one thread of an AMD EPYC, alternating) ran its steps 0.2-0.5 s
+# faster (8.0-8.2 s against 8.3-8.7), the first 1.0-1.9 s slower (881 MiB of fresh pages).
+KEEP_MIN_STEPS = 8
 TILES_PER_CHUNK = 256  # tiles transformed at once: ~9 MiB of bfloat16 at 512 channels
 SWITCH = Switch("Winograd")
 # (dtype, device) -> one flat buffer inside filter_workspace(); None outside.
 _WORKSPACE: ContextVar[dict[tuple, Tensor] | None] = ContextVar("ldm_filter_workspace", default=None)
+# id(weight) -> (weight, its version and data pointer, its filters) inside filter_workspace(keep=True).
+_KEPT: ContextVar[dict[int, tuple[Tensor, tuple[int, int], Tensor]] | None] = ContextVar("ldm_kept_filters",
+                                                                                       default=None)
 
 
 def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
@@ -168,14 +175,21 @@ def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
         return True
     n, _, h, w = x.shape
     pixels, channels = n * h * w, min(conv.in_channels, conv.out_channels)
-    if pixels < MIN_PIXELS[x.dtype] and (_WORKSPACE.get() is None or pixels < MIN_PIXELS_WORKSPACE[x.dtype]
-                                         or channels < MIN_CHANNELS_WORKSPACE):
+    return size_suits_winograd(pixels, channels, x.dtype, _WORKSPACE.get() is not None) and cpu_suits_winograd(x.dtype)
+
+
+def size_suits_winograd(pixels: int, channels: int, dtype: torch.dtype, workspace: bool) -> bool:
+    """Whether a layer with ``channels`` (the fewer of its inputs and outputs) over ``pixels``
+    (batch x height x width) pays as Winograd in ``dtype`` (float32 or bfloat16), inside
+    :func:`filter_workspace` or not (see :data:`MIN_PIXELS` and what follows)."""
+    if pixels < MIN_PIXELS[dtype] and (not workspace or pixels < MIN_PIXELS_WORKSPACE[dtype]
+                                       or channels < MIN_CHANNELS_WORKSPACE):
         return False
-    return channels >= MIN_CHANNELS[x.dtype] and cpu_suits_winograd(x.dtype)
+    return channels >= MIN_CHANNELS[dtype]
 
 
 @contextlib.contextmanager
-def filter_workspace() -> Iterator[None]:
+def filter_workspace(keep: bool = False) -> Iterator[None]:
     """Within this context, the filters Winograd transforms on each call are written into
     one buffer, kept and grown to the largest, instead of a fresh allocation each time. A
     1280-channel filter is 52 MB in bfloat16, over glibc's 32 MB limit for reusing freed
@@ -185,15 +199,41 @@ def filter_workspace() -> Iterator[None]:
     (:data:`MIN_PIXELS_WORKSPACE`, :data:`MIN_CHANNELS_WORKSPACE`): SD1.5's 16x16 and 8x8
     levels. The buffer holds the largest filter transformed (at 512 px in SD1.5: 105 MB in
     bfloat16, 210 MB in float32) until the context ends. The memory runner enters it around
-    each phase; nested uses share the outermost one's buffer."""
+    each phase; nested uses share the outermost one's buffer (and its ``keep``).
+
+    ``keep``: bfloat16 filters (F(2x2, 3x3), 16/9 of the weight) are kept, one per weight,
+    until the context ends, and a layer called again reuses its own: a denoising loop
+    transforms each filter once. A weight changed in place (a LoRA merged, its version
+    counter moves; a change through ``.data`` moves none, so ldm makes none) or replaced is
+    transformed again. Kept filters are fresh memory (881 MiB
+    for SD1.5 at 512 px), whose first touch costs more than the transform: see
+    :data:`KEEP_MIN_STEPS`."""
     if _WORKSPACE.get() is not None:
         yield
         return
-    token = _WORKSPACE.set({})
+    token, kept = _WORKSPACE.set({}), _KEPT.set({} if keep else None)
     try:
         yield
     finally:
+        _KEPT.reset(kept)
         _WORKSPACE.reset(token)
+
+
+def layer_filters(weight: Tensor, tf: Transforms) -> Tensor:
+    """:func:`transform_filter` of ``weight`` for a layer's call: the one kept from an earlier
+    call inside ``filter_workspace(keep=True)`` where the weight is unchanged, else made (in
+    the workspace's buffer, or kept)."""
+    kept = _KEPT.get()
+    if kept is None or tf is not F2 or weight.dtype != torch.bfloat16:
+        return transform_filter(weight, tf, scratch=True)
+    state = (weight._version, weight.data_ptr())
+    entry = kept.get(id(weight))
+    if entry is not None and entry[0] is weight and entry[1] == state:
+        return entry[2]
+    kept.pop(id(weight), None)  # a changed weight's old filters go first
+    filters = transform_filter(weight, tf)
+    kept[id(weight)] = (weight, state, filters)
+    return filters
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -245,7 +285,7 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     the whole input."""
     n, c_in, h, w = x.shape
     m, alpha = tf.m, tf.alpha
-    filters = transform_filter(weight, tf, scratch=True)
+    filters = layer_filters(weight, tf)
     c_out = filters.shape[2]
     rows, cols = -(-h // m), -(-w // m)
     to_input = tf.input.to(device=x.device, dtype=x.dtype)
