@@ -37,6 +37,8 @@ machine absolute numbers move, the ratios much less.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -49,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -461,8 +463,9 @@ def row(metric: str, unit: str, samples: dict[Any, list[float]], scale: float = 
 
 def unet_inputs(latent: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A U-Net step's inputs at batch 2 (CFG): latents, timesteps, text context."""
-    x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
+    """A U-Net step's inputs at batch 2 (CFG): the same latents and timestep twice (the
+    unconditional and the conditional prediction), two text contexts."""
+    x = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype).repeat(2, 1, 1, 1)
     t = torch.tensor([500.0, 500.0], device=device)
     return x, t, torch.randn(2, 77, 768, generator=gen).to(device, dtype)
 
@@ -473,8 +476,10 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
     print(f"--- {dtype_name} ---", file=sys.stderr)
     mem = {name: peak_memory(name, dtype_name, args) for name in IMPLS}  # before this process holds a model
     rows, checks = [], {}
-    # ldm's phases run inside one filter workspace (ldm.models.winograd), reused from step to step.
-    with torch.inference_mode(), filter_workspace():
+    # ldm's phases run inside a filter workspace (ldm.models.winograd) as the pipeline's do:
+    # the U-Net's keeping its filters from step to step (a denoising loop), the VAE's not.
+    denoising = functools.partial(filter_workspace, keep=True)
+    with torch.inference_mode():
         rows.append(row("load", "s", bench_load(args.folder, device, dtype, args.repeats)))
         sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
 
@@ -482,9 +487,11 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
             sides[variant.side].layout(*variant.layout(device, dtype))
 
         def components(label: str, call: Callable[[Side], Any], variants: tuple[Variant, ...] = VARIANTS,
-                       warmup: bool = True) -> tuple[dict, dict]:
+                       warmup: bool = True, workspace: Callable[[], ContextManager] = filter_workspace
+                       ) -> tuple[dict, dict]:
             fns = {v: (lambda s=sides[v.side]: call(s)) for v in variants}
-            return interleaved(fns, args.repeats, device, label, before, warmup)
+            with workspace():
+                return interleaved(fns, args.repeats, device, label, before, warmup)
 
         times, out = components("text", lambda s: s.text(), (SHIPPED, DOCUMENTED))
         rows.append(row("text encoding, prompt + negative", "ms", times, 1e3))
@@ -500,7 +507,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
             ("decode", f"VAE decode, 1 image {args.size}x{args.size}", lambda s: s.decode(z)),
             ("encode", f"VAE encode, 1 image {args.size}x{args.size}", lambda s: s.encode(image)),
         ):
-            times, out = components(key, call)
+            times, out = components(key, call, workspace=denoising if key == "unet" else filter_workspace)
             unet_cl, vae_cl = SHIPPED.layout(device, dtype)
             shipped = LDM_CL if (unet_cl if key == "unet" else vae_cl) else LDM
             rows.append(row(label, "ms", times, 1e3, flops[key], peak, shipped))
@@ -511,22 +518,26 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
             del out
         if args.batch4:  # the GPU table's second batch size: 4 images, both guidance halves each
             x4, t4, context4 = (v.repeat(4, *[1] * (v.ndim - 1)) for v in (x, t, context))
-            times, _ = components("unet x4", lambda s: s.unet(x4, t4, context4), (SHIPPED, DOCUMENTED))
+            times, _ = components("unet x4", lambda s: s.unet(x4, t4, context4), (SHIPPED, DOCUMENTED),
+                                  workspace=denoising)
             rows.append(row(f"U-Net step, 4 images (batch 8 with CFG), {latent}x{latent} latents", "ms", times,
                             1e3, 4 * flops["unet"], peak))
 
         sides[SHIPPED.side].layout(*SHIPPED.layout(device, dtype))
-        opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
-        opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
-        if device.type == "cpu":
-            opt_in.update(bench_fast_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
-        if args.compile:
-            opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
-        # The components above ran the same shapes: no warm-up needed for the whole image.
+        with denoising():  # the U-Net comparisons as in a denoising loop (also the fast paths' VAE lines)
+            opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
+            opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
+            if device.type == "cpu" and dtype == torch.bfloat16:
+                opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats,
+                                                   device))
+            if device.type == "cpu":
+                opt_in.update(bench_fast_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
+            if args.compile:
+                opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
+        # The components above ran the same shapes: no warm-up needed for the whole image. The
+        # pipeline enters its phases' workspaces itself.
         times, out = components("text-to-image", lambda s: s.generate(args.size, args.steps),
-                                (SHIPPED, DOCUMENTED), warmup=False)
+                                (SHIPPED, DOCUMENTED), warmup=False, workspace=contextlib.nullcontext)
         rows.append(row(f"text-to-image, {args.steps} steps DPM++ 2M", "s", times))
         checks["image max abs pixel diff (0..1)"] = float(np.abs(out[SHIPPED] - out[DOCUMENTED]).max())
         sides.clear()  # both models go before the next dtype loads
@@ -545,7 +556,7 @@ def bench_unet_only(dtype_name: str, args: argparse.Namespace) -> str:
     """The U-Net step of ldm as shipped against diffusers as documented, interleaved, on the
     inputs of the full run's row; one line with the medians, their ratio and every time."""
     device, dtype = torch.device(args.device), parse_dtype(dtype_name)
-    with torch.inference_mode(), filter_workspace():
+    with torch.inference_mode(), filter_workspace(keep=True):
         sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
         latent = args.size // 8
         x, t, context = unet_inputs(latent, device, dtype, torch.Generator("cpu").manual_seed(0))
@@ -667,8 +678,9 @@ def bench_fast_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
     the U-Net step and the VAE decode with it where it pays (the default) against without
     it, and each one's distance to the float32 result without the convolution paths."""
     from ldm.models.fused_linear import set_fused_linear
+    from ldm.models.unet import set_shared_first_layers
     from ldm.models.upsample_conv import set_upsample_phases
-    from ldm.models.winograd import set_winograd
+    from ldm.models.winograd import set_kept_filters, set_winograd
 
     def plain(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         return with_mode(set_winograd, "off", with_mode(set_upsample_phases, "off", fn))
@@ -680,7 +692,11 @@ def bench_fast_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
         ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()  # one reference for both paths
         for path, setter, without in (("Winograd", set_winograd, "direct convolutions"),
                                       ("upsample phases", set_upsample_phases, "interpolate + conv"),
-                                      ("fused linear", set_fused_linear, "F.linear + GELU")):
+                                      ("fused linear", set_fused_linear, "F.linear + GELU"),
+                                      ("kept filters", set_kept_filters, "filters made on each call"),
+                                      ("shared first layers", set_shared_first_layers, "both halves through them")):
+            if path in ("kept filters", "shared first layers") and module is not pipe.unet:
+                continue  # the U-Net's alone
             fns = {mode: with_mode(setter, mode, lambda: call(dtype)) for mode in ("auto", "off")}
             times, out = interleaved(fns, repeats, device, f"{path} {key}")
             auto, off = (float(np.median(times[k])) for k in ("auto", "off"))

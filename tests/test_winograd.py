@@ -216,9 +216,17 @@ def test_kept_filters_are_made_once_per_weight_and_again_when_it_changes(monkeyp
         conv.weight = nn.Parameter(conv.weight * 2, requires_grad=False)
         replaced = conv(x)
         assert len(made) == 4
+        conv.weight.data = conv.weight.data.clone()  # the same values elsewhere: made again
+        assert torch.equal(conv(x), replaced) and len(made) == 5
         conv32 = wg.Conv3x3(8, 12, 3, padding=1).requires_grad_(False)
         conv32(x.float()), conv32(x.float())
         assert made[-2:] == [torch.float32, torch.float32]
+        previous = wg.set_kept_filters("off")
+        try:
+            conv(x), conv(x)
+            assert len(made) == 9  # switched off: every call
+        finally:
+            wg.set_kept_filters(previous)
     assert wg._KEPT.get() is None
     assert torch.equal(replaced, conv(x))  # the kept filters were the weight's own
     with torch.no_grad():

@@ -92,11 +92,12 @@ MIN_CHANNELS_WORKSPACE = 1280
 KEEP_MIN_STEPS = 8
 TILES_PER_CHUNK = 256  # tiles transformed at once: ~9 MiB of bfloat16 at 512 channels
 SWITCH = Switch("Winograd")
+KEEP_SWITCH = Switch("kept filters")
 # (dtype, device) -> one flat buffer inside filter_workspace(); None outside.
 _WORKSPACE: ContextVar[dict[tuple, Tensor] | None] = ContextVar("ldm_filter_workspace", default=None)
-# id(weight) -> (weight, its version and data pointer, its filters) inside filter_workspace(keep=True).
-_KEPT: ContextVar[dict[int, tuple[Tensor, tuple[int, int], Tensor]] | None] = ContextVar("ldm_kept_filters",
-                                                                                       default=None)
+# id(weight) -> (weight, its data then, its version then, its filters) inside filter_workspace(keep=True).
+_KEPT: ContextVar[dict[int, tuple[Tensor, Tensor, int, Tensor]] | None] = ContextVar("ldm_kept_filters",
+                                                                                   default=None)
 
 
 def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
@@ -140,6 +141,12 @@ def set_winograd(mode: str) -> str:
     """``"auto"`` (default: where :func:`use_winograd` says), ``"on"`` (every eligible
     CPU convolution, whatever the CPU and size) or ``"off"``; returns the mode it replaces."""
     return SWITCH.set(mode)
+
+
+def set_kept_filters(mode: str) -> str:
+    """``"auto"`` / ``"on"`` (default; the same: filters kept where :func:`filter_workspace`
+    is asked to) or ``"off"`` (made on every call); returns the mode it replaces."""
+    return KEEP_SWITCH.set(mode)
 
 
 def cpu_suits_winograd(dtype: torch.dtype) -> bool:
@@ -224,15 +231,17 @@ def layer_filters(weight: Tensor, tf: Transforms) -> Tensor:
     call inside ``filter_workspace(keep=True)`` where the weight is unchanged, else made (in
     the workspace's buffer, or kept)."""
     kept = _KEPT.get()
-    if kept is None or tf is not F2 or weight.dtype != torch.bfloat16:
+    if kept is None or KEEP_SWITCH.mode == "off" or tf is not F2 or weight.dtype != torch.bfloat16:
         return transform_filter(weight, tf, scratch=True)
-    state = (weight._version, weight.data_ptr())
     entry = kept.get(id(weight))
-    if entry is not None and entry[0] is weight and entry[1] == state:
-        return entry[2]
+    # The entry holds the weight and the memory its filters came from (so no other tensor
+    # can be there while it lives), and that memory's version counter then.
+    if (entry is not None and entry[0] is weight and entry[1].data_ptr() == weight.data_ptr()
+            and entry[2] == weight._version):
+        return entry[3]
     kept.pop(id(weight), None)  # a changed weight's old filters go first
     filters = transform_filter(weight, tf)
-    kept[id(weight)] = (weight, state, filters)
+    kept[id(weight)] = (weight, weight.detach(), weight._version, filters)
     return filters
 
 
