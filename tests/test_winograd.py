@@ -227,6 +227,11 @@ def test_kept_filters_are_made_once_per_weight_and_again_when_it_changes(monkeyp
             assert len(made) == 9  # switched off: every call
         finally:
             wg.set_kept_filters(previous)
+    with torch.inference_mode():  # weights made here are inference tensors, without a version counter
+        frozen = wg.Conv3x3(8, 12, 3, padding=1).bfloat16()
+        with wg.filter_workspace(keep=True):
+            count = len(made)
+            assert torch.equal(frozen(x), frozen(x)) and len(made) == count + 1
     assert wg._KEPT.get() is None
     assert torch.equal(replaced, conv(x))  # the kept filters were the weight's own
     with torch.no_grad():

@@ -235,13 +235,15 @@ def layer_filters(weight: Tensor, tf: Transforms) -> Tensor:
         return transform_filter(weight, tf, scratch=True)
     entry = kept.get(id(weight))
     # The entry holds the weight and the memory its filters came from (so no other tensor
-    # can be there while it lives), and that memory's version counter then.
+    # can be there while it lives), and that memory's version counter then (an inference
+    # tensor has none; it changes only inside inference mode, where ldm changes no weights).
+    version = -1 if weight.is_inference() else weight._version
     if (entry is not None and entry[0] is weight and entry[1].data_ptr() == weight.data_ptr()
-            and entry[2] == weight._version):
+            and entry[2] == version):
         return entry[3]
     kept.pop(id(weight), None)  # a changed weight's old filters go first
     filters = transform_filter(weight, tf)
-    kept[id(weight)] = (weight, weight.detach(), weight._version, filters)
+    kept[id(weight)] = (weight, weight.detach(), version, filters)
     return filters
 
 
