@@ -37,6 +37,7 @@ def test_it_is_the_attention_formula(block):
     q, k, v = _qkv(2, 3, 301, 1030, 24)
     out = ga.gemm_attention(q, k, v, block)
     assert out.shape == (2, 3, 301, 24)
+    assert out.transpose(1, 2).is_contiguous()  # [B, N, heads, d]: what the output projection reads
     torch.testing.assert_close(out.double(), _formula(q, k, v), atol=2e-6, rtol=2e-6)
 
 
