@@ -10,8 +10,8 @@ outputs from 4x4 tiles with 16 where it needs 36. The products over all channels
 batched GEMM, ``[tiles, C_in] x [C_in, C_out]`` per tile position, so the work that
 dominates still runs in oneDNN's GEMM, on 4x (2.25x) fewer multiply-adds. The transforms
 are small GEMMs (36x36 and 16x36 for F4) over a chunk of tile rows at a time, so their
-data stays in cache; the filter is transformed on each call (no second copy of the
-weights is kept, and a LoRA merged into a weight applies at once).
+data stays in cache; the filter is transformed on each call, or once per weight over a
+denoising loop in bfloat16 (:func:`filter_workspace`'s ``keep``).
 
 The cost is rounding: the transforms add and subtract inputs scaled by up to 5 and
 outputs by up to 8. One convolution's error against exact arithmetic, 320 channels:
@@ -44,9 +44,8 @@ float32 there with F2, :func:`transforms_for`).
 One float32 U-Net step at 512 px took 15.2 s against 16.6 s without the workspace (two
 steps each, twice); bfloat16 8.3-8.5 s against 8.5. Keeping every transformed filter
 instead measured 7.8 s in bfloat16 before the workspace (1.8 GB more memory, 3.9 s more on
-the first step); on top of the workspace, the 881 MiB of filters kept over a denoising
-loop's steps gave no step time outside this machine's noise (9.0-9.6 s against 9.1-9.7)
-and 1.3-1.7 s more on the first step (F4's float32 filters would be 4x the weights): not done.
+the first step); on top of the workspace, bfloat16 filters kept over a denoising loop
+save 0.2-0.5 s a step (see :func:`filter_workspace` and :data:`KEEP_MIN_STEPS`).
 
 Where it runs (:func:`use_winograd`): a CPU tensor in float32, or bfloat16 on a CPU whose
 flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
