@@ -524,15 +524,16 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
                             1e3, 4 * flops["unet"], peak))
 
         sides[SHIPPED.side].layout(*SHIPPED.layout(device, dtype))
-        with denoising():  # the U-Net comparisons as in a denoising loop (also the fast paths' VAE lines)
+        with denoising():  # the U-Net comparisons as in a denoising loop
             opt_in = bench_feature_cache(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device)
             opt_in.update(bench_token_merging(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats, device))
             if device.type == "cpu" and dtype == torch.bfloat16:
                 opt_in.update(bench_gemm_attention(sides[SHIPPED.side].pipe.unet, x, t, context, args.repeats,
                                                    device))
-            if device.type == "cpu":
-                opt_in.update(bench_fast_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
-            if args.compile:
+        if device.type == "cpu":  # enters each model's workspace itself
+            opt_in.update(bench_fast_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
+        if args.compile:
+            with denoising():
                 opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
         # The components above ran the same shapes: no warm-up needed for the whole image. The
         # pipeline enters its phases' workspaces itself.
@@ -686,24 +687,26 @@ def bench_fast_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
         return with_mode(set_winograd, "off", with_mode(set_upsample_phases, "off", fn))
 
     result: dict[str, float] = {}
-    for key, module, call in (("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt))),
-                              ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)))):
-        dtype = next(module.parameters()).dtype
-        ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()  # one reference for both paths
-        for path, setter, without in (("Winograd", set_winograd, "direct convolutions"),
-                                      ("upsample phases", set_upsample_phases, "interpolate + conv"),
-                                      ("fused linear", set_fused_linear, "F.linear + GELU"),
-                                      ("kept filters", set_kept_filters, "filters made on each call"),
-                                      ("shared first layers", set_shared_first_layers, "both halves through them")):
-            if path in ("kept filters", "shared first layers") and module is not pipe.unet:
-                continue  # the U-Net's alone
-            fns = {mode: with_mode(setter, mode, lambda: call(dtype)) for mode in ("auto", "off")}
-            times, out = interleaved(fns, repeats, device, f"{path} {key}")
-            auto, off = (float(np.median(times[k])) for k in ("auto", "off"))
-            result.update({f"{key}, {path} where it pays (ms)": auto * 1e3, f"{key}, {without} (ms)": off * 1e3,
-                           f"{key}: {path} / {without}": auto / off,
-                           f"{key} vs float32 without both, relative, {path}": distance(out["auto"], ref),
-                           f"{key} vs float32 without both, relative, {without}": distance(out["off"], ref)})
+    both = (("Winograd", set_winograd, "direct convolutions"),
+            ("upsample phases", set_upsample_phases, "interpolate + conv"),
+            ("fused linear", set_fused_linear, "F.linear + GELU"))
+    unet_only = (("kept filters", set_kept_filters, "filters made on each call"),
+                 ("shared first layers", set_shared_first_layers, "both halves through them"))
+    # Each in its workspace as the pipeline runs it: the U-Net's keeps its filters over the loop.
+    for key, module, call, paths, keep in (
+            ("U-Net step", pipe.unet, lambda dt: pipe.unet(x.to(dt), t, context.to(dt)), both + unet_only, True),
+            ("VAE decode", pipe.vae, lambda dt: pipe.vae.decode(z.to(dt)), both, False)):
+        with filter_workspace(keep=keep):
+            dtype = next(module.parameters()).dtype
+            ref = plain(lambda: in_float32(module, lambda: call(torch.float32)))()  # one reference for both paths
+            for path, setter, without in paths:
+                fns = {mode: with_mode(setter, mode, lambda: call(dtype)) for mode in ("auto", "off")}
+                times, out = interleaved(fns, repeats, device, f"{path} {key}")
+                auto, off = (float(np.median(times[k])) for k in ("auto", "off"))
+                result.update({f"{key}, {path} where it pays (ms)": auto * 1e3, f"{key}, {without} (ms)": off * 1e3,
+                               f"{key}: {path} / {without}": auto / off,
+                               f"{key} vs float32 without both, relative, {path}": distance(out["auto"], ref),
+                               f"{key} vs float32 without both, relative, {without}": distance(out["off"], ref)})
     return result
 
 

@@ -211,9 +211,8 @@ def filter_workspace(keep: bool = False) -> Iterator[None]:
     until the context ends, and a layer called again reuses its own: a denoising loop
     transforms each filter once. A weight changed in place (a LoRA merged, its version
     counter moves; a change through ``.data`` moves none, so ldm makes none) or replaced is
-    transformed again. Kept filters are fresh memory (881 MiB
-    for SD1.5 at 512 px), whose first touch costs more than the transform: see
-    :data:`KEEP_MIN_STEPS`."""
+    transformed again. Kept filters are fresh memory (881 MiB for SD1.5 at 512 px), whose
+    first touch costs more than the transform: see :data:`KEEP_MIN_STEPS`."""
     if _WORKSPACE.get() is not None:
         yield
         return
