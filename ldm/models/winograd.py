@@ -94,9 +94,8 @@ SWITCH = Switch("Winograd")
 KEEP_SWITCH = Switch("kept filters")
 # (dtype, device) -> one flat buffer inside filter_workspace(); None outside.
 _WORKSPACE: ContextVar[dict[tuple, Tensor] | None] = ContextVar("ldm_filter_workspace", default=None)
-# id(weight) -> (weight, its data then, its version then, its filters) inside filter_workspace(keep=True).
-_KEPT: ContextVar[dict[int, tuple[Tensor, Tensor, int, Tensor]] | None] = ContextVar("ldm_kept_filters",
-                                                                                   default=None)
+# id(weight) -> (its data then, its version then, its filters) inside filter_workspace(keep=True).
+_KEPT: ContextVar[dict[int, tuple[Tensor, int, Tensor]] | None] = ContextVar("ldm_kept_filters", default=None)
 
 
 def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
@@ -232,16 +231,16 @@ def layer_filters(weight: Tensor, tf: Transforms) -> Tensor:
     if kept is None or KEEP_SWITCH.mode == "off" or tf is not F2 or weight.dtype != torch.bfloat16:
         return transform_filter(weight, tf, scratch=True)
     entry = kept.get(id(weight))
-    # The entry holds the weight and the memory its filters came from (so no other tensor
-    # can be there while it lives), and that memory's version counter then (an inference
-    # tensor has none; it changes only inside inference mode, where ldm changes no weights).
+    # The entry holds the memory its filters came from (so no other tensor can be there
+    # while it lives, whatever object id() now names) and that memory's version counter then
+    # (an inference tensor has none; it changes only inside inference mode, where ldm
+    # changes no weights).
     version = -1 if weight.is_inference() else weight._version
-    if (entry is not None and entry[0] is weight and entry[1].data_ptr() == weight.data_ptr()
-            and entry[2] == version):
-        return entry[3]
+    if entry is not None and entry[0].data_ptr() == weight.data_ptr() and entry[1] == version:
+        return entry[2]
     kept.pop(id(weight), None)  # a changed weight's old filters go first
     filters = transform_filter(weight, tf)
-    kept[id(weight)] = (weight, weight.detach(), version, filters)
+    kept[id(weight)] = (weight.detach(), version, filters)
     return filters
 
 
