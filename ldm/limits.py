@@ -286,13 +286,14 @@ def keeps_filters(level: str) -> bool:
 def kept_filter_bytes(config: ModelConfig, height: int, width: int, *, dtype_bytes: int, guided: bool,
                       device: Any) -> int:
     """The Winograd filters a bfloat16 U-Net keeps over a denoising loop on a CPU that runs
-    them (:func:`ldm.models.winograd.filter_workspace`): 16 values per 9 weights of each
-    resnet's 3x3 convolutions that run as Winograd at this size. The upsamplers' and a
-    ControlNet's are left out, so this errs low, as the estimates do: for SD1.5 781 MiB
-    against 881 kept at 512 px, 1,656 against 1,706 at 1024 px."""
+    them (:func:`ldm.models.winograd.filter_workspace`): for each resnet's 3x3 convolution
+    that runs as Winograd at this size with kept filters, its transform's products per 9
+    weights (24 in F(2x4, 3x3), 16 in F(2x2, 3x3): :func:`~ldm.models.winograd.kept_transforms`).
+    The upsamplers' and a ControlNet's are left out, so this errs low, as the estimates do:
+    for SD1.5 at 512 px 1,472 MiB against 1,622 kept."""
     import torch
 
-    from .models.winograd import cpu_suits_winograd, size_suits_winograd
+    from .models.winograd import cpu_suits_winograd, kept_transforms, size_suits_winograd
 
     if torch.device(device).type != "cpu" or dtype_bytes != 2 or not cpu_suits_winograd(torch.bfloat16):
         return 0
@@ -301,8 +302,8 @@ def kept_filter_bytes(config: ModelConfig, height: int, width: int, *, dtype_byt
     for level, c_in, c_out in _resnet_convs(config.unet):
         side = 2**level  # each level halves the latents, rounding up
         pixels = rows * -(-(height // factor) // side) * -(-(width // factor) // side)
-        if size_suits_winograd(pixels, min(c_in, c_out), torch.bfloat16, workspace=True):
-            total += 16 * c_in * c_out * dtype_bytes
+        if size_suits_winograd(pixels, c_in, c_out, torch.bfloat16, workspace=True, kept=True):
+            total += kept_transforms(pixels).positions * c_in * c_out * dtype_bytes
     return total
 
 

@@ -681,7 +681,7 @@ def bench_fast_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
     from ldm.models.fused_linear import set_fused_linear
     from ldm.models.unet import set_shared_first_layers
     from ldm.models.upsample_conv import set_upsample_phases
-    from ldm.models.winograd import set_kept_filters, set_winograd
+    from ldm.models.winograd import set_kept_filters, set_wide_tiles, set_winograd
 
     def plain(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         return with_mode(set_winograd, "off", with_mode(set_upsample_phases, "off", fn))
@@ -691,6 +691,7 @@ def bench_fast_paths(pipe: Any, x: torch.Tensor, t: torch.Tensor, context: torch
             ("upsample phases", set_upsample_phases, "interpolate + conv"),
             ("fused linear", set_fused_linear, "F.linear + GELU"))
     unet_only = (("kept filters", set_kept_filters, "filters made on each call"),
+                 ("F(2x4) tiles", set_wide_tiles, "F(2x2) tiles"),
                  ("shared first layers", set_shared_first_layers, "both halves through them"))
     # Each in its workspace as the pipeline runs it: the U-Net's keeps its filters over the loop.
     for key, module, call, paths, keep in (

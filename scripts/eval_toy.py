@@ -65,7 +65,7 @@ from ldm.atomicio import atomic_write, atomic_write_bytes  # noqa: E402
 from ldm.models.fused_linear import set_fused_linear  # noqa: E402
 from ldm.models.switches import MODES  # noqa: E402
 from ldm.models.upsample_conv import set_upsample_phases  # noqa: E402
-from ldm.models.winograd import set_winograd  # noqa: E402
+from ldm.models.winograd import set_wide_tiles, set_winograd  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 from ldm.toy.score import score_images  # noqa: E402
 from ldm.toy.roundtrip import to_uint8, vae_round_trips  # noqa: E402
@@ -448,6 +448,9 @@ def common_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--winograd", choices=MODES, default="auto",
                    help="Winograd 3x3 convolutions (ldm.models.winograd): auto (default: where they pay), "
                         "on (every eligible layer, to see their rounding on this small model), off")
+    p.add_argument("--wide-tiles", choices=MODES, default="auto",
+                   help="bfloat16 Winograd F(2x4, 3x3) where the filters are kept over a denoising loop "
+                        "(ldm.models.winograd): auto or on (default; the same), off (F(2x2, 3x3), less rounding)")
     p.add_argument("--upsample-phases", choices=MODES, default="auto",
                    help="upsampling convolutions as four phases (ldm.models.upsample_conv): auto (default: where "
                         "they pay), on (every upsampling layer), off")
@@ -476,8 +479,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def set_fast_paths(args: argparse.Namespace) -> None:
-    """The CPU fast paths' modes from ``--winograd``, ``--upsample-phases`` and ``--fused-linear``."""
+    """The CPU fast paths' modes from ``--winograd``, ``--wide-tiles``, ``--upsample-phases``
+    and ``--fused-linear``."""
     set_winograd(args.winograd)
+    set_wide_tiles(args.wide_tiles)
     set_upsample_phases(args.upsample_phases)
     set_fused_linear(args.fused_linear)
 

@@ -323,19 +323,21 @@ def test_the_unet_estimate_counts_the_winograd_filter_buffer_where_it_runs(pipe,
 def test_kept_winograd_filters_are_counted_at_the_levels_that_keep_them(monkeypatch):
     # SD1.5 at 512 px, guided, bfloat16: the resnets' 3x3 layers that run as Winograd are
     # those of the 64x64 level (8,192 pixels), the 32x32 (2,048) and the 1280-channel ones of
-    # the 16x16 (512 pixels, 256 inside the workspace); the 8x8 (128) stays direct. Their
-    # channels in x out, by hand from the architecture:
+    # the 16x16 (512 pixels, 256 inside the workspace), all in F(2x4, 3x3) (24 values per 9
+    # weights); of the 8x8 (128 pixels) only those with 2,560 channels in, in F(2x2, 3x3)
+    # (16). Their channels in x out, by hand from the architecture:
     #   64x64: down 4 x 320x320; up 960, 640, 640 in x 320 and 3 x 320x320 -> 1,433,600
     #   32x32: down 320x640 and 3 x 640x640; up 1920, 1280, 960 in x 640 and 3 x 640x640 -> 5,324,800
     #   16x16: down 3 x 1280x1280 (640 -> 1280 has too few); up 2560, 2560, 1920 in x 1280 and
     #          3 x 1280x1280 -> 18,841,600
-    # 25,600,000 pairs, 16 bfloat16 values each.
+    #   8x8: up 3 x 2560 in x 1280 -> 9,830,400
+    # 25,600,000 pairs of 24 bfloat16 values, 9,830,400 of 16.
     from ldm.config import SD1
     from ldm.limits import kept_filter_bytes
 
     monkeypatch.setattr("ldm.models.winograd.cpu_flags", lambda: frozenset({"avx512_bf16"}))
     kept = kept_filter_bytes(SD1, 512, 512, dtype_bytes=2, guided=True, device="cpu")
-    assert kept == 25_600_000 * 16 * 2
+    assert kept == (25_600_000 * 24 + 9_830_400 * 16) * 2
     needs = {level: level_needs(SD1, 512, 512, dtype_bytes=2, guided=True, device="cpu", level=level)["U-Net"]
              for level in ("fast", "tiled", "sliced")}
     assert needs["fast"] == needs["tiled"] == needs["sliced"] + kept  # sliced keeps none (CPU attention is fused)

@@ -14,15 +14,24 @@ data stays in cache; the filter is transformed on each call, or once per weight 
 denoising loop in bfloat16 (:func:`filter_workspace`'s ``keep``).
 
 The cost is rounding: the transforms add and subtract inputs scaled by up to 5 and
-outputs by up to 8. One convolution's error against exact arithmetic, 320 channels:
+outputs by up to 8. One convolution's relative error against exact arithmetic, 320
+channels over 32x32 (this module's code against a float64 convolution):
 
-| dtype | direct | F(2x2, 3x3) | F(4x4, 3x3) |
-|---|---|---|---|
-| float32 | 7e-7 | 3e-7 | 2e-6 |
-| bfloat16 | 2.6e-3 | 4.4e-3 | 2.2e-2 |
+| dtype | direct | F(2x2, 3x3) | F(2x4, 3x3) | F(4x4, 3x3) |
+|---|---|---|---|---|
+| float32 | 2.3e-7 | 4.0e-7 | 7.7e-7 | 2.7e-6 |
+| bfloat16 | 2.9e-3 | 5.6e-3 | 9.6e-3 | 3.1e-2 |
 
 So float32 uses F4 (:data:`TRANSFORMS`) and bfloat16 F2: F4 in bfloat16 tripled the
 SD1.5 U-Net's distance to float32 (1.35% -> 4.0%) and made the VAE decode's 6.2%.
+F(2x4, 3x3) is F(2, 3) down the rows and F(4, 3) on the points 0, +-1/2, +-3/2 across
+(scaling by at most 27/8; on Lavin's 0, +-1, +-2 it rounds like F4): 24 products per 8
+outputs, 3 per output against F2's 4. bfloat16 runs it where the filters are kept over a
+denoising loop (:func:`kept_transforms`): its filter is transformed in float32 (its ninths
+are not exact in bfloat16), 24/9 of the weight. In the SD1.5 U-Net at 512 px (one bfloat16
+step, float32 direct as reference) the distance was 1.63% direct, 1.70% with F2 and 1.87%
+with F2 and F(2x4) where the filters are kept, and the step 0.96x as long (7.0-7.2 s
+against 7.4-7.5 alternating, one EPYC thread).
 
 Measured on one thread of an AMD EPYC with AVX512-BF16 (no AMX), full SD1.5 architecture
 at 512 px (``scripts/bench.py`` prints these lines for its size): qualifying layers ran
@@ -86,43 +95,76 @@ MIN_CHANNELS = {torch.float32: 128, torch.bfloat16: 256}
 MIN_PIXELS_WORKSPACE = {torch.float32: 64, torch.bfloat16: 256}
 MIN_CHANNELS_WORKSPACE = 1280
 # Kept filters pay from this many U-Net evaluations on (see filter_workspace): SD1.5 at
-# 512 px in bfloat16 (one thread of an AMD EPYC, alternating) ran its steps 0.2-0.5 s
-# faster (8.0-8.2 s against 8.3-8.7), the first 1.0-1.9 s slower (881 MiB of fresh pages).
+# 512 px in bfloat16 (one thread of an AMD EPYC, alternating with the workspace alone) ran
+# its later steps 0.5-0.8 s faster (7.0-7.1 s against 7.6-7.7; 7.6-7.7 against 8.3-8.4 in
+# another run), the first 2.5-3.9 s slower (1,622 MiB of fresh pages, the F(2x4) filters
+# transformed in float32: 2.4-3.0 s of it): it pays from about the sixth step.
 KEEP_MIN_STEPS = 8
+# With bfloat16 filters kept, the larger tiles of F(2x4, 3x3) (24 products per 8 outputs, against
+# F(2x2, 3x3)'s 16 per 4) pay from this many pixels: SD1.5's layers at 512 px (one EPYC thread,
+# filters kept) 2x320x64x64 38.5 ms against 47.8, 2x640x32x32 35.0 / 40.8, 2x1280x16x16 38.4 / 42.2,
+# 1x1280x16x16 19.1 / 21.0; over 2x8x8 19.8 / 17.4 (two tiles across: the transforms weigh more).
+MIN_PIXELS_WIDE = 256
+# With bfloat16 filters kept, no filter is transformed on a call, and over fewer than
+# MIN_PIXELS_WORKSPACE pixels F(2x2, 3x3) pays where oneDNN's direct kernel is slow, with
+# many channels in: 2560 -> 1280 over 2x8x8 33.6 ms against 67.8 direct (119 GFLOP/s) and
+# over 1x8x8 16.6 / 51.4; 1280 -> 1280 only 17.4 / 20.8 (2x8x8) for 52 MB more kept.
+MIN_IN_CHANNELS_KEPT = 2560
+MIN_PIXELS_KEPT = 64
+FILTER_BLOCK = 32768  # weights per float32 block of a filter transform: 3 MiB of products in F(2x4)
 TILES_PER_CHUNK = 256  # tiles transformed at once: ~9 MiB of bfloat16 at 512 channels
 SWITCH = Switch("Winograd")
 KEEP_SWITCH = Switch("kept filters")
+WIDE_SWITCH = Switch("F(2x4) tiles")
 # (dtype, device) -> one flat buffer inside filter_workspace(); None outside.
 _WORKSPACE: ContextVar[dict[tuple, Tensor] | None] = ContextVar("ldm_filter_workspace", default=None)
 # id(weight) -> (its data then, its version then, its filters) inside filter_workspace(keep=True).
 _KEPT: ContextVar[dict[int, tuple[Tensor, int, Tensor]] | None] = ContextVar("ldm_kept_filters", default=None)
 
 
-def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
-    """The 2-D transform ``X d X^T`` of a flattened tile as one matrix (row-major tiles)."""
-    m = torch.tensor(rows, dtype=torch.float64)
-    return torch.kron(m, m)
+class Transform1D:
+    """F(m, 3) in one dimension: ``m`` outputs of a 3-tap filter from ``m + 2`` inputs, by
+    the input transform ``bt`` [m+2, m+2], filter transform ``g`` [m+2, 3] and output
+    transform ``at`` [m, m+2]."""
+
+    def __init__(self, m: int, bt: tuple, g: tuple, at: tuple) -> None:
+        self.m = m
+        self.bt, self.g, self.at = (torch.tensor(rows, dtype=torch.float64) for rows in (bt, g, at))
 
 
 class Transforms:
-    """F(m x m, 3 x 3): input tile side ``alpha = m + 2``, and the flattened 2-D transforms
-    of input tiles [alpha^2, alpha^2], filters [alpha^2, 9] and products [m^2, alpha^2]."""
+    """F(m_h x m_w, 3 x 3) from two 1-D transforms (rows, then columns): input tiles of
+    ``alpha`` = (m_h + 2, m_w + 2), and the flattened 2-D transforms (row-major tiles) of
+    input tiles [positions, positions], filters [positions, 9] and products [m_h m_w,
+    positions], where ``positions`` = alpha_h alpha_w is the number of GEMMs."""
 
-    def __init__(self, m: int, bt: tuple, g: tuple, at: tuple) -> None:
-        self.m, self.alpha = m, m + 2
-        self.input, self.filter, self.output = _kron(bt), _kron(g), _kron(at)
+    def __init__(self, rows: Transform1D, cols: Transform1D) -> None:
+        self.m, self.alpha = (rows.m, cols.m), (rows.m + 2, cols.m + 2)
+        self.positions = self.alpha[0] * self.alpha[1]
+        self.input, self.filter, self.output = (torch.kron(getattr(rows, name), getattr(cols, name))
+                                                for name in ("bt", "g", "at"))
 
 
-# Lavin & Gray's matrices: F(2x2, 3x3) on points 0, 1, -1 (and infinity); F(4x4, 3x3) on
-# 0, 1, -1, 2, -2.
-F2 = Transforms(2, ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-                ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
-                ((1, 1, 1, 0), (0, 1, -1, -1)))
-F4 = Transforms(4, ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-                    (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
-                ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-                 (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
-                ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
+# Lavin & Gray's matrices: F(2, 3) on points 0, 1, -1 (and infinity); F(4, 3) on 0, 1, -1,
+# 2, -2. F(4, 3) on 0, +-1/2, +-3/2 (Toom-Cook's construction) rounds less: its transforms
+# scale by at most 27/8 and 16/9 where the other's reach 8 and 5.
+F2_1D = Transform1D(2, ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+                    ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+                    ((1, 1, 1, 0), (0, 1, -1, -1)))
+F4_1D = Transform1D(4, ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+                    ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+                     (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+                    ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
+F4_HALVES_1D = Transform1D(
+    4, ((9 / 16, 0, -5 / 2, 0, 1, 0), (0, -9 / 8, -9 / 4, 1 / 2, 1, 0), (0, 9 / 8, -9 / 4, -1 / 2, 1, 0),
+        (0, -3 / 8, -1 / 4, 3 / 2, 1, 0), (0, 3 / 8, -1 / 4, -3 / 2, 1, 0), (0, 9 / 16, 0, -5 / 2, 0, 1)),
+    ((16 / 9, 0, 0), (-1, -1 / 2, -1 / 4), (-1, 1 / 2, -1 / 4), (1 / 9, 1 / 6, 1 / 4), (1 / 9, -1 / 6, 1 / 4), (0, 0, 1)),
+    ((1, 1, 1, 1, 1, 0), (0, 1 / 2, -1 / 2, 3 / 2, -3 / 2, 0), (0, 1 / 4, 1 / 4, 9 / 4, 9 / 4, 0),
+     (0, 1 / 8, -1 / 8, 27 / 8, -27 / 8, 1)))
+F2 = Transforms(F2_1D, F2_1D)
+F4 = Transforms(F4_1D, F4_1D)
+F2X4 = Transforms(F2_1D, F4_HALVES_1D)
 TRANSFORMS = {torch.float32: F4, torch.bfloat16: F2}
 
 
@@ -130,9 +172,25 @@ def transforms_for(x: Tensor) -> Transforms:
     """The transform for a layer over ``x``: :data:`TRANSFORMS` of its dtype, but F(2x2, 3x3)
     for float32 under :data:`MIN_PIXELS` (only inside :func:`filter_workspace` do such layers
     run): its filter is 16/9 of the weight where F4's is 4x, and a 1280-channel layer over
-    2x8x8 took 0.80x the direct time with F2, 1.6x with F4, transforms included."""
+    2x8x8 took 0.80x the direct time with F2, 1.6x with F4, transforms included. bfloat16
+    with its filters kept: :func:`kept_transforms`."""
     n, _, h, w = x.shape
+    if x.dtype == torch.bfloat16 and keeping():
+        return kept_transforms(n * h * w)
     return F2 if x.dtype == torch.float32 and n * h * w < MIN_PIXELS[torch.float32] else TRANSFORMS[x.dtype]
+
+
+def kept_transforms(pixels: int) -> Transforms:
+    """The transform of a bfloat16 layer whose filters are kept (:func:`filter_workspace`'s
+    ``keep``) over ``pixels`` (batch x height x width): F(2x4, 3x3) from
+    :data:`MIN_PIXELS_WIDE` (unless :func:`set_wide_tiles` says "off"), else F(2x2, 3x3)."""
+    return F2X4 if pixels >= MIN_PIXELS_WIDE and WIDE_SWITCH.mode != "off" else F2
+
+
+def keeping() -> bool:
+    """Whether bfloat16 filters are kept here (inside ``filter_workspace(keep=True)``, kept
+    filters not switched off)."""
+    return _KEPT.get() is not None and KEEP_SWITCH.mode != "off"
 
 
 def set_winograd(mode: str) -> str:
@@ -145,6 +203,13 @@ def set_kept_filters(mode: str) -> str:
     """``"auto"`` / ``"on"`` (default; the same: filters kept where :func:`filter_workspace`
     is asked to) or ``"off"`` (made on every call); returns the mode it replaces."""
     return KEEP_SWITCH.set(mode)
+
+
+def set_wide_tiles(mode: str) -> str:
+    """``"auto"`` / ``"on"`` (default; the same: F(2x4, 3x3) where bfloat16 filters are kept
+    and the layer has :data:`MIN_PIXELS_WIDE`) or ``"off"`` (F(2x2, 3x3) there too: less
+    rounding, see the module docs); returns the mode it replaces."""
+    return WIDE_SWITCH.set(mode)
 
 
 def cpu_suits_winograd(dtype: torch.dtype) -> bool:
@@ -179,18 +244,27 @@ def use_winograd(conv: nn.Conv2d, x: Tensor) -> bool:
     if SWITCH.mode == "on":
         return True
     n, _, h, w = x.shape
-    pixels, channels = n * h * w, min(conv.in_channels, conv.out_channels)
-    return size_suits_winograd(pixels, channels, x.dtype, _WORKSPACE.get() is not None) and cpu_suits_winograd(x.dtype)
+    workspace = _WORKSPACE.get() is not None
+    return (size_suits_winograd(n * h * w, conv.in_channels, conv.out_channels, x.dtype, workspace, keeping())
+            and cpu_suits_winograd(x.dtype))
 
 
-def size_suits_winograd(pixels: int, channels: int, dtype: torch.dtype, workspace: bool) -> bool:
-    """Whether a layer with ``channels`` (the fewer of its inputs and outputs) over ``pixels``
-    (batch x height x width) pays as Winograd in ``dtype`` (float32 or bfloat16), inside
-    :func:`filter_workspace` or not (see :data:`MIN_PIXELS` and what follows)."""
-    if pixels < MIN_PIXELS[dtype] and (not workspace or pixels < MIN_PIXELS_WORKSPACE[dtype]
-                                       or channels < MIN_CHANNELS_WORKSPACE):
+def size_suits_winograd(pixels: int, c_in: int, c_out: int, dtype: torch.dtype, workspace: bool,
+                        kept: bool = False) -> bool:
+    """Whether a layer from ``c_in`` to ``c_out`` channels over ``pixels`` (batch x height x
+    width) pays as Winograd in ``dtype`` (float32 or bfloat16), inside
+    :func:`filter_workspace` or not, with bfloat16 filters ``kept`` or not (see
+    :data:`MIN_PIXELS` and what follows)."""
+    channels = min(c_in, c_out)
+    if channels < MIN_CHANNELS[dtype]:
         return False
-    return channels >= MIN_CHANNELS[dtype]
+    if pixels >= MIN_PIXELS[dtype]:
+        return True
+    if not workspace or channels < MIN_CHANNELS_WORKSPACE:
+        return False
+    if pixels >= MIN_PIXELS_WORKSPACE[dtype]:
+        return True
+    return kept and dtype == torch.bfloat16 and c_in >= MIN_IN_CHANNELS_KEPT and pixels >= MIN_PIXELS_KEPT
 
 
 @contextlib.contextmanager
@@ -206,12 +280,14 @@ def filter_workspace(keep: bool = False) -> Iterator[None]:
     bfloat16, 210 MB in float32) until the context ends. The memory runner enters it around
     each phase; nested uses share the outermost one's buffer (and its ``keep``).
 
-    ``keep``: bfloat16 filters (F(2x2, 3x3), 16/9 of the weight) are kept, one per weight,
-    until the context ends, and a layer called again reuses its own: a denoising loop
-    transforms each filter once. A weight changed in place (a LoRA merged, its version
-    counter moves; a change through ``.data`` moves none, so ldm makes none) or replaced is
-    transformed again. Kept filters are fresh memory (881 MiB for SD1.5 at 512 px), whose
-    first touch costs more than the transform: see :data:`KEEP_MIN_STEPS`."""
+    ``keep``: bfloat16 filters (:func:`kept_transforms`: F(2x4, 3x3), 24/9 of the weight,
+    or F(2x2, 3x3), 16/9) are kept, one per weight and transform, until the context ends,
+    and a layer called again reuses its own: a denoising loop transforms each filter once.
+    A weight changed in place (a LoRA merged, its version counter moves; a change through
+    ``.data`` moves none, so ldm makes none) or replaced is transformed again. With filters
+    kept, the widest layers run as Winograd over fewer pixels too (:data:`MIN_IN_CHANNELS_KEPT`).
+    Kept filters are fresh memory (1,622 MiB for SD1.5 at 512 px), made on the first step:
+    see :data:`KEEP_MIN_STEPS`."""
     if _WORKSPACE.get() is not None:
         yield
         return
@@ -228,9 +304,10 @@ def layer_filters(weight: Tensor, tf: Transforms) -> Tensor:
     call inside ``filter_workspace(keep=True)`` where the weight is unchanged, else made (in
     the workspace's buffer, or kept)."""
     kept = _KEPT.get()
-    if kept is None or KEEP_SWITCH.mode == "off" or tf is not F2 or weight.dtype != torch.bfloat16:
+    if not keeping() or weight.dtype != torch.bfloat16:
         return transform_filter(weight, tf, scratch=True)
-    entry = kept.get(id(weight))
+    key = (id(weight), tf.m)  # a layer may run F2 at batch 1 and F(2x4) at batch 2
+    entry = kept.get(key)
     # The entry holds the memory its filters came from (so no other tensor can be there
     # while it lives, whatever object id() now names) and that memory's version counter then
     # (an inference tensor has none; it changes only inside inference mode, where ldm
@@ -238,9 +315,9 @@ def layer_filters(weight: Tensor, tf: Transforms) -> Tensor:
     version = -1 if weight.is_inference() else weight._version
     if entry is not None and entry[0].data_ptr() == weight.data_ptr() and entry[1] == version:
         return entry[2]
-    kept.pop(id(weight), None)  # a changed weight's old filters go first
+    kept.pop(key, None)  # a changed weight's old filters go first
     filters = transform_filter(weight, tf)
-    kept[id(weight)] = (weight.detach(), version, filters)
+    kept[key] = (weight.detach(), version, filters)
     return filters
 
 
@@ -260,21 +337,31 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor | N
 
 def filter_products(weight: Tensor, matrix: Tensor, scratch: bool = False) -> Tensor:
     """``matrix`` [rows, 9] times every flattened [C_out, C_in, 3, 3] filter, as a
-    contiguous [rows, C_out, C_in] in the weight's dtype, rounded once: one GEMM over the
-    weight as it lies (contiguous, or copied so once), with float32 accumulation, in the
-    weight's dtype where the matrix's entries are exact in it (F2's halves and quarters
-    in bfloat16) and else in float32. A float32 copy and a permuted copy made a
-    1280-channel bfloat16 Winograd filter take 170 ms against 35-40 ms. ``scratch``: in
-    :func:`filter_workspace`'s buffer where there is one, valid until the next such call."""
+    contiguous [rows, C_out, C_in] in the weight's dtype, rounded once, with float32
+    accumulation: one GEMM over the weight as it lies (contiguous, or copied so once) where
+    the matrix's entries are exact in the weight's dtype (F2's halves and quarters in
+    bfloat16) or that is float32; else (F(4, 3)'s ninths in bfloat16) in float32, a block of
+    :data:`FILTER_BLOCK` weights at a time, written into the result as it goes. A float32
+    copy and a permuted copy of the whole weight made a 1280-channel bfloat16 Winograd
+    filter take 170 ms against 35-40 ms. ``scratch``: in :func:`filter_workspace`'s buffer
+    where there is one, valid until the next such call."""
     c_out, c_in = weight.shape[:2]
-    exact = matrix.to(weight.dtype).double().equal(matrix.double())
-    dtype = weight.dtype if exact else torch.float32
-    g = weight.detach().contiguous().reshape(c_out * c_in, 9).to(dtype)
-    m = matrix.to(weight.device, dtype)
-    out = _scratch(m.shape[0] * c_out * c_in, dtype, weight.device) if scratch and dtype == weight.dtype else None
+    rows = matrix.shape[0]
+    out = _scratch(rows * c_out * c_in, weight.dtype, weight.device) if scratch else None
     if out is None:
-        return (m @ g.t()).to(weight.dtype).view(-1, c_out, c_in)
-    return torch.mm(m, g.t(), out=out.view(m.shape[0], c_out * c_in)).view(-1, c_out, c_in)
+        out = torch.empty(rows * c_out * c_in, dtype=weight.dtype, device=weight.device)
+    out = out.view(rows, c_out, c_in)
+    weight = weight.detach()
+    if weight.dtype == torch.float32 or matrix.to(weight.dtype).double().equal(matrix.double()):
+        g = weight.contiguous().reshape(c_out * c_in, 9)
+        torch.mm(matrix.to(weight), g.t(), out=out.view(rows, c_out * c_in))
+        return out
+    m = matrix.to(weight.device, torch.float32)
+    step = max(1, FILTER_BLOCK // c_in)
+    for start in range(0, c_out, step):
+        g = weight[start:start + step].reshape(-1, 9).float()  # copies this block only
+        out[:, start:start + step] = (m @ g.t()).view(rows, -1, c_in)
+    return out
 
 
 def transform_filter(weight: Tensor, tf: Transforms, scratch: bool = False) -> Tensor:
@@ -292,40 +379,40 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     (about ``TILES_PER_CHUNK x alpha^2 x (C_in + C_out)`` values), never a padded copy of
     the whole input."""
     n, c_in, h, w = x.shape
-    m, alpha = tf.m, tf.alpha
+    (mh, mw), (ah, aw) = tf.m, tf.alpha
     filters = layer_filters(weight, tf)
     c_out = filters.shape[2]
-    rows, cols = -(-h // m), -(-w // m)
+    rows, cols = -(-h // mh), -(-w // mw)
     to_input = tf.input.to(device=x.device, dtype=x.dtype)
     to_output = tf.output.to(device=x.device, dtype=x.dtype)
     out = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device,
                       memory_format=memory_format_of(x)).permute(0, 2, 3, 1)
     nhwc = x.permute(0, 2, 3, 1)
     chunk = max(1, TILES_PER_CHUNK // cols)
-    row_stride = (cols * m + 2) * c_in
-    aligned = w % m == 0
+    row_stride = (cols * mw + 2) * c_in
+    aligned = w % mw == 0
     for i in range(n):
         for r0 in range(0, rows, chunk):
             r = min(chunk, rows - r0)
             tiles = r * cols
-            top, bottom = r0 * m - 1, (r0 + r) * m + 1  # input rows this chunk reads
-            # Its rows, zero-padded at the image's edges and to whole tiles: [r*m+2, cols*m+2, C_in].
+            top, bottom = r0 * mh - 1, (r0 + r) * mh + 1  # input rows this chunk reads
+            # Its rows, zero-padded at the image's edges and to whole tiles: [r*mh+2, cols*mw+2, C_in].
             slab = F.pad(nhwc[i, max(top, 0):min(bottom, h)],
-                         (0, 0, 1, 1 + cols * m - w, max(-top, 0), max(bottom - h, 0))).contiguous()
-            # [alpha, alpha, r, cols, C_in]: the overlapping input tiles (stride m), a view.
-            view = slab.as_strided((alpha, alpha, r, cols, c_in), (row_stride, c_in, m * row_stride, m * c_in, 1))
-            v = (to_input @ view.reshape(alpha * alpha, tiles * c_in)).view(alpha * alpha, tiles, c_in)
+                         (0, 0, 1, 1 + cols * mw - w, max(-top, 0), max(bottom - h, 0))).contiguous()
+            # [ah, aw, r, cols, C_in]: the overlapping input tiles (strides mh and mw), a view.
+            view = slab.as_strided((ah, aw, r, cols, c_in), (row_stride, c_in, mh * row_stride, mw * c_in, 1))
+            v = (to_input @ view.reshape(ah * aw, tiles * c_in)).view(ah * aw, tiles, c_in)
             products = torch.bmm(v, filters)
-            y = (to_output @ products.view(alpha * alpha, tiles * c_out)).view(m, m, r, cols, c_out)
+            y = (to_output @ products.view(ah * aw, tiles * c_out)).view(mh, mw, r, cols, c_out)
             if bias is not None:
                 y += bias  # here, while the chunk is in cache
-            y = y.permute(2, 0, 3, 1, 4)  # [r, m, cols, m, C_out]
-            valid = min(r * m, h - r0 * m)
-            target = out[i, r0 * m:r0 * m + valid]
-            if aligned and valid == r * m:
-                target.view(r, m, cols, m, c_out).copy_(y)
+            y = y.permute(2, 0, 3, 1, 4)  # [r, mh, cols, mw, C_out]
+            valid = min(r * mh, h - r0 * mh)
+            target = out[i, r0 * mh:r0 * mh + valid]
+            if aligned and valid == r * mh:
+                target.view(r, mh, cols, mw, c_out).copy_(y)
             else:  # partial tiles at the right or bottom edge
-                target.copy_(y.reshape(r * m, cols * m, c_out)[:valid, :w])
+                target.copy_(y.reshape(r * mh, cols * mw, c_out)[:valid, :w])
     return out.permute(0, 3, 1, 2)
 
 
