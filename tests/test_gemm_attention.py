@@ -119,16 +119,20 @@ def test_it_runs_on_bfloat16_cpus_without_amx_only(monkeypatch, mode):
     monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert ga.use_gemm_attention(q, k)
     assert not ga.use_gemm_attention(q.float(), k.float())  # float32: SDPA's kernel is the faster
-    assert not ga.use_gemm_attention(q, k[:, :, :77])  # cross-attention over a prompt's tokens
+    assert not ga.use_gemm_attention(q, k[:, :, :77])  # cross-attention over a prompt's tokens:
+    assert ga.use_few_keys_attention(q, k[:, :, :77]) and not ga.use_few_keys_attention(q, k)  # few keys
+    assert not ga.use_few_keys_attention(q.float(), k[:, :, :77].float())
     monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
     assert not ga.use_gemm_attention(q, k)  # AMX: flash's bfloat16 tiles
     monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset())
     assert not ga.use_gemm_attention(q, k)  # flags unknown: SDPA
+    assert not ga.use_few_keys_attention(q, k[:, :, :77])
     mode("on")
     assert ga.use_gemm_attention(q, k) and not ga.use_gemm_attention(q.float(), k.float())
+    assert ga.use_few_keys_attention(q, k[:, :, :77])
     mode("off")
     monkeypatch.setattr(ga, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    assert not ga.use_gemm_attention(q, k)
+    assert not ga.use_gemm_attention(q, k) and not ga.use_few_keys_attention(q, k[:, :, :77])
     with pytest.raises(ValueError, match=r"GEMM attention mode must be one of \('auto', 'on', 'off'\), got 'x'"):
         mode("x")
 
@@ -183,3 +187,42 @@ def test_a_batch_of_one_gives_the_gemm_contiguous_queries(monkeypatch):
     out = ga.gemm_attention(q, k, v, block=256)
     assert len(strided) == 2 * 3 * 4 and not any(strided)
     torch.testing.assert_close(out.double(), _formula(q, k, v), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("scores", [1, 1000, 1 << 21])
+def test_few_keys_attention_is_the_formula_in_blocks(monkeypatch, scores):
+    # float32: only rounding separates it from the formula, whatever the block of queries
+    # (one query, a few, all); the output is a view of [B, N, heads, d].
+    monkeypatch.setattr(ga, "FEW_KEYS_SCORES", scores)
+    q, k, v = _qkv(2, 3, 301, 77, 24)
+    out = ga.few_keys_attention(q, k, v)
+    assert out.shape == (2, 3, 301, 24) and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out.double(), _formula(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_few_keys_attention_in_bfloat16_is_within_rounding_of_the_formula():
+    q, k, v = _qkv(2, 8, 512, 77, 40, torch.bfloat16)
+    expected = _formula(q, k, v)
+    err = (ga.few_keys_attention(q, k, v).double() - expected).abs().max().item()
+    assert 1e-4 < err < 0.005 * v.abs().max().item()
+    flash = (torch.nn.functional.scaled_dot_product_attention(q, k, v).double() - expected).abs().max().item()
+    assert err < 3 * flash  # scores rounded to bfloat16 before the softmax: more than flash, same order
+
+
+def test_sliced_few_keys_attention_bounds_its_blocks(monkeypatch, mode):
+    # chunked_sdpa with few keys: blocks of at most FEW_KEYS_SCORES scores, and of ``chunk``
+    # queries when sliced; the queries' matmul sees no more.
+    mode("on")
+    q, k, v = _qkv(1, 2, 100, 77, 16, torch.bfloat16)
+    rows = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: rows.append(a.shape[2]) or real(a, b))
+    whole = chunked_sdpa(q, k, v, None)
+    assert rows[::2] == [100]
+    rows.clear()
+    torch.testing.assert_close(chunked_sdpa(q, k, v, 16), whole, atol=0, rtol=0)
+    assert rows[::2] == [16] * 6 + [4]
+    monkeypatch.setattr(ga, "FEW_KEYS_SCORES", 2 * 77 * 30)  # 30 queries of both heads
+    rows.clear()
+    torch.testing.assert_close(chunked_sdpa(q, k, v, None), whole, atol=0, rtol=0)
+    assert rows[::2] == [30, 30, 30, 10]

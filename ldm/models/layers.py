@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .fused_linear import FusedLinear, geglu
 from .gemm_attention import BLOCK as GEMM_BLOCK
-from .gemm_attention import gemm_attention, use_gemm_attention
+from .gemm_attention import few_keys_attention, gemm_attention, use_few_keys_attention, use_gemm_attention
 from .memory_format import memory_format_of
 from .switches import no_grad_wanted
 from .upsample_conv import upsample_conv2d, use_upsample_phases
@@ -250,9 +250,12 @@ def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, chunk: int | None) -> Tensor:
     of it instead of ``N x M`` (diffusers' ``SlicedAttnProcessor`` slices the batch
     instead, which does not bound one image's 65536 x 65536 self-attention at 2048 px).
     bfloat16 on a CPU without AMX runs :func:`~ldm.models.gemm_attention.gemm_attention`
-    instead, faster there, in blocks of at most ``chunk`` queries of one head."""
+    instead, faster there, in blocks of at most ``chunk`` queries of one head, or over
+    fewer keys :func:`~ldm.models.gemm_attention.few_keys_attention`."""
     if use_gemm_attention(q, k):
         return gemm_attention(q, k, v, min(chunk or GEMM_BLOCK, GEMM_BLOCK))
+    if use_few_keys_attention(q, k):
+        return few_keys_attention(q, k, v, chunk)
     if chunk is None or q.shape[2] <= chunk:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(chunk, dim=2)], dim=2)
