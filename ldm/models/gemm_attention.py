@@ -38,10 +38,13 @@ never the whole score matrix, so the memory plan's fused-attention estimate hold
 (:mod:`ldm.limits`).
 
 Used where (:func:`use_gemm_attention`): a CPU tensor in bfloat16, at least
-:data:`MIN_KEYS` keys (cross-attention over 77 tokens stays with SDPA), on a CPU whose
-flags (/proc/cpuinfo) say AVX512-BF16 and no AMX. With AMX, flash's bfloat16 tiles are
-expected to win (not measured), and where the flags are unknown SDPA is kept.
-:func:`set_gemm_attention` turns it off or on for comparisons (``scripts/bench.py``).
+:data:`MIN_KEYS` keys, on a CPU whose flags (/proc/cpuinfo) say AVX512-BF16 and no AMX.
+With fewer keys (cross-attention over a prompt's 77 tokens, self-attention at SD1.5's
+16x16 and 8x8 levels) the block's GEMM with exponentials does not pay for the bound and
+the transposes; those run as :func:`few_keys_attention`, two batched GEMMs around a float32
+softmax, on the same CPUs. With AMX, flash's bfloat16 tiles are expected to win (not
+measured), and where the flags are unknown SDPA is kept. :func:`set_gemm_attention` turns
+both off or on for comparisons (``scripts/bench.py``).
 """
 
 from __future__ import annotations
