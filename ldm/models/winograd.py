@@ -61,7 +61,8 @@ flags say AVX512-BF16 without AMX (where it was measured; with AMX the direct
 convolution's tiles are expected to win), without gradients, through a 3x3 stride-1
 padding-1 :class:`Conv3x3` with at least :data:`MIN_CHANNELS` channels in and out (128 in
 float32, 256 in bfloat16), over at least :data:`MIN_PIXELS` output pixels (2,048 in float32,
-1,024 in bfloat16; inside the workspace 64 and 256 with 1,280 channels).
+1,024 in bfloat16; inside the workspace 64 and 256 with 1,280 channels; with bfloat16
+filters kept, 64 with 2,560 channels in: :data:`MIN_IN_CHANNELS_KEPT`).
 :func:`set_winograd` turns it off, or on for every eligible layer whatever its size.
 """
 
