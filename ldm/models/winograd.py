@@ -366,7 +366,7 @@ def filter_products(weight: Tensor, matrix: Tensor, scratch: bool = False) -> Te
 
 
 def transform_filter(weight: Tensor, tf: Transforms, scratch: bool = False) -> Tensor:
-    """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [alpha^2, C_in, C_out] in the
+    """``G g G^T`` of every [C_out, C_in, 3, 3] filter, as [positions, C_in, C_out] in the
     weight's dtype: the transpose of :func:`filter_products`' contiguous result, which
     the GEMMs read as it is."""
     return filter_products(weight, tf.filter, scratch).transpose(1, 2)
@@ -377,7 +377,7 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, tf: Transfor
     [C_out, C_in, 3, 3]; the output has the input's memory format.
 
     Beyond the output it holds one chunk's padded input rows, transformed tiles and products
-    (about ``TILES_PER_CHUNK x alpha^2 x (C_in + C_out)`` values), never a padded copy of
+    (about ``TILES_PER_CHUNK x positions x (C_in + C_out)`` values), never a padded copy of
     the whole input."""
     n, c_in, h, w = x.shape
     (mh, mw), (ah, aw) = tf.m, tf.alpha
