@@ -99,7 +99,9 @@ MIN_CHANNELS_WORKSPACE = 1280
 # 512 px in bfloat16 (one thread of an AMD EPYC, alternating with the workspace alone) ran
 # its later steps 0.5-0.8 s faster (7.0-7.1 s against 7.6-7.7; 7.6-7.7 against 8.3-8.4 in
 # another run), the first 2.5-3.9 s slower (1,622 MiB of fresh pages, the F(2x4) filters
-# transformed in float32: 2.4-3.0 s of it): it pays from about the sixth step.
+# transformed in float32: 2.4-3.0 s of it): it pays from about the sixth step. At 256 px fewer
+# layers run as Winograd, so fewer filters are kept: the first step 0.2-0.3 s slower, the later
+# ones 0.1 s faster (1.9-2.0 s against 2.0-2.1): it pays from about the third.
 KEEP_MIN_STEPS = 8
 # With bfloat16 filters kept, the larger tiles of F(2x4, 3x3) (24 products per 8 outputs, against
 # F(2x2, 3x3)'s 16 per 4) pay from this many pixels: SD1.5's layers at 512 px (one EPYC thread,
