@@ -12,7 +12,7 @@ that a refusal always means "this cannot fit", never "this might not":
 - The filter buffer of Winograd convolutions on the CPU (:func:`filter_workspace_bytes`,
   210 MB in float32 and 105 MB in bfloat16 at SD1.5's widths), and in bfloat16, at the
   levels before "sliced", the filters kept over a denoising loop (:func:`kept_filter_bytes`,
-  781 MiB for SD1.5 at 512 px).
+  1,472 MiB for SD1.5 at 512 px, mostly F(2x4) filters of 24 values per 9 weights).
 - VAE decode, one image at a time (the pipeline decodes them one by one): about three
   tensors of ``channels x pixels`` at every decoder level, the full-resolution
   level dominating.
