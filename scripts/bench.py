@@ -29,6 +29,7 @@ the GEMM, so a VAE figure above 100% is possible.
     python scripts/bench.py                       # full: 512x512, 20 steps, 3 repeats
     python scripts/bench.py --device cuda         # CUDA: float16
     python scripts/bench.py --unet-only --repeats 5 --threads 1   # the U-Net step alone, one line per dtype
+    python scripts/bench.py --device cuda --unet-only --compile --repeats 10   # and compiled (CUDA graphs) against eager
 
 Only diffusers' timings from the same run are comparable with ldm's: on a shared
 machine absolute numbers move, the ratios much less.
@@ -76,6 +77,7 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"
 SEED = 42
 GUIDANCE = 7.5
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 # The real SD1.5 component configs (runwayml/stable-diffusion-v1-5), minus metadata.
 SD15_UNET = dict(
@@ -544,7 +546,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
             opt_in.update(bench_fast_paths(sides[SHIPPED.side].pipe, x, t, context, z, args.repeats, device))
         if args.compile:
             with denoising():
-                opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device))
+                opt_in.update(bench_compiled(sides, x, t, context, args.repeats, device, args.compile_mode))
         # The components above ran the same shapes: no warm-up needed for the whole image. The
         # pipeline enters its phases' workspaces itself.
         times, out = components("text-to-image", lambda s: s.generate(args.size, args.steps),
@@ -565,7 +567,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace, flops: dict[str, floa
 
 def bench_unet_only(dtype_name: str, args: argparse.Namespace) -> str:
     """The U-Net step of ldm as shipped against diffusers as documented, interleaved, on the
-    inputs of the full run's row; one line with the medians, their ratio and every time."""
+    inputs of the full run's row; one line with the medians, their ratio and every time
+    (and with ``--compile``, a second line: both U-Nets compiled against eager)."""
     device, dtype = torch.device(args.device), parse_dtype(dtype_name)
     with torch.inference_mode(), filter_workspace(keep=True):
         sides = {name: SIDES[name](args.folder, device, dtype) for name in IMPLS}
@@ -574,15 +577,21 @@ def bench_unet_only(dtype_name: str, args: argparse.Namespace) -> str:
         fns = {v: (lambda s=sides[v.side]: s.unet(x, t, context)) for v in (SHIPPED, DOCUMENTED)}
         times, _ = interleaved(fns, args.repeats, device, "unet",
                                lambda v: sides[v.side].layout(*v.layout(device, dtype)))
+        compiled = (bench_compiled(sides, x, t, context, args.repeats, device, args.compile_mode)
+                    if args.compile else {})
     ldm, diffusers = (statistics.median(times[v]) for v in (SHIPPED, DOCUMENTED))
-    every = "; ".join(f"{v.label}: {', '.join(f'{s:.2f}' for s in times[v])}" for v in times)
-    return (f"{dtype_name}, U-Net step, batch 2, {latent}x{latent} latents, median of {args.repeats}: ldm {ldm:.2f} s, "
-            f"diffusers {diffusers:.2f} s, ratio {ldm / diffusers:.3f} ({diffusers / ldm:.2f}x) ({every} s)")
+    every = "; ".join(f"{v.label}: {', '.join(f'{s:.4g}' for s in times[v])}" for v in times)
+    line = (f"{dtype_name}, U-Net step, batch 2, {latent}x{latent} latents, median of {args.repeats}: ldm {ldm:.4g} s, "
+            f"diffusers {diffusers:.4g} s, ratio {ldm / diffusers:.3f} ({diffusers / ldm:.2f}x) ({every} s)")
+    if compiled:
+        line += (f"\n{dtype_name}, torch.compile (mode {args.compile_mode}), the same step: "
+                 + "; ".join(f"{k} {v:.4g}" for k, v in compiled.items()))
+    return line
 
 
 def bench_compiled(sides: dict[str, Side], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                   repeats: int, device: torch.device) -> dict[str, float]:
-    """Both U-Nets through ``torch.compile`` (inductor, default mode, weights not frozen:
+                   repeats: int, device: torch.device, mode: str = "default") -> dict[str, float]:
+    """Both U-Nets through ``torch.compile`` (inductor in ``mode``, weights not frozen:
     what ``Pipeline.compile`` does), each in its shipped / documented layout: the compile
     (with the first call), then the compiled step against the eager one in the same rounds.
     Each side gets its eager U-Net back after."""
@@ -593,9 +602,10 @@ def bench_compiled(sides: dict[str, Side], x: torch.Tensor, t: torch.Tensor, con
         for variant in (SHIPPED, DOCUMENTED):
             side = sides[variant.side]
             side.layout(*variant.layout(device, x.dtype))
-            compiled = torch.compile(eager[variant.side], dynamic=False)
+            compiled = torch.compile(eager[variant.side], mode=mode, dynamic=False)
             seconds, _ = timed(lambda: _with_unet(side, compiled, x, t, context), device)
             out[f"{side.name}: torch.compile + first call (s)"] = seconds
+            _with_unet(side, compiled, x, t, context)  # reduce-overhead records its CUDA graph on a later call
             fns[f"{side.name} compiled"] = lambda s=side, m=compiled: _with_unet(s, m, x, t, context)
             fns[f"{side.name} eager"] = lambda s=side, m=eager[variant.side]: _with_unet(s, m, x, t, context)
         times, _ = interleaved(fns, repeats, device, "compiled", warmup=False)
@@ -866,6 +876,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also a U-Net step for 4 images (batch 8 with CFG; default: on CUDA only)")
     p.add_argument("--compile", action="store_true",
                    help="also time both U-Nets through torch.compile (compiles take minutes on a CPU)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode for --compile (default: reduce-overhead, i.e. CUDA graphs, on CUDA, "
+                        "as diffusers documents for its U-Net; default elsewhere)")
     p.add_argument("--unet-only", action="store_true",
                    help="only the U-Net step, ldm as shipped against diffusers as documented, per dtype: a "
                         "quick ratio with more repeats (prints one line per dtype, writes nothing)")
@@ -876,6 +889,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (1 if args.short else 3)
     args.memory_steps = args.memory_steps or (1 if args.short else args.steps)
     args.batch4 = args.device.startswith("cuda") if args.batch4 is None else args.batch4
+    args.compile_mode = args.compile_mode or ("reduce-overhead" if args.device.startswith("cuda") else "default")
     args.dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes(args.device)
     for name in args.dtypes:
         try:

@@ -7,17 +7,21 @@
 #      and the seamless VAE with its activations kept in CPU memory, alone and as the memory
 #      runner plans it, offloaded too (test_seamless_vae.py);
 #   2. the GPU bench: scripts/bench.py --device cuda (float16, 512x512, ldm against diffusers:
-#      U-Net steps per second for 1 and 4 images, a 20-step image, peak CUDA memory).
+#      U-Net steps per second for 1 and 4 images, a 20-step image, peak CUDA memory);
+#   3. with the time left of TOTAL_SECONDS (default 570, under the device's 10 minutes a
+#      command), both U-Nets through torch.compile in reduce-overhead mode (CUDA graphs, as
+#      diffusers documents for its U-Net) against eager: scripts/bench.py --unet-only --compile.
 #
 #   bash scripts/gpu_check.sh          # from the repository root; logs and results in $OUT
 #   DEVICE=cpu PY=.venv/bin/python PARITY_SECONDS=900 BENCH_SECONDS=900 BENCH_ARGS="--short --dtypes float32" \
+#       TOTAL_SECONDS=3000 COMPILE_ARGS="--size 64 --repeats 2 --dtypes float32" \
 #       OUT=/tmp/gpu-check bash scripts/gpu_check.sh     # the same steps on the CPU (a check of this script)
 #
 # A machine that has torch but not the other packages takes them as wheels in .whl/ (made
 # where pip can reach the registry, the versions of the venv):
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 \
-#     transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 open_clip_torch==3.3.0 \
+#     transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 open_clip_torch==3.3.0 \
 #     ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata==10.2.0
 # Everything stays offline: the models are the tests' tiny random ones and the bench's
 # random-weight SD1.5 folder, built on the spot.
@@ -55,4 +59,12 @@ done
 timeout "${BENCH_SECONDS:-270}" "$PY" scripts/bench.py --device "$DEVICE" --out "$OUT/bench" ${BENCH_ARGS:-} \
     >"$OUT/bench.log" 2>&1 || failed=1
 tail -n 40 "$OUT/bench.log"
+left=$(( ${TOTAL_SECONDS:-570} - SECONDS ))
+if [ "$left" -ge 60 ]; then
+    timeout "$left" "$PY" scripts/bench.py --device "$DEVICE" --unet-only --compile --repeats 10 \
+        ${COMPILE_ARGS:-} >"$OUT/compiled.log" 2>&1 || failed=1
+    echo "compiled U-Nets on $DEVICE (within ${left} s):"; tail -n 4 "$OUT/compiled.log"
+else
+    echo "compiled U-Nets skipped: ${left} s left of TOTAL_SECONDS"
+fi
 exit $failed

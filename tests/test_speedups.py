@@ -332,6 +332,33 @@ def test_compiled_unet_makes_the_same_picture_and_follows_weight_changes(sd1_fol
         pipe.compile(mode="fastest")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_unet_is_one_graph_with_every_cpu_fast_path_forced_on(sd1_folder, dtype):
+    """Under torch.compile the U-Net traces as one graph, with no break (CUDA graphs want
+    one, and a break in the middle syncs the device every step): the data-dependent checks
+    of the shared first layers and the CPU fast paths (Winograd, upsample phases, GEMM
+    attention, fused linear layers) step aside, even forced on, and leave it to inductor."""
+    from ldm.models.fused_linear import set_fused_linear
+    from ldm.models.gemm_attention import set_gemm_attention
+    from ldm.models.upsample_conv import set_upsample_phases
+    from ldm.models.winograd import set_winograd
+
+    unet = Pipeline.from_pretrained(sd1_folder, device="cpu", dtype=dtype).unet
+    latents = torch.randn(1, 4, 16, 16, dtype=dtype).repeat(2, 1, 1, 1)  # a guidance batch: equal halves
+    context = torch.randn(2, 77, unet.unet_config.cross_attention_dim, dtype=dtype)
+    setters = (set_winograd, set_upsample_phases, set_gemm_attention, set_fused_linear)
+    before = [setter("on") for setter in setters]
+    try:
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            explained = torch._dynamo.explain(unet)(latents, torch.tensor([500.0, 500.0]), context)
+    finally:
+        for setter, mode in zip(setters, before):
+            setter(mode)
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 # --- in-place steps of the resnet blocks ----------------------------------------------------
 
 class _KeptNorm(nn.GroupNorm):

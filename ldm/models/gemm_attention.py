@@ -99,7 +99,9 @@ def use_few_keys_attention(q: Tensor, k: Tensor) -> bool:
 
 
 def _suits(q: Tensor) -> bool:
-    if SWITCH.mode == "off" or q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    # Not inside torch.compile: its blocks' data-dependent fallback (and the CPU flags read
+    # from /proc) would break the graph; the compiled U-Net runs SDPA, as diffusers'.
+    if SWITCH.mode == "off" or q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return False
     return SWITCH.mode == "on" or cpu_suits_gemm_attention()
 

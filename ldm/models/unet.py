@@ -57,8 +57,12 @@ def repeated_halves(sample: Tensor, *inputs: Tensor) -> bool:
     resnet, the first transformer's self-attention) is then the same for both halves, so
     it runs on one. SDXL's added embedding carries the pooled text, so its halves differ
     and it runs whole. Not where gradients are wanted: the inputs' second halves would get
-    none (the parameters' would be the same)."""
+    none (the parameters' would be the same). Nor inside ``torch.compile``: the check reads
+    the data, which would split the compiled U-Net into three graphs with a device sync
+    between them on every call, where CUDA graphs want one."""
     if SHARED_FIRST_LAYERS.mode == "off" or len(sample) < 2 or len(sample) % 2 or not no_grad_wanted(sample, *inputs):
+        return False
+    if torch.compiler.is_compiling():
         return False
     half = len(sample) // 2
     return torch.equal(sample[:half], sample[half:]) and all(
