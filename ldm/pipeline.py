@@ -214,12 +214,14 @@ class Pipeline:
 
         The first call at each new shape (batch, size) compiles, which takes a minute or
         more on a CPU (inductor keeps its compiled kernels in its on-disk cache, so another
-        process compiles faster), and later calls at that shape run the compiled code:
-        it pays in long batches, not for one picture. Outputs equal eager ones to float
-        rounding. Weights stay inputs of the compiled graph (no freezing), so LoRAs loaded,
-        rescaled or tagged in prompts later still apply. ``mode``: ``torch.compile``'s
-        (e.g. ``"max-autotune"`` on a GPU). Evaluations under ``cache_interval`` run eager.
-        The measured gain is in the README's speed section."""
+        process compiles faster), and later calls at that shape run the compiled code.
+        The U-Net is one graph: ldm's CPU fast paths and the guidance halves' shared first
+        layers step aside inside it, so on the CPUs measured (README, "Speed") the eager
+        U-Net is faster and compiling does not pay; it is there for GPUs. Outputs equal
+        eager ones to float rounding. Weights stay inputs of the compiled graph (no
+        freezing), so LoRAs loaded, rescaled or tagged in prompts later still apply.
+        ``mode``: ``torch.compile``'s (e.g. ``"reduce-overhead"``, CUDA graphs, on a GPU).
+        Evaluations under ``cache_interval`` run eager."""
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if mode not in modes:
             raise ValueError(f"compile mode {mode!r} is not one of {', '.join(map(str, modes))}")

@@ -250,9 +250,9 @@ def add_speedup_options(p: argparse.ArgumentParser) -> None:
                    help="ToMe: merge this fraction of the tokens around self-attention at the U-Net's highest "
                    "resolution, as the web UI's token merging ratio (e.g. 0.5; default 0: off)")
     p.add_argument("--compile", action="store_true",
-                   help="run the U-Net through torch.compile: the first picture of each size waits a minute or more "
-                   "for the compile, later ones run faster (for long batches; the picture is the same to float "
-                   "rounding)")
+                   help="run the U-Net through torch.compile, for GPUs: the first picture of each size waits a "
+                   "minute or more for the compile (the picture is the same to float rounding); on the CPUs "
+                   "measured, ldm's eager U-Net was faster (README, Speed)")
 
 
 def add_sdxl_options(p: argparse.ArgumentParser) -> None:
