@@ -56,9 +56,7 @@ def fusable_dtypes() -> tuple[torch.dtype, ...]:
 
 def use_fused_linear(layer: nn.Linear, x: Tensor) -> bool:
     """Whether ``layer`` applied to ``x`` runs fused here (see the module docs)."""
-    if torch.compiler.is_compiling():  # first: what follows would break dynamo's graph, resumed with the op
-        return False
-    return (SWITCH.mode != "off" and layer.bias is not None and x.device.type == "cpu" and x.dim() >= 2
+    return (SWITCH.allows() and layer.bias is not None and x.device.type == "cpu" and x.dim() >= 2
             and layer.weight.device.type == "cpu" and x.dtype in fusable_dtypes() and layer.weight.dtype == x.dtype
             and no_grad_wanted(x, layer.weight))
 

@@ -99,9 +99,8 @@ def use_few_keys_attention(q: Tensor, k: Tensor) -> bool:
 
 
 def _suits(q: Tensor) -> bool:
-    # Not inside torch.compile: its blocks' data-dependent fallback (and the CPU flags read
-    # from /proc) would break the graph; the compiled U-Net runs SDPA, as diffusers'.
-    if SWITCH.mode == "off" or q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.compiler.is_compiling():
+    # Inside torch.compile (not allowed) the compiled U-Net runs SDPA, as diffusers'.
+    if not SWITCH.allows() or q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return False
     return SWITCH.mode == "on" or cpu_suits_gemm_attention()
 

@@ -1,6 +1,7 @@
 """Module-wide "auto" / "on" / "off" settings of the CPU fast paths, for comparisons
-(``scripts/bench.py``, ``scripts/eval_toy.py``) and for turning one off, and the test each
-of them makes first: that no gradient is wanted (they have no backward, or overwrite)."""
+(``scripts/bench.py``, ``scripts/eval_toy.py``) and for turning one off, and the tests each
+of them makes first: that it is not inside ``torch.compile`` (:meth:`Switch.allows`) and
+that no gradient is wanted (they have no backward, or overwrite)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ class Switch:
             raise ValueError(f"{self.name} mode must be one of {MODES}, got {mode!r:.80}")
         previous, self.mode = self.mode, mode
         return previous
+
+    def allows(self) -> bool:
+        """Whether the path may run at all: not switched off, and not inside ``torch.compile``,
+        where its per-call choices (data-dependent checks, CPU flags, its own kernels) would
+        break the graph; the compiled model is the plain one and inductor picks the kernels.
+        Tested first, before anything dynamo would have to trace."""
+        return self.mode != "off" and not torch.compiler.is_compiling()
 
 
 def no_grad_wanted(*tensors: Tensor) -> bool:

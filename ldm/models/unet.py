@@ -60,9 +60,7 @@ def repeated_halves(sample: Tensor, *inputs: Tensor) -> bool:
     none (the parameters' would be the same). Nor inside ``torch.compile``: the check reads
     the data, which would split the compiled U-Net into three graphs with a device sync
     between them on every call, where CUDA graphs want one."""
-    if SHARED_FIRST_LAYERS.mode == "off" or len(sample) < 2 or len(sample) % 2 or not no_grad_wanted(sample, *inputs):
-        return False
-    if torch.compiler.is_compiling():
+    if not SHARED_FIRST_LAYERS.allows() or len(sample) < 2 or len(sample) % 2 or not no_grad_wanted(sample, *inputs):
         return False
     half = len(sample) // 2
     return torch.equal(sample[:half], sample[half:]) and all(

@@ -236,9 +236,7 @@ def runnable(switch: Switch, conv: nn.Conv2d, x: Tensor) -> bool:
     bfloat16 (the weight's dtype) and no gradients wanted (training runs the direct
     convolution, as diffusers), and not inside ``torch.compile``, which picks its own
     convolution kernels (and whose graph these paths' per-layer choices would break)."""
-    if torch.compiler.is_compiling():
-        return False
-    return (switch.mode != "off" and x.device.type == "cpu" and x.dim() == 4 and eligible(conv)
+    return (switch.allows() and x.device.type == "cpu" and x.dim() == 4 and eligible(conv)
             and no_grad_wanted(x, conv.weight)
             and x.dtype in (torch.float32, torch.bfloat16) and conv.weight.dtype == x.dtype)
 
